@@ -1,0 +1,2 @@
+//! nfcpay platform: the daemon and the operator CLI.
+#![forbid(unsafe_code)]

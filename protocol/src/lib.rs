@@ -1,0 +1,2 @@
+//! Wire formats and AES DUKPT arithmetic.
+#![forbid(unsafe_code)]

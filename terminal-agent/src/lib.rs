@@ -1,0 +1,2 @@
+//! nfcpay-agent: the terminal side of nfcpay.
+#![forbid(unsafe_code)]
