@@ -1,2 +1,25 @@
-//! Wire formats and AES DUKPT arithmetic.
+//! Wire formats and key arithmetic shared by the nfcpay platform and its terminals.
+//!
+//! This crate is pure code: no I/O, no threads, no clocks, no cryptography with real keys.
+//! Everything a peer can send is parsed here into a type that cannot hold an invalid value
+//! ("parse, don't validate"), so the daemon and the terminal agent never handle raw bytes.
+//!
+//! # Layout
+//!
+//! - [`ids`]: identifiers — [`BdkId`], [`DerivationId`], [`InitialKeyId`],
+//!   [`TransactionCounter`], [`Ksn`], [`TerminalId`], [`TxnId`].
+//! - [`amount`]: [`Amount`] in integer minor units of an ISO 4217 [`Currency`].
+//! - [`dukpt`]: the AES DUKPT arithmetic of ANSI X9.24-3-2017 — derivation data, the host's
+//!   derivation path for a KSN and the terminal's future-key state machine. The block cipher is
+//!   supplied by the caller (a keystore), so keys never pass through this crate.
+//! - [`error`]: the crate's one error type.
 #![forbid(unsafe_code)]
+
+pub mod amount;
+pub mod dukpt;
+pub mod error;
+pub mod ids;
+
+pub use amount::{Amount, Currency};
+pub use error::ProtocolError;
+pub use ids::{BdkId, DerivationId, InitialKeyId, Ksn, TerminalId, TransactionCounter, TxnId};
