@@ -486,9 +486,7 @@ fn valid_counters_up_to(limit: u32) -> u64 {
     for bit in (0..32usize).rev() {
         if limit & (1 << bit) != 0 {
             // Numbers with this bit 0 and any lower bits.
-            for k in 0..=max_ones.saturating_sub(ones_so_far) {
-                count += binomial[bit][k];
-            }
+            count += binomial[bit][..=max_ones - ones_so_far].iter().sum::<u64>();
             ones_so_far += 1;
             if ones_so_far > max_ones {
                 return count - 1;
