@@ -1,0 +1,1 @@
+//! Software backend (being written).

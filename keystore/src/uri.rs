@@ -1,0 +1,1 @@
+//! RFC 7512 URIs (being written).
