@@ -1,2 +1,67 @@
-//! The task runner.
-fn main() {}
+//! The project's task runner, run as `cargo xtask <task>` (an alias in `.cargo/config.toml`).
+//!
+//! # Layout
+//!
+//! - [`demo`]: `cargo xtask demo`, the key ceremony on a fresh SoftHSM2 token.
+//! - [`test`]: `cargo xtask test`, the whole test suite as CI runs it.
+//! - [`postgres`]: a throwaway PostgreSQL cluster for tests (`cargo xtask pg-check`).
+//! - [`packages`]: installs the Debian packages a task needs.
+//! - [`steps`]: named, timed steps that stop at the first failure.
+//! - [`command`]: runs programs (never through a shell) and says what it runs.
+#![forbid(unsafe_code)]
+
+mod clock;
+mod command;
+mod demo;
+mod packages;
+mod postgres;
+mod random;
+mod steps;
+mod test;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// The nfcpay task runner.
+#[derive(Parser)]
+#[command(name = "cargo xtask", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Run the key ceremony on a fresh SoftHSM2 token and show the result.
+    Demo {
+        /// Demo directory (default: target/demo/<UTC timestamp>); must be new or empty.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Also start the platform daemon (not available yet).
+        #[arg(long)]
+        serve: bool,
+    },
+    /// Run the whole test suite: packages, fmt, clippy, softhsm-setup, cargo tests.
+    Test,
+    /// Start a throwaway PostgreSQL cluster, run `select 1` against it, stop it.
+    PgCheck,
+}
+
+fn main() -> Result<()> {
+    let root = workspace_root();
+    match Cli::parse().task {
+        Task::Demo { dir, serve } => demo::run(&root, dir, serve),
+        Task::Test => test::run(&root),
+        Task::PgCheck => postgres::check(),
+    }
+}
+
+/// The workspace root: xtask lives in `<root>/xtask`.
+fn workspace_root() -> PathBuf {
+    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .map_or_else(|| manifest_dir.clone(), PathBuf::from)
+}

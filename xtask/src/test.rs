@@ -1,0 +1,67 @@
+//! `cargo xtask test`: the whole test suite, exactly as CI (`.ci/run`) runs it.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::postgres::{self, DATABASE_URL_VARIABLE};
+use crate::steps::Steps;
+use crate::{command, packages};
+
+/// Runs every step in order and stops at the first failure.
+pub fn run(root: &Path) -> Result<()> {
+    let mut steps = Steps::new("test");
+    steps.run("system packages", || packages::ensure(packages::FOR_TEST))?;
+    steps.run("cargo fmt --check", || {
+        command::run(cargo_in(root).args(["fmt", "--all", "--", "--check"]))
+    })?;
+    steps.run("cargo clippy", || {
+        command::run(cargo_in(root).args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    steps.run("softhsm-setup/test-init-token", || {
+        command::run(
+            Command::new("bash")
+                .arg(root.join("softhsm-setup/test-init-token"))
+                .current_dir(root),
+        )
+    })?;
+    steps.run("cargo tests (with a throwaway PostgreSQL)", || {
+        postgres::with_postgres(|cluster| cargo_tests(root, &cluster.url()))
+    })?;
+    steps.finish();
+    Ok(())
+}
+
+/// The workspace's tests, with the database URL in their environment. nextest runs the
+/// unit and integration tests when it is installed (it does not run doctests).
+fn cargo_tests(root: &Path, database_url: &str) -> Result<()> {
+    let with_database = |command: &mut Command| -> Result<()> {
+        command.env(DATABASE_URL_VARIABLE, database_url);
+        command::run(command)
+    };
+    if has_nextest(root) {
+        with_database(cargo_in(root).args(["nextest", "run", "--workspace"]))?;
+        with_database(cargo_in(root).args(["test", "--doc", "--workspace"]))
+    } else {
+        println!("cargo-nextest not found: using cargo test");
+        with_database(cargo_in(root).args(["test", "--workspace"]))
+    }
+}
+
+fn has_nextest(root: &Path) -> bool {
+    command::succeeds(cargo_in(root).args(["nextest", "--version"]))
+}
+
+fn cargo_in(root: &Path) -> Command {
+    let mut cargo = command::cargo();
+    cargo.current_dir(root);
+    cargo
+}
