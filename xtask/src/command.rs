@@ -89,9 +89,17 @@ pub fn find_in_path(program: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// The command line as a shell user would type it (for display only).
+/// The command line as a shell user would type it (for display only). The toolchain's
+/// cargo is shown as `cargo`.
 pub fn describe(command: &Command) -> String {
-    std::iter::once(command.get_program())
+    let program = command.get_program();
+    let is_our_cargo = std::env::var_os("CARGO").is_some_and(|cargo| cargo == program);
+    let program = if is_our_cargo {
+        OsStr::new("cargo")
+    } else {
+        program
+    };
+    std::iter::once(program)
         .chain(command.get_args())
         .map(quote)
         .collect::<Vec<_>>()
@@ -123,6 +131,13 @@ mod tests {
             describe(&command),
             r"pkcs11-tool --token-label 'nfcpay demo' --pin env:PIN 'it'\''s'"
         );
+    }
+
+    #[test]
+    fn describe_shows_the_toolchain_cargo_as_cargo() {
+        let mut command = cargo();
+        command.arg("build");
+        assert_eq!(describe(&command), "cargo build");
     }
 
     #[test]
