@@ -41,6 +41,7 @@ pub fn with_postgres<T>(work: impl FnOnce(&Cluster) -> Result<T>) -> Result<T> {
     let stopped = cluster.stop();
     let value = result?;
     stopped?;
+    println!("postgres: cluster stopped and removed");
     Ok(value)
 }
 
@@ -56,9 +57,7 @@ pub fn check() -> Result<()> {
             cluster.url_without_password()
         );
         Ok(())
-    })?;
-    println!("pg-check: cluster stopped and removed");
-    Ok(())
+    })
 }
 
 /// A running throwaway cluster; dropping it stops the server and removes its files.
