@@ -1,2 +1,4 @@
 //! nfcpay-agent: the terminal side of nfcpay.
 #![forbid(unsafe_code)]
+
+pub mod pn532;
