@@ -92,7 +92,12 @@ impl Field {
         if device >= self.devices.len() {
             return Vec::new();
         }
-        debug!(device, "host line closed");
+        let slot = &self.devices[device];
+        if slot.last_response.is_some() || slot.role != Role::Idle {
+            info!(device, pty = ?slot.name, "host line closed");
+        } else {
+            debug!(device, pty = ?slot.name, "line closed before any command");
+        }
         self.devices[device].pending = None;
         self.detach(device);
         self.devices[device].reset();

@@ -3,8 +3,9 @@
 //!
 //! The slave side (`/dev/pts/N`) is what libnfc opens. Its termios settings live in the kernel
 //! for as long as the master is open, and termios calls made on the master apply to them, which
-//! is how [`reset_line`] puts the line back to raw mode (and clears libnfc's `CCLAIMED` mark)
-//! after a host went away without restoring it.
+//! is how [`reset_line`] puts the line back to raw mode after a host went away without
+//! restoring it. Baud rates are meaningless on a pseudo-terminal; libnfc's termios calls still
+//! succeed on it.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -27,6 +28,11 @@ pub const READ_CHUNK_BYTES: usize = 512;
 pub const HANG_UP_RECHECK_INTERVAL: Timespec = Timespec {
     tv_sec: 0,
     tv_nsec: 20_000_000,
+};
+/// Zero timeout: poll only looks.
+const NO_WAIT: Timespec = Timespec {
+    tv_sec: 0,
+    tv_nsec: 0,
 };
 /// Longest name `ptsname` may return.
 const PTS_NAME_BYTES_MAX: usize = 64;
@@ -87,7 +93,8 @@ impl Pty {
 }
 
 /// Puts the line in raw mode: no echo, no line editing, no translation, 8-bit characters, and
-/// no input flags at all (which also drops libnfc's `CCLAIMED` bit).
+/// no input flags at all (which also drops libnfc's `CCLAIMED` mark where a kernel keeps it;
+/// Linux does not).
 pub fn reset_line(master: impl AsFd) -> Result<(), Errno> {
     let mut termios = tcgetattr(&master)?;
     termios.make_raw();
@@ -131,8 +138,12 @@ pub fn run_reader(
             PollFd::new(&*master, PollFlags::IN),
             PollFd::new(&*stop, PollFlags::IN),
         ];
-        match poll(&mut fds, None) {
-            Ok(_) | Err(Errno::INTR) => {}
+        // While the line is closed, only look (the master reports hang-up until a host opens
+        // the slave); otherwise wait for bytes.
+        let timeout = hung_up.then_some(&NO_WAIT);
+        match poll(&mut fds, timeout) {
+            Ok(_) => {}
+            Err(Errno::INTR) => continue,
             Err(errno) => {
                 warn!(device, %errno, "poll failed; reader stops");
                 return;
@@ -165,6 +176,8 @@ pub fn run_reader(
             }
         }
         if !line_closed {
+            // A host has the line open (possibly silent so far).
+            hung_up = false;
             continue;
         }
         if !hung_up {

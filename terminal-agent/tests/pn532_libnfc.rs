@@ -1,0 +1,549 @@
+//! Unmodified libnfc 1.8 (Debian's libnfc-bin and libnfc-examples) against nfcpay-pn532-sim:
+//! libnfc opens the emulated readers, lists them, and runs an NFC-DEP exchange between two of
+//! them through the shared virtual field.
+//!
+//! A missing libnfc tool fails the test with the Debian package to install.
+
+// Test harness: a failed expectation here is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use nfcpay_terminal_agent::pn532::command::code;
+use nfcpay_terminal_agent::pn532::frame::{
+    Frame, FrameDecoder, InformationFrame, TFI_PN532_TO_HOST, encode_command,
+};
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use rustix::process::{Pid, Signal, kill_process};
+
+/// Longest any libnfc tool may run in these tests.
+const TOOL_RUN_MAX: Duration = Duration::from_secs(15);
+/// Longest to wait for the emulator to report something.
+const EMULATOR_EVENT_WAIT_MAX: Duration = Duration::from_secs(10);
+/// Longest to wait for one frame on a line the test drives itself.
+const LINE_FRAME_WAIT_MAX: Duration = Duration::from_secs(10);
+
+/// Debian package of nfc-list and nfc-scan-device.
+const PACKAGE_LIBNFC_BIN: &str = "libnfc-bin";
+/// Debian package of nfc-dep-target and nfc-dep-initiator.
+const PACKAGE_LIBNFC_EXAMPLES: &str = "libnfc-examples";
+
+/// The emulator process; killed on drop.
+struct Emulator {
+    child: Option<Child>,
+    connstrings: Vec<String>,
+    log: Receiver<String>,
+}
+
+impl Emulator {
+    fn start(devices: usize) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nfcpay-pn532-sim"))
+            .args(["--devices", &devices.to_string()])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start nfcpay-pn532-sim");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (log_sender, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if log_sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut emulator = Self {
+            child: Some(child),
+            connstrings: Vec::new(),
+            log,
+        };
+        // The connection strings are the readiness signal: the lines exist once printed. If
+        // the emulator dies instead, stdout closes and reading ends.
+        emulator.connstrings = read_connstrings(stdout, devices);
+        assert_eq!(
+            emulator.connstrings.len(),
+            devices,
+            "emulator printed {:?}; its log: {:?}",
+            emulator.connstrings,
+            emulator.log.try_iter().collect::<Vec<_>>()
+        );
+        for connstring in &emulator.connstrings {
+            assert!(
+                connstring.starts_with("pn532_uart:/dev/pts/"),
+                "unexpected connstring {connstring}"
+            );
+        }
+        emulator
+    }
+
+    fn connstring(&self, device: usize) -> &str {
+        &self.connstrings[device]
+    }
+
+    fn pty_path(&self, device: usize) -> PathBuf {
+        PathBuf::from(
+            self.connstrings[device]
+                .strip_prefix("pn532_uart:")
+                .expect("connstring names the pn532_uart driver"),
+        )
+    }
+
+    /// Waits until the emulator logs a line containing every one of `needles`.
+    fn wait_for_log(&self, needles: &[&str]) {
+        let deadline = Instant::now() + EMULATOR_EVENT_WAIT_MAX;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if needles.iter().all(|needle| line.contains(needle)) => return,
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("emulator never logged {needles:?}; it logged {seen:#?}"),
+            }
+        }
+    }
+
+    /// Sends `signal` and waits (bounded) for the emulator to exit.
+    fn stop_with(mut self, signal: Signal) -> ExitStatus {
+        let child = self.child.take().expect("the emulator runs until stopped");
+        kill_process(Pid::from_child(&child), signal).expect("signal the emulator");
+        let (sender, receiver) = mpsc::channel();
+        let mut child = child;
+        std::thread::spawn(move || {
+            let _ = sender.send(child.wait());
+        });
+        receiver
+            .recv_timeout(EMULATOR_EVENT_WAIT_MAX)
+            .expect("emulator exits after the signal")
+            .expect("wait for the emulator")
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn read_connstrings(stdout: ChildStdout, devices: usize) -> Vec<String> {
+    BufReader::new(stdout)
+        .lines()
+        .take(devices)
+        .map_while(Result::ok)
+        .collect()
+}
+
+/// A running libnfc tool; killed on drop.
+struct Tool {
+    name: &'static str,
+    child: Option<Child>,
+}
+
+/// What a libnfc tool printed.
+#[derive(Debug)]
+struct ToolRun {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Tool {
+    /// Starts `name` (from Debian package `package`) on one emulated reader.
+    fn start(name: &'static str, package: &str, args: &[&str], connstring: &str) -> Self {
+        let path = find_tool(name, package);
+        let child = Command::new(path)
+            .args(args)
+            .env("LIBNFC_DEVICE", connstring)
+            .env("LIBNFC_AUTO_SCAN", "false")
+            .env("LIBNFC_INTRUSIVE_SCAN", "false")
+            .env_remove("LIBNFC_DEFAULT_DEVICE")
+            .env_remove("LIBNFC_LOG_LEVEL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {name}: {error}"));
+        Self {
+            name,
+            child: Some(child),
+        }
+    }
+
+    /// Waits for the tool to exit, killing it after [`TOOL_RUN_MAX`].
+    fn finish(mut self) -> ToolRun {
+        let child = self.child.take().expect("finish is called once");
+        let pid = Pid::from_child(&child);
+        let (sender, receiver) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = sender.send(child.wait_with_output());
+        });
+        match receiver.recv_timeout(TOOL_RUN_MAX) {
+            Ok(Ok(output)) => ToolRun {
+                status: output.status,
+                stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            },
+            Ok(Err(error)) => panic!("{} failed to run: {error}", self.name),
+            Err(_) => {
+                let _ = kill_process(pid, Signal::KILL);
+                let partial = receiver.recv_timeout(EMULATOR_EVENT_WAIT_MAX);
+                panic!(
+                    "{} still running after {TOOL_RUN_MAX:?} (hang); output: {partial:?}",
+                    self.name
+                );
+            }
+        }
+    }
+
+    fn interrupt(&self) {
+        if let Some(child) = &self.child {
+            let _ = kill_process(Pid::from_child(child), Signal::INT);
+        }
+    }
+}
+
+impl Drop for Tool {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn run_tool(name: &'static str, package: &str, args: &[&str], connstring: &str) -> ToolRun {
+    Tool::start(name, package, args, connstring).finish()
+}
+
+/// Finds a libnfc tool on PATH, failing with the package to install when it is missing.
+fn find_tool(name: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} not found on PATH: install Debian package {package} \
+                 (apt-get install -y {package}); these tests need unmodified libnfc 1.8"
+            )
+        })
+}
+
+fn assert_success(run: &ToolRun, tool: &str) {
+    assert!(run.status.success(), "{tool} failed: {run:#?}");
+}
+
+#[test]
+fn nfc_scan_device_opens_the_emulated_pn532() {
+    let emulator = Emulator::start(2);
+    for device in 0..2 {
+        let connstring = emulator.connstring(device);
+        let run = run_tool("nfc-scan-device", PACKAGE_LIBNFC_BIN, &["-v"], connstring);
+        assert_success(&run, "nfc-scan-device");
+        assert!(run.stdout.contains("1 NFC device(s) found"), "{run:#?}");
+        assert!(run.stdout.contains(connstring), "{run:#?}");
+        // libnfc read the firmware version and decoded it as a PN532 v1.6.
+        assert!(run.stdout.contains("chip: PN532 v1.6"), "{run:#?}");
+        assert!(run.stdout.contains("D.E.P."), "{run:#?}");
+    }
+}
+
+#[test]
+fn nfc_list_opens_the_emulated_pn532_and_finds_no_card() {
+    let emulator = Emulator::start(1);
+    let run = run_tool(
+        "nfc-list",
+        PACKAGE_LIBNFC_BIN,
+        &["-v"],
+        emulator.connstring(0),
+    );
+    assert_success(&run, "nfc-list");
+    assert!(run.stdout.contains("NFC device: "), "{run:#?}");
+    assert!(run.stdout.contains(" opened"), "{run:#?}");
+    assert!(
+        run.stdout.contains("0 ISO14443A passive target(s) found"),
+        "{run:#?}"
+    );
+    assert!(
+        run.stdout
+            .contains("0 Felica (212 kbps) passive target(s) found"),
+        "{run:#?}"
+    );
+    assert!(!run.stderr.contains("Unable to open"), "{run:#?}");
+}
+
+#[test]
+fn nfc_dep_target_and_initiator_exchange_through_the_shared_field() {
+    let emulator = Emulator::start(2);
+    let target = Tool::start(
+        "nfc-dep-target",
+        PACKAGE_LIBNFC_EXAMPLES,
+        &[],
+        emulator.connstring(0),
+    );
+    // Readiness: the emulator says device 0 runs TgInitAsTarget.
+    let pty = format!("pty={:?}", emulator.pty_path(0).display().to_string());
+    emulator.wait_for_log(&["target armed", &pty]);
+
+    let initiator = run_tool(
+        "nfc-dep-initiator",
+        PACKAGE_LIBNFC_EXAMPLES,
+        &[],
+        emulator.connstring(1),
+    );
+    let target = target.finish();
+
+    assert_success(&initiator, "nfc-dep-initiator");
+    assert_success(&target, "nfc-dep-target");
+    // nfc-dep-initiator sends "Hello World!" and prints the target's answer.
+    assert!(
+        initiator.stdout.contains("Sending: Hello World!"),
+        "{initiator:#?}"
+    );
+    assert!(
+        initiator.stdout.contains("Received: Hello Mars!"),
+        "{initiator:#?}"
+    );
+    // The initiator saw the target's NFCID3 and general bytes from TgInitAsTarget.
+    assert!(
+        initiator
+            .stdout
+            .contains("NFCID3: 12  34  56  78  9a  bc  de  ff  00  00"),
+        "{initiator:#?}"
+    );
+    // nfc-dep-target prints what it received and what it answered.
+    assert!(
+        target.stdout.contains("Received: Hello World!"),
+        "{target:#?}"
+    );
+    assert!(
+        target.stdout.contains("Sending: Hello Mars!"),
+        "{target:#?}"
+    );
+    assert!(target.stdout.contains("Data sent."), "{target:#?}");
+}
+
+#[test]
+fn nfc_list_sees_an_armed_dep_target_as_an_iso14443a_card() {
+    let emulator = Emulator::start(2);
+    let target = Tool::start(
+        "nfc-dep-target",
+        PACKAGE_LIBNFC_EXAMPLES,
+        &[],
+        emulator.connstring(0),
+    );
+    let pty = format!("pty={:?}", emulator.pty_path(0).display().to_string());
+    emulator.wait_for_log(&["target armed", &pty]);
+
+    let run = run_tool(
+        "nfc-list",
+        PACKAGE_LIBNFC_BIN,
+        &["-t", "1"],
+        emulator.connstring(1),
+    );
+    assert_success(&run, "nfc-list");
+    assert!(
+        run.stdout.contains("1 ISO14443A passive target(s) found"),
+        "{run:#?}"
+    );
+    // UID: 0x08 then the three NFCID1 bytes nfc-dep-target configures; SAK 0x40 (NFC-DEP).
+    assert!(run.stdout.contains("08  12  34  56"), "{run:#?}");
+    assert!(run.stdout.contains("SAK (SEL_RES): 40"), "{run:#?}");
+
+    // SIGINT makes nfc-dep-target abort TgInitAsTarget with an ACK frame; it then exits.
+    target.interrupt();
+    let target = target.finish();
+    assert!(!target.status.success(), "{target:#?}");
+    assert!(
+        target.stdout.contains("Waiting for initiator request"),
+        "{target:#?}"
+    );
+}
+
+#[test]
+fn initiator_without_a_target_fails_instead_of_hanging() {
+    let emulator = Emulator::start(2);
+    let run = run_tool(
+        "nfc-dep-initiator",
+        PACKAGE_LIBNFC_EXAMPLES,
+        &[],
+        emulator.connstring(1),
+    );
+    assert!(!run.status.success(), "{run:#?}");
+    assert!(
+        run.stderr.contains("nfc_initiator_select_dep_target"),
+        "{run:#?}"
+    );
+    // The reader is still usable afterwards.
+    let run = run_tool("nfc-list", PACKAGE_LIBNFC_BIN, &[], emulator.connstring(1));
+    assert_success(&run, "nfc-list");
+    assert!(run.stdout.contains(" opened"), "{run:#?}");
+}
+
+#[test]
+fn a_killed_libnfc_process_leaves_the_field_and_the_reader_usable() {
+    let emulator = Emulator::start(2);
+    let target = Tool::start(
+        "nfc-dep-target",
+        PACKAGE_LIBNFC_EXAMPLES,
+        &[],
+        emulator.connstring(0),
+    );
+    let pty = format!("pty={:?}", emulator.pty_path(0).display().to_string());
+    emulator.wait_for_log(&["target armed", &pty]);
+    // SIGKILL: libnfc neither releases the target nor restores the line settings.
+    drop(target);
+    emulator.wait_for_log(&["host line closed", &pty]);
+
+    // The armed target left the field with its host...
+    let run = run_tool(
+        "nfc-list",
+        PACKAGE_LIBNFC_BIN,
+        &["-v", "-t", "1"],
+        emulator.connstring(1),
+    );
+    assert_success(&run, "nfc-list");
+    assert!(
+        run.stdout.contains("0 ISO14443A passive target(s) found"),
+        "{run:#?}"
+    );
+    // ...and its reader opens again.
+    let run = run_tool(
+        "nfc-list",
+        PACKAGE_LIBNFC_BIN,
+        &["-t", "1"],
+        emulator.connstring(0),
+    );
+    assert_success(&run, "nfc-list");
+    assert!(run.stdout.contains(" opened"), "{run:#?}");
+}
+
+/// The test plays the target's host itself on device 0, speaking PN532 frames, and closes its
+/// line in the middle of the exchange; libnfc's initiator on device 1 must get an error.
+#[test]
+fn initiator_gets_an_error_when_the_target_vanishes_mid_exchange() {
+    let emulator = Emulator::start(2);
+    let mut line = HostLine::open(&emulator.pty_path(0));
+
+    let mut target_config = vec![0x02, 0x08, 0x00, 0x12, 0x34, 0x56, 0x40];
+    target_config.extend([0; 18]);
+    target_config.extend([0xA1, 0xA2, 0xA3, 0xA4, 0xA5, 0xA6, 0xA7, 0xA8, 0xA9, 0xAA]);
+    target_config.extend([0x00, 0x00]);
+    line.send(code::TG_INIT_AS_TARGET, &target_config);
+    assert_eq!(line.next_frame(), Frame::Ack);
+    // The ACK comes once the target is armed, so the initiator can start now.
+    let initiator = Tool::start(
+        "nfc-dep-initiator",
+        PACKAGE_LIBNFC_EXAMPLES,
+        &[],
+        emulator.connstring(1),
+    );
+    let activation = line.next_response(code::TG_INIT_AS_TARGET);
+    assert_eq!(
+        activation[0] & 0x04,
+        0x04,
+        "activated in DEP mode: {activation:02x?}"
+    );
+
+    line.send(code::TG_GET_DATA, &[]);
+    assert_eq!(line.next_frame(), Frame::Ack);
+    let data = line.next_response(code::TG_GET_DATA);
+    assert_eq!(data, b"\x00Hello World!\0");
+
+    // The target's host goes away without answering.
+    drop(line);
+    let run = initiator.finish();
+    assert!(!run.status.success(), "{run:#?}");
+    assert!(
+        run.stderr.contains("nfc_initiator_transceive_bytes"),
+        "{run:#?}"
+    );
+    assert!(!run.stdout.contains("Received:"), "{run:#?}");
+    emulator.wait_for_log(&["DEP target left the field"]);
+}
+
+#[test]
+fn sigterm_stops_the_emulator_cleanly() {
+    let emulator = Emulator::start(2);
+    let status = emulator.stop_with(Signal::TERM);
+    assert!(status.success(), "emulator exit status {status}");
+}
+
+#[test]
+fn sigint_stops_the_emulator_cleanly() {
+    let emulator = Emulator::start(1);
+    let status = emulator.stop_with(Signal::INT);
+    assert!(status.success(), "emulator exit status {status}");
+}
+
+/// The slave side of an emulated reader's line, driven by the test as a PN532 host would.
+struct HostLine {
+    file: std::fs::File,
+    decoder: FrameDecoder,
+    frames: std::collections::VecDeque<Frame>,
+}
+
+impl HostLine {
+    fn open(path: &std::path::Path) -> Self {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::NOCTTY.bits() as i32)
+            .open(path)
+            .unwrap_or_else(|error| panic!("open {}: {error}", path.display()));
+        Self {
+            file,
+            decoder: FrameDecoder::new(),
+            frames: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn send(&mut self, command_code: u8, params: &[u8]) {
+        let frame = encode_command(command_code, params).expect("command fits a frame");
+        self.file.write_all(&frame).expect("write to the line");
+    }
+
+    fn next_frame(&mut self) -> Frame {
+        let deadline = Instant::now() + LINE_FRAME_WAIT_MAX;
+        while self.frames.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no frame from the emulator");
+            let timeout = Timespec::try_from(left).expect("small timeout");
+            let mut fds = [PollFd::new(&self.file, PollFlags::IN)];
+            poll(&mut fds, Some(&timeout)).expect("poll the line");
+            if fds[0].revents().is_empty() {
+                continue;
+            }
+            let mut buffer = [0_u8; 512];
+            let read = rustix::io::read(self.file.as_fd(), &mut buffer).expect("read the line");
+            for frame in self.decoder.feed(&buffer[..read]) {
+                self.frames.push_back(frame.expect("well-formed frame"));
+            }
+        }
+        self.frames.pop_front().expect("a frame is queued")
+    }
+
+    /// Next frame, which must be the response to `command_code`; returns its data.
+    fn next_response(&mut self, command_code: u8) -> Vec<u8> {
+        match self.next_frame() {
+            Frame::Information(InformationFrame { tfi, payload })
+                if tfi == TFI_PN532_TO_HOST && payload.first() == Some(&(command_code + 1)) =>
+            {
+                payload[1..].to_vec()
+            }
+            other => panic!("expected response to {command_code:#04x}, got {other:?}"),
+        }
+    }
+}
