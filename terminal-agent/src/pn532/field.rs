@@ -953,4 +953,73 @@ mod tests {
             ]
         );
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// A host command from the set the field handles, with arbitrary parameters.
+        fn any_command() -> impl Strategy<Value = (u8, Vec<u8>)> {
+            let codes = prop::sample::select(vec![
+                code::DIAGNOSE,
+                code::GET_FIRMWARE_VERSION,
+                code::READ_REGISTER,
+                code::WRITE_REGISTER,
+                code::RF_CONFIGURATION,
+                code::IN_JUMP_FOR_DEP,
+                code::IN_LIST_PASSIVE_TARGET,
+                code::IN_DATA_EXCHANGE,
+                code::IN_DESELECT,
+                code::IN_RELEASE,
+                code::TG_INIT_AS_TARGET,
+                code::TG_GET_DATA,
+                code::TG_SET_DATA,
+            ]);
+            (codes, proptest::collection::vec(any::<u8>(), 0..64))
+        }
+
+        proptest! {
+            /// Whatever two hosts send, in whatever order, with hang-ups and time passing,
+            /// the field never panics and every answer it writes is a well-formed frame.
+            #[test]
+            fn any_host_traffic_gets_well_formed_answers(
+                steps in proptest::collection::vec(
+                    (0_usize..2, any_command(), 0_u8..8, 0_u64..200),
+                    0..64,
+                )
+            ) {
+                let mut bench = Bench::new(2);
+                for (device, (command_code, mut params), action, elapsed_ms) in steps {
+                    // Keep the target config and DEP activations common enough to matter.
+                    if command_code == code::TG_INIT_AS_TARGET && action < 4 {
+                        params = nfc_dep_target_config();
+                    }
+                    if command_code == code::IN_JUMP_FOR_DEP && action < 4 {
+                        params = JUMP_FOR_DEP_212.to_vec();
+                    }
+                    match action {
+                        0 => { bench.hang_up(device); }
+                        1 => { bench.send_raw(device, &ACK_FRAME); }
+                        _ => { bench.send(device, command_code, &params); }
+                    }
+                    bench.advance(Duration::from_millis(elapsed_ms));
+                }
+            }
+
+            #[test]
+            fn any_bytes_on_a_line_never_panic(
+                chunks in proptest::collection::vec(
+                    proptest::collection::vec(any::<u8>(), 0..300),
+                    0..8,
+                )
+            ) {
+                let mut field = Field::new(vec!["dev0".into()]);
+                let now = Instant::now();
+                for chunk in chunks {
+                    field.receive(0, &chunk, now);
+                }
+            }
+        }
+    }
 }

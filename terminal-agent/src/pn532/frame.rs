@@ -484,4 +484,38 @@ mod tests {
             })
         );
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        proptest! {
+            #[test]
+            fn any_bytes_decode_without_panic_and_within_limits(
+                bytes in proptest::collection::vec(any::<u8>(), 0..2048)
+            ) {
+                for frame in FrameDecoder::new().feed(&bytes) {
+                    if let Ok(Frame::Information(information)) = frame {
+                        prop_assert!(information.payload.len() <= PAYLOAD_BYTES_MAX);
+                    }
+                }
+            }
+
+            #[test]
+            fn encoded_frames_decode_to_themselves(
+                tfi in any::<u8>(),
+                payload in proptest::collection::vec(any::<u8>(), 1..=PAYLOAD_BYTES_MAX),
+                wake_up_bytes in 0_usize..16,
+            ) {
+                let mut bytes = vec![0x55; wake_up_bytes];
+                bytes.extend(encode_information(tfi, &payload).unwrap());
+                let frames = FrameDecoder::new().feed(&bytes);
+                prop_assert_eq!(
+                    frames,
+                    vec![Ok(Frame::Information(InformationFrame { tfi, payload }))]
+                );
+            }
+        }
+    }
 }
