@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use super::command::{
     Command, DepBaudRate, JumpForDepRequest, NFCID3_BYTES, TARGET_MODE_PASSIVE_ONLY,
-    TARGET_MODE_PICC_ONLY, TargetConfig,
+    TARGET_MODE_PICC_ONLY, TargetConfig, code,
 };
 use super::device::{
     Device, InitiatorLink, LocalOutcome, Pending, Role, STATUS_INVALID_DEP_STATE,
@@ -286,7 +286,7 @@ impl Field {
     }
 
     fn data_exchange(&mut self, device: usize, target_number: u8, data: Vec<u8>, now: Instant) {
-        let code = super::command::code::IN_DATA_EXCHANGE;
+        let code = code::IN_DATA_EXCHANGE;
         let link = match self.devices[device].role {
             Role::Initiator(link) => link,
             _ => InitiatorLink::None,
@@ -320,7 +320,7 @@ impl Field {
             let mut response = Vec::with_capacity(data.len() + 1);
             response.push(STATUS_OK);
             response.extend_from_slice(&data);
-            self.respond(target, super::command::code::TG_GET_DATA, &response);
+            self.respond(target, code::TG_GET_DATA, &response);
         } else if let Role::Target(TargetState::Activated { inbox, .. }) =
             &mut self.devices[target].role
         {
@@ -333,7 +333,7 @@ impl Field {
     }
 
     fn get_data(&mut self, device: usize) {
-        let code = super::command::code::TG_GET_DATA;
+        let code = code::TG_GET_DATA;
         match &mut self.devices[device].role {
             Role::Target(TargetState::Activated {
                 inbox,
@@ -356,7 +356,7 @@ impl Field {
     }
 
     fn set_data(&mut self, device: usize, data: &[u8]) {
-        let code = super::command::code::TG_SET_DATA;
+        let code = code::TG_SET_DATA;
         match &mut self.devices[device].role {
             Role::Target(TargetState::Activated {
                 initiator,
@@ -373,7 +373,7 @@ impl Field {
                     let mut response = Vec::with_capacity(data.len() + 1);
                     response.push(STATUS_OK);
                     response.extend_from_slice(data);
-                    self.respond(initiator, super::command::code::IN_DATA_EXCHANGE, &response);
+                    self.respond(initiator, code::IN_DATA_EXCHANGE, &response);
                 } else {
                     debug!(
                         device,
@@ -409,11 +409,7 @@ impl Field {
                     self.devices[target].role = Role::Target(TargetState::Released);
                     if self.devices[target].pending == Some(Pending::GetData) {
                         self.devices[target].pending = None;
-                        self.respond(
-                            target,
-                            super::command::code::TG_GET_DATA,
-                            &[STATUS_RELEASED],
-                        );
+                        self.respond(target, code::TG_GET_DATA, &[STATUS_RELEASED]);
                     }
                 }
             }
@@ -429,11 +425,7 @@ impl Field {
                         Some(Pending::DataExchange { target, .. }) if target == device
                     ) {
                         self.devices[initiator].pending = None;
-                        self.respond(
-                            initiator,
-                            super::command::code::IN_DATA_EXCHANGE,
-                            &[STATUS_TIMEOUT],
-                        );
+                        self.respond(initiator, code::IN_DATA_EXCHANGE, &[STATUS_TIMEOUT]);
                     }
                 }
             }
@@ -525,12 +517,8 @@ impl Field {
             inbox: None,
             exchange_open: false,
         });
-        self.respond(
-            initiator,
-            super::command::code::IN_JUMP_FOR_DEP,
-            &atr_response,
-        );
-        self.respond(target, super::command::code::TG_INIT_AS_TARGET, &activation);
+        self.respond(initiator, code::IN_JUMP_FOR_DEP, &atr_response);
+        self.respond(target, code::TG_INIT_AS_TARGET, &activation);
     }
 
     /// Answers InListPassiveTarget (ISO/IEC 14443-A) with an armed target's identity; the
@@ -557,11 +545,7 @@ impl Field {
             target, "armed target answered passive activation"
         );
         self.devices[initiator].pending = None;
-        self.respond(
-            initiator,
-            super::command::code::IN_LIST_PASSIVE_TARGET,
-            &response,
-        );
+        self.respond(initiator, code::IN_LIST_PASSIVE_TARGET, &response);
     }
 
     fn respond(&mut self, device: usize, command_code: u8, data: &[u8]) {
@@ -627,7 +611,6 @@ fn made_up_nfcid3(device: usize) -> [u8; NFCID3_BYTES] {
 mod tests {
     use std::time::Duration;
 
-    use super::super::command::code;
     use super::super::frame::{FrameDecoder, InformationFrame, TFI_PN532_TO_HOST, encode_command};
     use super::*;
 
