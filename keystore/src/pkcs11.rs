@@ -1,1 +1,0 @@
-//! PKCS#11 backend (being written).

@@ -1,0 +1,647 @@
+//! The PKCS#11 backend against a real SoftHSM2 token made for this test binary.
+//!
+//! `C_Initialize` happens once per process and `SOFTHSM2_CONF` must be set before it, so the
+//! binary makes one token (through `softhsm-setup/init-token`) and shares one store through
+//! a `OnceLock`. Tests take a lock first: they run one at a time (SoftHSM serialises
+//! symmetric operations anyway), which lets them count session objects and log the token
+//! out without disturbing each other. Each test uses its own BDK IDs and labels.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+
+use aes::cipher::{Array, BlockCipherEncrypt, KeyInit, consts::U16};
+use cmac::{Cmac, Mac};
+use cryptoki::context::Pkcs11;
+use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use cryptoki::slot::Slot;
+use nfcpay_keystore::dukpt;
+use nfcpay_keystore::pkcs11::Pkcs11Keystore;
+use nfcpay_keystore::uri::Pkcs11Uri;
+use nfcpay_keystore::{
+    DeriveBase, EcPublicKey, Kcv, KeyLabel, KeyPurpose, Keystore, KeystoreError,
+};
+use nfcpay_protocol::dukpt::{DerivationData, KeyAlgorithm, WorkingKeyUsage};
+use nfcpay_protocol::{BdkId, InitialKeyId, Ksn};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const TOKEN_LABEL: &str = "nfcpay-keystore-test";
+const PIN: &str = "123456";
+const SO_PIN: &str = "12345678";
+
+/// X9.24-3-2017 test vectors (AES-128 BDK set).
+const KAT_BDK: &str = "FEDCBA9876543210F1F1F1F1F1F1F1F1";
+const KAT_INITIAL_KEY_ID: &str = "1234567890123456";
+const KAT_INITIAL_KEY: &str = "1273671EA26AC29AFA4D1084127652A1";
+const KAT_KSN: &str = "123456789012345600000001";
+const KAT_TRANSACTION_KEY: &str = "4F21B565BAD9835E112B6465635EAE44";
+
+struct Fixture {
+    store: Pkcs11Keystore,
+    uri: Pkcs11Uri,
+    /// The test's own view of the token, to inspect objects (same module instance).
+    context: Pkcs11,
+    slot: Slot,
+    _directory: tempfile::TempDir,
+}
+
+static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn fixture() -> (MutexGuard<'static, ()>, &'static Fixture) {
+    let guard = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    (guard, FIXTURE.get_or_init(make_fixture))
+}
+
+#[allow(unsafe_code)]
+fn make_fixture() -> Fixture {
+    let directory = tempfile::Builder::new()
+        .prefix("pkcs11-backend-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let init_token = Path::new(env!("CARGO_MANIFEST_DIR")).join("../softhsm-setup/init-token");
+    let output = Command::new(init_token)
+        .args(["--dir".as_ref(), directory.path().as_os_str()])
+        .args(["--label", TOKEN_LABEL, "--pin", PIN, "--so-pin", SO_PIN])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "init-token failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let config = directory.path().join("softhsm2.conf");
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("export SOFTHSM2_CONF="));
+    // SAFETY: the environment is written once, inside `OnceLock` initialisation under the
+    // SERIAL lock that every test takes before doing anything else, and before any
+    // `C_Initialize`; no other thread of this binary reads or writes the environment then.
+    unsafe { std::env::set_var("SOFTHSM2_CONF", &config) };
+    let pin_file = directory.path().join("pin");
+    std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
+    let uri: Pkcs11Uri = format!(
+        "pkcs11:token={TOKEN_LABEL}?module-path={MODULE}&pin-source=file:{}",
+        pin_file.display()
+    )
+    .parse()
+    .unwrap();
+    let store = Pkcs11Keystore::open(&uri).unwrap();
+    let context = Pkcs11::new(MODULE).unwrap();
+    let slot = context
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|slot| context.get_token_info(*slot).unwrap().label() == TOKEN_LABEL)
+        .unwrap();
+    Fixture {
+        store,
+        uri,
+        context,
+        slot,
+        _directory: directory,
+    }
+}
+
+impl Fixture {
+    /// A session of the test's own (logged in, since login is per application).
+    fn session(&self) -> Session {
+        self.context.open_ro_session(self.slot).unwrap()
+    }
+
+    fn session_objects(&self) -> usize {
+        self.session()
+            .find_objects(&[Attribute::Token(false)])
+            .unwrap()
+            .len()
+    }
+
+    /// Token objects with this label (the store's session copies of BDKs are not counted).
+    fn objects_labelled(&self, label: &str) -> Vec<ObjectHandle> {
+        self.session()
+            .find_objects(&[
+                Attribute::Token(true),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .unwrap()
+    }
+}
+
+fn bdk_id(hex: &str) -> BdkId {
+    hex.parse().unwrap()
+}
+
+fn key_bytes(hex: &str) -> Zeroizing<Vec<u8>> {
+    Zeroizing::new(hex::decode(hex).unwrap())
+}
+
+fn aes_ecb(key: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut output = data.to_vec();
+    let (blocks, _) = Array::<u8, U16>::slice_as_chunks_mut(&mut output);
+    match key.len() {
+        16 => aes::Aes128::new_from_slice(key)
+            .unwrap()
+            .encrypt_blocks(blocks),
+        24 => aes::Aes192::new_from_slice(key)
+            .unwrap()
+            .encrypt_blocks(blocks),
+        32 => aes::Aes256::new_from_slice(key)
+            .unwrap()
+            .encrypt_blocks(blocks),
+        _ => panic!("bad key length"),
+    }
+    output
+}
+
+fn host_kcv(key: &[u8]) -> Kcv {
+    let zero = [0u8; 16];
+    let cmac: [u8; 16] = match key.len() {
+        16 => {
+            let mut mac = <Cmac<aes::Aes128> as KeyInit>::new_from_slice(key).unwrap();
+            mac.update(&zero);
+            mac.finalize().into_bytes().into()
+        }
+        24 => {
+            let mut mac = <Cmac<aes::Aes192> as KeyInit>::new_from_slice(key).unwrap();
+            mac.update(&zero);
+            mac.finalize().into_bytes().into()
+        }
+        _ => {
+            let mut mac = <Cmac<aes::Aes256> as KeyInit>::new_from_slice(key).unwrap();
+            mac.update(&zero);
+            mac.finalize().into_bytes().into()
+        }
+    };
+    Kcv::from_cmac(&cmac)
+}
+
+#[test]
+fn generates_imports_and_lists_bdks() {
+    let (_serial, fixture) = fixture();
+    let store = &fixture.store;
+    let generated = store
+        .generate_bdk(bdk_id("A0000001"), KeyAlgorithm::Aes256)
+        .unwrap();
+    assert_eq!(generated.algorithm, KeyAlgorithm::Aes256);
+    let bdk = key_bytes("00112233445566778899AABBCCDDEEFF0011223344556677");
+    let imported = store.import_bdk(bdk_id("A0000002"), &bdk).unwrap();
+    assert_eq!(imported.algorithm, KeyAlgorithm::Aes192);
+    assert_eq!(imported.kcv, host_kcv(&bdk));
+
+    let listed = store.list_bdks().unwrap();
+    assert!(listed.contains(&generated) && listed.contains(&imported));
+    assert!(
+        listed
+            .windows(2)
+            .all(|pair| pair[0].bdk_id < pair[1].bdk_id)
+    );
+    assert_eq!(store.bdk_info(bdk_id("A0000002")).unwrap(), imported);
+    assert!(matches!(
+        store.bdk_info(bdk_id("A00000FF")),
+        Err(KeystoreError::UnknownBdk(_))
+    ));
+    assert!(matches!(
+        store.import_bdk(bdk_id("A0000003"), &key_bytes("0011")),
+        Err(KeystoreError::InvalidInput { .. })
+    ));
+}
+
+#[test]
+fn a_duplicate_bdk_is_refused_and_creates_nothing() {
+    let (_serial, fixture) = fixture();
+    let store = &fixture.store;
+    let id = bdk_id("A1000001");
+    store.generate_bdk(id, KeyAlgorithm::Aes128).unwrap();
+    let label = "nfcpay-bdk-A1000001";
+    assert_eq!(fixture.objects_labelled(label).len(), 2); // key + description
+    assert!(matches!(
+        store.generate_bdk(id, KeyAlgorithm::Aes256),
+        Err(KeystoreError::BdkExists(_))
+    ));
+    assert!(matches!(
+        store.import_bdk(id, &key_bytes(KAT_BDK)),
+        Err(KeystoreError::BdkExists(_))
+    ));
+    assert_eq!(fixture.objects_labelled(label).len(), 2);
+}
+
+#[test]
+fn bdk_objects_are_sensitive_never_extractable_and_derive_only() {
+    let (_serial, fixture) = fixture();
+    fixture
+        .store
+        .generate_bdk(bdk_id("A2000001"), KeyAlgorithm::Aes256)
+        .unwrap();
+    let session = fixture.session();
+    let keys = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Token(true),
+            Attribute::Label(b"nfcpay-bdk-A2000001".to_vec()),
+        ])
+        .unwrap();
+    assert_eq!(keys.len(), 1);
+    let key = keys[0];
+    // get_attributes silently omits sensitive attributes: ask get_attribute_info.
+    let info = session
+        .get_attribute_info(key, &[AttributeType::Value])
+        .unwrap();
+    assert!(matches!(info[0], AttributeInfo::Sensitive));
+    let attributes = session
+        .get_attributes(
+            key,
+            &[
+                AttributeType::Token,
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+                AttributeType::NeverExtractable,
+                AttributeType::AlwaysSensitive,
+                AttributeType::Sign,
+                AttributeType::Derive,
+                AttributeType::Encrypt,
+                AttributeType::Wrap,
+                AttributeType::Id,
+            ],
+        )
+        .unwrap();
+    for attribute in attributes {
+        match attribute {
+            Attribute::Token(value)
+            | Attribute::Sensitive(value)
+            | Attribute::NeverExtractable(value)
+            | Attribute::AlwaysSensitive(value)
+            | Attribute::Derive(value) => assert!(value, "{attribute:?}"),
+            Attribute::Extractable(value)
+            | Attribute::Sign(value)
+            | Attribute::Encrypt(value)
+            | Attribute::Wrap(value) => assert!(!value, "{attribute:?}"),
+            Attribute::Id(id) => assert_eq!(id, [0xA2, 0, 0, 1]),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // The description holds no key.
+    let description = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Label(b"nfcpay-bdk-A2000001".to_vec()),
+        ])
+        .unwrap();
+    let value = session
+        .get_attributes(description[0], &[AttributeType::Value])
+        .unwrap();
+    let Attribute::Value(text) = &value[0] else {
+        panic!("no value")
+    };
+    let text = String::from_utf8(text.clone()).unwrap();
+    assert!(
+        text.starts_with("created=") && text.ends_with(";algorithm=aes256"),
+        "{text}"
+    );
+}
+
+#[test]
+fn derivation_matches_aes_ecb_for_every_length() {
+    let (_serial, fixture) = fixture();
+    let store = &fixture.store;
+    let bdks = [
+        ("A3000001", "000102030405060708090A0B0C0D0E0F"),
+        (
+            "A3000002",
+            "000102030405060708090A0B0C0D0E0F1011121314151617",
+        ),
+        (
+            "A3000003",
+            "000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F",
+        ),
+    ];
+    let initial_key_id: InitialKeyId = "A300000112345678".parse().unwrap();
+    for (id, bdk_hex) in bdks {
+        let bdk = key_bytes(bdk_hex);
+        store.import_bdk(bdk_id(id), &bdk).unwrap();
+        for algorithm in [
+            KeyAlgorithm::Aes128,
+            KeyAlgorithm::Aes192,
+            KeyAlgorithm::Aes256,
+        ] {
+            let data = DerivationData::initial_key(algorithm, initial_key_id);
+            let expected = aes_ecb(&bdk, data.as_bytes());
+            let key = store
+                .derive(DeriveBase::Bdk(bdk_id(id)), &data, KeyPurpose::Check)
+                .unwrap();
+            assert_eq!(key.algorithm(), algorithm);
+            assert_eq!(
+                store.kcv(&key).unwrap(),
+                host_kcv(&expected[..algorithm.key_bytes()]),
+                "BDK {id}, derived {algorithm}"
+            );
+            store.destroy(key).unwrap();
+        }
+    }
+}
+
+#[test]
+fn dukpt_keys_match_the_published_vectors() {
+    let (_serial, fixture) = fixture();
+    let store = &fixture.store;
+    store
+        .import_bdk(bdk_id("12345678"), &key_bytes(KAT_BDK))
+        .unwrap();
+    let initial_key = dukpt::initial_key(
+        store,
+        KAT_INITIAL_KEY_ID.parse().unwrap(),
+        KeyPurpose::Check,
+    )
+    .unwrap();
+    assert_eq!(
+        store.kcv(&initial_key).unwrap(),
+        host_kcv(&hex::decode(KAT_INITIAL_KEY).unwrap())
+    );
+    store.destroy(initial_key).unwrap();
+    let ksn: Ksn = KAT_KSN.parse().unwrap();
+    let transaction_key = dukpt::transaction_key(store, ksn, KeyPurpose::Check).unwrap();
+    assert_eq!(
+        store.kcv(&transaction_key).unwrap(),
+        host_kcv(&hex::decode(KAT_TRANSACTION_KEY).unwrap())
+    );
+    store.destroy(transaction_key).unwrap();
+}
+
+#[test]
+fn a_working_key_leaves_no_session_object_behind() {
+    let (_serial, fixture) = fixture();
+    let store = &fixture.store;
+    let id = bdk_id("A4000001");
+    store.generate_bdk(id, KeyAlgorithm::Aes256).unwrap();
+    let ksn: Ksn = "A400000100000001000F0F0F".parse().unwrap();
+    let before = fixture.session_objects();
+    let key = dukpt::working_key(
+        store,
+        ksn,
+        WorkingKeyUsage::MacGeneration,
+        None,
+        KeyPurpose::Mac,
+    )
+    .unwrap();
+    assert_eq!(fixture.session_objects(), before + 1);
+    store.cmac_generate(&key, b"message").unwrap();
+    store.destroy(key).unwrap();
+    assert_eq!(fixture.session_objects(), before);
+}
+
+#[test]
+fn gcm_round_trips_and_refuses_a_tampered_tag() {
+    let (_serial, fixture) = fixture();
+    let store = &fixture.store;
+    let id = bdk_id("A5000001");
+    store.generate_bdk(id, KeyAlgorithm::Aes256).unwrap();
+    let data =
+        DerivationData::initial_key(KeyAlgorithm::Aes256, "A500000100000001".parse().unwrap());
+    let key = store
+        .derive(DeriveBase::Bdk(id), &data, KeyPurpose::Encrypt)
+        .unwrap();
+    let nonce = [7u8; 12];
+    let sealed = store
+        .gcm_encrypt(&key, &nonce, b"aad", b"card data")
+        .unwrap();
+    assert_eq!(sealed.len(), 9 + 16);
+    let opened = store.gcm_decrypt(&key, &nonce, b"aad", &sealed).unwrap();
+    assert_eq!(opened.as_slice(), b"card data");
+    let mut tampered = sealed.clone();
+    *tampered.last_mut().unwrap() ^= 1;
+    assert!(matches!(
+        store.gcm_decrypt(&key, &nonce, b"aad", &tampered),
+        Err(KeystoreError::AuthenticationFailed)
+    ));
+    assert!(matches!(
+        store.gcm_decrypt(&key, &nonce, b"other aad", &sealed),
+        Err(KeystoreError::AuthenticationFailed)
+    ));
+    assert!(matches!(
+        store.cmac_generate(&key, b"x"),
+        Err(KeystoreError::KeyNotPermitted)
+    ));
+    store.destroy(key).unwrap();
+}
+
+#[test]
+fn cmac_verifies_and_refuses_a_wrong_mac() {
+    let (_serial, fixture) = fixture();
+    let store = &fixture.store;
+    let id = bdk_id("A6000001");
+    let bdk = key_bytes("2B7E151628AED2A6ABF7158809CF4F3C");
+    store.import_bdk(id, &bdk).unwrap();
+    let data =
+        DerivationData::initial_key(KeyAlgorithm::Aes128, "A600000100000001".parse().unwrap());
+    let key = store
+        .derive(DeriveBase::Bdk(id), &data, KeyPurpose::Mac)
+        .unwrap();
+    let derived = aes_ecb(&bdk, data.as_bytes());
+    let mac = store.cmac_generate(&key, b"message").unwrap();
+    let mut host = <Cmac<aes::Aes128> as KeyInit>::new_from_slice(&derived).unwrap();
+    host.update(b"message");
+    assert_eq!(mac.as_slice(), host.finalize().into_bytes().as_slice());
+    store.cmac_verify(&key, b"message", &mac).unwrap();
+    assert!(matches!(
+        store.cmac_verify(&key, b"messagf", &mac),
+        Err(KeystoreError::AuthenticationFailed)
+    ));
+    assert!(matches!(
+        store.cmac_verify(&key, b"message", &mac[..8]),
+        Err(KeystoreError::AuthenticationFailed)
+    ));
+    assert_eq!(store.kcv(&key).unwrap(), host_kcv(&derived));
+    store.destroy(key).unwrap();
+    assert!(matches!(
+        store.kcv(
+            &store
+                .derive(DeriveBase::Bdk(id), &data, KeyPurpose::Derive)
+                .unwrap()
+        ),
+        Err(KeystoreError::KeyNotPermitted)
+    ));
+}
+
+#[test]
+fn ecdsa_signatures_verify_on_the_host() {
+    use p256::ecdsa::signature::Verifier;
+    let (_serial, fixture) = fixture();
+    let store = &fixture.store;
+    let label: KeyLabel = "test-ecdsa".parse().unwrap();
+    // `key` and `found` name the same pair; destroying one destroys it.
+    let (key, public) = store.generate_ec_p256(&label, true).unwrap();
+    let signature = store.sign_p256_sha256(&key, b"to be signed").unwrap();
+    let verifier = p256::ecdsa::VerifyingKey::from_sec1_bytes(public.as_bytes()).unwrap();
+    let signature = p256::ecdsa::Signature::from_slice(&signature).unwrap();
+    verifier.verify(b"to be signed", &signature).unwrap();
+    assert!(verifier.verify(b"to be signe", &signature).is_err());
+
+    let (found, found_public) = store.find_ec_p256(&label).unwrap().unwrap();
+    assert_eq!(found_public, public);
+    assert!(matches!(
+        store.generate_ec_p256(&label, true),
+        Err(KeystoreError::InvalidInput { .. })
+    ));
+    store.destroy_ec(found).unwrap();
+    assert!(store.find_ec_p256(&label).unwrap().is_none());
+    assert!(fixture.objects_labelled("test-ecdsa").is_empty());
+}
+
+#[test]
+fn ecdh_keks_agree_and_wrap_keys_between_stores() {
+    let (_serial, fixture) = fixture();
+    let store = &fixture.store;
+    let (platform, platform_public) = store
+        .generate_ec_p256(&"test-ecdh-platform".parse().unwrap(), true)
+        .unwrap();
+    let (terminal, terminal_public) = store
+        .generate_ec_p256(&"unused".parse().unwrap(), false)
+        .unwrap();
+    let context = b"enrollment 42";
+    let platform_kek = store
+        .ecdh_kek(&platform, &terminal_public, context)
+        .unwrap();
+    let terminal_kek = store
+        .ecdh_kek(&terminal, &platform_public, context)
+        .unwrap();
+
+    let id = bdk_id("A7000001");
+    store.import_bdk(id, &key_bytes(KAT_BDK)).unwrap();
+    let initial_key_id: InitialKeyId = "A700000100000001".parse().unwrap();
+    let data = DerivationData::initial_key(KeyAlgorithm::Aes128, initial_key_id);
+    let exported = store
+        .derive(DeriveBase::Bdk(id), &data, KeyPurpose::Export)
+        .unwrap();
+    let wrapped = store.wrap_key(&platform_kek, &exported).unwrap();
+    assert_eq!(wrapped.len(), 24);
+    let unwrapped = store
+        .unwrap_key(
+            &terminal_kek,
+            &wrapped,
+            KeyAlgorithm::Aes128,
+            KeyPurpose::Check,
+        )
+        .unwrap();
+    let expected = aes_ecb(&key_bytes(KAT_BDK), data.as_bytes());
+    assert_eq!(store.kcv(&unwrapped).unwrap(), host_kcv(&expected[..16]));
+
+    // A key that is not an export key cannot be wrapped.
+    let kept = store
+        .derive(DeriveBase::Bdk(id), &data, KeyPurpose::Derive)
+        .unwrap();
+    assert!(matches!(
+        store.wrap_key(&platform_kek, &kept),
+        Err(KeystoreError::KeyNotPermitted)
+    ));
+    // The wrong KEK, or tampered data, fails authentication.
+    let other_kek = store
+        .ecdh_kek(&platform, &terminal_public, b"other")
+        .unwrap();
+    assert!(matches!(
+        store.unwrap_key(
+            &other_kek,
+            &wrapped,
+            KeyAlgorithm::Aes128,
+            KeyPurpose::Check
+        ),
+        Err(KeystoreError::AuthenticationFailed)
+    ));
+
+    // A host computation (what the software backend does) gives the same KEK: Z is the
+    // shared x-coordinate, KEK = AES-256-ECB(Z, SHA-256(context)).
+    let host_secret = p256::SecretKey::from_slice(&[0x11; 32]).unwrap();
+    let host_public = EcPublicKey::try_from(&host_secret.public_key().to_sec1_bytes()[..]).unwrap();
+    let host_kek_in_token = store.ecdh_kek(&platform, &host_public, context).unwrap();
+    let platform_point = p256::PublicKey::from_sec1_bytes(platform_public.as_bytes()).unwrap();
+    let shared = host_secret.diffie_hellman(&platform_point);
+    let host_kek = aes_ecb(
+        shared.raw_secret_bytes().as_slice(),
+        &Sha256::digest(context),
+    );
+    let wrapped_in_token = store.wrap_key(&host_kek_in_token, &exported).unwrap();
+    let mut wrapped_on_host = [0u8; 24];
+    aes_kw::AesKw::<aes::Aes256>::new_from_slice(&host_kek)
+        .unwrap()
+        .wrap_key(&expected[..16], &mut wrapped_on_host)
+        .unwrap();
+    assert_eq!(wrapped_in_token, wrapped_on_host);
+
+    for key in [
+        platform_kek,
+        terminal_kek,
+        exported,
+        unwrapped,
+        kept,
+        other_kek,
+        host_kek_in_token,
+    ] {
+        store.destroy(key).unwrap();
+    }
+    store.destroy_ec(platform).unwrap();
+    store.destroy_ec(terminal).unwrap();
+}
+
+#[test]
+fn a_lost_login_is_recovered() {
+    let (_serial, fixture) = fixture();
+    let store = &fixture.store;
+    let id = bdk_id("A8000001");
+    store.import_bdk(id, &key_bytes(KAT_BDK)).unwrap();
+    let data =
+        DerivationData::initial_key(KeyAlgorithm::Aes128, "A800000100000001".parse().unwrap());
+    let before = store
+        .derive(DeriveBase::Bdk(id), &data, KeyPurpose::Check)
+        .unwrap();
+    let kcv = store.kcv(&before).unwrap();
+    store.destroy(before).unwrap();
+
+    // Log the whole application out behind the store's back: private session objects
+    // (the BDK copies) go, and every session loses its login.
+    fixture.session().logout().unwrap();
+
+    // The first calls may report the loss; the store recovers by itself.
+    let mut recovered = None;
+    for _ in 0..3 {
+        match store.derive(DeriveBase::Bdk(id), &data, KeyPurpose::Check) {
+            Ok(key) => {
+                recovered = Some(key);
+                break;
+            }
+            Err(KeystoreError::SessionLost { .. } | KeystoreError::UnknownKey) => {}
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    let key = recovered.expect("the store did not recover");
+    assert_eq!(store.kcv(&key).unwrap(), kcv);
+    store.destroy(key).unwrap();
+    let mut healthy = false;
+    for _ in 0..SESSIONS_TRIES {
+        healthy |= store.check_health().is_ok();
+    }
+    assert!(healthy);
+}
+
+/// Enough health checks to cycle through every pooled session.
+const SESSIONS_TRIES: usize = nfcpay_keystore::pkcs11::SESSIONS_MAX + 2;
+
+#[test]
+fn opening_refuses_a_missing_token_or_module() {
+    let (_serial, fixture) = fixture();
+    let mut text = format!("{:?}", fixture.uri);
+    assert!(!text.contains(PIN));
+    let pin_source = fixture.uri.pin_source().unwrap().display().to_string();
+    text = format!("pkcs11:token=no-such-token?module-path={MODULE}&pin-source=file:{pin_source}");
+    assert!(matches!(
+        Pkcs11Keystore::open(&text.parse().unwrap()),
+        Err(KeystoreError::TokenNotFound(_))
+    ));
+    text = format!(
+        "pkcs11:token={TOKEN_LABEL}?module-path=/nonexistent/libnothing.so&pin-source=file:{pin_source}"
+    );
+    assert!(matches!(
+        Pkcs11Keystore::open(&text.parse().unwrap()),
+        Err(KeystoreError::Configuration(_))
+    ));
+}
