@@ -15,6 +15,8 @@
 //! - [`uri`]: RFC 7512 `pkcs11:` URIs with `module-path` and `pin-source`.
 //! - [`error`]: [`KeystoreError`], the crate's one error type.
 
+pub mod components;
+pub mod config;
 pub mod dukpt;
 pub mod error;
 pub mod pkcs11;
@@ -22,6 +24,7 @@ pub mod software;
 pub mod types;
 pub mod uri;
 
+pub use config::{KeystoreConfig, open};
 pub use error::KeystoreError;
 pub use types::{
     BdkInfo, DeriveBase, EcPublicKey, Kcv, KeyHandle, KeyLabel, KeyPurpose, PrivateKeyHandle,

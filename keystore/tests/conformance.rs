@@ -1,0 +1,597 @@
+//! One conformance suite, run unchanged against both keystore backends: the PKCS#11 backend on
+//! a fresh SoftHSM2 token and the software backend.
+//!
+//! It checks the published ANSI X9.24-3-2017 vectors (by KCV: neither backend ever reveals a
+//! key), the terminal algorithm over each store, that what one backend encrypts, MACs or wraps
+//! the other decrypts, verifies or unwraps (which is exactly how a software terminal and the
+//! HSM-backed platform talk), that both refuse the same misuse with the same error, and — as a
+//! property — that both derive the same keys for random BDKs and random valid KSNs.
+//!
+//! This is a `harness = false` test: SoftHSM2 reads `SOFTHSM2_CONF` from the environment when
+//! the module initialises, and `main` sets it before any other thread exists.
+
+// A panic is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "../../protocol/tests/x9_24_3_vectors/mod.rs"]
+mod x9_24_3_vectors;
+
+use std::path::Path;
+use std::process::Command;
+
+use nfcpay_keystore::components::clear_key_kcv;
+use nfcpay_keystore::dukpt::{
+    TerminalKeys, TransientKey, initial_key, transaction_key, working_key, working_key_from,
+};
+use nfcpay_keystore::pkcs11::Pkcs11Keystore;
+use nfcpay_keystore::software::SoftwareKeystore;
+use nfcpay_keystore::uri::Pkcs11Uri;
+use nfcpay_keystore::{DeriveBase, KeyLabel, KeyPurpose, Keystore, KeystoreError};
+use nfcpay_protocol::dukpt::{DerivationData, KeyAlgorithm, TerminalState, WorkingKeyUsage};
+use nfcpay_protocol::{BdkId, InitialKeyId, Ksn, TransactionCounter};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use x9_24_3_vectors::{AES128_BDK, AES128_TERMINAL_KSN_SEQUENCE, AES256_BDK, BdkVectors};
+use zeroize::Zeroizing;
+
+const PIN: &str = "conformance-pin";
+const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("softhsm2.conf");
+    // SAFETY: `main` runs before this process starts any other thread, so nothing reads the
+    // environment concurrently.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("SOFTHSM2_CONF", &conf);
+    }
+    let pin_file = dir.path().join("pin");
+    std::fs::write(&pin_file, PIN).unwrap();
+    // All tokens first: SoftHSM2 sees only the tokens that exist when the module initialises.
+    let labels = ["conf-aes128", "conf-aes256", "conf-main"];
+    for label in labels {
+        make_token(dir.path(), label);
+    }
+    let tokens = labels.map(|label| pkcs11_store(label, &pin_file));
+    let [pkcs11_aes128, pkcs11_aes256, pkcs11_main] = &tokens;
+    let software = || SoftwareKeystore::in_memory();
+    let (software_aes128, software_aes256, software_main) = (software(), software(), software());
+
+    let mut failures = 0;
+    let mut check = |name: &str, result: std::thread::Result<()>| match result {
+        Ok(()) => println!("ok    {name}"),
+        Err(_) => {
+            println!("FAIL  {name}");
+            failures += 1;
+        }
+    };
+    let backends: [(&str, &dyn Keystore, &dyn Keystore, &dyn Keystore); 2] = [
+        ("pkcs11", pkcs11_aes128, pkcs11_aes256, pkcs11_main),
+        (
+            "software",
+            &software_aes128,
+            &software_aes256,
+            &software_main,
+        ),
+    ];
+    for (backend, aes128, aes256, main) in backends {
+        let run = |f: &dyn Fn()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        check(
+            &format!("{backend}: AES-128 BDK vectors"),
+            run(&|| known_answers(aes128, &AES128_BDK)),
+        );
+        check(
+            &format!("{backend}: AES-256 BDK vectors"),
+            run(&|| known_answers(aes256, &AES256_BDK)),
+        );
+        check(
+            &format!("{backend}: terminal algorithm over the store"),
+            run(&|| terminal_over_store(aes128, &AES128_BDK)),
+        );
+        check(
+            &format!("{backend}: BDK management"),
+            run(&|| bdk_management(main)),
+        );
+        check(
+            &format!("{backend}: misuse is refused"),
+            run(&|| misuse_is_refused(main)),
+        );
+        check(
+            &format!("{backend}: ECDSA signatures verify on the host"),
+            run(&|| ecdsa_verifies(main)),
+        );
+    }
+    let run = |f: &dyn Fn()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    check(
+        "pkcs11 <-> software: GCM and CMAC interoperate",
+        run(&|| symmetric_interop(pkcs11_main, &software_main)),
+    );
+    check(
+        "pkcs11 <-> software: enrollment key transport (ECDH, wrap, unwrap)",
+        run(&|| enrollment_interop(pkcs11_main, &software_main)),
+    );
+    check(
+        "pkcs11 <-> software: random BDKs and KSNs agree by KCV",
+        run(&|| backends_agree(pkcs11_main, &software_main)),
+    );
+    if failures > 0 {
+        eprintln!("{failures} conformance check(s) failed");
+        std::process::exit(1);
+    }
+}
+
+fn make_token(dir: &Path, label: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../softhsm-setup/init-token");
+    let output = Command::new(script)
+        .args(["--dir"])
+        .arg(dir)
+        .args([
+            "--label",
+            label,
+            "--pin",
+            PIN,
+            "--so-pin",
+            "conformance-so-pin",
+        ])
+        .output()
+        .expect(
+            "softhsm-setup/init-token runs (is softhsm2 installed? `cargo xtask test` installs it)",
+        );
+    assert!(
+        output.status.success(),
+        "init-token failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn pkcs11_store(label: &str, pin_file: &Path) -> Pkcs11Keystore {
+    let uri: Pkcs11Uri = format!(
+        "pkcs11:token={label}?module-path={MODULE}&pin-source=file:{}",
+        pin_file.display()
+    )
+    .parse()
+    .unwrap();
+    Pkcs11Keystore::open(&uri).unwrap()
+}
+
+fn bytes(hex_digits: &str) -> Zeroizing<Vec<u8>> {
+    Zeroizing::new(hex::decode(hex_digits).unwrap())
+}
+
+fn kcv_of(hex_digits: &str) -> String {
+    clear_key_kcv(&bytes(hex_digits)).unwrap().to_string()
+}
+
+fn kcv(store: &dyn Keystore, key: nfcpay_keystore::KeyHandle) -> String {
+    let key = TransientKey::new(store, key);
+    store.kcv(key.handle()).unwrap().to_string()
+}
+
+fn algorithm(name: &str) -> KeyAlgorithm {
+    name.to_ascii_lowercase().parse().unwrap()
+}
+
+fn usage(name: &str) -> WorkingKeyUsage {
+    match name {
+        "PIN" => WorkingKeyUsage::PinEncryption,
+        "MAC_GEN" => WorkingKeyUsage::MacGeneration,
+        "MAC_VERIFY" => WorkingKeyUsage::MacVerification,
+        "MAC_BOTH" => WorkingKeyUsage::MacBoth,
+        "DATA_ENCRYPT" => WorkingKeyUsage::DataEncrypt,
+        "DATA_DECRYPT" => WorkingKeyUsage::DataDecrypt,
+        "DATA_BOTH" => WorkingKeyUsage::DataBoth,
+        "KEK" => WorkingKeyUsage::KeyEncryption,
+        other => panic!("unexpected usage {other}"),
+    }
+}
+
+/// Imports the set's BDK and checks initial, transaction and working keys by KCV.
+fn known_answers(store: &dyn Keystore, set: &BdkVectors) {
+    let initial_key_id: InitialKeyId = set.initial_key_id.parse().unwrap();
+    let info = store
+        .import_bdk(initial_key_id.bdk_id(), &bytes(set.bdk))
+        .unwrap();
+    assert_eq!(info.kcv.to_string(), kcv_of(set.bdk));
+    assert_eq!(info.algorithm, algorithm(set.bdk_algorithm));
+    let ik = initial_key(store, initial_key_id, KeyPurpose::Check).unwrap();
+    assert_eq!(
+        kcv(store, ik),
+        kcv_of(set.initial_key),
+        "{} initial key",
+        set.name
+    );
+    let mut checked = 0;
+    for txn in set.transactions {
+        let Ok(ksn) = txn.ksn.parse::<Ksn>() else {
+            continue; // 0x1FFFF and 0xFFFFFFFF: not counters a terminal may use.
+        };
+        if !txn.transaction_key.is_empty() {
+            let key = transaction_key(store, ksn, KeyPurpose::Check).unwrap();
+            assert_eq!(
+                kcv(store, key),
+                kcv_of(txn.transaction_key),
+                "{} {ksn}",
+                set.name
+            );
+            checked += 1;
+        }
+        for working in txn.working_keys {
+            let key = working_key(
+                store,
+                ksn,
+                usage(working.usage),
+                Some(algorithm(working.algorithm)),
+                KeyPurpose::Check,
+            )
+            .unwrap();
+            assert_eq!(
+                kcv(store, key),
+                kcv_of(working.key),
+                "{} {ksn} {}",
+                set.name,
+                working.usage
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 40, "only {checked} vectors checked");
+}
+
+/// Loads the set's initial key into the terminal algorithm running over the store and checks
+/// the first transactions' PIN keys.
+fn terminal_over_store(store: &dyn Keystore, set: &BdkVectors) {
+    let initial_key_id: InitialKeyId = set.initial_key_id.parse().unwrap();
+    let ik = initial_key(store, initial_key_id, KeyPurpose::Derive).unwrap();
+    let mut keys = TerminalKeys(store);
+    let mut state = TerminalState::load_initial_key(
+        &mut keys,
+        ik,
+        algorithm(set.bdk_algorithm),
+        initial_key_id,
+    )
+    .unwrap();
+    for expected in AES128_TERMINAL_KSN_SEQUENCE {
+        let (ksn, transaction) = state.next_transaction_key(&mut keys).unwrap();
+        assert_eq!(ksn.to_string(), *expected);
+        let transaction = TransientKey::new(store, transaction);
+        let published = set
+            .transactions
+            .iter()
+            .find(|t| t.ksn == *expected)
+            .unwrap();
+        let pin = published
+            .working_keys
+            .iter()
+            .find(|w| w.usage == "PIN")
+            .unwrap();
+        let key = working_key_from(
+            store,
+            transaction.handle(),
+            ksn,
+            WorkingKeyUsage::PinEncryption,
+            Some(algorithm(pin.algorithm)),
+            KeyPurpose::Check,
+        )
+        .unwrap();
+        assert_eq!(kcv(store, key), kcv_of(pin.key), "{ksn}");
+    }
+    state.discard_all(&mut keys);
+}
+
+fn bdk_management(store: &dyn Keystore) {
+    let id: BdkId = "B0B0B0B0".parse().unwrap();
+    let info = store.generate_bdk(id, KeyAlgorithm::Aes256).unwrap();
+    assert_eq!(info.algorithm, KeyAlgorithm::Aes256);
+    assert!(matches!(
+        store.generate_bdk(id, KeyAlgorithm::Aes128),
+        Err(KeystoreError::BdkExists(_))
+    ));
+    assert!(matches!(
+        store.import_bdk(id, &bytes(&"11".repeat(16))),
+        Err(KeystoreError::BdkExists(_))
+    ));
+    assert_eq!(
+        store.bdk_info(id).unwrap(),
+        info,
+        "a refused duplicate changes nothing"
+    );
+    let listed = store.list_bdks().unwrap();
+    assert!(listed.contains(&info));
+    assert!(
+        listed
+            .windows(2)
+            .all(|pair| pair[0].bdk_id < pair[1].bdk_id),
+        "sorted by ID"
+    );
+    let imported_id: BdkId = "B0B0B0B1".parse().unwrap();
+    assert!(matches!(
+        store.import_bdk(imported_id, &bytes(&"11".repeat(15))),
+        Err(KeystoreError::InvalidInput { .. })
+    ));
+    assert!(matches!(
+        store.bdk_info(imported_id),
+        Err(KeystoreError::UnknownBdk(_))
+    ));
+    let info = store
+        .import_bdk(imported_id, &bytes(&"2B".repeat(24)))
+        .unwrap();
+    assert_eq!(info.algorithm, KeyAlgorithm::Aes192);
+    assert_eq!(info.kcv.to_string(), kcv_of(&"2B".repeat(24)));
+}
+
+fn misuse_is_refused(store: &dyn Keystore) {
+    let unknown: Ksn = "DEADBEEF0000000100000001".parse().unwrap();
+    assert!(matches!(
+        transaction_key(store, unknown, KeyPurpose::Check),
+        Err(KeystoreError::UnknownBdk(_))
+    ));
+    let id: BdkId = "C0C0C0C0".parse().unwrap();
+    store.import_bdk(id, &bytes(&"5A".repeat(32))).unwrap();
+    let ksn: Ksn = "C0C0C0C00000000100000003".parse().unwrap();
+    let derive_only = TransientKey::new(
+        store,
+        transaction_key(store, ksn, KeyPurpose::Derive).unwrap(),
+    );
+    assert!(matches!(
+        store.kcv(derive_only.handle()),
+        Err(KeystoreError::KeyNotPermitted)
+    ));
+    assert!(matches!(
+        store.gcm_encrypt(derive_only.handle(), &[0; 12], b"", b"x"),
+        Err(KeystoreError::KeyNotPermitted)
+    ));
+    let encrypt = TransientKey::new(
+        store,
+        working_key(
+            store,
+            ksn,
+            WorkingKeyUsage::DataBoth,
+            None,
+            KeyPurpose::Encrypt,
+        )
+        .unwrap(),
+    );
+    assert!(matches!(
+        store.cmac_generate(encrypt.handle(), b"x"),
+        Err(KeystoreError::KeyNotPermitted)
+    ));
+    let sealed = store
+        .gcm_encrypt(encrypt.handle(), &[7; 12], b"header", b"body")
+        .unwrap();
+    for index in 0..sealed.len() {
+        let mut tampered = sealed.clone();
+        tampered[index] ^= 0x01;
+        assert!(matches!(
+            store.gcm_decrypt(encrypt.handle(), &[7; 12], b"header", &tampered),
+            Err(KeystoreError::AuthenticationFailed)
+        ));
+    }
+    assert!(matches!(
+        store.gcm_decrypt(encrypt.handle(), &[7; 12], b"headeR", &sealed),
+        Err(KeystoreError::AuthenticationFailed)
+    ));
+    assert!(
+        store
+            .gcm_decrypt(encrypt.handle(), &[7; 12], b"header", &sealed[..10])
+            .is_err()
+    );
+    let mac = TransientKey::new(
+        store,
+        working_key(store, ksn, WorkingKeyUsage::MacBoth, None, KeyPurpose::Mac).unwrap(),
+    );
+    let tag = store.cmac_generate(mac.handle(), b"message").unwrap();
+    store.cmac_verify(mac.handle(), b"message", &tag).unwrap();
+    assert!(matches!(
+        store.cmac_verify(mac.handle(), b"messagE", &tag),
+        Err(KeystoreError::AuthenticationFailed)
+    ));
+    let export = TransientKey::new(
+        store,
+        transaction_key(store, ksn, KeyPurpose::Derive).unwrap(),
+    );
+    let not_a_kek = store.wrap_key(mac.handle(), export.handle());
+    assert!(
+        matches!(not_a_kek, Err(KeystoreError::KeyNotPermitted)),
+        "{not_a_kek:?}"
+    );
+}
+
+fn ecdsa_verifies(store: &dyn Keystore) {
+    use p256::ecdsa::signature::Verifier;
+    let label: KeyLabel = "conformance-signer".parse().unwrap();
+    let (_generated, public) = store.generate_ec_p256(&label, true).unwrap();
+    let (found, found_public) = store.find_ec_p256(&label).unwrap().unwrap();
+    assert_eq!(found_public, public);
+    let signature = store.sign_p256_sha256(&found, b"receipt").unwrap();
+    let verifying = p256::ecdsa::VerifyingKey::from_sec1_bytes(public.as_bytes()).unwrap();
+    let signature = p256::ecdsa::Signature::from_slice(&signature).unwrap();
+    verifying.verify(b"receipt", &signature).unwrap();
+    assert!(verifying.verify(b"receipT", &signature).is_err());
+    assert!(
+        store
+            .find_ec_p256(&"no-such-key".parse().unwrap())
+            .unwrap()
+            .is_none()
+    );
+    store.destroy_ec(found).unwrap();
+    assert!(store.find_ec_p256(&label).unwrap().is_none(), "destroyed");
+}
+
+/// Imports the same BDK into both stores (under a fresh ID).
+fn shared_bdk(a: &dyn Keystore, b: &dyn Keystore, id: BdkId, key: &Zeroizing<Vec<u8>>) {
+    a.import_bdk(id, key).unwrap();
+    b.import_bdk(id, key).unwrap();
+}
+
+fn symmetric_interop(a: &dyn Keystore, b: &dyn Keystore) {
+    let id: BdkId = "1D1D1D1D".parse().unwrap();
+    shared_bdk(a, b, id, &bytes(&"3C".repeat(32)));
+    let ksn: Ksn = "1D1D1D1D0000002A00000101".parse().unwrap();
+    let ka = TransientKey::new(
+        a,
+        working_key(a, ksn, WorkingKeyUsage::DataBoth, None, KeyPurpose::Encrypt).unwrap(),
+    );
+    let kb = TransientKey::new(
+        b,
+        working_key(b, ksn, WorkingKeyUsage::DataBoth, None, KeyPurpose::Encrypt).unwrap(),
+    );
+    let sealed = a
+        .gcm_encrypt(ka.handle(), &[1; 12], b"aad", b"half A")
+        .unwrap();
+    assert_eq!(
+        b.gcm_decrypt(kb.handle(), &[1; 12], b"aad", &sealed)
+            .unwrap()
+            .as_slice(),
+        b"half A"
+    );
+    let sealed = b.gcm_encrypt(kb.handle(), &[2; 12], b"", b"").unwrap();
+    assert_eq!(sealed.len(), 16);
+    assert!(
+        a.gcm_decrypt(ka.handle(), &[2; 12], b"", &sealed)
+            .unwrap()
+            .is_empty()
+    );
+    let ma = TransientKey::new(
+        a,
+        working_key(a, ksn, WorkingKeyUsage::MacBoth, None, KeyPurpose::Mac).unwrap(),
+    );
+    let mb = TransientKey::new(
+        b,
+        working_key(b, ksn, WorkingKeyUsage::MacBoth, None, KeyPurpose::Mac).unwrap(),
+    );
+    let tag = a.cmac_generate(ma.handle(), b"receipt").unwrap();
+    assert_eq!(b.cmac_generate(mb.handle(), b"receipt").unwrap(), tag);
+    b.cmac_verify(mb.handle(), b"receipt", &tag).unwrap();
+}
+
+/// Enrollment: the platform (a) wraps a terminal's initial key under a KEK both sides derive
+/// with ECDH; the terminal (b) unwraps it. The KCVs must match the host's IK.
+fn enrollment_interop(platform: &dyn Keystore, terminal: &dyn Keystore) {
+    let id: BdkId = "E0E0E0E0".parse().unwrap();
+    platform.import_bdk(id, &bytes(&"A5".repeat(32))).unwrap();
+    let initial_key_id = InitialKeyId::new(id, [0, 0, 0, 9].into());
+    let label: KeyLabel = "enrollment-ecdh".parse().unwrap();
+    let (platform_private, platform_public) = platform.generate_ec_p256(&label, false).unwrap();
+    let (terminal_private, terminal_public) = terminal.generate_ec_p256(&label, false).unwrap();
+    let context = b"nfcpay enrollment v1 | terminal T-0009";
+    let platform_kek = TransientKey::new(
+        platform,
+        platform
+            .ecdh_kek(&platform_private, &terminal_public, context)
+            .unwrap(),
+    );
+    let terminal_kek = TransientKey::new(
+        terminal,
+        terminal
+            .ecdh_kek(&terminal_private, &platform_public, context)
+            .unwrap(),
+    );
+    let ik = TransientKey::new(
+        platform,
+        initial_key(platform, initial_key_id, KeyPurpose::Export).unwrap(),
+    );
+    let wrapped = platform
+        .wrap_key(platform_kek.handle(), ik.handle())
+        .unwrap();
+    assert_eq!(wrapped.len(), 32 + 8);
+    let loaded = terminal
+        .unwrap_key(
+            terminal_kek.handle(),
+            &wrapped,
+            KeyAlgorithm::Aes256,
+            KeyPurpose::Check,
+        )
+        .unwrap();
+    let host = initial_key(platform, initial_key_id, KeyPurpose::Check).unwrap();
+    assert_eq!(kcv(terminal, loaded), kcv(platform, host));
+    let mut tampered = wrapped.clone();
+    tampered[5] ^= 0x80;
+    assert!(matches!(
+        terminal.unwrap_key(
+            terminal_kek.handle(),
+            &tampered,
+            KeyAlgorithm::Aes256,
+            KeyPurpose::Check
+        ),
+        Err(KeystoreError::AuthenticationFailed)
+    ));
+    let other_context = TransientKey::new(
+        terminal,
+        terminal
+            .ecdh_kek(&terminal_private, &platform_public, b"other")
+            .unwrap(),
+    );
+    assert!(
+        terminal
+            .unwrap_key(
+                other_context.handle(),
+                &wrapped,
+                KeyAlgorithm::Aes256,
+                KeyPurpose::Check
+            )
+            .is_err()
+    );
+    // A key derived for use (not for export) cannot be wrapped.
+    let not_exportable = TransientKey::new(
+        platform,
+        initial_key(platform, initial_key_id, KeyPurpose::Derive).unwrap(),
+    );
+    assert!(
+        platform
+            .wrap_key(platform_kek.handle(), not_exportable.handle())
+            .is_err()
+    );
+    platform.destroy_ec(platform_private).unwrap();
+    terminal.destroy_ec(terminal_private).unwrap();
+}
+
+/// Property: for random BDKs (each algorithm) and random valid KSNs, both stores derive keys
+/// with the same KCV, for the transaction key and a working key.
+fn backends_agree(a: &dyn Keystore, b: &dyn Keystore) {
+    let mut runner = TestRunner::new(Config {
+        cases: 24,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let next_bdk = std::cell::Cell::new(0x7000_0000u32);
+    let strategy = (
+        prop_oneof![Just(16usize), Just(24), Just(32)],
+        proptest::collection::vec(any::<u8>(), 32),
+        any::<[u8; 4]>(),
+        any::<u32>().prop_filter_map("valid counter", |c| TransactionCounter::try_from(c).ok()),
+        prop::sample::select(WorkingKeyUsage::ALL.to_vec()),
+    );
+    runner
+        .run(&strategy, |(length, key, derivation_id, counter, usage)| {
+            let id = BdkId::from(next_bdk.get().to_be_bytes());
+            next_bdk.set(next_bdk.get() + 1);
+            shared_bdk(a, b, id, &Zeroizing::new(key[..length].to_vec()));
+            let ksn = Ksn::new(InitialKeyId::new(id, derivation_id.into()), counter);
+            let derived = |store: &dyn Keystore| {
+                let transaction = kcv(
+                    store,
+                    transaction_key(store, ksn, KeyPurpose::Check).unwrap(),
+                );
+                let working = kcv(
+                    store,
+                    working_key(store, ksn, usage, None, KeyPurpose::Check).unwrap(),
+                );
+                let data = DerivationData::working_key(usage, KeyAlgorithm::Aes128, ksn);
+                let base = TransientKey::new(
+                    store,
+                    transaction_key(store, ksn, KeyPurpose::Derive).unwrap(),
+                );
+                let short = kcv(
+                    store,
+                    store
+                        .derive(DeriveBase::Key(base.handle()), &data, KeyPurpose::Check)
+                        .unwrap(),
+                );
+                (transaction, working, short)
+            };
+            prop_assert_eq!(derived(a), derived(b), "{}", ksn);
+            Ok(())
+        })
+        .unwrap();
+}
