@@ -13,12 +13,14 @@
 //!   derivation path for a KSN and the terminal's future-key state machine. The block cipher is
 //!   supplied by the caller (a keystore), so keys never pass through this crate.
 //! - [`error`]: the crate's one error type.
+//! - [`nfc_frame`]: framing of one message over NFC-DEP exchanges of at most 262 bytes.
 #![forbid(unsafe_code)]
 
 pub mod amount;
 pub mod dukpt;
 pub mod error;
 pub mod ids;
+pub mod nfc_frame;
 
 pub use amount::{Amount, Currency};
 pub use error::ProtocolError;
