@@ -3,7 +3,6 @@
 //! The block cipher here is a plain software AES (test only): what is under test is the
 //! derivation data, the host path and the terminal's register machine.
 
-
 // A panic is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use aes::cipher::{BlockCipherEncrypt, KeyInit};
