@@ -12,8 +12,8 @@ use crate::error::ProtocolError;
 pub const TRANSACTION_COUNTER_MAX: u32 = 0xFFFF_0000;
 /// Most one-bits a valid transaction counter may have (ANSI X9.24-3-2017).
 pub const TRANSACTION_COUNTER_ONE_BITS_MAX: u32 = 16;
-/// Longest terminal ID, in bytes.
-pub const TERMINAL_ID_BYTES_MAX: usize = 32;
+/// Longest terminal or account ID, in bytes.
+pub const IDENTIFIER_BYTES_MAX: usize = 32;
 
 /// Decodes exactly `N` bytes from `hex_digits`, naming `field` in the error.
 pub(crate) fn hex_array<const N: usize>(
@@ -288,60 +288,76 @@ impl fmt::Debug for Ksn {
     }
 }
 
-/// Names a terminal: 1 to [`TERMINAL_ID_BYTES_MAX`] characters from `A–Z a–z 0–9 . _ -`.
+/// Checks a name against the identifier alphabet and length, naming `field` in the error.
+fn identifier(field: &'static str, bytes: &[u8]) -> Result<String, ProtocolError> {
+    if bytes.is_empty() || bytes.len() > IDENTIFIER_BYTES_MAX {
+        return Err(ProtocolError::Invalid {
+            field,
+            reason: "must be 1 to 32 characters",
+        });
+    }
+    if !bytes
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(ProtocolError::Invalid {
+            field,
+            reason: "only A-Z, a-z, 0-9, '.', '_' and '-' are allowed",
+        });
+    }
+    // Every byte was checked to be ASCII above, so this is valid UTF-8.
+    Ok(bytes.iter().map(|&b| char::from(b)).collect())
+}
+
+/// Implements `TryFrom<&[u8]>`, `FromStr`, `Display`, `Debug` and `as_str` for a name.
+macro_rules! identifier_newtype {
+    ($name:ident, $field:expr) => {
+        impl $name {
+            /// The identifier as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<&[u8]> for $name {
+            type Error = ProtocolError;
+            fn try_from(bytes: &[u8]) -> Result<Self, Self::Error> {
+                identifier($field, bytes).map(Self)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = ProtocolError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::try_from(s.as_bytes())
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), self.0)
+            }
+        }
+    };
+}
+
+/// Names a terminal: 1 to [`IDENTIFIER_BYTES_MAX`] characters from `A–Z a–z 0–9 . _ -`.
 ///
 /// It is the subject of the terminal's client certificate and appears in every half it sends.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TerminalId(String);
+identifier_newtype!(TerminalId, "terminal ID");
 
-impl TerminalId {
-    /// The identifier as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<&[u8]> for TerminalId {
-    type Error = ProtocolError;
-    fn try_from(bytes: &[u8]) -> Result<Self, Self::Error> {
-        if bytes.is_empty() || bytes.len() > TERMINAL_ID_BYTES_MAX {
-            return Err(ProtocolError::Invalid {
-                field: "terminal ID",
-                reason: "must be 1 to 32 characters",
-            });
-        }
-        if !bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        {
-            return Err(ProtocolError::Invalid {
-                field: "terminal ID",
-                reason: "only A-Z, a-z, 0-9, '.', '_' and '-' are allowed",
-            });
-        }
-        // Every byte was checked to be ASCII above, so this is valid UTF-8.
-        Ok(Self(bytes.iter().map(|&b| char::from(b)).collect()))
-    }
-}
-
-impl FromStr for TerminalId {
-    type Err = ProtocolError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::try_from(s.as_bytes())
-    }
-}
-
-impl fmt::Display for TerminalId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for TerminalId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "TerminalId({})", self.0)
-    }
-}
+/// Names a ledger account, with the same alphabet and length as a [`TerminalId`].
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccountId(String);
+identifier_newtype!(AccountId, "account ID");
 
 /// A transaction ID: 16 random bytes chosen by the payee terminal; the idempotency key of a
 /// payment.
@@ -439,6 +455,8 @@ mod tests {
             assert!(bad.parse::<TerminalId>().is_err(), "{bad:?} was accepted");
         }
         assert!("x".repeat(32).parse::<TerminalId>().is_ok());
+        assert!("acct-1".parse::<AccountId>().is_ok());
+        assert!("acct 1".parse::<AccountId>().is_err());
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //!
-//! - [`ids`]: identifiers — [`BdkId`], [`DerivationId`], [`InitialKeyId`],
+//! - [`ids`]: identifiers — [`AccountId`], [`BdkId`], [`DerivationId`], [`InitialKeyId`],
 //!   [`TransactionCounter`], [`Ksn`], [`TerminalId`], [`TxnId`].
 //! - [`amount`]: [`Amount`] in integer minor units of an ISO 4217 [`Currency`].
 //! - [`dukpt`]: the AES DUKPT arithmetic of ANSI X9.24-3-2017 — derivation data, the host's
@@ -24,4 +24,6 @@ pub mod nfc_frame;
 
 pub use amount::{Amount, Currency};
 pub use error::ProtocolError;
-pub use ids::{BdkId, DerivationId, InitialKeyId, Ksn, TerminalId, TransactionCounter, TxnId};
+pub use ids::{
+    AccountId, BdkId, DerivationId, InitialKeyId, Ksn, TerminalId, TransactionCounter, TxnId,
+};
