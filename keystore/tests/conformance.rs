@@ -7,8 +7,10 @@
 //! HSM-backed platform talk), that both refuse the same misuse with the same error, and — as a
 //! property — that both derive the same keys for random BDKs and random valid KSNs.
 //!
-//! This is a `harness = false` test: SoftHSM2 reads `SOFTHSM2_CONF` from the environment when
-//! the module initialises, and `main` sets it before any other thread exists.
+//! This is a `harness = false` test (libtest-compatible through `libtest-mimic`, so `cargo test`
+//! and `cargo nextest` both run it): SoftHSM2 reads `SOFTHSM2_CONF` from the environment when
+//! the module initialises, and `main` sets it before any other thread exists. Each check is
+//! independent of the others, as nextest runs each in a process of its own.
 
 // A panic is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -16,7 +18,10 @@
 #[path = "../../protocol/tests/x9_24_3_vectors/mod.rs"]
 mod x9_24_3_vectors;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use libtest_mimic::{Arguments, Trial};
 use std::process::Command;
 
 use nfcpay_keystore::components::clear_key_kcv;
@@ -37,88 +42,92 @@ use zeroize::Zeroizing;
 const PIN: &str = "conformance-pin";
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
+/// The stores every check runs against, opened once per process.
+struct Stores {
+    /// Tokens for the AES-128 vectors, the AES-256 vectors (both sets use BDK ID 12345678),
+    /// and everything else.
+    pkcs11: [Pkcs11Keystore; 3],
+    software: [SoftwareKeystore; 3],
+}
+
+static TOKEN_DIR: OnceLock<PathBuf> = OnceLock::new();
+static STORES: OnceLock<Stores> = OnceLock::new();
+const LABELS: [&str; 3] = ["conf-aes128", "conf-aes256", "conf-main"];
+
+fn stores() -> &'static Stores {
+    STORES.get_or_init(|| {
+        let dir = TOKEN_DIR.get().expect("main sets the token directory");
+        Stores {
+            pkcs11: LABELS.map(|label| pkcs11_store(label, &dir.join("pin"))),
+            software: [(); 3].map(|()| SoftwareKeystore::in_memory()),
+        }
+    })
+}
+
 fn main() {
     let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("softhsm2.conf");
-    // SAFETY: `main` runs before this process starts any other thread, so nothing reads the
-    // environment concurrently.
+    // SAFETY: `main` runs before this process starts any other thread (the test runner starts
+    // its threads later, in `libtest_mimic::run`), so nothing reads the environment
+    // concurrently.
     #[allow(unsafe_code)]
     unsafe {
-        std::env::set_var("SOFTHSM2_CONF", &conf);
+        std::env::set_var("SOFTHSM2_CONF", dir.path().join("softhsm2.conf"));
     }
-    let pin_file = dir.path().join("pin");
-    std::fs::write(&pin_file, PIN).unwrap();
+    std::fs::write(dir.path().join("pin"), PIN).unwrap();
     // All tokens first: SoftHSM2 sees only the tokens that exist when the module initialises.
-    let labels = ["conf-aes128", "conf-aes256", "conf-main"];
-    for label in labels {
+    for label in LABELS {
         make_token(dir.path(), label);
     }
-    let tokens = labels.map(|label| pkcs11_store(label, &pin_file));
-    let [pkcs11_aes128, pkcs11_aes256, pkcs11_main] = &tokens;
-    let software = || SoftwareKeystore::in_memory();
-    let (software_aes128, software_aes256, software_main) = (software(), software(), software());
+    TOKEN_DIR.set(dir.path().to_owned()).unwrap();
 
-    let mut failures = 0;
-    let mut check = |name: &str, result: std::thread::Result<()>| match result {
-        Ok(()) => println!("ok    {name}"),
-        Err(_) => {
-            println!("FAIL  {name}");
-            failures += 1;
-        }
-    };
-    let backends: [(&str, &dyn Keystore, &dyn Keystore, &dyn Keystore); 2] = [
-        ("pkcs11", pkcs11_aes128, pkcs11_aes256, pkcs11_main),
-        (
-            "software",
-            &software_aes128,
-            &software_aes256,
-            &software_main,
-        ),
+    type Check = fn(&dyn Keystore, &dyn Keystore, &dyn Keystore);
+    let per_backend: [(&str, Check); 6] = [
+        ("AES-128 BDK vectors", |a, _, _| {
+            known_answers(a, &AES128_BDK)
+        }),
+        ("AES-256 BDK vectors", |_, b, _| {
+            known_answers(b, &AES256_BDK)
+        }),
+        ("terminal algorithm over the store", |a, _, _| {
+            terminal_over_store(a, &AES128_BDK)
+        }),
+        ("BDK management", |_, _, main| bdk_management(main)),
+        ("misuse is refused", |_, _, main| misuse_is_refused(main)),
+        ("ECDSA signatures verify on the host", |_, _, main| {
+            ecdsa_verifies(main)
+        }),
     ];
-    for (backend, aes128, aes256, main) in backends {
-        let run = |f: &dyn Fn()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-        check(
-            &format!("{backend}: AES-128 BDK vectors"),
-            run(&|| known_answers(aes128, &AES128_BDK)),
-        );
-        check(
-            &format!("{backend}: AES-256 BDK vectors"),
-            run(&|| known_answers(aes256, &AES256_BDK)),
-        );
-        check(
-            &format!("{backend}: terminal algorithm over the store"),
-            run(&|| terminal_over_store(aes128, &AES128_BDK)),
-        );
-        check(
-            &format!("{backend}: BDK management"),
-            run(&|| bdk_management(main)),
-        );
-        check(
-            &format!("{backend}: misuse is refused"),
-            run(&|| misuse_is_refused(main)),
-        );
-        check(
-            &format!("{backend}: ECDSA signatures verify on the host"),
-            run(&|| ecdsa_verifies(main)),
-        );
+    let mut trials = Vec::new();
+    for (name, check) in per_backend {
+        trials.push(Trial::test(format!("pkcs11::{name}"), move || {
+            let [a, b, main] = &stores().pkcs11;
+            check(a, b, main);
+            Ok(())
+        }));
+        trials.push(Trial::test(format!("software::{name}"), move || {
+            let [a, b, main] = &stores().software;
+            check(a, b, main);
+            Ok(())
+        }));
     }
-    let run = |f: &dyn Fn()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    check(
-        "pkcs11 <-> software: GCM and CMAC interoperate",
-        run(&|| symmetric_interop(pkcs11_main, &software_main)),
-    );
-    check(
-        "pkcs11 <-> software: enrollment key transport (ECDH, wrap, unwrap)",
-        run(&|| enrollment_interop(pkcs11_main, &software_main)),
-    );
-    check(
-        "pkcs11 <-> software: random BDKs and KSNs agree by KCV",
-        run(&|| backends_agree(pkcs11_main, &software_main)),
-    );
-    if failures > 0 {
-        eprintln!("{failures} conformance check(s) failed");
-        std::process::exit(1);
+    type Pair = fn(&dyn Keystore, &dyn Keystore);
+    let between: [(&str, Pair); 3] = [
+        ("GCM and CMAC interoperate", symmetric_interop),
+        (
+            "enrollment key transport (ECDH, wrap, unwrap)",
+            enrollment_interop,
+        ),
+        ("random BDKs and KSNs agree by KCV", backends_agree),
+    ];
+    for (name, check) in between {
+        trials.push(Trial::test(format!("pkcs11_software::{name}"), move || {
+            check(&stores().pkcs11[2], &stores().software[2]);
+            Ok(())
+        }));
     }
+    let conclusion = libtest_mimic::run(&Arguments::from_args(), trials);
+    drop(dir);
+    conclusion.exit();
 }
 
 fn make_token(dir: &Path, label: &str) {
@@ -187,11 +196,18 @@ fn usage(name: &str) -> WorkingKeyUsage {
 }
 
 /// Imports the set's BDK and checks initial, transaction and working keys by KCV.
+/// Imports the set's BDK unless an earlier check of this process already did.
+fn ensure_bdk(store: &dyn Keystore, set: &BdkVectors) -> nfcpay_keystore::BdkInfo {
+    let initial_key_id: InitialKeyId = set.initial_key_id.parse().unwrap();
+    match store.import_bdk(initial_key_id.bdk_id(), &bytes(set.bdk)) {
+        Err(KeystoreError::BdkExists(id)) => store.bdk_info(id).unwrap(),
+        other => other.unwrap(),
+    }
+}
+
 fn known_answers(store: &dyn Keystore, set: &BdkVectors) {
     let initial_key_id: InitialKeyId = set.initial_key_id.parse().unwrap();
-    let info = store
-        .import_bdk(initial_key_id.bdk_id(), &bytes(set.bdk))
-        .unwrap();
+    let info = ensure_bdk(store, set);
     assert_eq!(info.kcv.to_string(), kcv_of(set.bdk));
     assert_eq!(info.algorithm, algorithm(set.bdk_algorithm));
     let ik = initial_key(store, initial_key_id, KeyPurpose::Check).unwrap();
@@ -242,6 +258,7 @@ fn known_answers(store: &dyn Keystore, set: &BdkVectors) {
 /// the first transactions' PIN keys.
 fn terminal_over_store(store: &dyn Keystore, set: &BdkVectors) {
     let initial_key_id: InitialKeyId = set.initial_key_id.parse().unwrap();
+    ensure_bdk(store, set);
     let ik = initial_key(store, initial_key_id, KeyPurpose::Derive).unwrap();
     let mut keys = TerminalKeys(store);
     let mut state = TerminalState::load_initial_key(
