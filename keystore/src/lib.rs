@@ -47,7 +47,8 @@ pub const ECDSA_P256_SIGNATURE_BYTES: usize = 64;
 ///
 /// Symmetric keys made by [`Keystore::derive`], [`Keystore::unwrap_key`] and
 /// [`Keystore::ecdh_kek`] are transient (session objects in PKCS#11): the caller destroys
-/// them with [`Keystore::destroy`] when done. BDKs and named EC key pairs are persistent.
+/// them with [`Keystore::destroy`] when done. BDKs and named EC key pairs are persistent, and
+/// so are symmetric keys stored by label with [`Keystore::persist_key`].
 pub trait Keystore: Send + Sync {
     /// Generates a BDK inside the store: sensitive, never extractable, usable only to derive.
     fn generate_bdk(
@@ -152,6 +153,21 @@ pub trait Keystore: Send + Sync {
 
     /// Destroys a transient symmetric key.
     fn destroy(&self, key: KeyHandle) -> Result<(), KeystoreError>;
+
+    /// Stores a copy of the transient key `key` as a persistent key labelled `label`, with the
+    /// same algorithm and purpose (PKCS#11: a token object, still sensitive and never
+    /// extractable). A persistent key already labelled `label` is replaced, and only once the
+    /// new one exists. `key` stays a transient key of its own. Persistent symmetric keys are
+    /// a namespace of their own: BDKs and P-256 key pairs are never found or replaced here.
+    fn persist_key(&self, key: &KeyHandle, label: &KeyLabel) -> Result<(), KeystoreError>;
+
+    /// A transient copy of the persistent key labelled `label` (same algorithm and purpose),
+    /// or `None` when there is none. Destroy the copy with [`Keystore::destroy`].
+    fn load_key(&self, label: &KeyLabel) -> Result<Option<KeyHandle>, KeystoreError>;
+
+    /// Destroys the persistent key labelled `label` (its bytes are erased); `false` when there
+    /// was none. Transient copies made by [`Keystore::load_key`] are not affected.
+    fn delete_key(&self, label: &KeyLabel) -> Result<bool, KeystoreError>;
 
     /// Destroys a P-256 key pair (transient or persistent).
     fn destroy_ec(&self, key: PrivateKeyHandle) -> Result<(), KeystoreError>;

@@ -30,9 +30,9 @@
 //!
 //! [`SoftwareKeystore::open`] creates the file when it is missing (mode 0600, never replacing
 //! an existing file) and refuses one that group or others may access. Every change (BDK
-//! generated or imported, named key pair generated or destroyed) rewrites it atomically: a new
-//! 0600 file beside it, fsync, rename over it, fsync of the directory. A crash leaves the old or
-//! the new file, never a mix. Reading checks every field — lengths, hex, algorithm, that each
+//! generated or imported, named key pair generated or destroyed, symmetric key persisted or
+//! deleted) rewrites it atomically: a new 0600 file beside it, fsync, rename over it, fsync of
+//! the directory. A crash leaves the old or the new file, never a mix. Reading checks every field — lengths, hex, algorithm, that each
 //! BDK matches its stored KCV, that each scalar is a valid P-256 private key, no duplicates, no
 //! unknown fields — and reports a corrupt file as an error naming it, never with a secret.
 //!
@@ -53,9 +53,17 @@
 //!   ],
 //!   "ec_keys": [
 //!     { "label": "terminal-ecdh", "private_key": "<64 hex digits>" }
+//!   ],
+//!   "keys": [
+//!     { "label": "nfcpay-dukpt-r00", "algorithm": "aes128", "purpose": "derive",
+//!       "key": "<32 hex digits>" }
 //!   ]
 //! }
 //! ```
+//!
+//! `keys` may be absent (files written before persistent symmetric keys existed). A deleted
+//! key's bytes are erased from memory; the replaced file's old blocks are freed by the file
+//! system, not overwritten.
 //!
 //! One process owns a state file at a time: a second process opening the same file would not
 //! see the first one's later changes, and their saves would overwrite each other.
@@ -90,6 +98,9 @@ use crate::{
 };
 use file::StateFile;
 
+/// Most persistent symmetric keys the store holds ([`Keystore::persist_key`]).
+pub const PERSISTENT_KEYS_MAX: usize = 4096;
+
 /// Most transient keys (symmetric and P-256) alive at once; beyond it, making one fails.
 /// Generous: a host DUKPT derivation holds two, a terminal 33.
 pub const TRANSIENT_KEYS_MAX: usize = 1_000_000;
@@ -109,6 +120,8 @@ struct State {
     ec_keys: HashMap<u64, EcKey>,
     /// Label → ID in `ec_keys` of each persistent key pair.
     ec_labels: BTreeMap<String, u64>,
+    /// Label → persistent symmetric key.
+    persisted: BTreeMap<String, SymmetricKey>,
     next_id: u64,
 }
 
@@ -193,8 +206,20 @@ impl SoftwareKeystore {
                 },
             );
         }
+        for key in contents.keys {
+            let algorithm = KeyAlgorithm::from_key_bytes(key.key.len())?;
+            state.persisted.insert(
+                key.label.as_str().to_owned(),
+                SymmetricKey {
+                    bytes: key.key,
+                    algorithm,
+                    purpose: key.purpose,
+                },
+            );
+        }
         tracing::debug!(path = %file.path().display(), bdks = state.bdks.len(),
-            ec_keys = state.ec_labels.len(), "opened the software keystore");
+            ec_keys = state.ec_labels.len(), keys = state.persisted.len(),
+            "opened the software keystore");
         Ok(Self {
             file: Some(file),
             state: Mutex::new(state),
@@ -229,6 +254,10 @@ impl SoftwareKeystore {
                 let ec_key = state.ec_keys.get(id)?;
                 Some((ec_key.label.as_ref()?, &ec_key.secret))
             }),
+            state
+                .persisted
+                .iter()
+                .map(|(label, key)| (label.as_str(), key.purpose, key.bytes.as_slice())),
         )
     }
 
@@ -280,6 +309,7 @@ impl State {
             keys: HashMap::new(),
             ec_keys: HashMap::new(),
             ec_labels: BTreeMap::new(),
+            persisted: BTreeMap::new(),
             next_id: 1,
         }
     }
@@ -567,6 +597,62 @@ impl Keystore for SoftwareKeystore {
             }
             _ => Err(KeystoreError::UnknownKey),
         }
+    }
+
+    fn persist_key(&self, key: &KeyHandle, label: &KeyLabel) -> Result<(), KeystoreError> {
+        let mut state = self.lock();
+        let source = state
+            .keys
+            .get(&key.id())
+            .filter(|source| source.algorithm == key.algorithm())
+            .ok_or(KeystoreError::UnknownKey)?;
+        let copy = SymmetricKey {
+            bytes: source.bytes.clone(),
+            algorithm: source.algorithm,
+            purpose: source.purpose,
+        };
+        if state.persisted.len() >= PERSISTENT_KEYS_MAX
+            && !state.persisted.contains_key(label.as_str())
+        {
+            return Err(KeystoreError::InvalidInput {
+                what: "too many persistent keys in the software keystore",
+            });
+        }
+        // The replaced key (if any) stays in memory until the new file is saved.
+        let replaced = state.persisted.insert(label.as_str().to_owned(), copy);
+        if let Err(error) = self.save(&state) {
+            match replaced {
+                Some(replaced) => state.persisted.insert(label.as_str().to_owned(), replaced),
+                None => state.persisted.remove(label.as_str()),
+            };
+            return Err(error);
+        }
+        tracing::debug!(%label, replaced = replaced.is_some(), "stored a persistent key");
+        Ok(())
+    }
+
+    fn load_key(&self, label: &KeyLabel) -> Result<Option<KeyHandle>, KeystoreError> {
+        let mut state = self.lock();
+        let Some(stored) = state.persisted.get(label.as_str()) else {
+            return Ok(None);
+        };
+        let (bytes, purpose) = (stored.bytes.clone(), stored.purpose);
+        state.insert_key(bytes, purpose).map(Some)
+    }
+
+    fn delete_key(&self, label: &KeyLabel) -> Result<bool, KeystoreError> {
+        let mut state = self.lock();
+        let Some(removed) = state.persisted.remove(label.as_str()) else {
+            return Ok(false);
+        };
+        if let Err(error) = self.save(&state) {
+            state.persisted.insert(label.as_str().to_owned(), removed);
+            return Err(error);
+        }
+        // Dropping the `Zeroizing` buffer erases the bytes.
+        drop(removed);
+        tracing::debug!(%label, "deleted a persistent key");
+        Ok(true)
     }
 
     fn destroy_ec(&self, key: PrivateKeyHandle) -> Result<(), KeystoreError> {

@@ -81,7 +81,7 @@ fn main() {
     TOKEN_DIR.set(dir.path().to_owned()).unwrap();
 
     type Check = fn(&dyn Keystore, &dyn Keystore, &dyn Keystore);
-    let per_backend: [(&str, Check); 6] = [
+    let per_backend: [(&str, Check); 7] = [
         ("AES-128 BDK vectors", |a, _, _| {
             known_answers(a, &AES128_BDK)
         }),
@@ -95,6 +95,9 @@ fn main() {
         ("misuse is refused", |_, _, main| misuse_is_refused(main)),
         ("ECDSA signatures verify on the host", |_, _, main| {
             ecdsa_verifies(main)
+        }),
+        ("persistent keys by label", |_, _, main| {
+            persistent_keys(main)
         }),
     ];
     let mut trials = Vec::new();
@@ -611,4 +614,129 @@ fn backends_agree(a: &dyn Keystore, b: &dyn Keystore) {
             Ok(())
         })
         .unwrap();
+}
+
+/// Persistent symmetric keys: persist, load (same KCV), replace, delete (then `None`), and
+/// purposes kept; BDKs are not in their namespace.
+fn persistent_keys(store: &dyn Keystore) {
+    let id: BdkId = "5E5E5E5E".parse().unwrap();
+    store.import_bdk(id, &bytes(&"6B".repeat(16))).unwrap();
+    let ksn = |counter: u32| -> Ksn { format!("5E5E5E5E00000001{counter:08X}").parse().unwrap() };
+    let label = |text: &str| -> KeyLabel { text.parse().unwrap() };
+
+    // A KCV key: persist, load, same KCV; the original may go, the persistent copy stays.
+    let check = transaction_key(store, ksn(1), KeyPurpose::Check).unwrap();
+    let expected = store.kcv(&check).unwrap();
+    store.persist_key(&check, &label("conf-check")).unwrap();
+    store.destroy(check).unwrap();
+    let loaded = store.load_key(&label("conf-check")).unwrap().unwrap();
+    assert_eq!(loaded.algorithm(), KeyAlgorithm::Aes128);
+    assert_eq!(store.kcv(&loaded).unwrap(), expected);
+    // Deleting the persistent key leaves the transient copy alone.
+    assert!(store.delete_key(&label("conf-check")).unwrap());
+    assert_eq!(store.kcv(&loaded).unwrap(), expected);
+    store.destroy(loaded).unwrap();
+    assert!(store.load_key(&label("conf-check")).unwrap().is_none());
+    assert!(!store.delete_key(&label("conf-check")).unwrap());
+
+    // A derivation key keeps its purpose: it derives, and cannot show a KCV or encrypt.
+    let derive = TransientKey::new(
+        store,
+        transaction_key(store, ksn(2), KeyPurpose::Derive).unwrap(),
+    );
+    store
+        .persist_key(derive.handle(), &label("conf-derive"))
+        .unwrap();
+    let loaded = TransientKey::new(
+        store,
+        store.load_key(&label("conf-derive")).unwrap().unwrap(),
+    );
+    assert!(matches!(
+        store.kcv(loaded.handle()),
+        Err(KeystoreError::KeyNotPermitted)
+    ));
+    assert!(matches!(
+        store.gcm_encrypt(loaded.handle(), &[0; 12], b"", b"x"),
+        Err(KeystoreError::KeyNotPermitted)
+    ));
+    let pin = |key: &nfcpay_keystore::KeyHandle| {
+        kcv(
+            store,
+            working_key_from(
+                store,
+                key,
+                ksn(2),
+                WorkingKeyUsage::PinEncryption,
+                None,
+                KeyPurpose::Check,
+            )
+            .unwrap(),
+        )
+    };
+    assert_eq!(pin(loaded.handle()), pin(derive.handle()));
+
+    // An encryption key keeps its purpose too, and decrypts what the original encrypted.
+    let encrypt = TransientKey::new(
+        store,
+        working_key(
+            store,
+            ksn(3),
+            WorkingKeyUsage::DataBoth,
+            None,
+            KeyPurpose::Encrypt,
+        )
+        .unwrap(),
+    );
+    store
+        .persist_key(encrypt.handle(), &label("conf-encrypt"))
+        .unwrap();
+    let loaded = TransientKey::new(
+        store,
+        store.load_key(&label("conf-encrypt")).unwrap().unwrap(),
+    );
+    let sealed = store
+        .gcm_encrypt(encrypt.handle(), &[9; 12], b"aad", b"persisted")
+        .unwrap();
+    assert_eq!(
+        store
+            .gcm_decrypt(loaded.handle(), &[9; 12], b"aad", &sealed)
+            .unwrap()
+            .as_slice(),
+        b"persisted"
+    );
+    assert!(matches!(
+        store.kcv(loaded.handle()),
+        Err(KeystoreError::KeyNotPermitted)
+    ));
+
+    // Persisting under a used label replaces the key.
+    let replacement = TransientKey::new(
+        store,
+        transaction_key(store, ksn(4), KeyPurpose::Check).unwrap(),
+    );
+    store
+        .persist_key(replacement.handle(), &label("conf-encrypt"))
+        .unwrap();
+    let loaded = TransientKey::new(
+        store,
+        store.load_key(&label("conf-encrypt")).unwrap().unwrap(),
+    );
+    assert_eq!(
+        store.kcv(loaded.handle()).unwrap(),
+        store.kcv(replacement.handle()).unwrap()
+    );
+
+    // BDKs are not persistent keys: neither found nor deleted by their label.
+    let bdk_label = label("nfcpay-bdk-5E5E5E5E");
+    assert!(store.load_key(&bdk_label).unwrap().is_none());
+    assert!(!store.delete_key(&bdk_label).unwrap());
+    assert_eq!(
+        store.bdk_info(id).unwrap().kcv.to_string(),
+        kcv_of(&"6B".repeat(16))
+    );
+
+    for name in ["conf-derive", "conf-encrypt"] {
+        assert!(store.delete_key(&label(name)).unwrap());
+        assert!(store.load_key(&label(name)).unwrap().is_none());
+    }
 }

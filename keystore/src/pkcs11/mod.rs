@@ -25,6 +25,13 @@
 //! is lost, the cache is rebuilt. Transient keys (derived, unwrapped, ECDH) are session
 //! objects of the pooled session that made them; their [`KeyHandle`] id is the raw object
 //! handle.
+//!
+//! A persistent symmetric key ([`Keystore::persist_key`]) is a token copy of a transient key
+//! (`C_CopyObject` with `CKA_TOKEN=true`, its label, and `CKA_ID` `nfcpay-persistent-key`, which
+//! keeps these apart from BDKs and key pairs); every other attribute is copied, so it stays
+//! sensitive, not extractable and limited to its purpose. Replacing one creates the new object
+//! first and then destroys the old; a crash in between leaves both, which `load_key` reports
+//! rather than guess. `load_key` makes a session copy; `delete_key` destroys the token object.
 
 mod ecb_derive;
 mod errors;
@@ -705,6 +712,62 @@ impl Keystore for Pkcs11Keystore {
             .with_session(|session| session.destroy_object(object(&key)).ck("C_DestroyObject"))
     }
 
+    fn persist_key(&self, key: &KeyHandle, label: &KeyLabel) -> Result<(), KeystoreError> {
+        self.pool.with_session(|session| {
+            // Looked up first, so that only these are destroyed once the new object exists.
+            let replaced = session
+                .find_objects(&templates::persistent_key_search(label.as_str()))
+                .ck("C_FindObjects")?;
+            session
+                .copy_object(object(key), &templates::persistent_key_copy(label.as_str()))
+                .ck("C_CopyObject")?;
+            for old in &replaced {
+                session.destroy_object(*old).ck("C_DestroyObject")?;
+            }
+            tracing::debug!(%label, replaced = replaced.len(), "stored a persistent key");
+            Ok(())
+        })
+    }
+
+    fn load_key(&self, label: &KeyLabel) -> Result<Option<KeyHandle>, KeystoreError> {
+        self.pool.with_session(|session| {
+            let found = session
+                .find_objects(&templates::persistent_key_search(label.as_str()))
+                .ck("C_FindObjects")?;
+            let stored = match found.as_slice() {
+                [] => return Ok(None),
+                [stored] => *stored,
+                _ => {
+                    return Err(KeystoreError::Configuration(format!(
+                        "the token holds {} persistent keys labelled {label}, expected one \
+                         (a replacement was interrupted): delete the label and store it again",
+                        found.len()
+                    )));
+                }
+            };
+            let algorithm = key_algorithm_of(session, stored)?;
+            let copy = session
+                .copy_object(stored, &[Attribute::Token(false)])
+                .ck("C_CopyObject")?;
+            Ok(Some(KeyHandle::new(copy.handle(), algorithm)))
+        })
+    }
+
+    fn delete_key(&self, label: &KeyLabel) -> Result<bool, KeystoreError> {
+        self.pool.with_session(|session| {
+            let found = session
+                .find_objects(&templates::persistent_key_search(label.as_str()))
+                .ck("C_FindObjects")?;
+            for stored in &found {
+                session.destroy_object(*stored).ck("C_DestroyObject")?;
+            }
+            if !found.is_empty() {
+                tracing::debug!(%label, "deleted a persistent key");
+            }
+            Ok(!found.is_empty())
+        })
+    }
+
     fn destroy_ec(&self, key: PrivateKeyHandle) -> Result<(), KeystoreError> {
         let public_key = {
             let mut ec_keys = self.ec_keys();
@@ -757,6 +820,20 @@ fn raw_object(id: u64) -> ObjectHandle {
     // it unsafe because an arbitrary number may name the wrong object. Our ids are handles the
     // module returned to this store, and a stale one fails with CKR_OBJECT_HANDLE_INVALID.
     unsafe { ObjectHandle::new_from_raw(id) }
+}
+
+/// The algorithm of an AES key object, from its `CKA_VALUE_LEN`.
+fn key_algorithm_of(session: &Session, key: ObjectHandle) -> Result<KeyAlgorithm, KeystoreError> {
+    let attributes = session
+        .get_attributes(key, &[AttributeType::ValueLen])
+        .ck("C_GetAttributeValue")?;
+    let Some(Attribute::ValueLen(length)) = attributes.into_iter().next() else {
+        return Err(KeystoreError::Pkcs11 {
+            function: "C_GetAttributeValue",
+            code: "no CKA_VALUE_LEN".to_owned(),
+        });
+    };
+    Ok(KeyAlgorithm::from_key_bytes(usize::from(length))?)
 }
 
 fn cmac(

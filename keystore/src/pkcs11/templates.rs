@@ -127,6 +127,31 @@ pub(super) fn ec_private(label: &str, persistent: bool) -> Vec<Attribute> {
     template
 }
 
+/// `CKA_ID` of the persistent symmetric keys made by `persist_key`: it keeps them apart from
+/// BDKs (whose `CKA_ID` is their 4-byte ID) and anything else in the token, whatever the label.
+pub(super) const PERSISTENT_KEY_ID: &[u8] = b"nfcpay-persistent-key";
+
+/// Finds the persistent symmetric keys labelled `label` (token objects only: a transient
+/// copy made by `load_key` keeps the label but is a session object).
+pub(super) fn persistent_key_search(label: &str) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Token(true),
+        Attribute::Id(PERSISTENT_KEY_ID.to_vec()),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ]
+}
+
+/// What `C_CopyObject` changes when a transient key becomes a persistent one; every other
+/// attribute (sensitive, not extractable, what it may do) is copied unchanged.
+pub(super) fn persistent_key_copy(label: &str) -> Vec<Attribute> {
+    vec![
+        Attribute::Token(true),
+        Attribute::Id(PERSISTENT_KEY_ID.to_vec()),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ]
+}
+
 fn value_len(algorithm: KeyAlgorithm) -> Attribute {
     // Key lengths are 16, 24 or 32: they fit any CK_ULONG.
     Attribute::ValueLen((algorithm.key_bytes() as cryptoki_sys::CK_ULONG).into())

@@ -1,4 +1,5 @@
-//! The software backend's state file: what persists (BDKs and named P-256 key pairs), how it
+//! The software backend's state file: what persists (BDKs, named P-256 key pairs and
+//! persistent symmetric keys), how it
 //! is read (every field checked, a corrupt file is an error and never a panic) and how it is
 //! written (atomically: a 0600 temporary file in the same directory, fsync, rename, fsync of
 //! the directory). The format is described in the [parent module](super).
@@ -17,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::crypto;
-use crate::{BdkInfo, Kcv, KeyLabel, KeystoreError};
+use crate::{BdkInfo, Kcv, KeyLabel, KeyPurpose, KeystoreError};
 
 /// The value of the file's `format` field.
 pub(super) const FILE_FORMAT: &str = "nfcpay-software-keystore";
@@ -50,6 +51,16 @@ pub(super) struct StoredEcKey {
     pub(super) secret: p256::SecretKey,
 }
 
+/// A persistent symmetric key as stored ([`crate::Keystore::persist_key`]).
+pub(super) struct StoredKey {
+    /// Its label.
+    pub(super) label: KeyLabel,
+    /// What it may do.
+    pub(super) purpose: KeyPurpose,
+    /// The key bytes (their length gives the algorithm).
+    pub(super) key: Zeroizing<Vec<u8>>,
+}
+
 /// Everything the file holds, checked.
 #[derive(Default)]
 pub(super) struct Contents {
@@ -57,6 +68,8 @@ pub(super) struct Contents {
     pub(super) bdks: Vec<StoredBdk>,
     /// Named key pairs, ordered by label.
     pub(super) ec_keys: Vec<StoredEcKey>,
+    /// Persistent symmetric keys, ordered by label.
+    pub(super) keys: Vec<StoredKey>,
 }
 
 /// The state file of one store, by its resolved path.
@@ -85,13 +98,14 @@ impl StateFile {
         &self.path
     }
 
-    /// Replaces the file's contents atomically with `bdks` and `ec_keys`.
+    /// Replaces the file's contents atomically with `bdks`, `ec_keys` and `keys`.
     pub(super) fn save<'a>(
         &self,
         bdks: impl IntoIterator<Item = (&'a BdkInfo, &'a [u8])>,
         ec_keys: impl IntoIterator<Item = (&'a KeyLabel, &'a p256::SecretKey)>,
+        keys: impl IntoIterator<Item = (&'a str, KeyPurpose, &'a [u8])>,
     ) -> Result<(), KeystoreError> {
-        let bytes = encode(bdks, ec_keys)?;
+        let bytes = encode(bdks, ec_keys, keys)?;
         write_atomically(&self.path, &bytes)
     }
 
@@ -104,7 +118,7 @@ impl StateFile {
 
     fn create(path: &Path) -> Result<(Self, Contents), KeystoreError> {
         let path = resolve_new(path)?;
-        let bytes = encode([], [])?;
+        let bytes = encode([], [], [])?;
         let created = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -261,6 +275,15 @@ struct FileOut<'a> {
     version: u32,
     bdks: Vec<BdkOut<'a>>,
     ec_keys: Vec<EcKeyOut<'a>>,
+    keys: Vec<KeyOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct KeyOut<'a> {
+    label: &'a str,
+    algorithm: &'static str,
+    purpose: &'static str,
+    key: SecretHexOut<'a>,
 }
 
 #[derive(Serialize)]
@@ -290,10 +313,11 @@ impl Serialize for SecretHexOut<'_> {
     }
 }
 
-/// The file's bytes for these BDKs and key pairs.
+/// The file's bytes for these BDKs, key pairs and persistent symmetric keys.
 pub(super) fn encode<'a>(
     bdks: impl IntoIterator<Item = (&'a BdkInfo, &'a [u8])>,
     ec_keys: impl IntoIterator<Item = (&'a KeyLabel, &'a p256::SecretKey)>,
+    keys: impl IntoIterator<Item = (&'a str, KeyPurpose, &'a [u8])>,
 ) -> Result<Zeroizing<Vec<u8>>, KeystoreError> {
     let ec_scalars: Vec<(&KeyLabel, Zeroizing<[u8; EC_P256_PRIVATE_KEY_BYTES]>)> = ec_keys
         .into_iter()
@@ -323,9 +347,20 @@ pub(super) fn encode<'a>(
                 private_key: SecretHexOut(&scalar[..]),
             })
             .collect(),
+        keys: keys
+            .into_iter()
+            .map(|(label, purpose, key)| {
+                Ok(KeyOut {
+                    label,
+                    algorithm: KeyAlgorithm::from_key_bytes(key.len())?.name(),
+                    purpose: purpose_name(purpose),
+                    key: SecretHexOut(key),
+                })
+            })
+            .collect::<Result<_, KeystoreError>>()?,
     };
     // Room for everything up front, so no reallocation leaves a copy of a key behind.
-    let capacity = 256 + 512 * (file.bdks.len() + file.ec_keys.len());
+    let capacity = 256 + 512 * (file.bdks.len() + file.ec_keys.len() + file.keys.len());
     let mut bytes = Zeroizing::new(Vec::with_capacity(capacity));
     serde_json::to_writer_pretty(&mut *bytes, &file).map_err(|error| KeystoreError::Io {
         path: String::new(),
@@ -344,6 +379,18 @@ struct FileIn {
     version: u32,
     bdks: Vec<BdkIn>,
     ec_keys: Vec<EcKeyIn>,
+    /// Absent in files written before persistent symmetric keys existed.
+    #[serde(default)]
+    keys: Vec<KeyIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyIn {
+    label: String,
+    algorithm: String,
+    purpose: String,
+    key: SecretHexIn,
 }
 
 #[derive(Deserialize)]
@@ -430,7 +477,21 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Contents, String> {
         }
         contents.ec_keys.push(stored);
     }
+    for key in file.keys {
+        let stored = decode_key(key)?;
+        if contents
+            .keys
+            .iter()
+            .any(|other| other.label == stored.label)
+        {
+            return Err(format!("key {} appears twice", stored.label));
+        }
+        contents.keys.push(stored);
+    }
     contents.bdks.sort_by_key(|bdk| bdk.info.bdk_id);
+    contents
+        .keys
+        .sort_by(|a, b| a.label.as_str().cmp(b.label.as_str()));
     contents
         .ec_keys
         .sort_by(|a, b| a.label.as_str().cmp(b.label.as_str()));
@@ -485,4 +546,55 @@ fn decode_ec_key(ec_key: EcKeyIn) -> Result<StoredEcKey, String> {
     let secret = p256::SecretKey::from_slice(&ec_key.private_key.0)
         .map_err(|_| format!("key pair {label}: private key is not a P-256 scalar"))?;
     Ok(StoredEcKey { label, secret })
+}
+
+fn decode_key(key: KeyIn) -> Result<StoredKey, String> {
+    let label: KeyLabel = key
+        .label
+        .parse()
+        .map_err(|_| "a key's label is not 1 to 64 printable characters".to_owned())?;
+    let algorithm: KeyAlgorithm = key
+        .algorithm
+        .parse()
+        .map_err(|_| format!("key {label}: unknown algorithm"))?;
+    if key.key.0.len() != algorithm.key_bytes() {
+        return Err(format!(
+            "key {label}: key length does not match {algorithm}"
+        ));
+    }
+    let purpose =
+        purpose_from_name(&key.purpose).ok_or_else(|| format!("key {label}: unknown purpose"))?;
+    Ok(StoredKey {
+        label,
+        purpose,
+        key: key.key.0,
+    })
+}
+
+/// Every purpose, for naming them in the file.
+const PURPOSES: [KeyPurpose; 6] = [
+    KeyPurpose::Derive,
+    KeyPurpose::Export,
+    KeyPurpose::Encrypt,
+    KeyPurpose::Mac,
+    KeyPurpose::Wrap,
+    KeyPurpose::Check,
+];
+
+/// A purpose's name in the file.
+fn purpose_name(purpose: KeyPurpose) -> &'static str {
+    match purpose {
+        KeyPurpose::Derive => "derive",
+        KeyPurpose::Export => "export",
+        KeyPurpose::Encrypt => "encrypt",
+        KeyPurpose::Mac => "mac",
+        KeyPurpose::Wrap => "wrap",
+        KeyPurpose::Check => "check",
+    }
+}
+
+fn purpose_from_name(name: &str) -> Option<KeyPurpose> {
+    PURPOSES
+        .into_iter()
+        .find(|purpose| purpose_name(*purpose) == name)
 }

@@ -770,3 +770,150 @@ fn debug_output_shows_no_key() {
     let shown = format!("{store:?}");
     assert!(!shown.to_lowercase().contains("abab"), "{shown}");
 }
+
+// --- Persistent symmetric keys --------------------------------------------------------------
+
+#[test]
+fn persistent_keys_survive_reopening_with_their_purpose() {
+    let (_directory, path) = store_path();
+    let store = SoftwareKeystore::open(&path).unwrap();
+    let key_hex = "000102030405060708090a0b0c0d0e0f";
+    let check = store.insert_key_for_test(&bytes(key_hex), KeyPurpose::Check);
+    let derive = store.insert_key_for_test(&bytes(&"42".repeat(32)), KeyPurpose::Derive);
+    store.persist_key(&check, &label("k-check")).unwrap();
+    store.persist_key(&derive, &label("k-derive")).unwrap();
+    assert!(
+        fs::read_to_string(&path)
+            .unwrap()
+            .contains("\"purpose\": \"derive\"")
+    );
+    assert_eq!(mode_of(&path), 0o600);
+    drop(store);
+
+    let store = SoftwareKeystore::open(&path).unwrap();
+    let loaded = store.load_key(&label("k-check")).unwrap().unwrap();
+    assert_eq!(loaded.algorithm(), KeyAlgorithm::Aes128);
+    assert_eq!(store.kcv(&loaded).unwrap(), kcv_of(key_hex));
+    let loaded = store.load_key(&label("k-derive")).unwrap().unwrap();
+    assert_eq!(loaded.algorithm(), KeyAlgorithm::Aes256);
+    assert!(matches!(
+        store.kcv(&loaded),
+        Err(KeystoreError::KeyNotPermitted)
+    ));
+    store
+        .derive(DeriveBase::Key(&loaded), &some_data(), KeyPurpose::Check)
+        .unwrap();
+    assert!(store.load_key(&label("absent")).unwrap().is_none());
+}
+
+#[test]
+fn deleted_keys_leave_the_file_and_memory() {
+    let (_directory, path) = store_path();
+    let store = SoftwareKeystore::open(&path).unwrap();
+    let key_hex = "5a".repeat(16);
+    let key = store.insert_key_for_test(&bytes(&key_hex), KeyPurpose::Mac);
+    store.persist_key(&key, &label("gone")).unwrap();
+    assert!(fs::read_to_string(&path).unwrap().contains(&key_hex));
+    let copy = store.load_key(&label("gone")).unwrap().unwrap();
+    assert!(store.delete_key(&label("gone")).unwrap());
+    assert!(!fs::read_to_string(&path).unwrap().contains(&key_hex));
+    assert!(store.lock().persisted.is_empty());
+    assert!(!store.delete_key(&label("gone")).unwrap());
+    assert!(store.load_key(&label("gone")).unwrap().is_none());
+    // Transient keys, the original and the loaded copy, are not affected.
+    store.cmac_generate(&copy, b"x").unwrap();
+    store.cmac_generate(&key, b"x").unwrap();
+    drop(store);
+    let store = SoftwareKeystore::open(&path).unwrap();
+    assert!(store.load_key(&label("gone")).unwrap().is_none());
+}
+
+#[test]
+fn persisting_replaces_by_label_and_refuses_unknown_handles() {
+    let store = SoftwareKeystore::in_memory();
+    let first = store.insert_key_for_test(&bytes(&"11".repeat(16)), KeyPurpose::Check);
+    let second = store.insert_key_for_test(&bytes(&"22".repeat(24)), KeyPurpose::Check);
+    store.persist_key(&first, &label("slot")).unwrap();
+    store.persist_key(&second, &label("slot")).unwrap();
+    let loaded = store.load_key(&label("slot")).unwrap().unwrap();
+    assert_eq!(store.kcv(&loaded).unwrap(), kcv_of(&"22".repeat(24)));
+    let foreign = SoftwareKeystore::in_memory()
+        .insert_key_for_test(&bytes(&"33".repeat(16)), KeyPurpose::Check);
+    let unknown = KeyHandle::new(foreign.id() + 1000, KeyAlgorithm::Aes128);
+    assert!(matches!(
+        store.persist_key(&unknown, &label("other")),
+        Err(KeystoreError::UnknownKey)
+    ));
+    store.destroy(first).unwrap();
+    assert!(store.load_key(&label("other")).unwrap().is_none());
+}
+
+#[test]
+fn a_failed_save_keeps_persistent_keys_as_they_were() {
+    let (directory, path) = store_path();
+    let store = SoftwareKeystore::open(&path).unwrap();
+    let kept = store.insert_key_for_test(&bytes(&"44".repeat(16)), KeyPurpose::Check);
+    store.persist_key(&kept, &label("kept")).unwrap();
+    fs::remove_dir_all(directory.path()).unwrap();
+    let other = store.insert_key_for_test(&bytes(&"55".repeat(16)), KeyPurpose::Check);
+    assert!(matches!(
+        store.persist_key(&other, &label("kept")),
+        Err(KeystoreError::Io { .. })
+    ));
+    assert!(matches!(
+        store.persist_key(&other, &label("new")),
+        Err(KeystoreError::Io { .. })
+    ));
+    assert!(matches!(
+        store.delete_key(&label("kept")),
+        Err(KeystoreError::Io { .. })
+    ));
+    assert!(store.load_key(&label("new")).unwrap().is_none());
+    let loaded = store.load_key(&label("kept")).unwrap().unwrap();
+    assert_eq!(store.kcv(&loaded).unwrap(), kcv_of(&"44".repeat(16)));
+}
+
+#[test]
+fn corrupt_persistent_keys_are_refused() {
+    let bdk_free = |keys: &str| {
+        format!(
+            r#"{{"format":"nfcpay-software-keystore","version":1,"bdks":[],"ec_keys":[],"keys":[{keys}]}}"#
+        )
+    };
+    let key = |label: &str, algorithm: &str, purpose: &str, hex: &str| {
+        format!(
+            r#"{{"label":"{label}","algorithm":"{algorithm}","purpose":"{purpose}","key":"{hex}"}}"#
+        )
+    };
+    let good = key("a", "aes128", "derive", &"00".repeat(16));
+    for (keys, needle) in [
+        (
+            key("a", "aes256", "derive", &"00".repeat(16)),
+            "does not match",
+        ),
+        (
+            key("a", "aes128", "sign", &"00".repeat(16)),
+            "unknown purpose",
+        ),
+        (
+            key("a", "des", "derive", &"00".repeat(16)),
+            "unknown algorithm",
+        ),
+        (key("", "aes128", "derive", &"00".repeat(16)), "label"),
+        (format!("{good},{good}"), "twice"),
+    ] {
+        let (_directory, path) = store_path();
+        fs::write(&path, bdk_free(&keys)).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        assert_io_error_mentions(SoftwareKeystore::open(&path), needle);
+    }
+    // Files without `keys` (written before persistent keys existed) still open.
+    let (_directory, path) = store_path();
+    fs::write(
+        &path,
+        r#"{"format":"nfcpay-software-keystore","version":1,"bdks":[],"ec_keys":[]}"#,
+    )
+    .unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    SoftwareKeystore::open(&path).unwrap();
+}
