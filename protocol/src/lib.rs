@@ -13,6 +13,7 @@
 //!   derivation path for a KSN and the terminal's future-key state machine. The block cipher is
 //!   supplied by the caller (a keystore), so keys never pass through this crate.
 //! - [`error`]: the crate's one error type.
+//! - [`messages`]: the canonical encodings of requests, instructions, halves and receipts.
 //! - [`nfc_frame`]: framing of one message over NFC-DEP exchanges of at most 262 bytes.
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod amount;
 pub mod dukpt;
 pub mod error;
 pub mod ids;
+pub mod messages;
 pub mod nfc_frame;
 
 pub use amount::{Amount, Currency};
