@@ -1,0 +1,8 @@
+DROP TABLE audit_head;
+DROP TABLE audit_log;
+DROP TABLE transactions;
+DROP TABLE used_counters;
+DROP TABLE terminals;
+DROP TABLE postings;
+DROP TABLE transfers;
+DROP TABLE accounts;

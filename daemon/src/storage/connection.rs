@@ -1,0 +1,201 @@
+//! One connection type for both databases, the pool, per-connection settings and migrations.
+
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::r2d2::{CustomizeConnection, ManageConnection, Pool, R2D2Connection};
+use diesel::{Connection, PgConnection, SqliteConnection};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+use super::{DatabaseConfig, StorageError};
+
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+
+/// An arbitrary constant naming the advisory lock daemons hold while migrating PostgreSQL.
+const POSTGRES_MIGRATION_LOCK_KEY: i64 = 0x6e66_6370_6179_0001;
+
+/// A connection to either database; queries are written once against it.
+#[derive(diesel::MultiConnection)]
+pub enum AnyConnection {
+    /// PostgreSQL, for a shared ledger behind several daemons.
+    Postgresql(PgConnection),
+    /// SQLite, the default: one file, no server.
+    Sqlite(SqliteConnection),
+}
+
+/// Which database a URL names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// A `postgres://` or `postgresql://` URL, handed to libpq as is.
+    Postgres(String),
+    /// An SQLite database file.
+    Sqlite(String),
+}
+
+impl Target {
+    /// `postgres://…`/`postgresql://…` is PostgreSQL; `sqlite://PATH` or a plain path is SQLite.
+    pub(crate) fn parse(url: &str) -> Result<Self, StorageError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Self::Postgres(url.to_owned()));
+        }
+        let path = url.strip_prefix("sqlite://").unwrap_or(url);
+        if path.is_empty() {
+            return Err(StorageError::InvalidUrl {
+                reason: "empty SQLite path",
+            });
+        }
+        if path == ":memory:" || path.contains("mode=memory") {
+            // Each pooled connection would see its own empty database.
+            return Err(StorageError::InvalidUrl {
+                reason: "an in-memory SQLite database cannot be shared by a pool",
+            });
+        }
+        if path.contains("://") {
+            return Err(StorageError::InvalidUrl {
+                reason: "unknown scheme (expected postgres://, postgresql:// or sqlite://)",
+            });
+        }
+        Ok(Self::Sqlite(path.to_owned()))
+    }
+
+    fn establish(&self) -> Result<AnyConnection, diesel::ConnectionError> {
+        match self {
+            Self::Postgres(url) => PgConnection::establish(url).map(AnyConnection::Postgresql),
+            Self::Sqlite(path) => SqliteConnection::establish(path).map(AnyConnection::Sqlite),
+        }
+    }
+}
+
+/// Opens pooled connections to the one database the URL named (diesel's own manager would
+/// try each backend in turn, and could create an SQLite file named after a PostgreSQL URL).
+#[derive(Debug)]
+pub(crate) struct Manager {
+    target: Target,
+}
+
+impl ManageConnection for Manager {
+    type Connection = AnyConnection;
+    type Error = diesel::r2d2::Error;
+
+    fn connect(&self) -> Result<AnyConnection, Self::Error> {
+        self.target
+            .establish()
+            .map_err(diesel::r2d2::Error::ConnectionError)
+    }
+
+    fn is_valid(&self, connection: &mut AnyConnection) -> Result<(), Self::Error> {
+        connection.ping().map_err(diesel::r2d2::Error::QueryError)
+    }
+
+    fn has_broken(&self, connection: &mut AnyConnection) -> bool {
+        std::thread::panicking() || connection.is_broken()
+    }
+}
+
+/// Applies the per-connection settings every pooled connection needs.
+#[derive(Debug)]
+struct SessionSettings {
+    busy_timeout_ms: u64,
+}
+
+impl CustomizeConnection<AnyConnection, diesel::r2d2::Error> for SessionSettings {
+    fn on_acquire(&self, connection: &mut AnyConnection) -> Result<(), diesel::r2d2::Error> {
+        apply_session_settings(connection, self.busy_timeout_ms)
+            .map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+/// SQLite: full fsync at every commit, foreign keys, wait for a busy file instead of failing.
+/// PostgreSQL: a commit returns only once it is flushed (whatever the server's default).
+fn apply_session_settings(
+    connection: &mut AnyConnection,
+    busy_timeout_ms: u64,
+) -> diesel::QueryResult<()> {
+    match connection {
+        AnyConnection::Sqlite(sqlite) => sqlite.batch_execute(&format!(
+            "PRAGMA busy_timeout = {busy_timeout_ms}; \
+             PRAGMA synchronous = FULL; \
+             PRAGMA foreign_keys = ON;"
+        )),
+        AnyConnection::Postgresql(postgres) => postgres.batch_execute(
+            "SET synchronous_commit = on; \
+             SET default_transaction_isolation = 'read committed';",
+        ),
+    }
+}
+
+pub(crate) type ConnectionPool = Pool<Manager>;
+
+/// Prepares the database (WAL, migrations) and builds the pool.
+pub(crate) fn open_pool(config: &DatabaseConfig) -> Result<ConnectionPool, StorageError> {
+    let target = Target::parse(&config.url)?;
+    let mut first = target.establish().map_err(StorageError::Connect)?;
+    apply_session_settings(&mut first, config.busy_timeout_ms)?;
+    migrate(&mut first)?;
+    drop(first);
+
+    Pool::builder()
+        .max_size(config.pool_size)
+        .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
+        .connection_customizer(Box::new(SessionSettings {
+            busy_timeout_ms: config.busy_timeout_ms,
+        }))
+        .build(Manager { target })
+        .map_err(StorageError::PoolBuild)
+}
+
+/// Runs the pending migrations of the connection's database, one migrator at a time.
+fn migrate(connection: &mut AnyConnection) -> Result<(), StorageError> {
+    match connection {
+        AnyConnection::Sqlite(sqlite) => {
+            // WAL persists in the file; switching needs no other writer, so it happens here,
+            // before the pool opens more connections.
+            sqlite.batch_execute("PRAGMA journal_mode = WAL;")?;
+            sqlite
+                .run_pending_migrations(SQLITE_MIGRATIONS)
+                .map(drop)
+                .map_err(StorageError::Migration)
+        }
+        AnyConnection::Postgresql(postgres) => {
+            // Several daemons may start at once against one database.
+            let lock = format!("SELECT pg_advisory_lock({POSTGRES_MIGRATION_LOCK_KEY})");
+            postgres.batch_execute(&lock)?;
+            let migrated = postgres
+                .run_pending_migrations(POSTGRES_MIGRATIONS)
+                .map(drop)
+                .map_err(StorageError::Migration);
+            let unlock = format!("SELECT pg_advisory_unlock({POSTGRES_MIGRATION_LOCK_KEY})");
+            postgres.batch_execute(&unlock)?;
+            migrated
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_choose_the_backend() {
+        assert_eq!(
+            Target::parse("postgres://u@h/db").unwrap(),
+            Target::Postgres("postgres://u@h/db".into())
+        );
+        assert_eq!(
+            Target::parse("postgresql://u@h/db").unwrap(),
+            Target::Postgres("postgresql://u@h/db".into())
+        );
+        assert_eq!(
+            Target::parse("sqlite:///var/lib/nfcpay/ledger.db").unwrap(),
+            Target::Sqlite("/var/lib/nfcpay/ledger.db".into())
+        );
+        assert_eq!(
+            Target::parse("ledger.db").unwrap(),
+            Target::Sqlite("ledger.db".into())
+        );
+        for bad in ["", "sqlite://", ":memory:", "mysql://h/db"] {
+            assert!(Target::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

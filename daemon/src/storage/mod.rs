@@ -1,0 +1,389 @@
+//! The ledger: accounts, terminals, replay state, payments and the audit log, in SQLite (the
+//! default, one file, no server) or PostgreSQL (shared by several daemons), through one code
+//! path. The design is in `docs/ledger.md`.
+//!
+//! # Layout
+//!
+//! - [`connection`]: one diesel connection type over both databases, URLs, the pool, settings
+//!   and the embedded migrations (`daemon/migrations/{sqlite,postgres}`).
+//! - [`writer`]: group commit — every write runs on one writer thread, many jobs per commit.
+//! - [`settlement`]: accepting a half, matching the pair, settling exactly once.
+//! - [`ledger`]: accounts and double-entry transfers.
+//! - [`terminals`]: registration, enrollment codes, state rules.
+//! - [`audit`]: the hash-chained audit log.
+//! - [`model`]: what goes in and what comes out; [`error`]: [`StorageError`].
+//!
+//! Writes ([`Storage::submit_half`], …) block until their group commit is durable; reads use
+//! the pool. From async code, call both through `tokio::task::spawn_blocking`.
+
+pub mod audit;
+mod connection;
+pub mod error;
+pub mod ledger;
+pub mod model;
+mod schema;
+pub mod settlement;
+pub mod terminals;
+pub mod writer;
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use diesel::prelude::*;
+use nfcpay_protocol::{AccountId, Amount, Currency, TerminalId, TxnId};
+use serde::Deserialize;
+
+use connection::{AnyConnection, ConnectionPool};
+use writer::Writer;
+
+pub use error::{EnrollmentRefusal, StorageError};
+pub use model::{
+    AcceptedHalf, AccountView, AuditBreak, AuditReport, HalfContent, HalfKind, NewTerminal,
+    PostingView, TerminalState, TerminalView, TransactionStatus, TransactionView,
+};
+pub use settlement::REPLAY_WINDOW;
+pub use writer::{GROUP_COMMIT_MAX, WRITE_QUEUE_MAX};
+
+/// The `[database]` section of the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite:///var/lib/nfcpay/ledger.db` (or a plain path) for SQLite,
+    /// `postgres://user@host/db` for PostgreSQL. The URL may hold a password; it is never logged.
+    #[serde(default = "DatabaseConfig::default_url")]
+    pub url: String,
+    /// Connections for reads and the writer.
+    #[serde(default = "DatabaseConfig::default_pool_size")]
+    pub pool_size: u32,
+    /// How long to wait for a pooled connection (ms).
+    #[serde(default = "DatabaseConfig::default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// SQLite: how long to wait for another process's write lock (ms).
+    #[serde(default = "DatabaseConfig::default_busy_timeout_ms")]
+    pub busy_timeout_ms: u64,
+}
+
+impl DatabaseConfig {
+    /// The default SQLite file.
+    pub const DEFAULT_URL: &str = "sqlite:///var/lib/nfcpay/ledger.db";
+    /// The default pool size.
+    pub const DEFAULT_POOL_SIZE: u32 = 8;
+    /// The default pool wait (ms).
+    pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
+    /// The default SQLite busy timeout (ms).
+    pub const DEFAULT_BUSY_TIMEOUT_MS: u64 = 5_000;
+
+    /// The defaults with another URL.
+    pub fn with_url(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ..Self::default()
+        }
+    }
+
+    fn default_url() -> String {
+        Self::DEFAULT_URL.to_owned()
+    }
+
+    fn default_pool_size() -> u32 {
+        Self::DEFAULT_POOL_SIZE
+    }
+
+    fn default_connect_timeout_ms() -> u64 {
+        Self::DEFAULT_CONNECT_TIMEOUT_MS
+    }
+
+    fn default_busy_timeout_ms() -> u64 {
+        Self::DEFAULT_BUSY_TIMEOUT_MS
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: Self::default_url(),
+            pool_size: Self::DEFAULT_POOL_SIZE,
+            connect_timeout_ms: Self::DEFAULT_CONNECT_TIMEOUT_MS,
+            busy_timeout_ms: Self::DEFAULT_BUSY_TIMEOUT_MS,
+        }
+    }
+}
+
+/// The ledger. Cheap to clone; all clones share one pool and one writer thread.
+#[derive(Clone)]
+pub struct Storage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: ConnectionPool,
+    writer: Writer,
+    postgres: bool,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password: not shown.
+        f.debug_struct("Storage")
+            .field(
+                "backend",
+                &if self.inner.postgres {
+                    "postgresql"
+                } else {
+                    "sqlite"
+                },
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds since the Unix epoch, for operator actions (payments carry their own time).
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+        })
+}
+
+impl Storage {
+    /// Opens the database a URL names with default settings, migrating it first.
+    pub fn open(url: &str) -> Result<Self, StorageError> {
+        Self::open_with(&DatabaseConfig::with_url(url))
+    }
+
+    /// Opens the configured database: runs pending migrations, builds the pool, starts the
+    /// writer thread.
+    pub fn open_with(config: &DatabaseConfig) -> Result<Self, StorageError> {
+        let postgres = matches!(
+            connection::Target::parse(&config.url)?,
+            connection::Target::Postgres(_)
+        );
+        let pool = connection::open_pool(config)?;
+        let writer = Writer::start(pool.clone())
+            .map_err(|error| StorageError::Migration(Box::new(error)))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                writer,
+                postgres,
+            }),
+        })
+    }
+
+    /// Whether this is PostgreSQL (else SQLite).
+    pub fn is_postgres(&self) -> bool {
+        self.inner.postgres
+    }
+
+    fn read<T>(
+        &self,
+        work: impl FnOnce(&mut AnyConnection) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        let mut connection = self.inner.pool.get().map_err(StorageError::Pool)?;
+        work(&mut connection)
+    }
+
+    fn write<T: Send + 'static>(
+        &self,
+        work: impl FnMut(&mut AnyConnection) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        self.inner.writer.write(work)
+    }
+
+    /// Creates an account with a zero balance. `limit_minor` is the lowest balance allowed:
+    /// 0, or negative for a credit line.
+    pub fn create_account(
+        &self,
+        id: &AccountId,
+        currency: Currency,
+        limit_minor: i64,
+    ) -> Result<(), StorageError> {
+        let id = id.clone();
+        let now = now_ms();
+        self.write(move |connection| ledger::create(connection, &id, currency, limit_minor, now))
+    }
+
+    /// Credits an account from its currency's funding account.
+    pub fn fund(&self, id: &AccountId, amount: Amount) -> Result<AccountView, StorageError> {
+        let id = id.clone();
+        let now = now_ms();
+        self.write(move |connection| ledger::fund(connection, &id, amount, now))
+    }
+
+    /// An account's balance, limit and currency.
+    pub fn account(&self, id: &AccountId) -> Result<AccountView, StorageError> {
+        self.read(|connection| ledger::load(connection, id))
+    }
+
+    /// An account's postings, oldest first (at most the newest [`ledger::POSTINGS_LIST_MAX`]).
+    pub fn postings(&self, id: &AccountId) -> Result<Vec<PostingView>, StorageError> {
+        self.read(|connection| ledger::postings(connection, id))
+    }
+
+    /// Registers a terminal, pending enrollment with its one-time code.
+    pub fn add_terminal(&self, new: NewTerminal) -> Result<(), StorageError> {
+        let now = now_ms();
+        self.write(move |connection| terminals::add(connection, &new, now))
+    }
+
+    /// A terminal, if it exists.
+    pub fn terminal(&self, id: &TerminalId) -> Result<Option<TerminalView>, StorageError> {
+        self.read(|connection| Ok(terminals::load(connection, id)?.map(|record| record.view)))
+    }
+
+    /// Every terminal, by identifier.
+    pub fn terminals(&self) -> Result<Vec<TerminalView>, StorageError> {
+        self.read(terminals::list)
+    }
+
+    /// Suspends, reactivates or revokes a terminal. Revoked is final; only enrollment makes a
+    /// pending terminal active.
+    pub fn set_terminal_state(
+        &self,
+        id: &TerminalId,
+        state: TerminalState,
+    ) -> Result<(), StorageError> {
+        let id = id.clone();
+        let now = now_ms();
+        self.write(move |connection| terminals::set_state(connection, &id, state, now))
+    }
+
+    /// Redeems a terminal's one-time enrollment code (compared in constant time): once only,
+    /// before it expires, pending → active.
+    pub fn redeem_enrollment_code(
+        &self,
+        id: &TerminalId,
+        code_sha256: [u8; 32],
+        now_ms: i64,
+        certificate_serial: &str,
+    ) -> Result<TerminalView, StorageError> {
+        let id = id.clone();
+        let serial = certificate_serial.to_owned();
+        self.write(move |connection| {
+            terminals::redeem(connection, &id, code_sha256, now_ms, &serial)
+        })
+    }
+
+    /// Accepts a verified half (protocol §6.1 steps 7–9) in one database transaction and
+    /// returns the payment as it stands after the commit is durable: pending, or settled when
+    /// this half completed the pair. A byte-identical re-send gets the same view again. A
+    /// refused half changes nothing, not even the replay state.
+    pub fn submit_half(
+        &self,
+        half: AcceptedHalf,
+        now_ms: i64,
+    ) -> Result<TransactionView, StorageError> {
+        self.write(move |connection| settlement::submit_half(connection, &half, now_ms))
+    }
+
+    /// A payment, if it exists.
+    pub fn transaction(&self, txn_id: &TxnId) -> Result<Option<TransactionView>, StorageError> {
+        self.read(|connection| settlement::view(connection, txn_id))
+    }
+
+    /// Marks pending payments whose time has passed as expired, each with an audit record;
+    /// returns how many (at most [`settlement::EXPIRE_BATCH_MAX`] per call).
+    pub fn expire_unmatched(&self, now_ms: i64) -> Result<u64, StorageError> {
+        self.write(move |connection| settlement::expire_unmatched(connection, now_ms))
+    }
+
+    /// Walks the audit chain and reports the first broken link.
+    pub fn audit_verify(&self) -> Result<AuditReport, StorageError> {
+        self.read(audit::verify)
+    }
+
+    /// `SELECT 1` on a pooled connection (for `/readyz`).
+    pub fn check_health(&self) -> Result<(), StorageError> {
+        self.read(|connection| {
+            diesel::select(1_i32.into_sql::<diesel::sql_types::Integer>())
+                .get_result::<i32>(connection)?;
+            Ok(())
+        })
+    }
+
+    /// A deterministic text rendering of every ledger row except the audit log (accounts,
+    /// transfers, postings, terminals without code hashes, used counters, transactions), for
+    /// diagnostics and for tests that check "nothing changed".
+    pub fn dump_state(&self) -> Result<String, StorageError> {
+        use schema::{accounts, postings, terminals as t, transactions, transfers, used_counters};
+        self.read(|connection| {
+            let mut text = String::new();
+            let accounts: Vec<(String, String, i64, Option<i64>)> = accounts::table
+                .order(accounts::id.asc())
+                .select((
+                    accounts::id,
+                    accounts::currency,
+                    accounts::balance_minor,
+                    accounts::limit_minor,
+                ))
+                .load(connection)?;
+            let transfers: Vec<(i64, String, Option<Vec<u8>>, i64, String)> = transfers::table
+                .order(transfers::id.asc())
+                .select((
+                    transfers::id,
+                    transfers::kind,
+                    transfers::txn_id,
+                    transfers::amount_minor,
+                    transfers::currency,
+                ))
+                .load(connection)?;
+            let postings: Vec<(i64, i64, String, i64, i64)> = postings::table
+                .order(postings::id.asc())
+                .select((
+                    postings::id,
+                    postings::transfer_id,
+                    postings::account_id,
+                    postings::amount_minor,
+                    postings::balance_after_minor,
+                ))
+                .load(connection)?;
+            let terminals: Vec<(String, String, String, Option<String>, i64)> = t::table
+                .order(t::id.asc())
+                .select((
+                    t::id,
+                    t::account_id,
+                    t::state,
+                    t::certificate_serial,
+                    t::highest_counter,
+                ))
+                .load(connection)?;
+            let used: Vec<(String, i64, Vec<u8>, String, Vec<u8>)> = used_counters::table
+                .order((
+                    used_counters::terminal_id.asc(),
+                    used_counters::counter.asc(),
+                ))
+                .select((
+                    used_counters::terminal_id,
+                    used_counters::counter,
+                    used_counters::txn_id,
+                    used_counters::half,
+                    used_counters::envelope_sha256,
+                ))
+                .load(connection)?;
+            let transactions: Vec<settlement::TransactionRow> = transactions::table
+                .order(transactions::txn_id.asc())
+                .select(settlement::TransactionRow::as_select())
+                .load(connection)?;
+            for (title, rows) in [
+                ("accounts", format_rows(&accounts)),
+                ("transfers", format_rows(&transfers)),
+                ("postings", format_rows(&postings)),
+                ("terminals", format_rows(&terminals)),
+                ("used_counters", format_rows(&used)),
+                ("transactions", format_rows(&transactions)),
+            ] {
+                let _ = writeln!(text, "[{title}]\n{rows}");
+            }
+            Ok(text)
+        })
+    }
+}
+
+fn format_rows<T: std::fmt::Debug>(rows: &[T]) -> String {
+    rows.iter().fold(String::new(), |mut text, row| {
+        let _ = writeln!(text, "{row:?}");
+        text
+    })
+}
