@@ -1,0 +1,385 @@
+//! Accepting connections: the connection cap, the TLS handshake with its timeout, the header
+//! and keep-alive timeouts, and draining on shutdown.
+//!
+//! # The connection cap
+//!
+//! A permit of a [`Semaphore`] with `connections_max` permits is taken *before* `accept`
+//! (as in mini-redis): when all are in use the daemon stops accepting, further clients wait in
+//! the kernel's listen backlog (their TCP handshake completes, their TLS handshake does not
+//! start), and each is accepted as soon as an open connection closes. Once the backlog is full
+//! the kernel drops new SYNs and clients retry. Nothing is allocated for a waiting client.
+//!
+//! # Timeouts (all configurable)
+//!
+//! - TLS handshake: from accept to a completed handshake.
+//! - Request head: a connection's first request head must be complete within the header
+//!   timeout of the handshake's end; a later one within the header timeout of its first byte.
+//! - Keep-alive idle: between the end of an answer and the first byte of the next request.
+//! - Body: see `routes` (answered `408 timeout`).
+//!
+//! A connection that runs out of a handshake, head or idle time is closed without an answer.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::config::{HEAD_BYTES_MAX, HEADERS_MAX, ServerConfig};
+use super::metrics::TimeoutLabel;
+use super::tls::ClientIdentity;
+use super::{Api, Shared, routes};
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
+const ACCEPT_ERROR_PAUSE_MS: u64 = 100;
+
+/// Accepts on `listener` while `stopped` is false, at most `connections_max` at a time, and
+/// runs `serve` for each connection in its own task. Once stopped, closes the listener and
+/// waits for the tasks until `drain_timeout`, then aborts those left.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    connections_max: usize,
+    drain_timeout: Duration,
+    mut stopped: watch::Receiver<bool>,
+    listener_name: &'static str,
+    mut serve: F,
+) where
+    F: FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(connections_max));
+    let mut connections = JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            biased;
+            _ = stopped.wait_for(|stopped| *stopped) => break,
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                // The semaphore is never closed.
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = stopped.wait_for(|stopped| *stopped) => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(listener = listener_name, %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_PAUSE_MS)).await;
+                    continue;
+                }
+            },
+        };
+        connections.spawn(serve(stream, peer, permit));
+    }
+    drop(listener);
+    drain(connections, drain_timeout, listener_name).await;
+}
+
+async fn drain(mut connections: JoinSet<()>, drain_timeout: Duration, listener_name: &str) {
+    let all_done = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(drain_timeout, all_done).await.is_err() {
+        tracing::warn!(
+            listener = listener_name,
+            connections = connections.len(),
+            "drain deadline passed: closing connections with requests in flight"
+        );
+        connections.shutdown().await;
+    }
+}
+
+/// Serves the terminal listener until stopped.
+pub(super) async fn serve_terminals<A: Api>(
+    listener: TcpListener,
+    shared: Arc<Shared<A>>,
+    stopped: watch::Receiver<bool>,
+) {
+    let config = &shared.config;
+    let (connections_max, drain_timeout) = (config.connections_max, config.drain_timeout());
+    let serve = |stream, peer, permit| {
+        terminal_connection(Arc::clone(&shared), stream, peer, stopped.clone(), permit)
+    };
+    accept_loop(
+        listener,
+        connections_max,
+        drain_timeout,
+        stopped.clone(),
+        "terminals",
+        serve,
+    )
+    .await;
+}
+
+/// What the routes know about the connection a request came on.
+#[derive(Debug)]
+pub(crate) struct ConnectionContext {
+    pub(crate) peer: SocketAddr,
+    pub(crate) identity: ClientIdentity,
+    pub(crate) activity: Arc<Activity>,
+}
+
+async fn terminal_connection<A: Api>(
+    shared: Arc<Shared<A>>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut stopped: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let _open = shared.metrics.connection_opened();
+    // Small answers go out at once; a failure here only costs latency.
+    let _ = stream.set_nodelay(true);
+    let handshake = tokio::time::timeout(
+        shared.config.tls_handshake_timeout(),
+        shared.tls.acceptor().accept(stream),
+    );
+    let tls_stream = tokio::select! {
+        result = handshake => match result {
+            Ok(Ok(tls_stream)) => tls_stream,
+            Ok(Err(error)) => {
+                shared.metrics.handshake_failed();
+                tracing::debug!(%peer, %error, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                shared.metrics.handshake_failed();
+                shared.metrics.timed_out(TimeoutLabel::Handshake);
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        },
+        _ = stopped.wait_for(|stopped| *stopped) => return,
+    };
+    let identity = ClientIdentity::of(tls_stream.get_ref().1);
+    if let ClientIdentity::Unusable(reason) = &identity {
+        tracing::warn!(%peer, reason, "client certificate names no valid terminal; treated as none");
+    }
+    // Only terminals keep connections open: an anonymous client gets one answer (enrollment)
+    // and the connection closes, so it cannot hold a connection slot idle.
+    let keep_alive = matches!(identity, ClientIdentity::Terminal(_));
+    let activity = Arc::new(Activity::new(Instant::now()));
+    let context = Arc::new(ConnectionContext {
+        peer,
+        identity,
+        activity: Arc::clone(&activity),
+    });
+    let service_shared = Arc::clone(&shared);
+    let service = service_fn(move |request| {
+        routes::handle(Arc::clone(&service_shared), Arc::clone(&context), request)
+    });
+    let io = TokioIo::new(Tracked {
+        inner: tls_stream,
+        activity: Arc::clone(&activity),
+    });
+    let connection = http1::Builder::new()
+        .keep_alive(keep_alive)
+        .max_buf_size(HEAD_BYTES_MAX)
+        .max_headers(HEADERS_MAX)
+        // The head and idle timeouts are enforced below, with separate lengths.
+        .header_read_timeout(None)
+        .serve_connection(io, service);
+    tokio::pin!(connection);
+    let mut draining = false;
+    loop {
+        let (check_at, _) = activity.deadline(&shared.config);
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%peer, %error, "connection ended with an error");
+                }
+                break;
+            }
+            () = tokio::time::sleep_until(check_at) => {
+                let (deadline, phase) = activity.deadline(&shared.config);
+                if let Some(phase) = phase.filter(|_| deadline <= Instant::now()) {
+                    shared.metrics.timed_out(phase);
+                    tracing::debug!(%peer, ?phase, "connection too slow; closing");
+                    break;
+                }
+            }
+            _ = stopped.wait_for(|stopped| *stopped), if !draining => {
+                // Finishes the request in flight, if any, then closes.
+                connection.as_mut().graceful_shutdown();
+                draining = true;
+            }
+        }
+    }
+}
+
+/// Where a connection is between requests, for the head and idle timeouts.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// Waiting for the first byte of a request head since `since`; `first` for the
+    /// connection's first request (held to the header timeout, not the idle timeout).
+    Idle { since: Instant, first: bool },
+    /// A request head has been arriving since `since`.
+    Head { since: Instant },
+    /// A request is being answered (its body has its own timeout).
+    Busy,
+}
+
+/// The connection's [`Phase`], updated by reads and by the routes.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    phase: Mutex<Phase>,
+}
+
+impl Activity {
+    fn new(now: Instant) -> Self {
+        Self {
+            phase: Mutex::new(Phase::Idle {
+                since: now,
+                first: true,
+            }),
+        }
+    }
+
+    fn update(&self, change: impl FnOnce(Phase) -> Phase) {
+        // Each update stores a whole `Phase`: a poisoned lock still holds a valid one.
+        let mut phase = self.phase.lock().unwrap_or_else(PoisonError::into_inner);
+        *phase = change(*phase);
+    }
+
+    fn bytes_arrived(&self, now: Instant) {
+        self.update(|phase| match phase {
+            Phase::Idle { since, first: true } => Phase::Head { since },
+            Phase::Idle { first: false, .. } => Phase::Head { since: now },
+            other => other,
+        });
+    }
+
+    /// A request head is complete and its answer is being made.
+    pub(crate) fn request_started(&self) {
+        self.update(|_| Phase::Busy);
+    }
+
+    /// The answer is made; the connection waits for the next request.
+    pub(crate) fn request_finished(&self, now: Instant) {
+        self.update(|_| Phase::Idle {
+            since: now,
+            first: false,
+        });
+    }
+
+    /// When the current phase runs out and which timeout that is; while busy, no timeout
+    /// applies and the answer is a time to look again.
+    fn deadline(&self, config: &ServerConfig) -> (Instant, Option<TimeoutLabel>) {
+        let phase = *self.phase.lock().unwrap_or_else(PoisonError::into_inner);
+        match phase {
+            Phase::Idle { since, first: true } | Phase::Head { since } => (
+                since + config.header_read_timeout(),
+                Some(TimeoutLabel::Header),
+            ),
+            Phase::Idle {
+                since,
+                first: false,
+            } => (
+                since + config.keep_alive_idle_timeout(),
+                Some(TimeoutLabel::Idle),
+            ),
+            Phase::Busy => (Instant::now() + config.header_read_timeout(), None),
+        }
+    }
+}
+
+/// A stream that reports arriving bytes to its connection's [`Activity`].
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.bytes_arrived(Instant::now());
+        }
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_pick_the_right_timeout() {
+        let config = ServerConfig {
+            header_read_timeout_ms: 5,
+            keep_alive_idle_timeout_ms: 60,
+            ..ServerConfig::default()
+        };
+        let start = Instant::now();
+        let activity = Activity::new(start);
+        let ms = Duration::from_millis;
+        assert_eq!(
+            activity.deadline(&config),
+            (start + ms(5), Some(TimeoutLabel::Header))
+        );
+        // The first head is held to the handshake's end, not to its first byte.
+        activity.bytes_arrived(start + ms(3));
+        assert_eq!(
+            activity.deadline(&config),
+            (start + ms(5), Some(TimeoutLabel::Header))
+        );
+        activity.request_started();
+        assert_eq!(activity.deadline(&config).1, None);
+        activity.request_finished(start + ms(10));
+        assert_eq!(
+            activity.deadline(&config),
+            (start + ms(70), Some(TimeoutLabel::Idle))
+        );
+        activity.bytes_arrived(start + ms(20));
+        assert_eq!(
+            activity.deadline(&config),
+            (start + ms(25), Some(TimeoutLabel::Header))
+        );
+    }
+}

@@ -1,0 +1,267 @@
+//! Prometheus metrics of the front end, and the registry the platform service adds its own
+//! metrics to. Served as OpenMetrics text on the operations listener's `/metrics`.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Metric, Registry};
+
+/// Prefix of every metric name registered here (`nfcpayd_…`).
+pub const METRICS_PREFIX: &str = "nfcpayd";
+/// Media type of the `/metrics` answer.
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A route of the terminal listener, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum RouteLabel {
+    HalfA,
+    HalfB,
+    Transaction,
+    Enroll,
+    /// Anything that matched no route.
+    Other,
+}
+
+impl RouteLabel {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::HalfA => "half_a",
+            Self::HalfB => "half_b",
+            Self::Transaction => "transaction",
+            Self::Enroll => "enroll",
+            Self::Other => "other",
+        }
+    }
+}
+
+impl EncodeLabelValue for RouteLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+        fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    route: RouteLabel,
+    status: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteLabels {
+    route: RouteLabel,
+}
+
+/// Why a connection was closed by the front end, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum TimeoutLabel {
+    Handshake,
+    Header,
+    Idle,
+}
+
+impl EncodeLabelValue for TimeoutLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+        let text = match self {
+            Self::Handshake => "handshake",
+            Self::Header => "header",
+            Self::Idle => "idle",
+        };
+        fmt::Write::write_str(encoder, text)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TimeoutLabels {
+    phase: TimeoutLabel,
+}
+
+type LatencyFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms to about 16 s: covers a cached derivation and a full `wait_ms` hold.
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+struct Inner {
+    registry: Mutex<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    latency: LatencyFamily,
+    open_connections: Gauge,
+    handshake_failures: Counter,
+    rate_limited: Counter,
+    timeouts: Family<TimeoutLabels, Counter>,
+}
+
+/// A cheap, cloneable handle on the metrics registry.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with the front end's metrics registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix(METRICS_PREFIX);
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = LatencyFamily::new_with_constructor(latency_histogram);
+        let open_connections = Gauge::default();
+        let handshake_failures = Counter::default();
+        let rate_limited = Counter::default();
+        let timeouts = Family::<TimeoutLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "Requests answered on the terminal listener, by route and status",
+            requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from the end of a request head to the answer, by route",
+            latency.clone(),
+        );
+        registry.register(
+            "open_connections",
+            "Terminal connections open now (TLS handshake included)",
+            open_connections.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out on the terminal listener",
+            handshake_failures.clone(),
+        );
+        registry.register(
+            "rate_limited_requests",
+            "Requests refused with 429 rate-limited",
+            rate_limited.clone(),
+        );
+        registry.register(
+            "connection_timeouts",
+            "Terminal connections closed for being too slow, by phase",
+            timeouts.clone(),
+        );
+        Self {
+            inner: Arc::new(Inner {
+                registry: Mutex::new(registry),
+                requests,
+                latency,
+                open_connections,
+                handshake_failures,
+                rate_limited,
+                timeouts,
+            }),
+        }
+    }
+
+    /// Registers a metric of the platform service; its name gets the `nfcpayd_` prefix.
+    pub fn register(&self, name: &str, help: &str, metric: impl Metric) {
+        self.registry().register(name, help, metric);
+    }
+
+    /// The whole registry as OpenMetrics text.
+    pub fn encode(&self) -> Result<String, fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry())?;
+        Ok(text)
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // Registration and encoding leave the registry consistent at every step.
+        self.inner
+            .registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn request(&self, route: RouteLabel, status: u16, latency: Duration) {
+        self.inner
+            .requests
+            .get_or_create(&RequestLabels { route, status })
+            .inc();
+        self.inner
+            .latency
+            .get_or_create(&RouteLabels { route })
+            .observe(latency.as_secs_f64());
+    }
+
+    pub(crate) fn connection_opened(&self) -> OpenConnection {
+        self.inner.open_connections.inc();
+        OpenConnection {
+            gauge: self.inner.open_connections.clone(),
+        }
+    }
+
+    pub(crate) fn handshake_failed(&self) {
+        self.inner.handshake_failures.inc();
+    }
+
+    pub(crate) fn rate_limited(&self) {
+        self.inner.rate_limited.inc();
+    }
+
+    pub(crate) fn timed_out(&self, phase: TimeoutLabel) {
+        self.inner
+            .timeouts
+            .get_or_create(&TimeoutLabels { phase })
+            .inc();
+    }
+}
+
+/// Counts one open connection until dropped.
+#[derive(Debug)]
+pub(crate) struct OpenConnection {
+    gauge: Gauge,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_front_end_and_service_metrics() {
+        let metrics = Metrics::new();
+        metrics.request(RouteLabel::HalfA, 202, Duration::from_millis(3));
+        let service_counter = Counter::<u64>::default();
+        metrics.register("settlements", "Settled payments", service_counter.clone());
+        service_counter.inc();
+        {
+            let _open = metrics.connection_opened();
+            assert!(
+                metrics
+                    .encode()
+                    .unwrap()
+                    .contains("nfcpayd_open_connections 1")
+            );
+        }
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains(r#"nfcpayd_http_requests_total{route="half_a",status="202"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("nfcpayd_settlements_total 1"), "{text}");
+        assert!(text.contains("nfcpayd_open_connections 0"), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,404 @@
+//! The terminal routes (docs/protocol.md §6). Checks run cheapest first, and nothing reaches
+//! the [`Api`] before all pass: route and method, query, client certificate, rate limit,
+//! declared length, then the body under its cap and timeout.
+
+use std::convert::Infallible;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use nfcpay_protocol::{TerminalId, TxnId};
+use tokio::time::Instant;
+
+use super::connection::ConnectionContext;
+use super::metrics::RouteLabel;
+use super::problem::{PROBLEM_CONTENT_TYPE, Problem, ProblemCode};
+use super::tls::ClientIdentity;
+use super::{Api, HalfRoute, Shared};
+
+/// Media type of halves and receipts.
+const OCTET_STREAM: &str = "application/octet-stream";
+/// Media type of enrollment answers.
+const JSON: &str = "application/json";
+/// Longest `wait_ms` value accepted as text (`u64::MAX` has 20 digits).
+const WAIT_MS_DIGITS_MAX: usize = 20;
+
+type Answer = Response<Full<Bytes>>;
+
+/// A route of the terminal listener, parsed from the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Half(HalfRoute),
+    Transaction(TxnId),
+    Enroll,
+}
+
+impl Route {
+    /// The route `path` names: `Ok(None)` for no route, `Err` for a transaction path whose ID
+    /// does not parse.
+    fn parse(path: &str) -> Result<Option<Self>, Problem> {
+        Ok(match path {
+            "/v1/halves/a" => Some(Self::Half(HalfRoute::A)),
+            "/v1/halves/b" => Some(Self::Half(HalfRoute::B)),
+            "/v1/enroll" => Some(Self::Enroll),
+            _ => match path.strip_prefix("/v1/transactions/") {
+                Some(hex) if !hex.is_empty() && !hex.contains('/') => {
+                    let txn_id = TxnId::from_str(hex).map_err(|error| {
+                        Problem::new(ProblemCode::Malformed, format!("transaction ID: {error}"))
+                    })?;
+                    Some(Self::Transaction(txn_id))
+                }
+                _ => None,
+            },
+        })
+    }
+
+    fn method(self) -> Method {
+        match self {
+            Self::Transaction(_) => Method::GET,
+            Self::Half(_) | Self::Enroll => Method::POST,
+        }
+    }
+
+    fn label(self) -> RouteLabel {
+        match self {
+            Self::Half(HalfRoute::A) => RouteLabel::HalfA,
+            Self::Half(HalfRoute::B) => RouteLabel::HalfB,
+            Self::Transaction(_) => RouteLabel::Transaction,
+            Self::Enroll => RouteLabel::Enroll,
+        }
+    }
+}
+
+/// A refusal: the problem and what the answer needs besides it.
+#[derive(Debug)]
+struct Refusal {
+    problem: Problem,
+    extra: Extra,
+}
+
+/// A header a refusal adds to its problem document.
+#[derive(Debug, Clone, Copy)]
+enum Extra {
+    None,
+    /// `Allow`: the route's method.
+    Allow(&'static str),
+    /// `Retry-After`, in seconds.
+    RetryAfter(u64),
+    /// `Connection: close`: the rest of the body may still be on its way.
+    Close,
+}
+
+impl From<Problem> for Refusal {
+    fn from(problem: Problem) -> Self {
+        Self {
+            problem,
+            extra: Extra::None,
+        }
+    }
+}
+
+impl Refusal {
+    fn with(problem: Problem, extra: Extra) -> Self {
+        Self { problem, extra }
+    }
+
+    fn into_answer(self) -> Answer {
+        let mut answer = problem_answer(&self.problem);
+        let headers = answer.headers_mut();
+        match self.extra {
+            Extra::None => {}
+            Extra::Allow(method) => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(method));
+            }
+            Extra::RetryAfter(seconds) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            }
+            Extra::Close => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+        }
+        answer
+    }
+}
+
+/// Answers one request on a terminal connection.
+pub(super) async fn handle<A: Api>(
+    shared: Arc<Shared<A>>,
+    context: Arc<ConnectionContext>,
+    request: Request<Incoming>,
+) -> Result<Answer, Infallible> {
+    let started = Instant::now();
+    context.activity.request_started();
+    let mut label = RouteLabel::Other;
+    let answer = match respond(&shared, &context, request, &mut label).await {
+        Ok(answer) => answer,
+        Err(refusal) => refusal.into_answer(),
+    };
+    let status = answer.status().as_u16();
+    shared.metrics.request(label, status, started.elapsed());
+    if answer.status().is_server_error() {
+        tracing::warn!(peer = %context.peer, route = ?label, status, "answered");
+    } else {
+        tracing::debug!(peer = %context.peer, route = ?label, status, "answered");
+    }
+    context.activity.request_finished(Instant::now());
+    Ok(answer)
+}
+
+/// Runs the checks in order and calls the service; sets `label` once the route is known.
+async fn respond<A: Api>(
+    shared: &Shared<A>,
+    context: &ConnectionContext,
+    request: Request<Incoming>,
+    label: &mut RouteLabel,
+) -> Result<Answer, Refusal> {
+    let route = Route::parse(request.uri().path())?
+        .ok_or_else(|| Problem::new(ProblemCode::NotFound, "no such route"))?;
+    *label = route.label();
+    if request.method() != route.method() {
+        let allow = if route.method() == Method::GET {
+            "GET"
+        } else {
+            "POST"
+        };
+        let problem = Problem::new(
+            ProblemCode::MethodNotAllowed,
+            format!("this route takes {allow}"),
+        );
+        return Err(Refusal::with(problem, Extra::Allow(allow)));
+    }
+    let wait = parse_query(route, request.uri().query(), shared.config.wait_ms_max)?;
+    let client = match (route, &context.identity) {
+        (Route::Enroll, _) => None,
+        (_, ClientIdentity::Terminal(terminal)) => Some(terminal.clone()),
+        (_, ClientIdentity::Anonymous | ClientIdentity::Unusable(_)) => {
+            return Err(Problem::new(
+                ProblemCode::CertificateRequired,
+                "this route needs a client certificate issued by the platform's terminal CA",
+            )
+            .into());
+        }
+    };
+    let now = std::time::Instant::now();
+    let allowed = match &client {
+        Some(terminal) => shared.terminal_rate.check(terminal, now),
+        None => shared.enrollment_rate.check(&context.peer.ip(), now),
+    };
+    if let Err(retry_after) = allowed {
+        shared.metrics.rate_limited();
+        let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        let problem = Problem::new(
+            ProblemCode::RateLimited,
+            "request rate exceeded; retry later",
+        );
+        return Err(Refusal::with(problem, Extra::RetryAfter(seconds.max(1))));
+    }
+    dispatch(shared, route, client, wait, request).await
+}
+
+/// Reads the body and calls the service. `client` is `Some` on every route but enrollment.
+async fn dispatch<A: Api>(
+    shared: &Shared<A>,
+    route: Route,
+    client: Option<TerminalId>,
+    wait: Duration,
+    request: Request<Incoming>,
+) -> Result<Answer, Refusal> {
+    let api = &shared.api;
+    match (route, client) {
+        (Route::Half(kind), Some(client)) => {
+            let body = read_body(shared, request).await?;
+            let answer = api.submit_half(kind, client, body, wait).await?;
+            let status = if answer.settled {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            Ok(bytes_answer(status, OCTET_STREAM, answer.receipt))
+        }
+        (Route::Transaction(txn_id), Some(client)) => {
+            let receipt = api.transaction(client, txn_id).await?;
+            Ok(bytes_answer(StatusCode::OK, OCTET_STREAM, receipt))
+        }
+        (Route::Enroll, _) => {
+            let body = read_body(shared, request).await?;
+            let answer = api.enroll(body).await?;
+            Ok(bytes_answer(StatusCode::OK, JSON, answer))
+        }
+        (Route::Half(_) | Route::Transaction(_), None) => {
+            // `respond` refuses these routes without a terminal before getting here.
+            tracing::error!("terminal route reached dispatch without a client terminal");
+            Err(Problem::new(ProblemCode::Internal, "internal error").into())
+        }
+    }
+}
+
+/// Parses the query: only the half routes take one, and only `wait_ms` (capped at
+/// `wait_ms_max`).
+fn parse_query(route: Route, query: Option<&str>, wait_ms_max: u64) -> Result<Duration, Problem> {
+    let malformed = |detail: &str| Problem::new(ProblemCode::Malformed, detail);
+    let Some(query) = query else {
+        return Ok(Duration::ZERO);
+    };
+    if !matches!(route, Route::Half(_)) {
+        return Err(malformed("this route takes no query"));
+    }
+    let mut wait_ms = None;
+    for pair in query.split('&') {
+        let Some(("wait_ms", value)) = pair.split_once('=') else {
+            return Err(malformed("the only query parameter is wait_ms"));
+        };
+        if wait_ms.is_some() {
+            return Err(malformed("wait_ms given twice"));
+        }
+        if value.is_empty()
+            || value.len() > WAIT_MS_DIGITS_MAX
+            || !value.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(malformed("wait_ms must be a number of milliseconds"));
+        }
+        // All digits and at most 20 of them: only overflow can fail, and that is "too long".
+        let value = value.parse::<u64>().unwrap_or(u64::MAX);
+        wait_ms = Some(value.min(wait_ms_max));
+    }
+    Ok(Duration::from_millis(wait_ms.unwrap_or(0)))
+}
+
+/// Collects the body: refused without reading if its declared length is over the cap,
+/// otherwise read under the cap and the body timeout. Every refusal closes the connection,
+/// since the rest of the body may still be on its way.
+async fn read_body<A>(shared: &Shared<A>, request: Request<Incoming>) -> Result<Bytes, Refusal> {
+    let config = &shared.config;
+    let limit = config.body_bytes_max;
+    let closing = |code, detail: String| Refusal::with(Problem::new(code, detail), Extra::Close);
+    let too_large = || {
+        closing(
+            ProblemCode::BodyTooLarge,
+            format!("the body may be at most {limit} bytes"),
+        )
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large());
+    }
+    let body = Limited::new(request.into_body(), limit);
+    match tokio::time::timeout(config.body_read_timeout(), body.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "request body could not be read");
+            Err(closing(
+                ProblemCode::Malformed,
+                "the body could not be read".to_owned(),
+            ))
+        }
+        Err(_) => Err(closing(
+            ProblemCode::Timeout,
+            format!(
+                "the body did not arrive within {} ms",
+                config.body_read_timeout_ms
+            ),
+        )),
+    }
+}
+
+fn bytes_answer(status: StatusCode, content_type: &'static str, body: Bytes) -> Answer {
+    let mut answer = Response::new(Full::new(body));
+    *answer.status_mut() = status;
+    let headers = answer.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    answer
+}
+
+/// The problem document as an answer.
+pub(super) fn problem_answer(problem: &Problem) -> Answer {
+    bytes_answer(problem.status(), PROBLEM_CONTENT_TYPE, problem.to_json())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TXN: &str = "00112233445566778899AABBCCDDEEFF";
+
+    #[test]
+    fn parses_routes() {
+        assert_eq!(
+            Route::parse("/v1/halves/a").unwrap(),
+            Some(Route::Half(HalfRoute::A))
+        );
+        assert_eq!(Route::parse("/v1/enroll").unwrap(), Some(Route::Enroll));
+        let Some(Route::Transaction(txn_id)) =
+            Route::parse(&format!("/v1/transactions/{TXN}")).unwrap()
+        else {
+            panic!("transaction route")
+        };
+        assert_eq!(txn_id.to_string(), TXN);
+        for path in [
+            "/",
+            "/v1/halves/c",
+            "/v1/halves/a/",
+            "/v1/transactions/",
+            "/v1/transactions/x/y",
+            "/V1/enroll",
+        ] {
+            assert_eq!(Route::parse(path).unwrap(), None, "{path}");
+        }
+        for path in [
+            "/v1/transactions/zz",
+            "/v1/transactions/00000000000000000000000000000000",
+        ] {
+            assert_eq!(
+                Route::parse(path).unwrap_err().code(),
+                ProblemCode::Malformed
+            );
+        }
+    }
+
+    #[test]
+    fn parses_and_caps_wait_ms() {
+        let half = Route::Half(HalfRoute::B);
+        let ms = Duration::from_millis;
+        assert_eq!(parse_query(half, None, 10_000).unwrap(), ms(0));
+        assert_eq!(
+            parse_query(half, Some("wait_ms=250"), 10_000).unwrap(),
+            ms(250)
+        );
+        assert_eq!(
+            parse_query(half, Some("wait_ms=99999"), 10_000).unwrap(),
+            ms(10_000)
+        );
+        assert_eq!(
+            parse_query(half, Some("wait_ms=99999999999999999999"), 10_000).unwrap(),
+            ms(10_000)
+        );
+        for query in [
+            "",
+            "wait_ms=",
+            "wait_ms=-1",
+            "wait_ms=1e3",
+            "wait_ms=1&wait_ms=2",
+            "wait=1",
+            "wait_ms",
+            "wait_ms=999999999999999999999",
+        ] {
+            assert_eq!(
+                parse_query(half, Some(query), 10_000).unwrap_err().code(),
+                ProblemCode::Malformed,
+                "{query}"
+            );
+        }
+        assert!(parse_query(Route::Enroll, Some("wait_ms=1"), 10_000).is_err());
+    }
+}
