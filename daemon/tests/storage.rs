@@ -1,0 +1,979 @@
+//! The ledger storage suite: every test runs against SQLite, and against PostgreSQL when
+//! `NFCPAY_TEST_DATABASE_URL` is set (each PostgreSQL test gets its own schema, dropped after).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use diesel::Connection as _;
+use diesel::connection::SimpleConnection as _;
+use nfcpay_daemon::storage::{
+    AcceptedHalf, EnrollmentRefusal, HalfContent, NewTerminal, Storage, StorageError,
+    TerminalState, TransactionStatus, TransactionView,
+};
+use nfcpay_protocol::{AccountId, Amount, Currency, InitialKeyId, Ksn, TerminalId, TxnId};
+use sha2::{Digest as _, Sha256};
+
+const NOW_MS: i64 = 1_800_000_000_000;
+const LIFETIME_MS: i64 = 60_000;
+
+// ---------------------------------------------------------------------------------------
+// Databases
+
+/// A database for one test; removed on drop.
+struct Db {
+    url: String,
+    sqlite_path: Option<std::path::PathBuf>,
+    _directory: Option<tempfile::TempDir>,
+    postgres: Option<(String, String)>,
+}
+
+fn unique() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{}_{}_{}",
+        std::process::id(),
+        nanos,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl Db {
+    fn sqlite() -> Self {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("ledger.db");
+        Self {
+            url: format!("sqlite://{}", path.display()),
+            sqlite_path: Some(path),
+            _directory: Some(directory),
+            postgres: None,
+        }
+    }
+
+    fn postgres() -> Option<Self> {
+        let Ok(base) = std::env::var("NFCPAY_TEST_DATABASE_URL") else {
+            eprintln!("NFCPAY_TEST_DATABASE_URL not set: PostgreSQL case skipped");
+            return None;
+        };
+        let schema = format!("t_{}", unique());
+        diesel::PgConnection::establish(&base)
+            .unwrap()
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .unwrap();
+        let separator = if base.contains('?') { '&' } else { '?' };
+        Some(Self {
+            url: format!("{base}{separator}options=-csearch_path%3D{schema}"),
+            sqlite_path: None,
+            _directory: None,
+            postgres: Some((base, schema)),
+        })
+    }
+
+    fn open(&self) -> Storage {
+        Storage::open(&self.url).unwrap()
+    }
+
+    /// Runs SQL behind the storage's back (to tamper with it).
+    fn execute(&self, sql: &str) -> diesel::QueryResult<()> {
+        match &self.sqlite_path {
+            Some(path) => diesel::SqliteConnection::establish(path.to_str().unwrap())
+                .unwrap()
+                .batch_execute(sql),
+            None => diesel::PgConnection::establish(&self.url)
+                .unwrap()
+                .batch_execute(sql),
+        }
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        if let Some((base, schema)) = &self.postgres {
+            if let Ok(mut connection) = diesel::PgConnection::establish(base) {
+                let _ = connection.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"));
+            }
+        }
+    }
+}
+
+/// Every test, once per database.
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test] fn $name() { super::$name(&super::Db::sqlite()) })*
+        }
+        mod postgres {
+            $(#[test] fn $name() {
+                if let Some(db) = super::Db::postgres() { super::$name(&db) }
+            })*
+        }
+    };
+}
+
+suite!(
+    settles_a_then_b_with_balanced_postings,
+    settles_b_then_a,
+    resent_halves_get_the_same_answer,
+    conflicting_half_is_refused_and_changes_nothing,
+    replayed_counter_with_other_bytes_is_refused,
+    stale_counter_is_refused_and_window_admits_out_of_order,
+    each_mismatch_is_refused_and_changes_nothing,
+    account_currency_must_be_the_amounts,
+    insufficient_funds_is_refused_and_changes_nothing,
+    credit_limit_allows_a_negative_balance_down_to_it,
+    expired_request_is_refused_and_expires_later,
+    lone_half_b_expires,
+    suspended_revoked_and_pending_terminals_are_refused,
+    terminal_state_rules,
+    enrollment_code_works_once_unexpired_and_exact,
+    audit_chain_verifies_and_detects_tampering,
+    group_commit_settles_200_concurrent_payments,
+    two_storages_racing_the_halves_settle_exactly_once,
+    accounts_refuse_bad_input,
+);
+
+// ---------------------------------------------------------------------------------------
+// A small world: two terminals with their accounts, and a third for mismatches.
+
+fn eur() -> Currency {
+    "EUR".parse().unwrap()
+}
+
+fn account(id: &str) -> AccountId {
+    id.parse().unwrap()
+}
+
+fn terminal(id: &str) -> TerminalId {
+    id.parse().unwrap()
+}
+
+fn eur_amount(minor: u64) -> Amount {
+    Amount::new(minor, eur()).unwrap()
+}
+
+fn initial_key_id(n: u8) -> InitialKeyId {
+    InitialKeyId::from([0x12, 0x34, 0x56, 0x78, 0, 0, 0, n])
+}
+
+fn code_hash(code: &str) -> [u8; 32] {
+    Sha256::digest(code.as_bytes()).into()
+}
+
+fn txn(n: u32) -> TxnId {
+    let mut bytes = [0xA5; 16];
+    bytes[12..].copy_from_slice(&n.to_be_bytes());
+    TxnId::try_from(bytes).unwrap()
+}
+
+struct Party {
+    terminal: TerminalId,
+    account: AccountId,
+    key: InitialKeyId,
+}
+
+struct World {
+    storage: Storage,
+    payee: Party,
+    payer: Party,
+    other: Party,
+}
+
+fn add_party(storage: &Storage, name: &str, n: u8, currency: Currency, funds: u64) -> Party {
+    let party = Party {
+        terminal: terminal(&format!("term-{name}")),
+        account: account(&format!("acct-{name}")),
+        key: initial_key_id(n),
+    };
+    storage.create_account(&party.account, currency, 0).unwrap();
+    if funds > 0 {
+        storage
+            .fund(&party.account, Amount::new(funds, currency).unwrap())
+            .unwrap();
+    }
+    storage
+        .add_terminal(NewTerminal {
+            id: party.terminal.clone(),
+            account_id: party.account.clone(),
+            initial_key_id: party.key,
+            code_sha256: code_hash(name),
+            code_expires_at_ms: NOW_MS + 3_600_000,
+        })
+        .unwrap();
+    storage
+        .redeem_enrollment_code(
+            &party.terminal,
+            code_hash(name),
+            NOW_MS,
+            &format!("serial-{n}"),
+        )
+        .unwrap();
+    party
+}
+
+fn world(db: &Db) -> World {
+    let storage = db.open();
+    World {
+        payee: add_party(&storage, "payee", 1, eur(), 0),
+        payer: add_party(&storage, "payer", 2, eur(), 100_00),
+        other: add_party(&storage, "other", 3, eur(), 0),
+        storage,
+    }
+}
+
+fn ksn(party: &Party, counter: u32) -> Ksn {
+    Ksn::new(party.key, counter.try_into().unwrap())
+}
+
+fn request_digest(txn_id: TxnId) -> [u8; 32] {
+    Sha256::digest(txn_id.to_bytes()).into()
+}
+
+/// The envelope hash is derived from everything the half says, so equal halves are
+/// "byte-identical" and any change makes other bytes.
+fn sealed(mut half: AcceptedHalf) -> AcceptedHalf {
+    half.envelope_sha256 = Sha256::digest(format!("{:?}{:?}", half.ksn, half.content)).into();
+    half
+}
+
+fn half_a(w: &World, txn_id: TxnId, counter: u32, amount: Amount) -> AcceptedHalf {
+    sealed(AcceptedHalf {
+        txn_id,
+        terminal_id: w.payee.terminal.clone(),
+        ksn: ksn(&w.payee, counter),
+        envelope_sha256: [0; 32],
+        received_at_ms: NOW_MS,
+        content: HalfContent::A {
+            request_digest: request_digest(txn_id),
+            payee_account: w.payee.account.clone(),
+            amount,
+            expires_at_ms: NOW_MS + LIFETIME_MS,
+        },
+    })
+}
+
+fn half_b(w: &World, txn_id: TxnId, counter: u32, amount: Amount) -> AcceptedHalf {
+    sealed(AcceptedHalf {
+        txn_id,
+        terminal_id: w.payer.terminal.clone(),
+        ksn: ksn(&w.payer, counter),
+        envelope_sha256: [0; 32],
+        received_at_ms: NOW_MS,
+        content: HalfContent::B {
+            request_digest: request_digest(txn_id),
+            payer_account: w.payer.account.clone(),
+            payee_terminal: w.payee.terminal.clone(),
+            amount,
+        },
+    })
+}
+
+/// Rewrites half B's content (and so its envelope).
+fn with_b(
+    mut half: AcceptedHalf,
+    change: impl FnOnce(&mut [u8; 32], &mut AccountId, &mut TerminalId, &mut Amount),
+) -> AcceptedHalf {
+    if let HalfContent::B {
+        request_digest,
+        payer_account,
+        payee_terminal,
+        amount,
+    } = &mut half.content
+    {
+        change(request_digest, payer_account, payee_terminal, amount);
+    }
+    sealed(half)
+}
+
+fn balance(w: &World, id: &AccountId) -> i64 {
+    w.storage.account(id).unwrap().balance_minor
+}
+
+fn funding_balance(w: &World) -> i64 {
+    balance(w, &account("__funding-EUR"))
+}
+
+fn assert_refused(
+    w: &World,
+    half: AcceptedHalf,
+    now_ms: i64,
+    expected: impl Fn(&StorageError) -> bool,
+) {
+    let before = w.storage.dump_state().unwrap();
+    let audit_before = w.storage.audit_verify().unwrap().records;
+    match w.storage.submit_half(half, now_ms) {
+        Err(error) if expected(&error) => {}
+        other => panic!("unexpected answer {other:?}"),
+    }
+    assert_eq!(
+        w.storage.dump_state().unwrap(),
+        before,
+        "a refused half changed state"
+    );
+    assert_eq!(w.storage.audit_verify().unwrap().records, audit_before);
+}
+
+// ---------------------------------------------------------------------------------------
+// Settlement
+
+fn settles_a_then_b_with_balanced_postings(db: &Db) {
+    let w = world(db);
+    let pending = w
+        .storage
+        .submit_half(half_a(&w, txn(1), 1, eur_amount(12_50)), NOW_MS)
+        .unwrap();
+    assert_eq!(pending.status, TransactionStatus::Pending);
+    assert_eq!(pending.payee_terminal, w.payee.terminal);
+    assert_eq!(pending.payer_terminal, None);
+    assert_eq!(pending.settlement_id, None);
+    assert_eq!(pending.expires_at_ms, NOW_MS + LIFETIME_MS);
+    assert_eq!(w.storage.transaction(&txn(1)).unwrap(), Some(pending));
+
+    let settled = w
+        .storage
+        .submit_half(half_b(&w, txn(1), 1, eur_amount(12_50)), NOW_MS + 5)
+        .unwrap();
+    assert_eq!(settled.status, TransactionStatus::Settled);
+    assert_eq!(settled.payer_account, Some(w.payer.account.clone()));
+    assert_eq!(settled.payee_account, Some(w.payee.account.clone()));
+    assert_eq!(settled.half_a_ksn, Some(ksn(&w.payee, 1)));
+    assert_eq!(settled.half_b_ksn, Some(ksn(&w.payer, 1)));
+    assert_eq!(settled.settled_at_ms, Some(NOW_MS + 5));
+    assert_eq!(settled.request_digest, request_digest(txn(1)));
+    assert!(settled.settlement_id.is_some());
+    assert_eq!(
+        w.storage.transaction(&txn(1)).unwrap(),
+        Some(settled.clone())
+    );
+
+    assert_eq!(balance(&w, &w.payer.account), 100_00 - 12_50);
+    assert_eq!(balance(&w, &w.payee.account), 12_50);
+    let total = balance(&w, &w.payer.account)
+        + balance(&w, &w.payee.account)
+        + balance(&w, &w.other.account)
+        + funding_balance(&w);
+    assert_eq!(total, 0, "balances per currency sum to zero");
+
+    let payee_postings = w.storage.postings(&w.payee.account).unwrap();
+    assert_eq!(payee_postings.len(), 1);
+    assert_eq!(payee_postings[0].amount_minor, 12_50);
+    assert_eq!(payee_postings[0].balance_after_minor, 12_50);
+    let settlement_id = i64::try_from(settled.settlement_id.unwrap()).unwrap();
+    assert_eq!(payee_postings[0].transfer_id, settlement_id);
+    let payer_postings = w.storage.postings(&w.payer.account).unwrap();
+    assert_eq!(payer_postings.len(), 2, "funding and payment");
+    assert_eq!(payer_postings[1].amount_minor, -12_50);
+    assert_eq!(payer_postings[1].balance_after_minor, 100_00 - 12_50);
+    let all: i64 = [
+        &w.payer.account,
+        &w.payee.account,
+        &w.other.account,
+        &account("__funding-EUR"),
+    ]
+    .iter()
+    .flat_map(|id| w.storage.postings(id).unwrap())
+    .map(|posting| posting.amount_minor)
+    .sum();
+    assert_eq!(all, 0, "postings per currency sum to zero");
+    assert_eq!(
+        w.storage
+            .terminal(&w.payer.terminal)
+            .unwrap()
+            .unwrap()
+            .highest_counter,
+        1
+    );
+    w.storage.check_health().unwrap();
+}
+
+fn settles_b_then_a(db: &Db) {
+    let w = world(db);
+    let pending = w
+        .storage
+        .submit_half(half_b(&w, txn(2), 7, eur_amount(3_00)), NOW_MS)
+        .unwrap();
+    assert_eq!(pending.status, TransactionStatus::Pending);
+    assert_eq!(
+        pending.payee_terminal, w.payee.terminal,
+        "B's claim while A is missing"
+    );
+    assert_eq!(pending.payee_account, None);
+    let settled = w
+        .storage
+        .submit_half(half_a(&w, txn(2), 9, eur_amount(3_00)), NOW_MS)
+        .unwrap();
+    assert_eq!(settled.status, TransactionStatus::Settled);
+    assert_eq!(settled.expires_at_ms, NOW_MS + LIFETIME_MS, "A's expiry");
+    assert_eq!(balance(&w, &w.payee.account), 3_00);
+}
+
+fn resent_halves_get_the_same_answer(db: &Db) {
+    let w = world(db);
+    let a = half_a(&w, txn(3), 1, eur_amount(1_00));
+    let b = half_b(&w, txn(3), 1, eur_amount(1_00));
+    let pending = w.storage.submit_half(a.clone(), NOW_MS).unwrap();
+    let dump = w.storage.dump_state().unwrap();
+    assert_eq!(
+        w.storage.submit_half(a.clone(), NOW_MS + 1).unwrap(),
+        pending
+    );
+    assert_eq!(w.storage.dump_state().unwrap(), dump);
+
+    let settled = w.storage.submit_half(b.clone(), NOW_MS).unwrap();
+    let dump = w.storage.dump_state().unwrap();
+    assert_eq!(w.storage.submit_half(b, NOW_MS + 1).unwrap(), settled);
+    assert_eq!(w.storage.submit_half(a, NOW_MS + 2).unwrap(), settled);
+    assert_eq!(w.storage.dump_state().unwrap(), dump);
+    assert_eq!(balance(&w, &w.payee.account), 1_00, "settled once");
+}
+
+fn conflicting_half_is_refused_and_changes_nothing(db: &Db) {
+    let w = world(db);
+    w.storage
+        .submit_half(half_a(&w, txn(4), 1, eur_amount(1_00)), NOW_MS)
+        .unwrap();
+    let other_a = half_a(&w, txn(4), 2, eur_amount(9_00));
+    assert_refused(&w, other_a, NOW_MS, |e| matches!(e, StorageError::Conflict));
+    w.storage
+        .submit_half(half_b(&w, txn(4), 1, eur_amount(1_00)), NOW_MS)
+        .unwrap();
+    let other_b = half_b(&w, txn(4), 2, eur_amount(9_00));
+    assert_refused(&w, other_b, NOW_MS, |e| matches!(e, StorageError::Conflict));
+    let other_a = half_a(&w, txn(4), 3, eur_amount(9_00));
+    assert_refused(&w, other_a, NOW_MS, |e| matches!(e, StorageError::Conflict));
+}
+
+fn replayed_counter_with_other_bytes_is_refused(db: &Db) {
+    let w = world(db);
+    w.storage
+        .submit_half(half_a(&w, txn(5), 40, eur_amount(1_00)), NOW_MS)
+        .unwrap();
+    // Same counter, another payment.
+    let replay = half_a(&w, txn(6), 40, eur_amount(1_00));
+    assert_refused(&w, replay, NOW_MS, |e| {
+        matches!(e, StorageError::ReplayedKsn)
+    });
+    // Same counter, same payment, other bytes.
+    let replay = half_a(&w, txn(5), 40, eur_amount(2_00));
+    assert_refused(&w, replay, NOW_MS, |e| {
+        matches!(e, StorageError::ReplayedKsn)
+    });
+}
+
+fn stale_counter_is_refused_and_window_admits_out_of_order(db: &Db) {
+    let w = world(db);
+    w.storage
+        .submit_half(half_a(&w, txn(10), 2000, eur_amount(1_00)), NOW_MS)
+        .unwrap();
+    // 2000 − 1024 = 976: at or below is stale.
+    let stale = half_a(&w, txn(11), 976, eur_amount(1_00));
+    assert_refused(&w, stale, NOW_MS, |e| matches!(e, StorageError::StaleKsn));
+    for (n, counter) in [(12, 977), (13, 1500), (14, 1200), (15, 1999)] {
+        let view = w
+            .storage
+            .submit_half(half_a(&w, txn(n), counter, eur_amount(1_00)), NOW_MS)
+            .unwrap();
+        assert_eq!(view.status, TransactionStatus::Pending);
+    }
+    assert_eq!(
+        w.storage
+            .terminal(&w.payee.terminal)
+            .unwrap()
+            .unwrap()
+            .highest_counter,
+        2000
+    );
+    // A higher counter moves the window.
+    w.storage
+        .submit_half(half_a(&w, txn(16), 3000, eur_amount(1_00)), NOW_MS)
+        .unwrap();
+    let stale = half_a(&w, txn(17), 1976, eur_amount(1_00));
+    assert_refused(&w, stale, NOW_MS, |e| matches!(e, StorageError::StaleKsn));
+}
+
+fn each_mismatch_is_refused_and_changes_nothing(db: &Db) {
+    let w = world(db);
+    w.storage
+        .submit_half(half_a(&w, txn(20), 1, eur_amount(5_00)), NOW_MS)
+        .unwrap();
+    let good_b = half_b(&w, txn(20), 1, eur_amount(5_00));
+    let usd: Currency = "USD".parse().unwrap();
+    let cases: Vec<(AcceptedHalf, &str)> = vec![
+        (
+            with_b(good_b.clone(), |_, _, _, amount| *amount = eur_amount(5_01)),
+            "amount",
+        ),
+        (
+            with_b(good_b.clone(), |_, _, _, amount| {
+                *amount = Amount::new(5_00, usd).unwrap()
+            }),
+            "currency",
+        ),
+        (
+            with_b(good_b.clone(), |_, _, payee, _| {
+                *payee = terminal("term-other")
+            }),
+            "payee_terminal",
+        ),
+    ];
+    for (half, field) in cases {
+        assert_refused(
+            &w,
+            half,
+            NOW_MS,
+            |e| matches!(e, StorageError::Mismatch { field: f } if *f == field),
+        );
+    }
+    let wrong_digest = with_b(good_b.clone(), |digest, _, _, _| digest[0] ^= 1);
+    assert_refused(&w, wrong_digest, NOW_MS, |e| {
+        matches!(e, StorageError::DigestMismatch)
+    });
+    // The payer's account is not the payer terminal's.
+    let not_its_account = with_b(good_b.clone(), |_, payer, _, _| {
+        *payer = w.other.account.clone()
+    });
+    assert_refused(&w, not_its_account, NOW_MS, |e| {
+        matches!(e, StorageError::AccountMismatch)
+    });
+    // Both halves from the payee terminal.
+    let mut same_terminal = good_b.clone();
+    same_terminal.terminal_id = w.payee.terminal.clone();
+    same_terminal.ksn = ksn(&w.payee, 2);
+    let same_terminal = with_b(same_terminal, |_, payer, _, _| {
+        *payer = w.payee.account.clone()
+    });
+    assert_refused(&w, same_terminal, NOW_MS, |e| {
+        matches!(e, StorageError::Mismatch { field: "parties" })
+    });
+    // A KSN of another terminal.
+    let mut foreign_ksn = good_b.clone();
+    foreign_ksn.ksn = ksn(&w.other, 1);
+    assert_refused(&w, sealed(foreign_ksn), NOW_MS, |e| {
+        matches!(e, StorageError::KsnNotTerminal)
+    });
+    // Nothing was consumed: the right half with the same counter still settles.
+    let settled = w.storage.submit_half(good_b, NOW_MS).unwrap();
+    assert_eq!(settled.status, TransactionStatus::Settled);
+}
+
+fn account_currency_must_be_the_amounts(db: &Db) {
+    let w = world(db);
+    let usd: Currency = "USD".parse().unwrap();
+    let dollars = add_party(&w.storage, "dollars", 4, usd, 0);
+    let mut a = half_a(&w, txn(21), 1, eur_amount(1_00));
+    a.terminal_id = dollars.terminal.clone();
+    a.ksn = ksn(&dollars, 1);
+    if let HalfContent::A { payee_account, .. } = &mut a.content {
+        *payee_account = dollars.account.clone();
+    }
+    assert_refused(&w, sealed(a), NOW_MS, |e| {
+        matches!(
+            e,
+            StorageError::Mismatch {
+                field: "payee_account_currency"
+            }
+        )
+    });
+}
+
+fn insufficient_funds_is_refused_and_changes_nothing(db: &Db) {
+    let w = world(db);
+    w.storage
+        .submit_half(half_a(&w, txn(30), 1, eur_amount(100_01)), NOW_MS)
+        .unwrap();
+    let b = half_b(&w, txn(30), 1, eur_amount(100_01));
+    assert_refused(&w, b.clone(), NOW_MS, |e| {
+        matches!(e, StorageError::InsufficientFunds)
+    });
+    w.storage.fund(&w.payer.account, eur_amount(1)).unwrap();
+    let settled = w.storage.submit_half(b, NOW_MS).unwrap();
+    assert_eq!(settled.status, TransactionStatus::Settled);
+    assert_eq!(balance(&w, &w.payer.account), 0);
+}
+
+fn credit_limit_allows_a_negative_balance_down_to_it(db: &Db) {
+    let storage = db.open();
+    let payee = add_party(&storage, "payee", 1, eur(), 0);
+    let credit = Party {
+        terminal: terminal("term-credit"),
+        account: account("acct-credit"),
+        key: initial_key_id(9),
+    };
+    storage
+        .create_account(&credit.account, eur(), -5_00)
+        .unwrap();
+    storage
+        .add_terminal(NewTerminal {
+            id: credit.terminal.clone(),
+            account_id: credit.account.clone(),
+            initial_key_id: credit.key,
+            code_sha256: code_hash("credit"),
+            code_expires_at_ms: NOW_MS + 1,
+        })
+        .unwrap();
+    storage
+        .redeem_enrollment_code(&credit.terminal, code_hash("credit"), NOW_MS, "s")
+        .unwrap();
+    let other = add_party(&storage, "other", 3, eur(), 0);
+    let w = World {
+        storage,
+        payee,
+        payer: credit,
+        other,
+    };
+    w.storage
+        .submit_half(half_a(&w, txn(31), 1, eur_amount(5_00)), NOW_MS)
+        .unwrap();
+    w.storage
+        .submit_half(half_b(&w, txn(31), 1, eur_amount(5_00)), NOW_MS)
+        .unwrap();
+    assert_eq!(balance(&w, &w.payer.account), -5_00);
+    w.storage
+        .submit_half(half_a(&w, txn(32), 2, eur_amount(1)), NOW_MS)
+        .unwrap();
+    let b = half_b(&w, txn(32), 2, eur_amount(1));
+    assert_refused(&w, b, NOW_MS, |e| {
+        matches!(e, StorageError::InsufficientFunds)
+    });
+}
+
+fn expired_request_is_refused_and_expires_later(db: &Db) {
+    let w = world(db);
+    w.storage
+        .submit_half(half_a(&w, txn(40), 1, eur_amount(1_00)), NOW_MS)
+        .unwrap();
+    let late = NOW_MS + LIFETIME_MS + 1;
+    let b = half_b(&w, txn(40), 1, eur_amount(1_00));
+    assert_refused(&w, b.clone(), late, |e| matches!(e, StorageError::Expired));
+    assert_eq!(
+        w.storage.transaction(&txn(40)).unwrap().unwrap().status,
+        TransactionStatus::Pending
+    );
+    // At the expiry instant it may still settle; expire_unmatched only takes what has passed.
+    assert_eq!(w.storage.expire_unmatched(NOW_MS + LIFETIME_MS).unwrap(), 0);
+    let records = w.storage.audit_verify().unwrap().records;
+    assert_eq!(w.storage.expire_unmatched(late).unwrap(), 1);
+    assert_eq!(w.storage.expire_unmatched(late).unwrap(), 0);
+    assert_eq!(w.storage.audit_verify().unwrap().records, records + 1);
+    let view = w.storage.transaction(&txn(40)).unwrap().unwrap();
+    assert_eq!(view.status, TransactionStatus::Expired);
+    assert_refused(&w, b, NOW_MS, |e| matches!(e, StorageError::Expired));
+    // The expired half A re-sent gets its (expired) answer.
+    let again = w
+        .storage
+        .submit_half(half_a(&w, txn(40), 1, eur_amount(1_00)), late)
+        .unwrap();
+    assert_eq!(again, view);
+    assert_eq!(balance(&w, &w.payer.account), 100_00);
+}
+
+fn lone_half_b_expires(db: &Db) {
+    let w = world(db);
+    let pending = w
+        .storage
+        .submit_half(half_b(&w, txn(41), 1, eur_amount(1_00)), NOW_MS)
+        .unwrap();
+    assert_eq!(pending.expires_at_ms, NOW_MS + 600_000);
+    assert_eq!(w.storage.expire_unmatched(NOW_MS + 600_001).unwrap(), 1);
+    let a = half_a(&w, txn(41), 1, eur_amount(1_00));
+    assert_refused(&w, a, NOW_MS, |e| matches!(e, StorageError::Expired));
+}
+
+fn suspended_revoked_and_pending_terminals_are_refused(db: &Db) {
+    let w = world(db);
+    let a = half_a(&w, txn(50), 1, eur_amount(1_00));
+    w.storage
+        .set_terminal_state(&w.payee.terminal, TerminalState::Suspended)
+        .unwrap();
+    assert_refused(&w, a.clone(), NOW_MS, |e| {
+        matches!(e, StorageError::TerminalNotActive(TerminalState::Suspended))
+    });
+    w.storage
+        .set_terminal_state(&w.payee.terminal, TerminalState::Active)
+        .unwrap();
+    w.storage.submit_half(a, NOW_MS).unwrap();
+    w.storage
+        .set_terminal_state(&w.payer.terminal, TerminalState::Revoked)
+        .unwrap();
+    let b = half_b(&w, txn(50), 1, eur_amount(1_00));
+    assert_refused(&w, b, NOW_MS, |e| {
+        matches!(e, StorageError::TerminalNotActive(TerminalState::Revoked))
+    });
+    // Registered but never enrolled.
+    let fresh = Party {
+        terminal: terminal("term-fresh"),
+        account: w.payer.account.clone(),
+        key: initial_key_id(7),
+    };
+    w.storage
+        .add_terminal(NewTerminal {
+            id: fresh.terminal.clone(),
+            account_id: fresh.account.clone(),
+            initial_key_id: fresh.key,
+            code_sha256: code_hash("fresh"),
+            code_expires_at_ms: NOW_MS + 1,
+        })
+        .unwrap();
+    let mut b = half_b(&w, txn(50), 1, eur_amount(1_00));
+    b.terminal_id = fresh.terminal.clone();
+    b.ksn = ksn(&fresh, 1);
+    assert_refused(&w, sealed(b), NOW_MS, |e| {
+        matches!(e, StorageError::TerminalNotActive(TerminalState::Pending))
+    });
+    let mut unknown = half_b(&w, txn(50), 1, eur_amount(1_00));
+    unknown.terminal_id = terminal("term-nobody");
+    assert_refused(&w, sealed(unknown), NOW_MS, |e| {
+        matches!(e, StorageError::UnknownTerminal(_))
+    });
+}
+
+fn terminal_state_rules(db: &Db) {
+    let w = world(db);
+    let id = &w.other.terminal;
+    w.storage
+        .set_terminal_state(id, TerminalState::Revoked)
+        .unwrap();
+    for to in [
+        TerminalState::Active,
+        TerminalState::Suspended,
+        TerminalState::Pending,
+    ] {
+        assert!(matches!(
+            w.storage.set_terminal_state(id, to),
+            Err(StorageError::InvalidStateChange {
+                from: TerminalState::Revoked,
+                ..
+            })
+        ));
+    }
+    let listed = w.storage.terminals().unwrap();
+    assert_eq!(listed.len(), 3);
+    assert_eq!(
+        listed.iter().find(|t| &t.id == id).unwrap().state,
+        TerminalState::Revoked
+    );
+    assert!(matches!(
+        w.storage
+            .set_terminal_state(&terminal("term-nobody"), TerminalState::Suspended),
+        Err(StorageError::UnknownTerminal(_))
+    ));
+}
+
+fn enrollment_code_works_once_unexpired_and_exact(db: &Db) {
+    let storage = db.open();
+    storage
+        .create_account(&account("acct-e"), eur(), 0)
+        .unwrap();
+    for (name, n) in [("e1", 1), ("e2", 2)] {
+        storage
+            .add_terminal(NewTerminal {
+                id: terminal(name),
+                account_id: account("acct-e"),
+                initial_key_id: initial_key_id(n),
+                code_sha256: code_hash(name),
+                code_expires_at_ms: NOW_MS,
+            })
+            .unwrap();
+    }
+    let refused = |result: Result<_, StorageError>, why| {
+        assert!(
+            matches!(result, Err(StorageError::EnrollmentRefused(r)) if r == why),
+            "{result:?}"
+        );
+    };
+    refused(
+        storage.redeem_enrollment_code(&terminal("e1"), code_hash("wrong"), NOW_MS, "s"),
+        EnrollmentRefusal::WrongCode,
+    );
+    refused(
+        storage.redeem_enrollment_code(&terminal("e2"), code_hash("e2"), NOW_MS + 1, "s"),
+        EnrollmentRefusal::Expired,
+    );
+    let view = storage
+        .redeem_enrollment_code(&terminal("e1"), code_hash("e1"), NOW_MS, "serial-e1")
+        .unwrap();
+    assert_eq!(view.state, TerminalState::Active);
+    assert_eq!(view.enrolled_at_ms, Some(NOW_MS));
+    assert_eq!(view.certificate_serial.as_deref(), Some("serial-e1"));
+    refused(
+        storage.redeem_enrollment_code(&terminal("e1"), code_hash("e1"), NOW_MS, "s"),
+        EnrollmentRefusal::AlreadyUsed,
+    );
+    assert!(matches!(
+        storage.add_terminal(NewTerminal {
+            id: terminal("e3"),
+            account_id: account("acct-e"),
+            initial_key_id: initial_key_id(1),
+            code_sha256: code_hash("e3"),
+            code_expires_at_ms: NOW_MS,
+        }),
+        Err(StorageError::InitialKeyIdInUse)
+    ));
+    assert!(matches!(
+        storage.add_terminal(NewTerminal {
+            id: terminal("e1"),
+            account_id: account("acct-e"),
+            initial_key_id: initial_key_id(5),
+            code_sha256: code_hash("e1"),
+            code_expires_at_ms: NOW_MS,
+        }),
+        Err(StorageError::TerminalExists(_))
+    ));
+}
+
+fn audit_chain_verifies_and_detects_tampering(db: &Db) {
+    let w = world(db);
+    w.storage
+        .submit_half(half_a(&w, txn(60), 1, eur_amount(1_00)), NOW_MS)
+        .unwrap();
+    w.storage
+        .submit_half(half_b(&w, txn(60), 1, eur_amount(1_00)), NOW_MS)
+        .unwrap();
+    let report = w.storage.audit_verify().unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    // 3 accounts, 2 fundings… at least one record per operation.
+    assert!(report.records >= 10, "{report:?}");
+    assert_ne!(report.head_hash, [0; 32]);
+
+    // The database itself refuses changes to the log.
+    assert!(
+        db.execute("UPDATE audit_log SET details = '{}' WHERE seq = 2")
+            .is_err()
+    );
+    assert!(db.execute("DELETE FROM audit_log WHERE seq = 2").is_err());
+
+    // Someone with full access removes the guard and edits a record.
+    let drop_guard = if db.sqlite_path.is_some() {
+        "DROP TRIGGER audit_log_no_update"
+    } else {
+        "DROP TRIGGER audit_log_no_update ON audit_log"
+    };
+    db.execute(drop_guard).unwrap();
+    db.execute("UPDATE audit_log SET details = '{\"forged\":true}' WHERE seq = 2")
+        .unwrap();
+    let report = w.storage.audit_verify().unwrap();
+    let broken = report.first_break.expect("tampering detected");
+    assert_eq!(broken.seq, 2);
+    assert_eq!(report.records, 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Concurrency
+
+fn group_commit_settles_200_concurrent_payments(db: &Db) {
+    const PAYMENTS: u32 = 200;
+    let w = Arc::new(world(db));
+    let threads: Vec<_> = (0..PAYMENTS)
+        .map(|i| {
+            let w = Arc::clone(&w);
+            std::thread::spawn(move || {
+                let txn_id = txn(1000 + i);
+                let a = half_a(&w, txn_id, i + 1, eur_amount(50));
+                let b = half_b(&w, txn_id, i + 1, eur_amount(50));
+                let first = w.storage.submit_half(a, NOW_MS).unwrap();
+                assert_eq!(first.status, TransactionStatus::Pending);
+                w.storage.submit_half(b, NOW_MS).unwrap()
+            })
+        })
+        .collect();
+    let views: Vec<TransactionView> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(views.iter().all(|v| v.status == TransactionStatus::Settled));
+    let mut ids: Vec<u64> = views.iter().map(|v| v.settlement_id.unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), PAYMENTS as usize);
+    assert_eq!(
+        balance(&w, &w.payer.account),
+        100_00 - 50 * i64::from(PAYMENTS)
+    );
+    assert_eq!(balance(&w, &w.payee.account), 50 * i64::from(PAYMENTS));
+    assert_eq!(
+        w.storage.postings(&w.payee.account).unwrap().len(),
+        PAYMENTS as usize
+    );
+    assert!(w.storage.audit_verify().unwrap().is_intact());
+}
+
+fn two_storages_racing_the_halves_settle_exactly_once(db: &Db) {
+    const PAYMENTS: u32 = 40;
+    let w = Arc::new(world(db));
+    let second = db.open();
+    let threads: Vec<_> = (0..PAYMENTS)
+        .flat_map(|i| {
+            let txn_id = txn(5000 + i);
+            let a = half_a(&w, txn_id, i + 1, eur_amount(10));
+            let b = half_b(&w, txn_id, i + 1, eur_amount(10));
+            // Half A to one daemon, half B to both: the three race.
+            [
+                (w.storage.clone(), a),
+                (second.clone(), b.clone()),
+                (w.storage.clone(), b),
+            ]
+        })
+        .map(|(storage, half)| {
+            std::thread::spawn(move || storage.submit_half(half, NOW_MS).unwrap())
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    for i in 0..PAYMENTS {
+        let view = w.storage.transaction(&txn(5000 + i)).unwrap().unwrap();
+        assert_eq!(view.status, TransactionStatus::Settled, "{view:?}");
+        assert_eq!(second.transaction(&txn(5000 + i)).unwrap().unwrap(), view);
+    }
+    assert_eq!(balance(&w, &w.payee.account), 10 * i64::from(PAYMENTS));
+    assert_eq!(
+        balance(&w, &w.payer.account),
+        100_00 - 10 * i64::from(PAYMENTS)
+    );
+    assert_eq!(
+        w.storage.postings(&w.payee.account).unwrap().len(),
+        PAYMENTS as usize
+    );
+    assert!(second.audit_verify().unwrap().is_intact());
+}
+
+fn accounts_refuse_bad_input(db: &Db) {
+    let storage = db.open();
+    storage.create_account(&account("a1"), eur(), 0).unwrap();
+    assert!(matches!(
+        storage.create_account(&account("a1"), eur(), 0),
+        Err(StorageError::AccountExists(_))
+    ));
+    assert!(matches!(
+        storage.create_account(&account("__x"), eur(), 0),
+        Err(StorageError::ReservedAccount)
+    ));
+    assert!(matches!(
+        storage.create_account(&account("a2"), eur(), 1),
+        Err(StorageError::InvalidLimit(1))
+    ));
+    let usd: Currency = "USD".parse().unwrap();
+    assert!(matches!(
+        storage.fund(&account("a1"), Amount::new(1, usd).unwrap()),
+        Err(StorageError::CurrencyMismatch { .. })
+    ));
+    assert!(matches!(
+        storage.fund(&account("nope"), eur_amount(1)),
+        Err(StorageError::UnknownAccount(_))
+    ));
+    assert!(matches!(
+        storage.fund(&account("__funding-EUR"), eur_amount(1)),
+        Err(StorageError::ReservedAccount)
+    ));
+    let view = storage.fund(&account("a1"), eur_amount(7)).unwrap();
+    assert_eq!(view.balance_minor, 7);
+    assert_eq!(view.limit_minor, Some(0));
+    assert_eq!(
+        storage
+            .account(&account("__funding-EUR"))
+            .unwrap()
+            .balance_minor,
+        -7
+    );
+    assert!(Storage::open("mysql://localhost/x").is_err());
+}
