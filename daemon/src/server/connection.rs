@@ -64,7 +64,7 @@ pub(crate) async fn accept_loop<F, Fut>(
         while connections.try_join_next().is_some() {}
         let permit = tokio::select! {
             biased;
-            _ = stopped.wait_for(|stopped| *stopped) => break,
+            () = until_stopped(&mut stopped) => break,
             permit = Arc::clone(&permits).acquire_owned() => match permit {
                 Ok(permit) => permit,
                 // The semaphore is never closed.
@@ -73,7 +73,7 @@ pub(crate) async fn accept_loop<F, Fut>(
         };
         let (stream, peer) = tokio::select! {
             biased;
-            _ = stopped.wait_for(|stopped| *stopped) => break,
+            () = until_stopped(&mut stopped) => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -87,6 +87,12 @@ pub(crate) async fn accept_loop<F, Fut>(
     }
     drop(listener);
     drain(connections, drain_timeout, listener_name).await;
+}
+
+/// Completes once `stopped` holds `true` (or its sender is gone, which also means stop).
+pub(crate) async fn until_stopped(stopped: &mut watch::Receiver<bool>) {
+    // The borrow `wait_for` returns is dropped here, never held across an `.await`.
+    let _ = stopped.wait_for(|stopped| *stopped).await;
 }
 
 async fn drain(mut connections: JoinSet<()>, drain_timeout: Duration, listener_name: &str) {
@@ -160,7 +166,7 @@ async fn terminal_connection<A: Api>(
                 return;
             }
         },
-        _ = stopped.wait_for(|stopped| *stopped) => return,
+        () = until_stopped(&mut stopped) => return,
     };
     let identity = ClientIdentity::of(tls_stream.get_ref().1);
     if let ClientIdentity::Unusable(reason) = &identity {
@@ -209,7 +215,7 @@ async fn terminal_connection<A: Api>(
                     break;
                 }
             }
-            _ = stopped.wait_for(|stopped| *stopped), if !draining => {
+            () = until_stopped(&mut stopped), if !draining => {
                 // Finishes the request in flight, if any, then closes.
                 connection.as_mut().graceful_shutdown();
                 draining = true;

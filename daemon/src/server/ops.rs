@@ -80,7 +80,7 @@ async fn ops_connection<A: Api>(
             }
             return;
         }
-        _ = stopped.wait_for(|stopped| *stopped) => connection.as_mut().graceful_shutdown(),
+        () = connection::until_stopped(&mut stopped) => connection.as_mut().graceful_shutdown(),
     }
     if let Err(error) = connection.await {
         tracing::debug!(%peer, %error, "operations connection ended with an error");

@@ -1,0 +1,1136 @@
+//! The network front end over real sockets and real mutual TLS: a fake [`Api`] stands in for
+//! the platform service, and throwaway CAs and certificates are made with rcgen for each test.
+//! Every listener binds `127.0.0.1:0`. Sleeps appear only where a test plays a slow client or
+//! a slow service on purpose.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use nfcpay_daemon::server::{
+    Api, HalfAnswer, HalfRoute, Metrics, NotReady, Problem, ProblemCode, Server, ServerConfig,
+    ServerError, TlsMaterial, TlsReloader, signals, tls::crypto_provider,
+};
+use nfcpay_protocol::{TerminalId, TxnId};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// Upper bound on any wait in these tests; reached only when something is broken.
+const PATIENCE: Duration = Duration::from_secs(20);
+/// The transaction the fake does not know.
+const UNKNOWN_TXN: &str = "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF";
+
+// ---------------------------------------------------------------------------------------------
+// Certificates
+
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    certificate: CertificateDer<'static>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let certificate = params.self_signed(&key).unwrap().der().clone();
+        Self {
+            issuer: Issuer::new(params, key),
+            certificate,
+        }
+    }
+
+    /// A leaf for `common_name`, for a server (with `localhost` as its name) or a client.
+    fn leaf(
+        &self,
+        common_name: &str,
+        server: bool,
+    ) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let names = if server {
+            vec!["localhost".to_owned()]
+        } else {
+            Vec::new()
+        };
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        let certificate = params.signed_by(&key, &self.issuer).unwrap().der().clone();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        (certificate, key)
+    }
+
+    /// Server TLS material: a fresh server certificate under this CA, whose key is a rustls
+    /// `SigningKey` (as the HSM-backed one will be), and this CA as the terminal CA.
+    fn server_material(&self, common_name: &str) -> TlsMaterial {
+        let (certificate, key) = self.leaf(common_name, true);
+        TlsMaterial {
+            chain: vec![certificate, self.certificate.clone()],
+            key: rustls::crypto::ring::sign::any_ecdsa_type(&key).unwrap(),
+            client_ca: vec![self.certificate.clone()],
+        }
+    }
+}
+
+/// A client's TLS settings: which CA it trusts for the server, and its certificate if any.
+#[derive(Clone)]
+struct Client {
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl Client {
+    fn builder(
+        ca: &Ca,
+    ) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.certificate.clone()).unwrap();
+        rustls::ClientConfig::builder_with_provider(crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+    }
+
+    fn anonymous(server_ca: &Ca) -> Self {
+        Self::with_config(Self::builder(server_ca).with_no_client_auth())
+    }
+
+    /// A terminal whose certificate `issuer` signed for `terminal`.
+    fn terminal(server_ca: &Ca, issuer: &Ca, terminal: &str) -> Self {
+        let (certificate, key) = issuer.leaf(terminal, false);
+        let chain = vec![certificate, issuer.certificate.clone()];
+        Self::with_config(
+            Self::builder(server_ca)
+                .with_client_auth_cert(chain, key)
+                .unwrap(),
+        )
+    }
+
+    fn with_config(mut config: rustls::ClientConfig) -> Self {
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Self {
+            config: Arc::new(config),
+        }
+    }
+
+    async fn tls(&self, address: SocketAddr) -> std::io::Result<TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(address).await?;
+        let name = ServerName::try_from("localhost").unwrap();
+        TlsConnector::from(Arc::clone(&self.config))
+            .connect(name, tcp)
+            .await
+    }
+
+    /// An HTTP/1.1 connection; the task drives it and ends when the connection closes.
+    async fn http(
+        &self,
+        address: SocketAddr,
+    ) -> std::io::Result<(SendRequest<Full<Bytes>>, JoinHandle<()>)> {
+        let tls = self.tls(address).await?;
+        http_over(tls).await
+    }
+}
+
+async fn http_over<S>(stream: S) -> std::io::Result<(SendRequest<Full<Bytes>>, JoinHandle<()>)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok((sender, driver))
+}
+
+/// One answer, collected.
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn content_type(&self) -> &str {
+        self.headers
+            .get(http::header::CONTENT_TYPE)
+            .map_or("", |value| value.to_str().unwrap())
+    }
+
+    /// Checks that this is a problem document with `code` and its status.
+    fn assert_problem(&self, code: ProblemCode) {
+        assert_eq!(self.content_type(), "application/problem+json", "{self:?}");
+        let document: serde_json::Value = serde_json::from_slice(&self.body).unwrap();
+        assert_eq!(document["code"], code.as_str(), "{document}");
+        assert_eq!(
+            document["type"],
+            format!("https://nfcpay.dev/problems/{code}"),
+            "{document}"
+        );
+        assert_eq!(document["status"], code.status().as_u16(), "{document}");
+        assert_eq!(self.status, code.status(), "{document}");
+        assert!(document["title"].as_str().is_some_and(|t| !t.is_empty()));
+    }
+
+    fn text(&self) -> &str {
+        std::str::from_utf8(&self.body).unwrap()
+    }
+}
+
+async fn send(
+    sender: &mut SendRequest<Full<Bytes>>,
+    method: Method,
+    path: &str,
+    body: impl Into<Bytes>,
+) -> hyper::Result<Answer> {
+    sender.ready().await?;
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, "localhost")
+        .body(Full::new(body.into()))
+        .unwrap();
+    let response = sender.send_request(request).await?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fake service
+
+/// Answers as documented in each method; counts calls so tests can see what got through.
+#[derive(Default)]
+struct FakeApi {
+    half_calls: AtomicUsize,
+    enroll_calls: AtomicUsize,
+    not_ready: AtomicBool,
+    /// Notified when a half with body `slow` has arrived at the service.
+    slow_entered: Notify,
+    slow_duration: Mutex<Duration>,
+}
+
+impl FakeApi {
+    fn half_calls(&self) -> usize {
+        self.half_calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Api for FakeApi {
+    /// `settle` settles (200); `slow` waits `slow_duration` first; everything else is pending
+    /// (202). The receipt echoes what the front end passed on.
+    async fn submit_half(
+        &self,
+        kind: HalfRoute,
+        client: TerminalId,
+        body: Bytes,
+        wait: Duration,
+    ) -> Result<HalfAnswer, Problem> {
+        self.half_calls.fetch_add(1, Ordering::SeqCst);
+        if body.as_ref() == b"slow" {
+            self.slow_entered.notify_one();
+            let duration = *self.slow_duration.lock().unwrap();
+            tokio::time::sleep(duration).await;
+        }
+        if body.as_ref() == b"garbage" {
+            return Err(Problem::new(
+                ProblemCode::Malformed,
+                "envelope does not decode",
+            ));
+        }
+        let receipt = format!(
+            "{kind:?}|{client}|{}|{}",
+            wait.as_millis(),
+            String::from_utf8_lossy(&body)
+        );
+        Ok(HalfAnswer {
+            settled: body.as_ref() == b"settle",
+            receipt: Bytes::from(receipt),
+        })
+    }
+
+    async fn transaction(&self, client: TerminalId, txn_id: TxnId) -> Result<Bytes, Problem> {
+        if txn_id.to_string() == UNKNOWN_TXN {
+            return Err(Problem::new(
+                ProblemCode::UnknownTransaction,
+                "no such payment",
+            ));
+        }
+        Ok(Bytes::from(format!("receipt|{client}|{txn_id}")))
+    }
+
+    async fn enroll(&self, body: Bytes) -> Result<Bytes, Problem> {
+        self.enroll_calls.fetch_add(1, Ordering::SeqCst);
+        let request: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|_| Problem::new(ProblemCode::Malformed, "not JSON"))?;
+        Ok(Bytes::from(
+            serde_json::json!({"terminal_id": request["code"]}).to_string(),
+        ))
+    }
+
+    async fn ready(&self) -> Result<(), NotReady> {
+        if self.not_ready.load(Ordering::SeqCst) {
+            return Err(NotReady {
+                component: "hsm",
+                reason: "session lost".to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A running front end
+
+struct Running {
+    address: SocketAddr,
+    ops_address: SocketAddr,
+    api: Arc<FakeApi>,
+    ca: Ca,
+    tls: Arc<TlsReloader>,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<()>,
+}
+
+/// Where the reload callback takes its next material from.
+type NextMaterial = Arc<Mutex<Option<TlsMaterial>>>;
+
+impl Running {
+    async fn start(adjust: impl FnOnce(&mut ServerConfig)) -> Self {
+        Self::start_with_reload(adjust, Arc::default()).await
+    }
+
+    async fn start_with_reload(
+        adjust: impl FnOnce(&mut ServerConfig),
+        next_material: NextMaterial,
+    ) -> Self {
+        let ca = Ca::new("platform terminal CA");
+        let mut config = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ops_listen: "127.0.0.1:0".parse().unwrap(),
+            ..ServerConfig::default()
+        };
+        adjust(&mut config);
+        let reload = Arc::new(move || {
+            next_material
+                .lock()
+                .unwrap()
+                .take()
+                .ok_or_else(|| ServerError::Material("no new material".into()))
+        });
+        let tls = Arc::new(TlsReloader::new(ca.server_material("server-1"), reload).unwrap());
+        let api = Arc::new(FakeApi::default());
+        let server =
+            Server::new(config, Arc::clone(&api), Arc::clone(&tls), Metrics::new()).unwrap();
+        let (listener, ops_listener) = server.bind().await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let ops_address = ops_listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(server.run(listener, ops_listener, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            address,
+            ops_address,
+            api,
+            ca,
+            tls,
+            stop: Some(stop),
+            server,
+        }
+    }
+
+    fn terminal(&self, terminal: &str) -> Client {
+        Client::terminal(&self.ca, &self.ca, terminal)
+    }
+
+    async fn ops_get(&self, path: &str) -> Answer {
+        let tcp = TcpStream::connect(self.ops_address).await.unwrap();
+        let (mut sender, _driver) = http_over(tcp).await.unwrap();
+        send(&mut sender, Method::GET, path, Bytes::new())
+            .await
+            .unwrap()
+    }
+
+    /// Asks for shutdown and waits for `run` to return.
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(PATIENCE, &mut self.server)
+            .await
+            .expect("run returns after shutdown")
+            .unwrap();
+    }
+}
+
+/// Retries `check` every few milliseconds until it holds; for effects that happen after the
+/// client has its answer (a counter bumped after a failed handshake, a signal handled).
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Writes `bytes` on a TLS connection and reads until the server closes it.
+async fn raw_exchange(stream: &mut TlsStream<TcpStream>, bytes: &[u8]) -> String {
+    stream.write_all(bytes).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
+        .await
+        .expect("the server closes the connection");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routes
+
+#[tokio::test]
+async fn a_terminal_reaches_each_route_and_gets_the_services_answers() {
+    let running = Running::start(|_| {}).await;
+    let (mut sender, _driver) = running
+        .terminal("shop-1")
+        .http(running.address)
+        .await
+        .unwrap();
+
+    let pending = send(&mut sender, Method::POST, "/v1/halves/a", "request")
+        .await
+        .unwrap();
+    assert_eq!(pending.status, StatusCode::ACCEPTED);
+    assert_eq!(pending.content_type(), "application/octet-stream");
+    assert_eq!(pending.text(), "A|shop-1|0|request");
+
+    let settled = send(
+        &mut sender,
+        Method::POST,
+        "/v1/halves/b?wait_ms=250",
+        "settle",
+    )
+    .await
+    .unwrap();
+    assert_eq!(settled.status, StatusCode::OK);
+    assert_eq!(settled.content_type(), "application/octet-stream");
+    assert_eq!(settled.text(), "B|shop-1|250|settle");
+
+    // A wait above the maximum is capped, not refused.
+    let capped = send(&mut sender, Method::POST, "/v1/halves/b?wait_ms=60000", "x")
+        .await
+        .unwrap();
+    assert_eq!(capped.text(), "B|shop-1|10000|x");
+
+    let txn = "00112233445566778899AABBCCDDEEFF";
+    let status = send(
+        &mut sender,
+        Method::GET,
+        &format!("/v1/transactions/{}", txn.to_lowercase()),
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status.status, StatusCode::OK);
+    assert_eq!(status.content_type(), "application/octet-stream");
+    assert_eq!(status.text(), format!("receipt|shop-1|{txn}"));
+
+    // The service's problems go out as problem+json with their status.
+    let unknown = send(
+        &mut sender,
+        Method::GET,
+        &format!("/v1/transactions/{UNKNOWN_TXN}"),
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    unknown.assert_problem(ProblemCode::UnknownTransaction);
+    let garbage = send(&mut sender, Method::POST, "/v1/halves/a", "garbage")
+        .await
+        .unwrap();
+    garbage.assert_problem(ProblemCode::Malformed);
+
+    let enrolled = send(&mut sender, Method::POST, "/v1/enroll", r#"{"code":"c1"}"#)
+        .await
+        .unwrap();
+    assert_eq!(enrolled.status, StatusCode::OK);
+    assert_eq!(enrolled.content_type(), "application/json");
+    assert_eq!(enrolled.text(), r#"{"terminal_id":"c1"}"#);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn without_a_client_certificate_only_enrollment_is_open() {
+    let running = Running::start(|_| {}).await;
+    let anonymous = Client::anonymous(&running.ca);
+    for (method, path) in [
+        (Method::POST, "/v1/halves/a"),
+        (Method::POST, "/v1/halves/b"),
+        (
+            Method::GET,
+            "/v1/transactions/00112233445566778899AABBCCDDEEFF",
+        ),
+    ] {
+        let (mut sender, _driver) = anonymous.http(running.address).await.unwrap();
+        let answer = send(&mut sender, method, path, "half").await.unwrap();
+        answer.assert_problem(ProblemCode::CertificateRequired);
+    }
+    assert_eq!(running.api.half_calls(), 0);
+
+    let (mut sender, driver) = anonymous.http(running.address).await.unwrap();
+    let enrolled = send(&mut sender, Method::POST, "/v1/enroll", r#"{"code":"c2"}"#)
+        .await
+        .unwrap();
+    assert_eq!(enrolled.status, StatusCode::OK);
+    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 1);
+    // An anonymous connection is not kept alive: the server closes it after the answer.
+    tokio::time::timeout(PATIENCE, driver)
+        .await
+        .expect("anonymous connection closed")
+        .unwrap();
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_ca_fails_the_handshake() {
+    let running = Running::start(|_| {}).await;
+    let stranger = Ca::new("someone else's CA");
+    let client = Client::terminal(&running.ca, &stranger, "shop-1");
+    // In TLS 1.3 the client finishes its side before the server has checked the client's
+    // certificate, so the refusal shows on the first exchange: no HTTP answer ever comes.
+    let outcome = match client.http(running.address).await {
+        Err(_) => None,
+        Ok((mut sender, _driver)) => Some(
+            send(&mut sender, Method::POST, "/v1/halves/a", "half")
+                .await
+                .map(|answer| answer.status),
+        ),
+    };
+    assert!(matches!(outcome, None | Some(Err(_))), "{outcome:?}");
+    assert_eq!(running.api.half_calls(), 0);
+    eventually("the failed handshake is counted", || async {
+        running
+            .ops_get("/metrics")
+            .await
+            .text()
+            .contains("nfcpayd_tls_handshake_failures_total 1")
+    })
+    .await;
+    running.stop().await;
+}
+
+/// A TLS 1.2 ClientHello (no `supported_versions` extension) offering ECDHE-ECDSA and
+/// ECDHE-RSA AES-GCM suites, as an old client would send.
+fn tls12_client_hello() -> Vec<u8> {
+    let mut hello = vec![0x03, 0x03];
+    hello.extend([0x5A; 32]);
+    hello.push(0);
+    let suites: [u8; 8] = [0xC0, 0x2B, 0xC0, 0x2F, 0xC0, 0x2C, 0xC0, 0x30];
+    hello.extend(u16::try_from(suites.len()).unwrap().to_be_bytes());
+    hello.extend(suites);
+    hello.extend([1, 0]);
+    let mut extensions = Vec::new();
+    for (kind, data) in [
+        (0x000A_u16, &[0x00, 0x04, 0x00, 0x1D, 0x00, 0x17][..]),
+        (0x000B, &[0x01, 0x00][..]),
+        (0x000D, &[0x00, 0x04, 0x04, 0x03, 0x08, 0x04][..]),
+    ] {
+        extensions.extend(kind.to_be_bytes());
+        extensions.extend(u16::try_from(data.len()).unwrap().to_be_bytes());
+        extensions.extend(data);
+    }
+    hello.extend(u16::try_from(extensions.len()).unwrap().to_be_bytes());
+    hello.extend(extensions);
+    let mut handshake = vec![0x01];
+    handshake.extend(&u32::try_from(hello.len()).unwrap().to_be_bytes()[1..]);
+    handshake.extend(hello);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend(u16::try_from(handshake.len()).unwrap().to_be_bytes());
+    record.extend(handshake);
+    record
+}
+
+#[tokio::test]
+async fn a_tls_1_2_client_is_refused() {
+    let running = Running::start(|_| {}).await;
+    let mut tcp = TcpStream::connect(running.address).await.unwrap();
+    tcp.write_all(&tls12_client_hello()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut answer))
+        .await
+        .expect("the server closes the connection")
+        .unwrap();
+    // A fatal alert record (21) saying protocol_version (70), and never a ServerHello (22).
+    assert_eq!(answer.first(), Some(&21), "{answer:02X?}");
+    assert_eq!(answer.get(5..7), Some(&[2, 70][..]), "{answer:02X?}");
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
+    let running = Running::start(|config| config.tls_handshake_timeout_ms = 200).await;
+    let mut tcp = TcpStream::connect(running.address).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut answer))
+        .await
+        .expect("the server closes a connection that never says hello")
+        .unwrap();
+    assert!(answer.is_empty());
+    running.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_refused_before_the_service_sees_it() {
+    let running = Running::start(|_| {}).await;
+    let client = running.terminal("shop-1");
+
+    // Exactly at the limit is fine.
+    let (mut sender, _driver) = client.http(running.address).await.unwrap();
+    let answer = send(&mut sender, Method::POST, "/v1/halves/a", vec![b'x'; 4096])
+        .await
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    assert_eq!(running.api.half_calls(), 1);
+
+    // Declared over the limit: refused on the Content-Length alone.
+    let (mut sender, _driver) = client.http(running.address).await.unwrap();
+    let answer = send(&mut sender, Method::POST, "/v1/halves/a", vec![b'x'; 4097])
+        .await
+        .unwrap();
+    answer.assert_problem(ProblemCode::BodyTooLarge);
+
+    // Chunked, so the length is only known while reading: refused once the cap is passed.
+    let mut stream = client.tls(running.address).await.unwrap();
+    let chunk = "x".repeat(3000);
+    let request = format!(
+        "POST /v1/halves/b HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n\
+         BB8\r\n{chunk}\r\nBB8\r\n{chunk}\r\n0\r\n\r\n"
+    );
+    let answer = raw_exchange(&mut stream, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    assert!(answer.contains("\"code\":\"body-too-large\""), "{answer}");
+
+    assert_eq!(running.api.half_calls(), 1);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_body_gets_408_timeout() {
+    let running = Running::start(|config| config.body_read_timeout_ms = 300).await;
+    let mut stream = running
+        .terminal("shop-1")
+        .tls(running.address)
+        .await
+        .unwrap();
+    // The head says 100 bytes; 10 come, then nothing.
+    let request =
+        "POST /v1/halves/a HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n0123456789";
+    let answer = raw_exchange(&mut stream, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(answer.contains("\"code\":\"timeout\""), "{answer}");
+    assert!(
+        answer.to_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert_eq!(running.api.half_calls(), 0);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_request_head_is_closed_without_an_answer() {
+    let running = Running::start(|config| config.header_read_timeout_ms = 300).await;
+    let mut stream = running
+        .terminal("shop-1")
+        .tls(running.address)
+        .await
+        .unwrap();
+    let answer = raw_exchange(&mut stream, b"POST /v1/halves/a HTTP/1.1\r\nHost: loc").await;
+    assert_eq!(answer, "");
+    assert_eq!(running.api.half_calls(), 0);
+    let metrics = running.ops_get("/metrics").await;
+    assert!(
+        metrics
+            .text()
+            .contains(r#"nfcpayd_connection_timeouts_total{phase="header"} 1"#),
+        "{}",
+        metrics.text()
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let running = Running::start(|config| config.keep_alive_idle_timeout_ms = 300).await;
+    let (mut sender, driver) = running
+        .terminal("shop-1")
+        .http(running.address)
+        .await
+        .unwrap();
+    let answer = send(&mut sender, Method::POST, "/v1/halves/a", "half")
+        .await
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    // Kept alive after the answer, then closed by the server once idle too long.
+    tokio::time::timeout(PATIENCE, driver)
+        .await
+        .expect("idle connection closed")
+        .unwrap();
+    running.stop().await;
+}
+
+/// Design: the daemon takes a connection permit before `accept`, so a client beyond the cap
+/// waits in the listen backlog (no TLS handshake) until an open connection closes.
+#[tokio::test]
+async fn a_connection_over_the_cap_waits_until_one_closes() {
+    let running = Running::start(|config| config.connections_max = 1).await;
+    let client = running.terminal("shop-1");
+    let (mut first, first_driver) = client.http(running.address).await.unwrap();
+    let answer = send(&mut first, Method::POST, "/v1/halves/a", "one")
+        .await
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+
+    let address = running.address;
+    let second_client = client.clone();
+    let mut second = tokio::spawn(async move {
+        let (mut sender, _driver) = second_client.http(address).await.unwrap();
+        send(&mut sender, Method::POST, "/v1/halves/a", "two")
+            .await
+            .unwrap()
+    });
+    // Deliberately waiting to show that nothing happens while the first connection is open.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut second)
+            .await
+            .is_err(),
+        "the second connection was served while the first held the only permit"
+    );
+    assert_eq!(running.api.half_calls(), 1);
+
+    drop(first);
+    first_driver.abort();
+    let answer = tokio::time::timeout(PATIENCE, second)
+        .await
+        .expect("served once the first closed")
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    assert_eq!(answer.text(), "A|shop-1|0|two");
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_terminal_over_its_rate_gets_429_rate_limited() {
+    let running = Running::start(|config| {
+        config.terminal_requests_per_second = 1;
+        config.terminal_request_burst = 3;
+    })
+    .await;
+    let (mut sender, _driver) = running
+        .terminal("shop-1")
+        .http(running.address)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let answer = send(&mut sender, Method::POST, "/v1/halves/a", "half")
+            .await
+            .unwrap();
+        assert_eq!(answer.status, StatusCode::ACCEPTED);
+    }
+    let limited = send(&mut sender, Method::POST, "/v1/halves/a", "half")
+        .await
+        .unwrap();
+    limited.assert_problem(ProblemCode::RateLimited);
+    let retry_after: u64 = limited.headers[http::header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    assert_eq!(running.api.half_calls(), 3);
+
+    // Another terminal has its own bucket.
+    let (mut other, _driver) = running
+        .terminal("shop-2")
+        .http(running.address)
+        .await
+        .unwrap();
+    let answer = send(&mut other, Method::POST, "/v1/halves/a", "half")
+        .await
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+
+    let metrics = running.ops_get("/metrics").await;
+    assert!(
+        metrics
+            .text()
+            .contains("nfcpayd_rate_limited_requests_total 1")
+    );
+    assert!(
+        metrics
+            .text()
+            .contains(r#"nfcpayd_http_requests_total{route="half_a",status="429"} 1"#)
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_paths_methods_and_queries_get_problems() {
+    let running = Running::start(|_| {}).await;
+    let (mut sender, _driver) = running
+        .terminal("shop-1")
+        .http(running.address)
+        .await
+        .unwrap();
+    for (method, path, code) in [
+        (Method::GET, "/", ProblemCode::NotFound),
+        (Method::POST, "/v1/halves/c", ProblemCode::NotFound),
+        (Method::POST, "/v2/halves/a", ProblemCode::NotFound),
+        (
+            Method::GET,
+            "/v1/transactions/nothex",
+            ProblemCode::Malformed,
+        ),
+        (Method::GET, "/v1/transactions/0011", ProblemCode::Malformed),
+        (
+            Method::POST,
+            "/v1/halves/a?wait_ms=soon",
+            ProblemCode::Malformed,
+        ),
+        (
+            Method::POST,
+            "/v1/halves/a?wait_ms=1&wait_ms=2",
+            ProblemCode::Malformed,
+        ),
+        (Method::POST, "/v1/halves/a?debug=1", ProblemCode::Malformed),
+        (Method::POST, "/v1/enroll?wait_ms=1", ProblemCode::Malformed),
+        (Method::GET, "/v1/halves/a", ProblemCode::MethodNotAllowed),
+        (
+            Method::DELETE,
+            "/v1/transactions/00112233445566778899AABBCCDDEEFF",
+            ProblemCode::MethodNotAllowed,
+        ),
+    ] {
+        let answer = send(&mut sender, method.clone(), path, Bytes::new())
+            .await
+            .unwrap();
+        answer.assert_problem(code);
+        if code == ProblemCode::MethodNotAllowed {
+            let allow = if method == Method::GET { "POST" } else { "GET" };
+            assert_eq!(answer.headers[http::header::ALLOW], allow);
+        }
+    }
+    assert_eq!(running.api.half_calls(), 0);
+
+    // A request line hyper cannot parse gets 400 and a closed connection.
+    let mut stream = running
+        .terminal("shop-1")
+        .tls(running.address)
+        .await
+        .unwrap();
+    let answer = raw_exchange(
+        &mut stream,
+        b"POST /v1/halves/a HTTP/1.1\r\nHost localhost\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    running.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations listener
+
+#[tokio::test]
+async fn health_readiness_and_metrics_on_the_operations_listener() {
+    let running = Running::start(|_| {}).await;
+    let health = running.ops_get("/healthz").await;
+    assert_eq!(health.status, StatusCode::OK);
+
+    let ready = running.ops_get("/readyz").await;
+    assert_eq!(ready.status, StatusCode::OK);
+    running.api.not_ready.store(true, Ordering::SeqCst);
+    let not_ready = running.ops_get("/readyz").await;
+    assert_eq!(not_ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        not_ready.text().contains("hsm: session lost"),
+        "{}",
+        not_ready.text()
+    );
+
+    let (mut sender, _driver) = running
+        .terminal("shop-1")
+        .http(running.address)
+        .await
+        .unwrap();
+    send(&mut sender, Method::POST, "/v1/halves/a", "half")
+        .await
+        .unwrap();
+    send(&mut sender, Method::POST, "/v1/halves/b", "settle")
+        .await
+        .unwrap();
+    send(&mut sender, Method::GET, "/nowhere", Bytes::new())
+        .await
+        .unwrap();
+    let metrics = running.ops_get("/metrics").await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    assert!(
+        metrics
+            .content_type()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = metrics.text();
+    for line in [
+        r#"nfcpayd_http_requests_total{route="half_a",status="202"} 1"#,
+        r#"nfcpayd_http_requests_total{route="half_b",status="200"} 1"#,
+        r#"nfcpayd_http_requests_total{route="other",status="404"} 1"#,
+        r#"nfcpayd_http_request_duration_seconds_count{route="half_a"} 1"#,
+        "nfcpayd_open_connections 1",
+    ] {
+        assert!(text.contains(line), "{line} missing from\n{text}");
+    }
+
+    let tcp = TcpStream::connect(running.ops_address).await.unwrap();
+    let (mut ops, _driver) = http_over(tcp).await.unwrap();
+    let wrong_method = send(&mut ops, Method::POST, "/metrics", Bytes::new())
+        .await
+        .unwrap();
+    wrong_method.assert_problem(ProblemCode::MethodNotAllowed);
+    let missing = send(&mut ops, Method::GET, "/debug", Bytes::new())
+        .await
+        .unwrap();
+    missing.assert_problem(ProblemCode::NotFound);
+    running.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shutdown and reload
+
+#[tokio::test]
+async fn shutdown_drains_an_in_flight_request_then_run_returns() {
+    let running = Running::start(|_| {}).await;
+    *running.api.slow_duration.lock().unwrap() = Duration::from_millis(500);
+    let (mut sender, _driver) = running
+        .terminal("shop-1")
+        .http(running.address)
+        .await
+        .unwrap();
+    let in_flight =
+        tokio::spawn(async move { send(&mut sender, Method::POST, "/v1/halves/a", "slow").await });
+    running.api.slow_entered.notified().await;
+
+    let address = running.address;
+    let anonymous = Client::anonymous(&running.ca);
+    running.stop().await;
+
+    // The request in flight when shutdown began got its answer.
+    let answer = in_flight.await.unwrap().unwrap();
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    assert_eq!(answer.text(), "A|shop-1|0|slow");
+    // And nobody is listening any more.
+    assert!(anonymous.http(address).await.is_err());
+}
+
+#[tokio::test]
+async fn shutdown_gives_up_on_requests_past_the_drain_deadline() {
+    let running = Running::start(|config| config.drain_timeout_ms = 200).await;
+    *running.api.slow_duration.lock().unwrap() = Duration::from_secs(3600);
+    let (mut sender, _driver) = running
+        .terminal("shop-1")
+        .http(running.address)
+        .await
+        .unwrap();
+    let in_flight =
+        tokio::spawn(async move { send(&mut sender, Method::POST, "/v1/halves/a", "slow").await });
+    running.api.slow_entered.notified().await;
+    running.stop().await;
+    // The connection was closed without an answer.
+    assert!(in_flight.await.unwrap().is_err());
+}
+
+fn leaf_of(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
+    stream.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
+}
+
+#[tokio::test]
+async fn reload_swaps_the_server_certificate_for_new_connections() {
+    let next_material = NextMaterial::default();
+    let running = Running::start_with_reload(|_| {}, Arc::clone(&next_material)).await;
+    let client = running.terminal("shop-1");
+    let before = client.tls(running.address).await.unwrap();
+    let old_leaf = leaf_of(&before);
+    let (mut old_connection, _driver) = http_over(before).await.unwrap();
+
+    // A failed reload keeps the current certificate.
+    assert!(running.tls.reload().is_err());
+    assert_eq!(
+        leaf_of(&client.tls(running.address).await.unwrap()),
+        old_leaf
+    );
+
+    let material = running.ca.server_material("server-2");
+    let new_leaf = material.chain[0].clone();
+    *next_material.lock().unwrap() = Some(material);
+    running.tls.reload().unwrap();
+
+    let after = client.tls(running.address).await.unwrap();
+    assert_eq!(leaf_of(&after), new_leaf);
+    assert_ne!(new_leaf, old_leaf);
+    // Both the new connection and the one opened before the reload work.
+    let (mut new_connection, _driver) = http_over(after).await.unwrap();
+    for sender in [&mut old_connection, &mut new_connection] {
+        let answer = send(sender, Method::POST, "/v1/halves/a", "half")
+            .await
+            .unwrap();
+        assert_eq!(answer.status, StatusCode::ACCEPTED);
+    }
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_certificates() {
+    let next_material = NextMaterial::default();
+    let running = Running::start_with_reload(|_| {}, Arc::clone(&next_material)).await;
+    let material = running.ca.server_material("server-after-sighup");
+    let new_leaf = material.chain[0].clone();
+    *next_material.lock().unwrap() = Some(material);
+
+    let hangups = signals::hangups().unwrap();
+    let reloads = tokio::spawn(signals::reload_on_hangup(hangups, Arc::clone(&running.tls)));
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let client = running.terminal("shop-1");
+    eventually("a new connection sees the new certificate", || async {
+        leaf_of(&client.tls(running.address).await.unwrap()) == new_leaf
+    })
+    .await;
+    reloads.abort();
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_configuration_is_refused_before_any_port_is_bound() {
+    let ca = Ca::new("ca");
+    let reload = Arc::new(|| Err(ServerError::Material("unused".into())));
+    let tls = Arc::new(TlsReloader::new(ca.server_material("server"), reload).unwrap());
+    let config = ServerConfig {
+        ops_listen: "0.0.0.0:0".parse().unwrap(),
+        ..ServerConfig::default()
+    };
+    let error = Server::new(config, Arc::new(FakeApi::default()), tls, Metrics::new()).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ServerError::Config {
+                setting: "ops_listen",
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert_eq!(error.exit_code(), 64);
+
+    // A key that does not belong to the certificate is refused too.
+    let mut mismatched = ca.server_material("server");
+    mismatched.key = ca.server_material("other").key;
+    let reload = Arc::new(|| Err(ServerError::Material("unused".into())));
+    let error = TlsReloader::new(mismatched, reload).unwrap_err();
+    assert!(matches!(error, ServerError::Tls(_)), "{error}");
+}
+
+#[tokio::test]
+async fn tls_material_reads_pem_files() {
+    let ca = Ca::new("ca");
+    let material = ca.server_material("server");
+    let directory = tempfile::tempdir().unwrap();
+    let pem = |certificates: &[CertificateDer<'_>]| {
+        certificates
+            .iter()
+            .map(|certificate| {
+                let encoded = pem_encode(certificate);
+                format!("-----BEGIN CERTIFICATE-----\n{encoded}-----END CERTIFICATE-----\n")
+            })
+            .collect::<String>()
+    };
+    let chain_path = directory.path().join("chain.pem");
+    let ca_path = directory.path().join("ca.pem");
+    std::fs::write(&chain_path, pem(&material.chain)).unwrap();
+    std::fs::write(&ca_path, pem(&material.client_ca)).unwrap();
+    let read = TlsMaterial::from_pem_files(&chain_path, &ca_path, material.key.clone()).unwrap();
+    assert_eq!(read.chain, material.chain);
+    assert_eq!(read.client_ca, material.client_ca);
+
+    std::fs::write(&ca_path, "no certificates here\n").unwrap();
+    let error = TlsMaterial::from_pem_files(&chain_path, &ca_path, material.key).unwrap_err();
+    assert!(matches!(error, ServerError::Certificates { .. }), "{error}");
+}
+
+/// Base64 in 64-character lines, for writing PEM files by hand.
+fn pem_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut text = String::new();
+    for chunk in bytes.chunks(3) {
+        let mut block = [0u8; 3];
+        block[..chunk.len()].copy_from_slice(chunk);
+        let value = u32::from_be_bytes([0, block[0], block[1], block[2]]);
+        for index in 0..4 {
+            if index <= chunk.len() {
+                let sextet = (value >> (18 - 6 * index)) & 0x3F;
+                text.push(char::from(ALPHABET[usize::try_from(sextet).unwrap()]));
+            } else {
+                text.push('=');
+            }
+        }
+    }
+    let mut wrapped = String::new();
+    for line in text.as_bytes().chunks(64) {
+        wrapped.push_str(std::str::from_utf8(line).unwrap());
+        wrapped.push('\n');
+    }
+    wrapped
+}
