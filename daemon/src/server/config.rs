@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::ServerError;
 
@@ -52,7 +52,8 @@ const BODY_BYTES_CEILING: usize = 65_536;
 const CONNECTIONS_CEILING: usize = 65_536;
 
 /// The front end's settings (`[server]`); every field has a default.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// Serializable too, so the effective settings can be shown.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Terminal listener (HTTPS, mutual TLS 1.3).
@@ -97,8 +98,8 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8443),
             ops_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9443),
-            certificate_chain: PathBuf::from("/var/lib/nfcpay/tls/server-chain.pem"),
-            client_ca: PathBuf::from("/var/lib/nfcpay/tls/terminal-ca.pem"),
+            certificate_chain: PathBuf::from("/var/lib/nfcpay/pki/server.pem"),
+            client_ca: PathBuf::from("/var/lib/nfcpay/pki/ca.pem"),
             body_bytes_max: BODY_BYTES_MAX,
             tls_handshake_timeout_ms: TLS_HANDSHAKE_TIMEOUT_MS,
             header_read_timeout_ms: HEADER_READ_TIMEOUT_MS,
@@ -262,5 +263,25 @@ mod tests {
         assert_eq!(config.body_read_timeout_ms, 250);
         assert_eq!(config.connections_max, CONNECTIONS_MAX);
         assert!(serde_json::from_str::<ServerConfig>(r#"{"body_limit": 1}"#).is_err());
+    }
+
+    #[test]
+    fn the_sample_files_server_section_is_valid_and_shows_the_defaults() {
+        let sample = include_str!("../../nfcpay.sample.toml");
+        let file = config::Config::builder()
+            .add_source(config::File::from_str(sample, config::FileFormat::Toml))
+            .build()
+            .unwrap();
+        let server: ServerConfig = file.get("server").unwrap();
+        server.validate().unwrap();
+        assert_eq!(server, ServerConfig::default());
+        // Every setting appears in the sample, commented or not.
+        let fields = serde_json::to_value(ServerConfig::default()).unwrap();
+        for field in fields.as_object().unwrap().keys() {
+            assert!(
+                sample.contains(&format!("{field} = ")),
+                "{field} missing from the sample"
+            );
+        }
     }
 }
