@@ -1,0 +1,439 @@
+//! The terminal's DUKPT keys (`nfcpay_terminal_agent::keys`) over the PKCS#11 backend, on a
+//! fresh SoftHSM2 token per check: the published X9.24-3 AES-128 sequence across a reopen
+//! between every transaction, a crash injected at every keystore step of a transaction, and
+//! the register keys being sensitive, non-extractable token objects.
+//!
+//! `harness = false` (libtest-mimic), like `keystore/tests/conformance.rs`: SoftHSM2 reads
+//! `SOFTHSM2_CONF` when the module initialises, and `main` sets it before any other thread
+//! exists. The terminal's token holds the vectors' BDK only so that the test can derive the
+//! initial key in it; a real terminal receives its initial key wrapped at enrollment.
+
+// A panic is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "../../protocol/tests/x9_24_3_vectors/mod.rs"]
+mod x9_24_3_vectors;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use cryptoki::context::Pkcs11;
+use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+use libtest_mimic::{Arguments, Trial};
+use nfcpay_keystore::components::clear_key_kcv;
+use nfcpay_keystore::dukpt::{TransientKey, initial_key, working_key, working_key_from};
+use nfcpay_keystore::pkcs11::Pkcs11Keystore;
+use nfcpay_keystore::software::SoftwareKeystore;
+use nfcpay_keystore::uri::Pkcs11Uri;
+use nfcpay_keystore::{
+    BdkInfo, CMAC_BYTES, DeriveBase, ECDSA_P256_SIGNATURE_BYTES, EcPublicKey, GCM_NONCE_BYTES, Kcv,
+    KeyHandle, KeyLabel, KeyPurpose, Keystore, KeystoreError, PrivateKeyHandle,
+};
+use nfcpay_protocol::dukpt::{DerivationData, KeyAlgorithm, WorkingKeyUsage};
+use nfcpay_protocol::{BdkId, InitialKeyId, Ksn};
+use nfcpay_terminal_agent::keys::{STATE_FILE_NAME, TerminalKeyState, register_label};
+use x9_24_3_vectors::{AES128_BDK, AES128_TERMINAL_KSN_SEQUENCE};
+use zeroize::Zeroizing;
+
+const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const PIN: &str = "keys-pkcs11-pin";
+const LABELS: [&str; 3] = ["keys-vectors", "keys-crash", "keys-attributes"];
+
+static TOKEN_DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    // SAFETY: `main` runs before this process starts any other thread (libtest-mimic starts
+    // its threads later, in `run`), so nothing reads the environment concurrently.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("SOFTHSM2_CONF", dir.path().join("softhsm2.conf"));
+    }
+    std::fs::write(dir.path().join("pin"), PIN).unwrap();
+    // All tokens first: SoftHSM2 sees only the tokens that exist when the module initialises.
+    for label in LABELS {
+        make_token(dir.path(), label);
+    }
+    TOKEN_DIR.set(dir).unwrap();
+    let trials = vec![
+        Trial::test(
+            "pkcs11::published vectors across a reopen between every transaction",
+            || {
+                published_vectors(LABELS[0]);
+                Ok(())
+            },
+        ),
+        Trial::test(
+            "pkcs11::a crash at any step never reuses a counter or a used key",
+            || {
+                crash_at_every_step(LABELS[1]);
+                Ok(())
+            },
+        ),
+        Trial::test("pkcs11::register keys are sensitive token objects", || {
+            registers_stay_in_the_token(LABELS[2]);
+            Ok(())
+        }),
+    ];
+    libtest_mimic::run(&Arguments::from_args(), trials).exit();
+}
+
+fn make_token(dir: &Path, label: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../softhsm-setup/init-token");
+    let output = Command::new(script)
+        .arg("--dir")
+        .arg(dir)
+        .args([
+            "--label",
+            label,
+            "--pin",
+            PIN,
+            "--so-pin",
+            "keys-pkcs11-so-pin",
+        ])
+        .output()
+        .expect("softhsm-setup/init-token runs (is softhsm2 installed?)");
+    assert!(
+        output.status.success(),
+        "init-token failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn token_store(label: &str) -> Arc<Pkcs11Keystore> {
+    let dir = TOKEN_DIR.get().unwrap().path();
+    let uri: Pkcs11Uri = format!(
+        "pkcs11:token={label}?module-path={MODULE}&pin-source=file:{}",
+        dir.join("pin").display()
+    )
+    .parse()
+    .unwrap();
+    Arc::new(Pkcs11Keystore::open(&uri).unwrap())
+}
+
+fn initial_key_id() -> InitialKeyId {
+    AES128_BDK.initial_key_id.parse().unwrap()
+}
+
+fn bdk() -> Zeroizing<Vec<u8>> {
+    Zeroizing::new(hex::decode(AES128_BDK.bdk).unwrap())
+}
+
+/// The host: the vectors' BDK in a software store.
+fn host() -> SoftwareKeystore {
+    let host = SoftwareKeystore::in_memory();
+    host.import_bdk(initial_key_id().bdk_id(), &bdk()).unwrap();
+    host
+}
+
+/// Loads the vectors' initial key into a fresh terminal directory over `store`.
+fn load(store: Arc<dyn Keystore>, dir: &Path) -> TerminalKeyState {
+    match store.import_bdk(initial_key_id().bdk_id(), &bdk()) {
+        Ok(_) | Err(KeystoreError::BdkExists(_)) => {}
+        Err(error) => panic!("{error}"),
+    }
+    let ik = initial_key(store.as_ref(), initial_key_id(), KeyPurpose::Derive).unwrap();
+    TerminalKeyState::load_initial_key(store, dir, ik, KeyAlgorithm::Aes128, initial_key_id())
+        .unwrap()
+}
+
+fn pin_kcv(store: &dyn Keystore, key: &KeyHandle, ksn: Ksn) -> Kcv {
+    let pin = working_key_from(
+        store,
+        key,
+        ksn,
+        WorkingKeyUsage::PinEncryption,
+        None,
+        KeyPurpose::Check,
+    )
+    .unwrap();
+    let pin = TransientKey::new(store, pin);
+    store.kcv(pin.handle()).unwrap()
+}
+
+fn host_pin_kcv(host: &dyn Keystore, ksn: Ksn) -> Kcv {
+    let pin = working_key(
+        host,
+        ksn,
+        WorkingKeyUsage::PinEncryption,
+        None,
+        KeyPurpose::Check,
+    )
+    .unwrap();
+    let pin = TransientKey::new(host, pin);
+    host.kcv(pin.handle()).unwrap()
+}
+
+fn published_vectors(label: &str) {
+    let store: Arc<dyn Keystore> = token_store(label);
+    let dir = tempfile::tempdir().unwrap();
+    drop(load(Arc::clone(&store), dir.path()));
+    for expected in AES128_TERMINAL_KSN_SEQUENCE {
+        let mut state = TerminalKeyState::open(Arc::clone(&store), dir.path()).unwrap();
+        let (ksn, key) = state.next_transaction().unwrap();
+        assert_eq!(ksn.to_string(), *expected);
+        let published = AES128_BDK
+            .transactions
+            .iter()
+            .find(|transaction| transaction.ksn == *expected)
+            .unwrap();
+        let pin = published
+            .working_keys
+            .iter()
+            .find(|working| working.usage == "PIN")
+            .unwrap();
+        let expected_kcv = clear_key_kcv(&hex::decode(pin.key).unwrap()).unwrap();
+        assert_eq!(pin_kcv(store.as_ref(), key.handle(), ksn), expected_kcv);
+    }
+    let state = TerminalKeyState::open(Arc::clone(&store), dir.path()).unwrap();
+    assert_eq!(state.status().next_counter, Some(9));
+}
+
+fn crash_at_every_step(label: &str) {
+    let token: Arc<dyn Keystore> = token_store(label);
+    let host = host();
+    for crash_counter in [1u32, 2, 4, 8] {
+        let steps = 2 * crash_counter.trailing_zeros() as usize + 1;
+        for fail_at in 0..steps {
+            let dir = tempfile::tempdir().unwrap();
+            let mut state = load(Arc::clone(&token), dir.path());
+            let mut handed_out = Vec::new();
+            while state.status().next_counter != Some(crash_counter) {
+                handed_out.push(state.next_transaction().unwrap().0);
+            }
+            drop(state);
+            let failing = Arc::new(FailingKeystore {
+                inner: Arc::clone(&token),
+                armed: AtomicBool::new(false),
+                calls: AtomicUsize::new(0),
+                fail_at,
+            });
+            let mut state = TerminalKeyState::open(Arc::clone(&failing) as _, dir.path()).unwrap();
+            failing.armed.store(true, Ordering::SeqCst);
+            assert!(state.next_transaction().is_err());
+            if let Ok((ksn, _)) = state.next_transaction() {
+                handed_out.push(ksn);
+            }
+            drop(state); // the crash
+
+            let mut state = TerminalKeyState::open(Arc::clone(&token), dir.path()).unwrap();
+            for _ in 0..3 {
+                let (ksn, key) = state.next_transaction().unwrap();
+                assert!(
+                    handed_out.iter().all(|earlier| *earlier < ksn),
+                    "{ksn} after a crash at step {fail_at} of {crash_counter:#x}"
+                );
+                assert_eq!(
+                    pin_kcv(token.as_ref(), key.handle(), ksn),
+                    host_pin_kcv(&host, ksn),
+                    "{ksn}"
+                );
+                handed_out.push(ksn);
+            }
+            // A used register's key is gone from the token.
+            let used = handed_out.last().unwrap().counter().get().trailing_zeros() as usize;
+            assert!(token.load_key(&register_label(used)).unwrap().is_none());
+        }
+    }
+}
+
+fn registers_stay_in_the_token(label: &str) {
+    let store: Arc<dyn Keystore> = token_store(label);
+    let dir = tempfile::tempdir().unwrap();
+    let mut state = load(Arc::clone(&store), dir.path());
+    state.next_transaction().unwrap();
+    let mode = std::fs::metadata(dir.path().join(STATE_FILE_NAME))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let context = Pkcs11::new(MODULE).unwrap();
+    let slot = context
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|slot| context.get_token_info(*slot).unwrap().label() == label)
+        .unwrap();
+    let session = context.open_ro_session(slot).unwrap();
+    let find = |register: usize| {
+        session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Token(true),
+                Attribute::Label(register_label(register).as_str().as_bytes().to_vec()),
+            ])
+            .unwrap()
+    };
+    // Counter 1 used register 0; registers 1 to 31 remain, one token object each.
+    assert!(find(0).is_empty());
+    for register in 1..32 {
+        let objects = find(register);
+        assert_eq!(objects.len(), 1, "register {register}");
+        let attributes = session
+            .get_attributes(
+                objects[0],
+                &[
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::Derive,
+                    AttributeType::Sign,
+                    AttributeType::Encrypt,
+                ],
+            )
+            .unwrap();
+        assert_eq!(
+            attributes,
+            [
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Derive(true),
+                Attribute::Sign(false),
+                Attribute::Encrypt(false),
+            ],
+            "register {register}"
+        );
+    }
+    drop(state);
+}
+
+/// A keystore that, once armed, fails the `fail_at`-th call (counting from 0) to
+/// `derive`, `persist_key` or `delete_key`, like a crash at that point.
+struct FailingKeystore {
+    inner: Arc<dyn Keystore>,
+    armed: AtomicBool,
+    calls: AtomicUsize,
+    fail_at: usize,
+}
+
+impl FailingKeystore {
+    fn step(&self) -> Result<(), KeystoreError> {
+        if self.armed.load(Ordering::SeqCst)
+            && self.calls.fetch_add(1, Ordering::SeqCst) == self.fail_at
+        {
+            return Err(KeystoreError::Io {
+                path: "injected".to_owned(),
+                message: "a crash".to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Keystore for FailingKeystore {
+    fn generate_bdk(&self, id: BdkId, a: KeyAlgorithm) -> Result<BdkInfo, KeystoreError> {
+        self.inner.generate_bdk(id, a)
+    }
+    fn import_bdk(&self, id: BdkId, k: &Zeroizing<Vec<u8>>) -> Result<BdkInfo, KeystoreError> {
+        self.inner.import_bdk(id, k)
+    }
+    fn bdk_info(&self, id: BdkId) -> Result<BdkInfo, KeystoreError> {
+        self.inner.bdk_info(id)
+    }
+    fn list_bdks(&self) -> Result<Vec<BdkInfo>, KeystoreError> {
+        self.inner.list_bdks()
+    }
+    fn derive(
+        &self,
+        base: DeriveBase<'_>,
+        data: &DerivationData,
+        purpose: KeyPurpose,
+    ) -> Result<KeyHandle, KeystoreError> {
+        self.step()?;
+        self.inner.derive(base, data, purpose)
+    }
+    fn gcm_encrypt(
+        &self,
+        key: &KeyHandle,
+        nonce: &[u8; GCM_NONCE_BYTES],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, KeystoreError> {
+        self.inner.gcm_encrypt(key, nonce, aad, plaintext)
+    }
+    fn gcm_decrypt(
+        &self,
+        key: &KeyHandle,
+        nonce: &[u8; GCM_NONCE_BYTES],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeystoreError> {
+        self.inner.gcm_decrypt(key, nonce, aad, sealed)
+    }
+    fn cmac_generate(
+        &self,
+        key: &KeyHandle,
+        data: &[u8],
+    ) -> Result<[u8; CMAC_BYTES], KeystoreError> {
+        self.inner.cmac_generate(key, data)
+    }
+    fn cmac_verify(&self, key: &KeyHandle, data: &[u8], mac: &[u8]) -> Result<(), KeystoreError> {
+        self.inner.cmac_verify(key, data, mac)
+    }
+    fn kcv(&self, key: &KeyHandle) -> Result<Kcv, KeystoreError> {
+        self.inner.kcv(key)
+    }
+    fn generate_ec_p256(
+        &self,
+        label: &KeyLabel,
+        persistent: bool,
+    ) -> Result<(PrivateKeyHandle, EcPublicKey), KeystoreError> {
+        self.inner.generate_ec_p256(label, persistent)
+    }
+    fn find_ec_p256(
+        &self,
+        label: &KeyLabel,
+    ) -> Result<Option<(PrivateKeyHandle, EcPublicKey)>, KeystoreError> {
+        self.inner.find_ec_p256(label)
+    }
+    fn sign_p256_sha256(
+        &self,
+        key: &PrivateKeyHandle,
+        message: &[u8],
+    ) -> Result<[u8; ECDSA_P256_SIGNATURE_BYTES], KeystoreError> {
+        self.inner.sign_p256_sha256(key, message)
+    }
+    fn ecdh_kek(
+        &self,
+        key: &PrivateKeyHandle,
+        peer: &EcPublicKey,
+        context: &[u8],
+    ) -> Result<KeyHandle, KeystoreError> {
+        self.inner.ecdh_kek(key, peer, context)
+    }
+    fn wrap_key(&self, kek: &KeyHandle, key: &KeyHandle) -> Result<Vec<u8>, KeystoreError> {
+        self.inner.wrap_key(kek, key)
+    }
+    fn unwrap_key(
+        &self,
+        kek: &KeyHandle,
+        wrapped: &[u8],
+        algorithm: KeyAlgorithm,
+        purpose: KeyPurpose,
+    ) -> Result<KeyHandle, KeystoreError> {
+        self.inner.unwrap_key(kek, wrapped, algorithm, purpose)
+    }
+    fn destroy(&self, key: KeyHandle) -> Result<(), KeystoreError> {
+        self.inner.destroy(key)
+    }
+    fn persist_key(&self, key: &KeyHandle, label: &KeyLabel) -> Result<(), KeystoreError> {
+        self.step()?;
+        self.inner.persist_key(key, label)
+    }
+    fn load_key(&self, label: &KeyLabel) -> Result<Option<KeyHandle>, KeystoreError> {
+        self.inner.load_key(label)
+    }
+    fn delete_key(&self, label: &KeyLabel) -> Result<bool, KeystoreError> {
+        self.step()?;
+        self.inner.delete_key(label)
+    }
+    fn destroy_ec(&self, key: PrivateKeyHandle) -> Result<(), KeystoreError> {
+        self.inner.destroy_ec(key)
+    }
+    fn check_health(&self) -> Result<(), KeystoreError> {
+        self.inner.check_health()
+    }
+}
