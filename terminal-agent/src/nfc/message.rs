@@ -809,7 +809,8 @@ mod tests {
             self.exchanges += 1;
             let mut frame = frame.to_vec();
             if hit && self.in_request {
-                frame[20] ^= 0x01;
+                let middle = frame.len() / 2;
+                frame[middle] ^= 0x01;
             }
             let mut answer = self.inner.exchange(&frame, timeout)?;
             if hit && !self.in_request {
