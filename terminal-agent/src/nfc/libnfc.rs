@@ -654,6 +654,13 @@ mod tests {
     }
 
     #[test]
+    fn links_move_between_threads() {
+        fn assert_send<T: Send>() {}
+        assert_send::<LibnfcInitiator>();
+        assert_send::<LibnfcTarget>();
+    }
+
+    #[test]
     fn timeouts_never_reach_libnfc_as_zero() {
         assert_eq!(
             libnfc_timeout(Duration::ZERO),

@@ -363,3 +363,62 @@ pub fn check_exchange(bytes: &[u8]) -> Result<&[u8], NfcError> {
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    #[test]
+    fn connstrings_are_checked_before_libnfc_sees_them() {
+        assert_eq!(
+            Connstring::try_from("pn532_uart:/dev/ttyUSB0")
+                .unwrap()
+                .as_str(),
+            "pn532_uart:/dev/ttyUSB0"
+        );
+        for bad in [String::new(), "acr122_usb\0".to_owned(), "x".repeat(1024)] {
+            assert!(
+                matches!(
+                    Connstring::try_from(bad.as_str()),
+                    Err(NfcError::InvalidConnstring { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(Connstring::try_from("x".repeat(CONNSTRING_BYTES_MAX)).is_ok());
+    }
+
+    #[test]
+    fn the_guard_passes_262_bytes_and_refuses_263() {
+        assert_eq!(check_exchange(&[0; 262]).unwrap().len(), 262);
+        assert!(matches!(
+            check_exchange(&[0; 263]),
+            Err(NfcError::ExchangeTooLong {
+                length: 263,
+                max: 262
+            })
+        ));
+    }
+
+    #[test]
+    fn transfer_says_how_far_a_message_got() {
+        let transfer = Transfer {
+            chunks_done: 2,
+            chunk_count: Some(5),
+        };
+        assert_eq!(transfer.to_string(), "after 2 of 5 chunks");
+        assert_eq!(Transfer::default().to_string(), "before the first chunk");
+        let error = NfcError::PeerGone {
+            role: Role::Initiator,
+            transfer,
+            cause: LinkLoss::RfError,
+        };
+        assert_eq!(
+            error.to_string(),
+            "the other terminal was taken away after 2 of 5 chunks (RF transmission failed \
+             (the other terminal left the field); as initiator)"
+        );
+    }
+}
