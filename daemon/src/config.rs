@@ -2,20 +2,87 @@
 //! overrides (`NFCPAY_KEYSTORE__URI=…` overrides `[keystore] uri`), validated as a whole
 //! before anything else happens. See `daemon/nfcpay.sample.toml` for every setting.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nfcpay_keystore::KeystoreConfig;
+use nfcpay_protocol::BdkId;
 use serde::Deserialize;
+
+use crate::server::ServerConfig;
+use crate::storage::DatabaseConfig;
 
 /// Prefix of environment variables that override the file.
 pub const ENVIRONMENT_PREFIX: &str = "NFCPAY";
 
-/// The whole configuration.
-#[derive(Debug, Clone, Deserialize)]
+/// The whole configuration. Deliberately not `Debug`: the database URL may hold a password.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where the keys are (`[keystore]`).
     pub keystore: KeystoreConfig,
+    /// The ledger (`[database]`).
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    /// The network front end (`[server]`).
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The platform service (`[platform]`).
+    #[serde(default)]
+    pub platform: PlatformConfig,
+}
+
+/// Number of DUKPT intermediate keys cached in the HSM by default.
+pub const KEY_CACHE_ENTRIES_DEFAULT: usize = 4096;
+/// How often unmatched payments past their expiry are marked expired, by default.
+pub const EXPIRY_SWEEP_INTERVAL_MS_DEFAULT: u64 = 1000;
+/// How long a new terminal's enrollment code works, by default.
+pub const ENROLLMENT_CODE_VALIDITY_HOURS_DEFAULT: u32 = 24;
+
+/// `[platform]`: the service between the front end and the ledger.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlatformConfig {
+    /// Directory of the platform's certificates (`ca.pem`, `server.pem`); never keys.
+    pub pki_dir: PathBuf,
+    /// DUKPT intermediate keys cached in the HSM (session objects).
+    pub key_cache_entries: usize,
+    /// How often expired unmatched payments are swept (ms).
+    pub expiry_sweep_interval_ms: u64,
+    /// The BDK new terminals are enrolled under (8 hex digits); `None`: the only BDK.
+    pub enrollment_bdk_id: Option<String>,
+    /// How long a new terminal's enrollment code works (hours).
+    pub enrollment_code_validity_hours: u32,
+    /// Run even as root (not recommended: the unit file runs `nfcpayd` as `nfcpay`).
+    pub allow_root: bool,
+}
+
+impl Default for PlatformConfig {
+    fn default() -> Self {
+        Self {
+            pki_dir: PathBuf::from("/var/lib/nfcpay/pki"),
+            key_cache_entries: KEY_CACHE_ENTRIES_DEFAULT,
+            expiry_sweep_interval_ms: EXPIRY_SWEEP_INTERVAL_MS_DEFAULT,
+            enrollment_bdk_id: None,
+            enrollment_code_validity_hours: ENROLLMENT_CODE_VALIDITY_HOURS_DEFAULT,
+            allow_root: false,
+        }
+    }
+}
+
+impl PlatformConfig {
+    /// The configured enrollment BDK, parsed.
+    pub fn enrollment_bdk_id(&self) -> Result<Option<BdkId>, ConfigError> {
+        self.enrollment_bdk_id
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(
+                |error: nfcpay_protocol::ProtocolError| ConfigError::Invalid {
+                    path: "[platform] enrollment_bdk_id".into(),
+                    message: error.to_string(),
+                },
+            )
+    }
 }
 
 /// Why a configuration could not be loaded.
@@ -51,17 +118,34 @@ impl Config {
             .into_iter()
             .filter(|(name, _)| name.starts_with(&format!("{ENVIRONMENT_PREFIX}_")))
             .collect();
-        config::Config::builder()
+        let config: Self = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
             .add_source(
                 config::Environment::with_prefix(ENVIRONMENT_PREFIX)
                     .prefix_separator("_")
                     .separator("__")
+                    .try_parsing(true)
                     .source(Some(overrides)),
             )
             .build()
             .and_then(config::Config::try_deserialize)
-            .map_err(|error| invalid(error.to_string()))
+            .map_err(|error| invalid(error.to_string()))?;
+        config.validate().map_err(invalid)?;
+        Ok(config)
+    }
+
+    /// Checks what deserialization cannot: every section's own rules.
+    fn validate(&self) -> Result<(), String> {
+        self.server.validate().map_err(|error| error.to_string())?;
+        self.platform
+            .enrollment_bdk_id()
+            .map_err(|error| error.to_string())?;
+        if self.platform.key_cache_entries == 0 || self.platform.expiry_sweep_interval_ms == 0 {
+            return Err(
+                "[platform] key_cache_entries and expiry_sweep_interval_ms must be positive".into(),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -86,6 +170,7 @@ mod tests {
                 path: "/tmp/ks.json".into()
             }
         );
+        assert_eq!(config.platform.key_cache_entries, KEY_CACHE_ENTRIES_DEFAULT);
         let file = write("[keystore]\nbackend = \"pkcs11\"\nuri = \"pkcs11:token=t\"\n");
         let config = Config::load_with_environment(file.path(), []).unwrap();
         assert_eq!(
@@ -122,16 +207,23 @@ mod tests {
             "[keystore]\nbackend = \"tpm\"\n",
             "[keystore]\nbackend = \"pkcs11\"\n",
             "[keystore]\nbackend = \"software\"\npath = \"/x\"\n[extra]\n",
+            "[keystore]\nbackend = \"software\"\npath = \"/x\"\n[platform]\nenrollment_bdk_id = \"XYZ\"\n",
+            "[keystore]\nbackend = \"software\"\npath = \"/x\"\n[platform]\nkey_cache_entries = 0\n",
             "",
             "[keystore\n",
         ] {
             let file = write(text);
-            let error = Config::load_with_environment(file.path(), []).unwrap_err();
+            let Err(error) = Config::load_with_environment(file.path(), []) else {
+                panic!("{text:?} was accepted");
+            };
             assert!(
                 error.to_string().contains("configuration"),
                 "{text:?}: {error}"
             );
         }
-        assert!(Config::load_with_environment(Path::new("/nonexistent.toml"), []).is_err());
+        assert!(
+            Config::load_with_environment(Path::new("/nonexistent.toml"), []).is_err(),
+            "a missing file is an error"
+        );
     }
 }

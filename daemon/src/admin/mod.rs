@@ -4,12 +4,17 @@
 //! Every command reads the same configuration file as the daemon (`--config`), prints key
 //! check values to identify keys, and never prints a key.
 
+mod accounts;
+mod audit;
 mod bdk;
 mod dukpt;
+mod init;
+mod terminals;
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use nfcpay_keystore::{Keystore, KeystoreError};
@@ -24,7 +29,7 @@ pub const EXIT_USAGE: u8 = 64;
 #[command(
     name = "nfcpay-admin",
     version,
-    about = "Operate an nfcpay platform: key ceremony, DUKPT checks",
+    about = "Operate an nfcpay platform: key ceremony, accounts, terminals, audit",
     long_about = "Operate an nfcpay platform.\n\n\
         Keys are identified by key check values (KCV: the first 3 bytes of AES-CMAC over one \
         zero block, as 6 hex digits); no command ever prints a key."
@@ -53,6 +58,17 @@ pub enum Command {
     /// DUKPT checks: key check values of derived keys.
     #[command(subcommand)]
     Dukpt(dukpt::DukptCommand),
+    /// Prepare the platform: ledger schema, terminal CA, server certificate, receipt key.
+    Init(init::InitArgs),
+    /// Ledger accounts: create, fund, show balance and postings.
+    #[command(subcommand)]
+    Accounts(accounts::AccountsCommand),
+    /// Terminals: add (with a one-time enrollment code), list, suspend, reactivate, revoke.
+    #[command(subcommand)]
+    Terminals(terminals::TerminalsCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// Why a command failed.
@@ -68,6 +84,15 @@ pub enum AdminError {
     /// Operator input was malformed.
     #[error("{0}")]
     Input(String),
+    /// The ledger refused or failed.
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    /// Certificates or platform keys could not be made.
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    /// The audit chain is broken.
+    #[error("{0}")]
+    AuditBroken(String),
     /// Reading standard input or writing standard output failed.
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
@@ -87,21 +112,20 @@ impl AdminError {
     }
 }
 
-/// Runs one command, writing its report to `out`.
+/// Runs one command, writing its report to `out`. Each command opens only what it needs.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), AdminError> {
     let config = Config::load(&cli.config)?;
-    let keystore = nfcpay_keystore::open(&config.keystore)?;
-    run_with_keystore(cli.command, keystore.as_ref(), out)
-}
-
-/// Runs one command against an open keystore.
-pub fn run_with_keystore(
-    command: Command,
-    keystore: &dyn Keystore,
-    out: &mut dyn Write,
-) -> Result<(), AdminError> {
-    match command {
-        Command::Bdk(command) => bdk::run(command, keystore, out),
-        Command::Dukpt(command) => dukpt::run(command, keystore, out),
+    let keystore = || nfcpay_keystore::open(&config.keystore).map_err(AdminError::from);
+    let storage = || crate::storage::Storage::open_with(&config.database).map_err(AdminError::from);
+    match cli.command {
+        Command::Bdk(command) => bdk::run(command, keystore()?.as_ref(), out),
+        Command::Dukpt(command) => dukpt::run(command, keystore()?.as_ref(), out),
+        Command::Init(args) => {
+            let keystore: Arc<dyn Keystore> = Arc::from(keystore()?);
+            init::run(args, &config, &keystore, out)
+        }
+        Command::Accounts(command) => accounts::run(command, &storage()?, out),
+        Command::Terminals(command) => terminals::run(command, &config, &storage()?, keystore, out),
+        Command::Audit(command) => audit::run(command, &storage()?, out),
     }
 }

@@ -1,0 +1,61 @@
+//! `nfcpay-admin init`: the ledger's schema, the terminal CA and the server certificate (keys
+//! in the keystore, certificates in the PKI directory), and the receipt-signing key.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use nfcpay_keystore::Keystore;
+
+use super::AdminError;
+use crate::config::Config;
+use crate::pki;
+use crate::storage::Storage;
+
+/// Validity of the terminal CA certificate made by `init`.
+pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+
+/// `init` arguments.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// DNS names and IP addresses the server certificate is for (repeatable).
+    #[arg(long = "server-name", default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned()])]
+    pub server_names: Vec<String>,
+}
+
+/// Runs `init`: idempotent for the CA and the receipt key; the server certificate is reissued.
+pub fn run(
+    args: InitArgs,
+    config: &Config,
+    keystore: &Arc<dyn Keystore>,
+    out: &mut dyn Write,
+) -> Result<(), AdminError> {
+    Storage::open_with(&config.database)?;
+    writeln!(out, "ledger schema: up to date")?;
+    let dir = &config.platform.pki_dir;
+    std::fs::create_dir_all(dir)?;
+    let ca = pki::init_ca(keystore, dir, CA_VALIDITY)?;
+    writeln!(
+        out,
+        "terminal CA: {} ({}), SHA-256 fingerprint {}",
+        dir.join(pki::CA_CERTIFICATE_FILE).display(),
+        if ca.created { "created" } else { "kept" },
+        ca.fingerprint_sha256_hex
+    )?;
+    let server = pki::issue_server_certificate(keystore, dir, &args.server_names)?;
+    writeln!(
+        out,
+        "server certificate: {} for {} (serial {})",
+        dir.join(pki::SERVER_CERTIFICATE_FILE).display(),
+        args.server_names.join(", "),
+        server.serial_hex
+    )?;
+    let receipt = pki::ensure_receipt_key(keystore)?;
+    writeln!(
+        out,
+        "receipt key: {}",
+        hex::encode_upper(receipt.as_bytes())
+    )?;
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! `nfcpayd`: the nfcpay platform daemon. See `nfcpay_daemon::daemon`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use nfcpay_daemon::daemon::{load_config, run};
+
+/// The nfcpay platform daemon: verifies, matches and settles what terminals send.
+#[derive(Debug, Parser)]
+#[command(name = "nfcpayd", version)]
+struct Args {
+    /// Configuration file (TOML); `NFCPAY_*` environment variables override it.
+    #[arg(
+        long,
+        short,
+        env = "NFCPAY_CONFIG",
+        default_value = "/etc/nfcpay/nfcpay.toml"
+    )]
+    config: PathBuf,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NFCPAY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = match load_config(&args.config) {
+        Ok(config) => config,
+        Err(error) => return fail(&error, error.exit_code()),
+    };
+    if args.check_config {
+        println!("configuration OK");
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(&error, 71),
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&error, error.exit_code()),
+    }
+}
+
+fn fail(error: &dyn std::error::Error, code: u8) -> ExitCode {
+    tracing::error!("{error}");
+    eprintln!("nfcpayd: {error}");
+    ExitCode::from(code)
+}

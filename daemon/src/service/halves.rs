@@ -1,0 +1,198 @@
+//! The verification pipeline of a half (docs/protocol.md §6.1), up to the ledger.
+
+use nfcpay_keystore::KeyPurpose;
+use nfcpay_keystore::dukpt::TransientKey;
+use nfcpay_protocol::dukpt::WorkingKeyUsage;
+use nfcpay_protocol::messages::{
+    CLOCK_SKEW_MS_MAX, HalfEnvelope, HalfKind, PaymentInstruction, PaymentRequest,
+};
+use nfcpay_protocol::{Ksn, TerminalId};
+use sha2::{Digest, Sha256};
+
+use super::{Inner, now_ms, problems};
+use crate::server::HalfRoute;
+use crate::server::problem::{Problem, ProblemCode};
+use crate::storage::{AcceptedHalf, HalfContent, TerminalState, TransactionView};
+
+/// What became of an accepted half.
+pub struct Outcome {
+    /// The payment after the ledger's commit.
+    pub view: TransactionView,
+    /// The terminal that sent the half (the receipt's recipient).
+    pub recipient: TerminalId,
+    /// The KSN of that half (names the receipt's CMAC key).
+    pub recipient_ksn: Ksn,
+    /// Whether this half completed the payment (rather than finding it settled already).
+    pub settled_now: bool,
+}
+
+/// Verifies a half and records it in the ledger. Blocking.
+pub(super) fn accept(
+    inner: &Inner,
+    route: HalfRoute,
+    client: &TerminalId,
+    body: &[u8],
+) -> Result<Outcome, Problem> {
+    let received_at_ms = now_ms();
+    // 2. The envelope decodes and its type matches the route.
+    let envelope = HalfEnvelope::decode(body).map_err(|error| problems::malformed(&error))?;
+    let header = envelope.header();
+    let expected = match route {
+        HalfRoute::A => HalfKind::A,
+        HalfRoute::B => HalfKind::B,
+    };
+    if header.kind != expected {
+        return Err(Problem::new(
+            ProblemCode::WrongHalfType,
+            "the envelope's type is not this route's half",
+        ));
+    }
+    // 3. The terminal named inside is the certificate's, and may send.
+    if &header.terminal_id != client {
+        return Err(Problem::new(
+            ProblemCode::TerminalMismatch,
+            "the half names another terminal than the client certificate",
+        ));
+    }
+    let terminal = inner
+        .storage
+        .terminal(client)
+        .map_err(problems::storage)?
+        .ok_or_else(|| Problem::new(ProblemCode::TerminalMismatch, "unknown terminal"))?;
+    match terminal.state {
+        TerminalState::Active => {}
+        TerminalState::Suspended => {
+            return Err(Problem::new(
+                ProblemCode::TerminalSuspended,
+                "terminal is suspended",
+            ));
+        }
+        TerminalState::Revoked => {
+            return Err(Problem::new(
+                ProblemCode::TerminalRevoked,
+                "terminal is revoked",
+            ));
+        }
+        TerminalState::Pending => {
+            return Err(Problem::new(
+                ProblemCode::TerminalMismatch,
+                "terminal is not enrolled",
+            ));
+        }
+    }
+    // 4. The KSN is the terminal's.
+    if header.ksn.initial_key_id() != terminal.initial_key_id {
+        return Err(Problem::new(
+            ProblemCode::TerminalMismatch,
+            "the KSN is not the terminal's",
+        ));
+    }
+    // 5. Decrypt and verify under the working key derived inside the keystore.
+    let key = inner
+        .keys
+        .working_key(
+            header.ksn,
+            WorkingKeyUsage::DataEncrypt,
+            KeyPurpose::Encrypt,
+        )
+        .map_err(problems::keystore)?;
+    let key = TransientKey::new(inner.keystore.as_ref(), key);
+    let plaintext = inner
+        .keystore
+        .gcm_decrypt(
+            key.handle(),
+            &header.nonce,
+            envelope.header_bytes(),
+            envelope.body(),
+        )
+        .map_err(problems::keystore)?;
+    drop(key);
+    // 6. The plaintext decodes, names the sender, and is on time.
+    if header.sent_at_ms.abs_diff(received_at_ms) > CLOCK_SKEW_MS_MAX {
+        return Err(Problem::new(
+            ProblemCode::ClockSkew,
+            "sent_at is more than 5 minutes from the platform's clock",
+        ));
+    }
+    let content = match header.kind {
+        HalfKind::A => {
+            let request =
+                PaymentRequest::decode(&plaintext).map_err(|error| problems::malformed(&error))?;
+            if &request.payee_terminal_id != client {
+                return Err(Problem::new(
+                    ProblemCode::TerminalMismatch,
+                    "the request names another payee terminal",
+                ));
+            }
+            if request.validity.is_expired_at(received_at_ms) {
+                return Err(Problem::new(
+                    ProblemCode::Expired,
+                    "the request has expired",
+                ));
+            }
+            (
+                request.txn_id,
+                HalfContent::A {
+                    request_digest: PaymentRequest::digest(&plaintext),
+                    payee_account: request.payee_account_id,
+                    amount: request.amount,
+                    expires_at_ms: to_i64(request.validity.expires_at_ms()),
+                },
+            )
+        }
+        HalfKind::B => {
+            let instruction = PaymentInstruction::decode(&plaintext)
+                .map_err(|error| problems::malformed(&error))?;
+            if &instruction.payer_terminal_id != client {
+                return Err(Problem::new(
+                    ProblemCode::TerminalMismatch,
+                    "the instruction names another payer terminal",
+                ));
+            }
+            (
+                instruction.txn_id,
+                HalfContent::B {
+                    request_digest: instruction.request_digest,
+                    payer_account: instruction.payer_account_id,
+                    payee_terminal: instruction.payee_terminal_id,
+                    amount: instruction.amount,
+                },
+            )
+        }
+    };
+    let (txn_id, content) = content;
+    // 7–9. Replay state, match and settlement: one durable database transaction.
+    let half = AcceptedHalf {
+        txn_id,
+        terminal_id: client.clone(),
+        ksn: header.ksn,
+        envelope_sha256: Sha256::digest(body).into(),
+        received_at_ms: to_i64(received_at_ms),
+        content,
+    };
+    let view = inner
+        .storage
+        .submit_half(half, to_i64(received_at_ms))
+        .map_err(problems::storage)?;
+    // Settled by this half (not found settled already): wake whoever waits for it.
+    let settled_now = view
+        .settled_at_ms
+        .is_some_and(|at| at >= to_i64(received_at_ms));
+    tracing::info!(
+        terminal = %client,
+        txn_id = %txn_id,
+        ksn = %header.ksn,
+        status = %view.status.as_str(),
+        "half accepted"
+    );
+    Ok(Outcome {
+        view,
+        recipient: client.clone(),
+        recipient_ksn: header.ksn,
+        settled_now,
+    })
+}
+
+fn to_i64(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}

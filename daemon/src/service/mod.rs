@@ -1,0 +1,221 @@
+//! The platform service: what happens to a half between the TLS front end and the ledger.
+//!
+//! For each half (docs/protocol.md §6.1): decode the envelope, check it against the client
+//! certificate and the terminal's record, derive the sender's working key inside the keystore
+//! (through the [`HostKeyCache`]), decrypt and verify it, decode and time-check the plaintext,
+//! then hand the ledger an [`AcceptedHalf`] to record, match and settle in one durable
+//! transaction. Every answer is a receipt sealed twice: an AES-CMAC only the recipient terminal
+//! and the platform can make, and an ECDSA signature by the platform's receipt key that anyone
+//! can check.
+//!
+//! Keystore and database calls block; they run on tokio's blocking threads, one request's
+//! whole pipeline per task, and never hold anything across an `.await`.
+//!
+//! # Layout
+//!
+//! - [`halves`]: the verification pipeline of a half.
+//! - [`receipts`]: building and sealing receipts.
+//! - [`enroll`]: remote key loading and certificate issuance.
+//! - `problems`: the one mapping from errors below to API problems.
+
+pub mod enroll;
+pub mod halves;
+mod problems;
+pub mod receipts;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use nfcpay_keystore::dukpt::HostKeyCache;
+use nfcpay_keystore::{EcPublicKey, Keystore, PrivateKeyHandle};
+use nfcpay_protocol::{TerminalId, TxnId};
+use tokio::sync::Notify;
+
+use crate::pki;
+use crate::server::problem::Problem;
+use crate::server::{Api, HalfAnswer, HalfRoute, NotReady};
+use crate::storage::{Storage, TransactionStatus};
+
+/// How often a waiting request re-reads the ledger, for halves settled by another daemon.
+pub const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a terminal certificate issued at enrollment is valid.
+pub const TERMINAL_CERTIFICATE_VALIDITY: Duration = Duration::from_secs(2 * 365 * 24 * 60 * 60);
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+/// The platform service: keystore, key cache, ledger and the receipt key.
+pub struct Platform {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    keystore: Arc<dyn Keystore>,
+    keys: HostKeyCache,
+    storage: Storage,
+    receipt_key: PrivateKeyHandle,
+    receipt_public_key: EcPublicKey,
+    pki_dir: PathBuf,
+    /// Woken whenever this daemon settles a payment.
+    settled: Notify,
+}
+
+impl Platform {
+    /// Builds the service; the receipt key and the CA must exist (`nfcpay-admin init`).
+    pub fn new(
+        keystore: Arc<dyn Keystore>,
+        storage: Storage,
+        pki_dir: PathBuf,
+        key_cache_entries: usize,
+    ) -> Result<Self, crate::pki::PkiError> {
+        let receipt_public_key = pki::ensure_receipt_key(&keystore)?;
+        let label = pki::RECEIPT_KEY_LABEL
+            .parse()
+            .map_err(crate::pki::PkiError::Keystore)?;
+        let (receipt_key, _) = keystore
+            .find_ec_p256(&label)
+            .map_err(crate::pki::PkiError::Keystore)?
+            .ok_or(crate::pki::PkiError::Keystore(
+                nfcpay_keystore::KeystoreError::UnknownKey,
+            ))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                keys: HostKeyCache::new(Arc::clone(&keystore), key_cache_entries),
+                keystore,
+                storage,
+                receipt_key,
+                receipt_public_key,
+                pki_dir,
+                settled: Notify::new(),
+            }),
+        })
+    }
+
+    /// The ledger.
+    pub fn storage(&self) -> &Storage {
+        &self.inner.storage
+    }
+
+    /// Marks unmatched payments past their expiry as expired; returns how many.
+    pub async fn expire_unmatched(&self) -> Result<u64, Problem> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || {
+            let now = i64::try_from(now_ms()).unwrap_or(i64::MAX);
+            inner
+                .storage
+                .expire_unmatched(now)
+                .map_err(problems::storage)
+        })
+        .await
+    }
+}
+
+/// Runs blocking work (keystore, database) on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Problem> + Send + 'static,
+) -> Result<T, Problem> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|_| Err(problems::internal("a blocking task did not finish")))
+}
+
+impl Api for Platform {
+    async fn submit_half(
+        &self,
+        kind: HalfRoute,
+        client: TerminalId,
+        body: Bytes,
+        wait: Duration,
+    ) -> Result<HalfAnswer, Problem> {
+        let inner = Arc::clone(&self.inner);
+        let outcome = blocking(move || halves::accept(&inner, kind, &client, &body)).await?;
+        if outcome.view.status == TransactionStatus::Settled {
+            if outcome.settled_now {
+                self.inner.settled.notify_waiters();
+            }
+        } else if !wait.is_zero() {
+            return self.wait_for_settlement(outcome, wait).await;
+        }
+        let inner = Arc::clone(&self.inner);
+        blocking(move || receipts::answer(&inner, &outcome)).await
+    }
+
+    async fn transaction(&self, client: TerminalId, txn_id: TxnId) -> Result<Bytes, Problem> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || receipts::status(&inner, &client, txn_id)).await
+    }
+
+    async fn enroll(&self, body: Bytes) -> Result<Bytes, Problem> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || enroll::enroll(&inner, &body)).await
+    }
+
+    async fn ready(&self) -> Result<(), NotReady> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            inner.keystore.check_health().map_err(|error| NotReady {
+                component: "hsm",
+                reason: error.to_string(),
+            })?;
+            inner.storage.check_health().map_err(|error| NotReady {
+                component: "database",
+                reason: error.to_string(),
+            })
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(NotReady {
+                component: "service",
+                reason: "readiness check did not finish".into(),
+            })
+        })
+    }
+}
+
+impl Platform {
+    /// Holds a pending answer until the payment settles (here or on another daemon) or `wait`
+    /// runs out, then answers with the receipt as it stands.
+    async fn wait_for_settlement(
+        &self,
+        mut outcome: halves::Outcome,
+        wait: Duration,
+    ) -> Result<HalfAnswer, Problem> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.inner.settled.notified();
+            let sleep = tokio::time::sleep_until(
+                deadline.min(tokio::time::Instant::now() + WAIT_POLL_INTERVAL),
+            );
+            tokio::select! {
+                () = notified => {}
+                () = sleep => {}
+            }
+            let inner = Arc::clone(&self.inner);
+            let txn_id = outcome.view.txn_id;
+            let view = blocking(move || {
+                inner
+                    .storage
+                    .transaction(&txn_id)
+                    .map_err(problems::storage)?
+                    .ok_or_else(|| problems::internal("a recorded payment vanished"))
+            })
+            .await?;
+            outcome.view = view;
+            if outcome.view.status != TransactionStatus::Pending
+                || tokio::time::Instant::now() >= deadline
+            {
+                break;
+            }
+        }
+        let inner = Arc::clone(&self.inner);
+        blocking(move || receipts::answer(&inner, &outcome)).await
+    }
+}

@@ -1,0 +1,99 @@
+//! The one place where errors of the layers below become API problems (RFC 9457).
+//!
+//! A problem's detail goes to the peer: it names what was wrong with the request, never a key,
+//! a PIN, an enrollment code or an internal path. Faults of the platform itself are logged here
+//! with their cause and answered with a bare `internal` or `unavailable`.
+
+use nfcpay_keystore::KeystoreError;
+use nfcpay_protocol::ProtocolError;
+
+use crate::server::problem::{Problem, ProblemCode};
+use crate::storage::{StorageError, TerminalState};
+
+/// A message that does not decode.
+pub(crate) fn malformed(error: &ProtocolError) -> Problem {
+    Problem::new(ProblemCode::Malformed, error.to_string())
+}
+
+/// Maps a keystore error.
+pub(crate) fn keystore(error: KeystoreError) -> Problem {
+    match error {
+        KeystoreError::UnknownBdk(id) => {
+            Problem::new(ProblemCode::UnknownBdk, format!("no BDK with ID {id}"))
+        }
+        KeystoreError::AuthenticationFailed => Problem::new(
+            ProblemCode::AuthenticationFailed,
+            "the message does not authenticate under the terminal's key",
+        ),
+        KeystoreError::SessionLost { .. }
+        | KeystoreError::Pkcs11 { .. }
+        | KeystoreError::TokenNotFound(_)
+        | KeystoreError::PinRefused
+        | KeystoreError::Io { .. } => {
+            tracing::error!(%error, "keystore unavailable");
+            Problem::new(
+                ProblemCode::Unavailable,
+                "the HSM is unavailable; try again",
+            )
+        }
+        other => {
+            tracing::error!(error = %other, "keystore fault");
+            Problem::new(ProblemCode::Internal, "internal error")
+        }
+    }
+}
+
+/// Maps a storage error.
+pub(crate) fn storage(error: StorageError) -> Problem {
+    use ProblemCode as Code;
+    let (code, detail) = match &error {
+        StorageError::ReplayedKsn => (Code::ReplayedKsn, error.to_string()),
+        StorageError::StaleKsn => (Code::StaleKsn, error.to_string()),
+        StorageError::Conflict => (Code::Conflict, error.to_string()),
+        StorageError::Mismatch { .. } | StorageError::AccountMismatch => {
+            (Code::Mismatch, error.to_string())
+        }
+        StorageError::DigestMismatch => (Code::DigestMismatch, error.to_string()),
+        StorageError::Expired => (Code::Expired, error.to_string()),
+        StorageError::InsufficientFunds => (Code::InsufficientFunds, error.to_string()),
+        StorageError::KsnNotTerminal | StorageError::UnknownTerminal(_) => {
+            (Code::TerminalMismatch, error.to_string())
+        }
+        StorageError::TerminalNotActive(TerminalState::Suspended) => {
+            (Code::TerminalSuspended, error.to_string())
+        }
+        StorageError::TerminalNotActive(TerminalState::Revoked) => {
+            (Code::TerminalRevoked, error.to_string())
+        }
+        StorageError::TerminalNotActive(_) => (Code::TerminalMismatch, error.to_string()),
+        StorageError::EnrollmentRefused(_) => (Code::EnrollmentRefused, enrollment_detail()),
+        StorageError::Overloaded
+        | StorageError::Unavailable(_)
+        | StorageError::Pool(_)
+        | StorageError::Connect(_)
+        | StorageError::WriterStopped => {
+            tracing::error!(%error, "database unavailable");
+            (
+                Code::Unavailable,
+                "the ledger is unavailable; try again".to_owned(),
+            )
+        }
+        _ => {
+            tracing::error!(%error, "storage fault");
+            (Code::Internal, "internal error".to_owned())
+        }
+    };
+    Problem::new(code, detail)
+}
+
+/// The one answer to every refused enrollment, whatever the reason (code wrong, used, expired,
+/// terminal unknown, CSR not matching): a caller learns nothing about which.
+pub(crate) fn enrollment_detail() -> String {
+    "enrollment refused: check the terminal ID, the code and its expiry, and the CSR".to_owned()
+}
+
+/// A fault of the platform (a task that did not finish, an invariant that did not hold).
+pub(crate) fn internal(what: &str) -> Problem {
+    tracing::error!(what, "internal fault");
+    Problem::new(ProblemCode::Internal, "internal error")
+}

@@ -1,0 +1,107 @@
+//! Receipts: the platform's answer to each terminal (docs/protocol.md §7), sealed with an
+//! AES-CMAC under the recipient's MAC-verification working key and an ECDSA signature by the
+//! receipt key, both computed inside the keystore.
+
+use bytes::Bytes;
+use nfcpay_keystore::KeyPurpose;
+use nfcpay_keystore::dukpt::TransientKey;
+use nfcpay_protocol::dukpt::WorkingKeyUsage;
+use nfcpay_protocol::messages::{Receipt, ReceiptFields, ReceiptStatus, SealedReceipt};
+use nfcpay_protocol::{Ksn, TerminalId, TxnId};
+
+use super::halves::Outcome;
+use super::{Inner, problems};
+use crate::server::HalfAnswer;
+use crate::server::problem::{Problem, ProblemCode};
+use crate::storage::{TransactionStatus, TransactionView};
+
+/// The answer to a half: its sender's receipt. Blocking.
+pub(super) fn answer(inner: &Inner, outcome: &Outcome) -> Result<HalfAnswer, Problem> {
+    let receipt = seal(
+        inner,
+        &outcome.view,
+        &outcome.recipient,
+        outcome.recipient_ksn,
+    )?;
+    Ok(HalfAnswer {
+        settled: outcome.view.status == TransactionStatus::Settled,
+        receipt,
+    })
+}
+
+/// The latest receipt of a payment for one of its parties. Blocking.
+pub(super) fn status(inner: &Inner, client: &TerminalId, txn_id: TxnId) -> Result<Bytes, Problem> {
+    let view = inner
+        .storage
+        .transaction(&txn_id)
+        .map_err(problems::storage)?
+        .ok_or_else(|| Problem::new(ProblemCode::UnknownTransaction, "no such transaction"))?;
+    let ksn = if &view.payee_terminal == client {
+        view.half_a_ksn
+    } else if view.payer_terminal.as_ref() == Some(client) {
+        view.half_b_ksn
+    } else {
+        None
+    };
+    // A party whose half is not in yet is not a party for the platform.
+    let ksn = ksn.ok_or_else(|| {
+        Problem::new(
+            ProblemCode::NotAParty,
+            "the terminal has no half in this transaction",
+        )
+    })?;
+    seal(inner, &view, client, ksn)
+}
+
+/// Builds and seals the receipt of `view` for `recipient`, whose half came under `ksn`.
+fn seal(
+    inner: &Inner,
+    view: &TransactionView,
+    recipient: &TerminalId,
+    ksn: Ksn,
+) -> Result<Bytes, Problem> {
+    let status = match view.status {
+        TransactionStatus::Pending => ReceiptStatus::Pending,
+        TransactionStatus::Settled => ReceiptStatus::Settled,
+        TransactionStatus::Expired => ReceiptStatus::Expired,
+    };
+    let receipt = Receipt::new(ReceiptFields {
+        status,
+        txn_id: view.txn_id,
+        recipient_terminal_id: recipient.clone(),
+        recipient_ksn: ksn,
+        request_digest: view.request_digest,
+        payee_terminal_id: view.payee_terminal.clone(),
+        payee_account_id: view.payee_account.clone(),
+        payer_terminal_id: view.payer_terminal.clone(),
+        payer_account_id: view.payer_account.clone(),
+        amount: view.amount,
+        settlement_id: view.settlement_id.unwrap_or(0),
+        settled_at_ms: view
+            .settled_at_ms
+            .and_then(|at| u64::try_from(at).ok())
+            .unwrap_or(0),
+    })
+    .map_err(|error| {
+        tracing::error!(%error, txn_id = %view.txn_id, "ledger view makes no valid receipt");
+        problems::internal("receipt")
+    })?;
+    let body = receipt.encode();
+    let mac_key = inner
+        .keys
+        .working_key(ksn, WorkingKeyUsage::MacVerification, KeyPurpose::Mac)
+        .map_err(problems::keystore)?;
+    let mac_key = TransientKey::new(inner.keystore.as_ref(), mac_key);
+    let cmac = inner
+        .keystore
+        .cmac_generate(mac_key.handle(), &body)
+        .map_err(problems::keystore)?;
+    drop(mac_key);
+    let signature = inner
+        .keystore
+        .sign_p256_sha256(&inner.receipt_key, &body)
+        .map_err(problems::keystore)?;
+    Ok(Bytes::from(
+        SealedReceipt::new(receipt, cmac, signature).encode(),
+    ))
+}
