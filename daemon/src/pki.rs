@@ -14,11 +14,10 @@
 //! atomically. Every function here blocks (keystore calls, file I/O): async callers run them
 //! on blocking threads.
 
-mod hsm_key;
 #[cfg(test)]
 mod tests;
 
-pub use hsm_key::HsmKeyPair;
+pub use nfcpay_keystore::key_pair::HsmKeyPair;
 
 use std::fs;
 use std::io::{self, Read as _, Write as _};
@@ -42,7 +41,7 @@ use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::oid_registry::OID_SIG_ECDSA_WITH_SHA256;
 use x509_parser::prelude::{FromDer as _, X509Certificate, X509Name};
 
-use hsm_key::P256PublicKey;
+use nfcpay_keystore::key_pair::P256PublicKey;
 
 /// Keystore label of the terminal CA's key pair.
 pub const CA_KEY_LABEL: &str = "nfcpay-terminal-ca";

@@ -12,6 +12,8 @@
 //! - [`dukpt`]: the ANSI X9.24-3-2017 host derivation (initial key, transaction key, working
 //!   keys) and the terminal adapter, written once against the trait, so with PKCS#11 the whole
 //!   derivation runs inside the token.
+//! - `key_pair` (feature `tls`): a P-256 key pair in the store as an rcgen signer and a
+//!   rustls signing key.
 //! - [`uri`]: RFC 7512 `pkcs11:` URIs with `module-path` and `pin-source`.
 //! - [`error`]: [`KeystoreError`], the crate's one error type.
 
@@ -19,6 +21,8 @@ pub mod components;
 pub mod config;
 pub mod dukpt;
 pub mod error;
+#[cfg(feature = "tls")]
+pub mod key_pair;
 pub mod pkcs11;
 pub mod software;
 pub mod types;

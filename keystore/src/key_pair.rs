@@ -1,11 +1,11 @@
 //! [`HsmKeyPair`]: a P-256 key pair that lives in the keystore, usable as the signing key of
-//! certificates rcgen issues and as the private key of a rustls server, without its private
-//! half ever leaving the keystore.
+//! certificates and CSRs rcgen makes and as the private key of a rustls server or client,
+//! without its private half ever leaving the keystore. (Cargo feature `tls`.)
 
 use std::fmt;
 use std::sync::Arc;
 
-use nfcpay_keystore::{EcPublicKey, KeyLabel, Keystore, KeystoreError, PrivateKeyHandle};
+use crate::{EcPublicKey, KeyLabel, Keystore, KeystoreError, PrivateKeyHandle};
 use rcgen::PublicKeyData as _;
 use rustls::SignatureScheme;
 use rustls_pki_types::SubjectPublicKeyInfoDer;
@@ -173,7 +173,7 @@ impl rustls::sign::Signer for HsmKeyPair {
 
 /// A P-256 public key as rcgen wants a certificate's subject key: the uncompressed point,
 /// under `id-ecPublicKey` / `prime256v1`.
-pub(super) struct P256PublicKey<'a>(pub(super) &'a EcPublicKey);
+pub struct P256PublicKey<'a>(pub &'a EcPublicKey);
 
 impl rcgen::PublicKeyData for P256PublicKey<'_> {
     fn der_bytes(&self) -> &[u8] {
