@@ -351,10 +351,16 @@ mod tests {
         let usage = WorkingKeyUsage::DataEncrypt;
         let mut sizes = Vec::new();
         for counter in [5, 6, 7, 8, 0x0001_FFFE, 0x0002_0000] {
-            let cached = cache.working_key(ksn(counter), usage, KeyPurpose::Check).unwrap();
-            let direct = working_key(store.as_ref(), ksn(counter), usage, None, KeyPurpose::Check)
+            let cached = cache
+                .working_key(ksn(counter), usage, KeyPurpose::Check)
                 .unwrap();
-            assert_eq!(kcv(store.as_ref(), cached), kcv(store.as_ref(), direct), "{counter:X}");
+            let direct =
+                working_key(store.as_ref(), ksn(counter), usage, None, KeyPurpose::Check).unwrap();
+            assert_eq!(
+                kcv(store.as_ref(), cached),
+                kcv(store.as_ref(), direct),
+                "{counter:X}"
+            );
             sizes.push(cache.len());
         }
         // 5 = IK, 4, 5; then 6 and 7 each add one key; 8 adds one; 0x1FFFE adds 16;

@@ -4,7 +4,7 @@
 //!   so that they survive restarts and crashes.
 #![forbid(unsafe_code)]
 
+pub mod keys;
 /// NFC-DEP transport between two terminals through libnfc readers (or an in-memory link).
 pub mod nfc;
-pub mod keys;
 pub mod pn532;
