@@ -1,6 +1,8 @@
 //! The ledger storage suite: every test runs against SQLite, and against PostgreSQL when
 //! `NFCPAY_TEST_DATABASE_URL` is set (each PostgreSQL test gets its own schema, dropped after).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// Amounts are written as units_cents (100_00 is 100.00 EUR).
+#![allow(clippy::inconsistent_digit_grouping)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -92,10 +94,10 @@ impl Db {
 
 impl Drop for Db {
     fn drop(&mut self) {
-        if let Some((base, schema)) = &self.postgres {
-            if let Ok(mut connection) = diesel::PgConnection::establish(base) {
-                let _ = connection.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"));
-            }
+        if let Some((base, schema)) = &self.postgres
+            && let Ok(mut connection) = diesel::PgConnection::establish(base)
+        {
+            let _ = connection.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"));
         }
     }
 }

@@ -306,6 +306,7 @@ impl Storage {
     /// A deterministic text rendering of every ledger row except the audit log (accounts,
     /// transfers, postings, terminals without code hashes, used counters, transactions), for
     /// diagnostics and for tests that check "nothing changed".
+    #[allow(clippy::type_complexity)] // row tuples, printed and compared only
     pub fn dump_state(&self) -> Result<String, StorageError> {
         use schema::{accounts, postings, terminals as t, transactions, transfers, used_counters};
         self.read(|connection| {
