@@ -1,8 +1,8 @@
 //! Terminals: registration, the one-time enrollment code, and the state rules.
 //!
 //! `pending` → (enrollment code) → `active` ⇄ `suspended`; any state → `revoked`, which is
-//! final. A pending terminal may be suspended; reactivating it brings it back to `pending`
-//! only through its code, never to `active`.
+//! final. A pending terminal may be suspended, but never made active except by its code, so a
+//! suspended terminal that never enrolled stays out (revoke it and add a new one).
 
 use diesel::prelude::*;
 use nfcpay_protocol::TerminalId;
