@@ -2,9 +2,13 @@
 //!
 //! - [`keys`]: the terminal's DUKPT keys (X9.24-3 terminal algorithm) over a keystore, saved
 //!   so that they survive restarts and crashes.
+//! - [`halves`]: sealing halves and opening receipts with the terminal's DUKPT keys.
+//! - [`platform`]: the HTTPS client of the platform, with the terminal's client certificate.
 #![forbid(unsafe_code)]
 
+pub mod halves;
 pub mod keys;
 /// NFC-DEP transport between two terminals through libnfc readers (or an in-memory link).
 pub mod nfc;
+pub mod platform;
 pub mod pn532;

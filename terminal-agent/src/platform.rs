@@ -1,0 +1,288 @@
+//! The terminal's HTTPS client of the platform (docs/protocol.md §6): TLS 1.3 only, the
+//! platform's certificate checked against the terminal CA it was given at enrollment, and the
+//! terminal's client certificate whose private key signs inside the terminal's keystore.
+//!
+//! One client keeps one HTTP/1.1 connection alive and reconnects when it is gone. Refusals
+//! come back as [`PlatformError::Refused`] with the problem's stable code.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use nfcpay_protocol::TxnId;
+use nfcpay_protocol::messages::HalfKind;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+/// Largest answer accepted from the platform, in bytes.
+pub const ANSWER_BYTES_MAX: usize = 64 * 1024;
+/// Time allowed to connect and complete the TLS handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for an answer beyond the `wait` the request asked for.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A refusal by the platform: an RFC 9457 problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// HTTP status.
+    pub status: u16,
+    /// The stable machine-readable code (docs/protocol.md §8).
+    pub code: String,
+    /// What the platform said, for people.
+    pub detail: String,
+}
+
+/// Why a call to the platform failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlatformError {
+    /// The platform refused the request.
+    #[error("platform refused ({}, {}): {}", .0.status, .0.code, .0.detail)]
+    Refused(Problem),
+    /// The address is not `host:port`, or the certificates are unusable.
+    #[error("configuration: {0}")]
+    Configuration(String),
+    /// Connecting, TLS or HTTP failed.
+    #[error("connection to the platform: {0}")]
+    Connection(String),
+    /// No answer in time.
+    #[error("the platform did not answer in time")]
+    Timeout,
+    /// The answer is not what the protocol says.
+    #[error("unexpected answer from the platform: {0}")]
+    Answer(String),
+}
+
+/// The terminal's TLS identity: its certificate chain and its keystore-held key.
+pub struct ClientIdentity {
+    /// The terminal's certificate (then any intermediates).
+    pub certificate_chain: Vec<CertificateDer<'static>>,
+    /// Its private key, signing inside the keystore.
+    pub key: Arc<dyn rustls::sign::SigningKey>,
+}
+
+/// The answer to a half.
+#[derive(Debug, Clone)]
+pub struct HalfReply {
+    /// `true` when the payment is settled (HTTP 200), `false` when pending (202).
+    pub settled: bool,
+    /// The sealed receipt.
+    pub receipt: Vec<u8>,
+}
+
+/// A client of one platform.
+pub struct PlatformClient {
+    address: String,
+    server_name: ServerName<'static>,
+    connector: tokio_rustls::TlsConnector,
+    connection: Mutex<Option<SendRequest<Full<Bytes>>>>,
+}
+
+impl PlatformClient {
+    /// A client of the platform at `address` (`host:port`), whose certificate must name
+    /// `server_name` and chain to one of `ca_certificates`; with `identity`, it authenticates
+    /// as the terminal (every route but enrollment needs it).
+    pub fn new(
+        address: &str,
+        server_name: &str,
+        ca_certificates: &[CertificateDer<'static>],
+        identity: Option<ClientIdentity>,
+    ) -> Result<Self, PlatformError> {
+        let configuration = |what: &str, error: &dyn std::fmt::Display| {
+            PlatformError::Configuration(format!("{what}: {error}"))
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in ca_certificates {
+            roots
+                .add(certificate.clone())
+                .map_err(|error| configuration("CA certificate", &error))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|error| configuration("TLS", &error))?
+            .with_root_certificates(roots);
+        let config = match identity {
+            Some(identity) => builder.with_client_cert_resolver(Arc::new(
+                rustls::sign::SingleCertAndKey::from(Arc::new(rustls::sign::CertifiedKey::new(
+                    identity.certificate_chain,
+                    identity.key,
+                ))),
+            )),
+            None => builder.with_no_client_auth(),
+        };
+        let server_name = ServerName::try_from(server_name.to_owned())
+            .map_err(|error| configuration("server name", &error))?;
+        Ok(Self {
+            address: address.to_owned(),
+            server_name,
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            connection: Mutex::new(None),
+        })
+    }
+
+    /// Submits a sealed half; with `wait`, asks the platform to hold a pending answer that
+    /// long for the other half.
+    pub async fn submit_half(
+        &self,
+        kind: HalfKind,
+        envelope: Vec<u8>,
+        wait: Duration,
+    ) -> Result<HalfReply, PlatformError> {
+        let route = match kind {
+            HalfKind::A => "a",
+            HalfKind::B => "b",
+        };
+        let path = format!("/v1/halves/{route}?wait_ms={}", wait.as_millis());
+        let (status, body) = self
+            .call(
+                Method::POST,
+                &path,
+                "application/octet-stream",
+                envelope,
+                wait,
+            )
+            .await?;
+        match status {
+            StatusCode::OK => Ok(HalfReply {
+                settled: true,
+                receipt: body.to_vec(),
+            }),
+            StatusCode::ACCEPTED => Ok(HalfReply {
+                settled: false,
+                receipt: body.to_vec(),
+            }),
+            other => Err(PlatformError::Answer(format!("status {other} for a half"))),
+        }
+    }
+
+    /// The latest receipt of a payment this terminal is a party to.
+    pub async fn transaction(&self, txn_id: TxnId) -> Result<Vec<u8>, PlatformError> {
+        let path = format!("/v1/transactions/{txn_id}");
+        let (_, body) = self
+            .call(
+                Method::GET,
+                &path,
+                "application/octet-stream",
+                Vec::new(),
+                Duration::ZERO,
+            )
+            .await?;
+        Ok(body.to_vec())
+    }
+
+    /// Enrollment: posts the JSON request, returns the JSON answer.
+    pub async fn enroll(&self, request_json: Vec<u8>) -> Result<Vec<u8>, PlatformError> {
+        let (_, body) = self
+            .call(
+                Method::POST,
+                "/v1/enroll",
+                "application/json",
+                request_json,
+                Duration::ZERO,
+            )
+            .await?;
+        Ok(body.to_vec())
+    }
+
+    /// One request on the kept connection (made anew if there is none or it broke). A 2xx
+    /// answer is returned; anything else becomes [`PlatformError::Refused`].
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+        wait: Duration,
+    ) -> Result<(StatusCode, Bytes), PlatformError> {
+        let mut connection = self.connection.lock().await;
+        let sender = match connection.take() {
+            Some(sender) if !sender.is_closed() => sender,
+            _ => self.connect().await?,
+        };
+        let mut sender = sender;
+        sender
+            .ready()
+            .await
+            .map_err(|error| PlatformError::Connection(error.to_string()))?;
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, self.address.as_str())
+            .header(header::CONTENT_TYPE, content_type)
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|error| PlatformError::Configuration(error.to_string()))?;
+        let answer = tokio::time::timeout(wait + ANSWER_TIMEOUT, async {
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|error| PlatformError::Connection(error.to_string()))?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), ANSWER_BYTES_MAX)
+                .collect()
+                .await
+                .map_err(|error| PlatformError::Answer(error.to_string()))?
+                .to_bytes();
+            Ok::<_, PlatformError>((status, body))
+        })
+        .await
+        .map_err(|_| PlatformError::Timeout)??;
+        *connection = Some(sender);
+        let (status, body) = answer;
+        if status.is_success() {
+            Ok((status, body))
+        } else {
+            Err(PlatformError::Refused(problem(status, &body)))
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, PlatformError> {
+        let connect = async {
+            let tcp = TcpStream::connect(&self.address)
+                .await
+                .map_err(|error| PlatformError::Connection(error.to_string()))?;
+            tcp.set_nodelay(true)
+                .map_err(|error| PlatformError::Connection(error.to_string()))?;
+            let tls = self
+                .connector
+                .connect(self.server_name.clone(), tcp)
+                .await
+                .map_err(|error| PlatformError::Connection(format!("TLS: {error}")))?;
+            let (sender, driver) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .map_err(|error| PlatformError::Connection(error.to_string()))?;
+            tokio::spawn(async move {
+                if let Err(error) = driver.await {
+                    tracing::debug!(%error, "platform connection closed");
+                }
+            });
+            Ok(sender)
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| PlatformError::Timeout)?
+    }
+}
+
+/// Reads a problem document; a body that is not one still gives the status.
+fn problem(status: StatusCode, body: &[u8]) -> Problem {
+    #[derive(serde::Deserialize)]
+    struct Document {
+        code: Option<String>,
+        detail: Option<String>,
+    }
+    let document: Option<Document> = serde_json::from_slice(body).ok();
+    Problem {
+        status: status.as_u16(),
+        code: document
+            .as_ref()
+            .and_then(|d| d.code.clone())
+            .unwrap_or_else(|| "unknown".to_owned()),
+        detail: document.and_then(|d| d.detail).unwrap_or_default(),
+    }
+}
