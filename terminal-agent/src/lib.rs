@@ -2,10 +2,12 @@
 //!
 //! - [`keys`]: the terminal's DUKPT keys (X9.24-3 terminal algorithm) over a keystore, saved
 //!   so that they survive restarts and crashes.
+//! - [`enroll`]: enrollment (certificate and initial key), and opening an enrolled terminal.
 //! - [`halves`]: sealing halves and opening receipts with the terminal's DUKPT keys.
 //! - [`platform`]: the HTTPS client of the platform, with the terminal's client certificate.
 #![forbid(unsafe_code)]
 
+pub mod enroll;
 pub mod halves;
 pub mod keys;
 /// NFC-DEP transport between two terminals through libnfc readers (or an in-memory link).

@@ -1,0 +1,354 @@
+//! Enrollment (docs/protocol.md §6.3): with a one-time code from the operator, the terminal
+//! makes its TLS key and an ECDH key in its keystore, sends a CSR, and receives its client
+//! certificate and its initial key wrapped under a key-encryption key both sides derive with
+//! ECDH. The initial key is unwrapped straight into the keystore, checked by KCV, loaded into
+//! the DUKPT future-key registers and destroyed: it never exists in clear outside the two
+//! keystores.
+//!
+//! The terminal's directory then holds `terminal.json` (identity, platform address, receipt
+//! key), `certificate.pem`, `ca.pem`, and the DUKPT state; its keys are in the keystore.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nfcpay_keystore::dukpt::TransientKey;
+use nfcpay_keystore::key_pair::HsmKeyPair;
+use nfcpay_keystore::{EcPublicKey, KeyLabel, KeyPurpose, Keystore, KeystoreError};
+use nfcpay_protocol::dukpt::KeyAlgorithm;
+use nfcpay_protocol::{InitialKeyId, TerminalId};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::keys::{AgentKeyError, TerminalKeyState};
+use crate::platform::{ClientIdentity, PlatformClient, PlatformError};
+
+/// The context bound into the enrollment KEK: this prefix, then the terminal ID (the
+/// platform uses the same).
+pub const KEK_CONTEXT_PREFIX: &[u8] = b"nfcpay enrollment v1|";
+/// Label of the terminal's TLS key in its keystore.
+pub const TLS_KEY_LABEL: &str = "nfcpay-terminal-tls";
+/// Label of the terminal's ECDH key for enrollment (transient).
+const ECDH_KEY_LABEL: &str = "nfcpay-enrollment-ecdh";
+/// The terminal's settings file in its directory.
+pub const TERMINAL_FILE: &str = "terminal.json";
+/// The terminal's certificate in its directory.
+pub const CERTIFICATE_FILE: &str = "certificate.pem";
+/// The platform's CA certificate in the terminal's directory.
+pub const CA_FILE: &str = "ca.pem";
+
+/// Why enrollment or loading a terminal failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnrollError {
+    /// The platform refused or could not be reached.
+    #[error(transparent)]
+    Platform(#[from] PlatformError),
+    /// The keystore failed.
+    #[error("keystore: {0}")]
+    Keystore(#[from] KeystoreError),
+    /// The DUKPT state could not be made or read.
+    #[error(transparent)]
+    Keys(#[from] AgentKeyError),
+    /// The platform's answer is not a valid enrollment.
+    #[error("enrollment answer: {0}")]
+    Answer(String),
+    /// The unwrapped initial key's KCV differs from the platform's.
+    #[error("the unwrapped initial key's KCV {unwrapped} differs from the platform's {expected}")]
+    KcvMismatch {
+        /// The platform's KCV.
+        expected: String,
+        /// The unwrapped key's KCV.
+        unwrapped: String,
+    },
+    /// A file of the terminal's directory could not be read or written.
+    #[error("{path}: {message}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// What a terminal keeps about itself and its platform (`terminal.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalFile {
+    /// The terminal's ID (its certificate's common name).
+    pub terminal_id: String,
+    /// The account its halves name.
+    pub account_id: Option<String>,
+    /// The platform's address, `host:port`.
+    pub platform_address: String,
+    /// The name the platform's certificate must carry.
+    pub platform_server_name: String,
+    /// The platform's receipt-signing public key, hex.
+    pub receipt_public_key: String,
+    /// The Initial Key ID of the loaded key.
+    pub initial_key_id: String,
+    /// Its KCV, as checked at enrollment.
+    pub initial_key_kcv: String,
+}
+
+/// The enrollment request (JSON).
+#[derive(Serialize)]
+struct EnrollmentRequest<'a> {
+    terminal_id: &'a str,
+    code: &'a str,
+    csr: &'a str,
+    ecdh_public_key: String,
+}
+
+/// The enrollment answer (JSON).
+#[derive(Deserialize)]
+struct EnrollmentAnswer {
+    terminal_id: String,
+    certificate: String,
+    ca_certificate: String,
+    initial_key_id: String,
+    initial_key_algorithm: String,
+    platform_ecdh_public_key: String,
+    wrapped_initial_key: String,
+    initial_key_kcv: String,
+    receipt_public_key: String,
+}
+
+/// Where to enroll.
+pub struct EnrollmentTarget<'a> {
+    /// `host:port` of the platform.
+    pub address: &'a str,
+    /// The name on the platform's certificate.
+    pub server_name: &'a str,
+    /// The platform CA certificate(s) the operator gave (PEM).
+    pub ca_pem: &'a [u8],
+}
+
+/// An enrolled terminal, ready to pay.
+pub struct Terminal {
+    /// Its settings.
+    pub file: TerminalFile,
+    /// Its ID.
+    pub terminal_id: TerminalId,
+    /// The platform's receipt key.
+    pub receipt_public_key: EcPublicKey,
+    /// Its DUKPT keys.
+    pub keys: TerminalKeyState,
+    /// Its client of the platform, authenticated with its certificate.
+    pub platform: PlatformClient,
+}
+
+/// Enrolls `terminal_id` with `code`, keeping keys in `store` and files in `dir`.
+pub async fn enroll(
+    store: Arc<dyn Keystore>,
+    dir: &Path,
+    target: &EnrollmentTarget<'_>,
+    terminal_id: &TerminalId,
+    code: &Zeroizing<String>,
+) -> Result<Terminal, EnrollError> {
+    std::fs::create_dir_all(dir).map_err(|error| io_error(dir, &error))?;
+    let ca = certificates(target.ca_pem, Path::new("(given CA)"))?;
+    let tls_label = label(TLS_KEY_LABEL)?;
+    let tls_key = match HsmKeyPair::find(&store, &tls_label)? {
+        // A key from an earlier, failed attempt is reused: the certificate will match it.
+        Some(key) => key,
+        None => HsmKeyPair::find_or_generate(&store, &tls_label)?.0,
+    };
+    let csr = {
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, terminal_id.as_str());
+        params
+            .serialize_request(&tls_key)
+            .and_then(|csr| csr.pem())
+            .map_err(|error| EnrollError::Answer(format!("CSR: {error}")))?
+    };
+    let (ecdh, ecdh_public) = store.generate_ec_p256(&label(ECDH_KEY_LABEL)?, false)?;
+    let result = async {
+        let request = serde_json::to_vec(&EnrollmentRequest {
+            terminal_id: terminal_id.as_str(),
+            code: code.as_str(),
+            csr: &csr,
+            ecdh_public_key: hex::encode_upper(ecdh_public.as_bytes()),
+        })
+        .map_err(|error| EnrollError::Answer(error.to_string()))?;
+        let request = Zeroizing::new(request);
+        let enrollment = PlatformClient::new(target.address, target.server_name, &ca, None)?;
+        let answer = enrollment.enroll(request.to_vec()).await?;
+        let answer: EnrollmentAnswer = serde_json::from_slice(&answer)
+            .map_err(|error| EnrollError::Answer(error.to_string()))?;
+        load_answer(&store, dir, target, terminal_id, &ecdh, answer, tls_key)
+    }
+    .await;
+    if let Err(error) = store.destroy_ec(ecdh) {
+        tracing::warn!(%error, "could not destroy the enrollment ECDH key");
+    }
+    result
+}
+
+fn load_answer(
+    store: &Arc<dyn Keystore>,
+    dir: &Path,
+    target: &EnrollmentTarget<'_>,
+    terminal_id: &TerminalId,
+    ecdh: &nfcpay_keystore::PrivateKeyHandle,
+    answer: EnrollmentAnswer,
+    tls_key: HsmKeyPair,
+) -> Result<Terminal, EnrollError> {
+    let invalid = |what: &str| EnrollError::Answer(what.to_owned());
+    if answer.terminal_id != terminal_id.as_str() {
+        return Err(invalid("the platform enrolled another terminal"));
+    }
+    let point = |hex_text: &str| {
+        hex::decode(hex_text)
+            .ok()
+            .and_then(|bytes| EcPublicKey::try_from(&bytes[..]).ok())
+    };
+    let platform_public =
+        point(&answer.platform_ecdh_public_key).ok_or_else(|| invalid("platform ECDH key"))?;
+    let receipt_public_key =
+        point(&answer.receipt_public_key).ok_or_else(|| invalid("receipt key"))?;
+    let initial_key_id: InitialKeyId = answer
+        .initial_key_id
+        .parse()
+        .map_err(|_| invalid("initial key ID"))?;
+    let algorithm: KeyAlgorithm = answer
+        .initial_key_algorithm
+        .parse()
+        .map_err(|_| invalid("initial key algorithm"))?;
+    let wrapped = hex::decode(&answer.wrapped_initial_key).map_err(|_| invalid("wrapped key"))?;
+    let store_ref = store.as_ref();
+    let context = [KEK_CONTEXT_PREFIX, terminal_id.as_str().as_bytes()].concat();
+    let kek = TransientKey::new(
+        store_ref,
+        store_ref.ecdh_kek(ecdh, &platform_public, &context)?,
+    );
+    // Check the key before loading it: a copy made only for its KCV, then the one to load.
+    let check = TransientKey::new(
+        store_ref,
+        store_ref.unwrap_key(kek.handle(), &wrapped, algorithm, KeyPurpose::Check)?,
+    );
+    let kcv = store_ref.kcv(check.handle())?.to_string();
+    drop(check);
+    if kcv != answer.initial_key_kcv {
+        return Err(EnrollError::KcvMismatch {
+            expected: answer.initial_key_kcv,
+            unwrapped: kcv,
+        });
+    }
+    let initial_key =
+        store_ref.unwrap_key(kek.handle(), &wrapped, algorithm, KeyPurpose::Derive)?;
+    drop(kek);
+    let keys = TerminalKeyState::load_initial_key(
+        Arc::clone(store),
+        dir,
+        initial_key,
+        algorithm,
+        initial_key_id,
+    )?;
+    write(dir, CERTIFICATE_FILE, answer.certificate.as_bytes())?;
+    write(dir, CA_FILE, answer.ca_certificate.as_bytes())?;
+    let file = TerminalFile {
+        terminal_id: terminal_id.to_string(),
+        account_id: None,
+        platform_address: target.address.to_owned(),
+        platform_server_name: target.server_name.to_owned(),
+        receipt_public_key: answer.receipt_public_key,
+        initial_key_id: initial_key_id.to_string(),
+        initial_key_kcv: kcv,
+    };
+    let json = serde_json::to_vec_pretty(&file).map_err(|error| invalid(&error.to_string()))?;
+    write(dir, TERMINAL_FILE, &json)?;
+    let platform = client(&file, dir, &tls_key)?;
+    tracing::info!(terminal = %terminal_id, initial_key_id = %initial_key_id, kcv = %file.initial_key_kcv, "enrolled");
+    Ok(Terminal {
+        terminal_id: terminal_id.clone(),
+        receipt_public_key,
+        keys,
+        platform,
+        file,
+    })
+}
+
+/// Opens an enrolled terminal from its directory and keystore.
+pub fn open(store: Arc<dyn Keystore>, dir: &Path) -> Result<Terminal, EnrollError> {
+    let path = dir.join(TERMINAL_FILE);
+    let text = std::fs::read(&path).map_err(|error| io_error(&path, &error))?;
+    let file: TerminalFile = serde_json::from_slice(&text).map_err(|error| EnrollError::Io {
+        path: path.clone(),
+        message: format!("not a terminal file: {error}"),
+    })?;
+    let terminal_id: TerminalId = file
+        .terminal_id
+        .parse()
+        .map_err(|_| EnrollError::Answer("terminal ID".into()))?;
+    let receipt_public_key = hex::decode(&file.receipt_public_key)
+        .ok()
+        .and_then(|bytes| EcPublicKey::try_from(&bytes[..]).ok())
+        .ok_or_else(|| EnrollError::Answer("receipt key".into()))?;
+    let tls_key = HsmKeyPair::find(&store, &label(TLS_KEY_LABEL)?)?
+        .ok_or_else(|| EnrollError::Answer("no TLS key in the keystore: enroll again".into()))?;
+    let platform = client(&file, dir, &tls_key)?;
+    let keys = TerminalKeyState::open(store, dir)?;
+    Ok(Terminal {
+        terminal_id,
+        receipt_public_key,
+        keys,
+        platform,
+        file,
+    })
+}
+
+fn client(
+    file: &TerminalFile,
+    dir: &Path,
+    tls_key: &HsmKeyPair,
+) -> Result<PlatformClient, EnrollError> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        let pem = std::fs::read(&path).map_err(|error| io_error(&path, &error))?;
+        certificates(&pem, &path)
+    };
+    let identity = ClientIdentity {
+        certificate_chain: read(CERTIFICATE_FILE)?,
+        key: tls_key.rustls_signing_key(),
+    };
+    Ok(PlatformClient::new(
+        &file.platform_address,
+        &file.platform_server_name,
+        &read(CA_FILE)?,
+        Some(identity),
+    )?)
+}
+
+fn certificates(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, EnrollError> {
+    let certificates = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| io_error(path, &error))?;
+    if certificates.is_empty() {
+        return Err(EnrollError::Io {
+            path: path.to_owned(),
+            message: "no certificate".into(),
+        });
+    }
+    Ok(certificates)
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), EnrollError> {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).map_err(|error| io_error(&path, &error))
+}
+
+fn label(text: &str) -> Result<KeyLabel, EnrollError> {
+    Ok(text.parse()?)
+}
+
+fn io_error(path: &Path, error: &dyn std::fmt::Display) -> EnrollError {
+    EnrollError::Io {
+        path: path.to_owned(),
+        message: error.to_string(),
+    }
+}
