@@ -700,6 +700,43 @@ async fn a_slow_request_head_is_closed_without_an_answer() {
 }
 
 #[tokio::test]
+async fn a_slow_head_on_a_kept_alive_connection_is_closed() {
+    // The idle allowance is far longer than this test's patience, the head allowance short:
+    // the head's own timeout must apply from its first byte, not the idle one.
+    let running = Running::start(|config| {
+        config.header_read_timeout_ms = 300;
+        config.keep_alive_idle_timeout_ms = 120_000;
+    })
+    .await;
+    let mut stream = running
+        .terminal("shop-1")
+        .tls(running.address)
+        .await
+        .unwrap();
+    let txn = "00112233445566778899AABBCCDDEEFF";
+    let request = format!("GET /v1/transactions/{txn} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let expected = format!("receipt|shop-1|{txn}");
+    let mut first = Vec::new();
+    while !String::from_utf8_lossy(&first).ends_with(&expected) {
+        let mut buffer = [0u8; 1024];
+        let read = tokio::time::timeout(PATIENCE, stream.read(&mut buffer))
+            .await
+            .expect("the first answer arrives")
+            .unwrap();
+        assert_ne!(read, 0, "closed before the first answer");
+        first.extend_from_slice(&buffer[..read]);
+    }
+    // Kept alive. The client idles past the first request's head allowance (so the server's
+    // connection task is waiting on the long idle allowance), then sends a head that never
+    // completes.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let rest = raw_exchange(&mut stream, b"GET /v1/transactions/").await;
+    assert_eq!(rest, "");
+    running.stop().await;
+}
+
+#[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed() {
     let running = Running::start(|config| config.keep_alive_idle_timeout_ms = 300).await;
     let (mut sender, driver) = running

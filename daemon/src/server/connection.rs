@@ -32,7 +32,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -207,6 +207,7 @@ async fn terminal_connection<A: Api>(
                 }
                 break;
             }
+            () = activity.changed.notified() => {}
             () = tokio::time::sleep_until(check_at) => {
                 let (deadline, phase) = activity.deadline(&shared.config);
                 if let Some(phase) = phase.filter(|_| deadline <= Instant::now()) {
@@ -236,10 +237,12 @@ enum Phase {
     Busy,
 }
 
-/// The connection's [`Phase`], updated by reads and by the routes.
+/// The connection's [`Phase`], updated by reads and by the routes; each change wakes the
+/// connection's task so that it re-arms its timer for the new phase.
 #[derive(Debug)]
 pub(crate) struct Activity {
     phase: Mutex<Phase>,
+    changed: Notify,
 }
 
 impl Activity {
@@ -249,13 +252,22 @@ impl Activity {
                 since: now,
                 first: true,
             }),
+            changed: Notify::new(),
         }
     }
 
     fn update(&self, change: impl FnOnce(Phase) -> Phase) {
-        // Each update stores a whole `Phase`: a poisoned lock still holds a valid one.
-        let mut phase = self.phase.lock().unwrap_or_else(PoisonError::into_inner);
-        *phase = change(*phase);
+        let changed = {
+            // Each update stores a whole `Phase`: a poisoned lock still holds a valid one.
+            let mut phase = self.phase.lock().unwrap_or_else(PoisonError::into_inner);
+            let before = *phase;
+            *phase = change(before);
+            std::mem::discriminant(&before) != std::mem::discriminant(&*phase)
+        };
+        if changed {
+            // Stores a permit if the task is not waiting, so no change goes unnoticed.
+            self.changed.notify_one();
+        }
     }
 
     fn bytes_arrived(&self, now: Instant) {
@@ -280,7 +292,7 @@ impl Activity {
     }
 
     /// When the current phase runs out and which timeout that is; while busy, no timeout
-    /// applies and the answer is a time to look again.
+    /// applies and the answer is merely a time to look again.
     fn deadline(&self, config: &ServerConfig) -> (Instant, Option<TimeoutLabel>) {
         let phase = *self.phase.lock().unwrap_or_else(PoisonError::into_inner);
         match phase {
