@@ -64,7 +64,7 @@ pub trait Api: Send + Sync + 'static {
 
     /// For `/readyz` on the operations listener: checks the HSM session and the database.
     /// Should answer within a second or two; the probe does not wait forever (see
-    /// [`READY_TIMEOUT_MS`](super::ops::READY_TIMEOUT_MS)).
+    /// [`READY_TIMEOUT_MS`](super::READY_TIMEOUT_MS)).
     fn ready(&self) -> impl Future<Output = Result<(), NotReady>> + Send;
 }
 

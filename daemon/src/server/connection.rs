@@ -18,6 +18,13 @@
 //! - Body: see `routes` (answered `408 timeout`).
 //!
 //! A connection that runs out of a handshake, head or idle time is closed without an answer.
+//!
+//! # Before authentication
+//!
+//! Until its handshake completes, a client can make the daemon hold at most one TLS handshake
+//! message (rustls refuses larger than 64 KiB) for at most the handshake timeout. A client
+//! without a certificate then gets one request — a head of at most `HEAD_BYTES_MAX` and a body
+//! of at most `body_bytes_max` — and the connection closes after the answer.
 
 use std::future::Future;
 use std::io;

@@ -5,7 +5,7 @@
 //! Client authentication is *optional at the TLS layer* (`allow_unauthenticated`) only so that
 //! a terminal that has no certificate yet can reach `POST /v1/enroll`; a certificate that is
 //! presented and does not chain to the terminal CA fails the handshake. Every other route
-//! refuses a connection without a verified certificate (see [`ClientIdentity`]).
+//! refuses a connection without a verified certificate (see `ClientIdentity`).
 
 use std::fmt;
 use std::path::Path;
