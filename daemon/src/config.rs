@@ -116,7 +116,10 @@ impl Config {
         };
         let overrides: config::Map<String, String> = environment
             .into_iter()
-            .filter(|(name, _)| name.starts_with(&format!("{ENVIRONMENT_PREFIX}_")))
+            // Only `NFCPAY_SECTION__KEY` names settings: `NFCPAY_LOG`, `NFCPAY_CONFIG` are not.
+            .filter(|(name, _)| {
+                name.starts_with(&format!("{ENVIRONMENT_PREFIX}_")) && name.contains("__")
+            })
             .collect();
         let config: Self = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
@@ -190,6 +193,8 @@ mod tests {
                 "pkcs11:token=env".to_owned(),
             ),
             ("OTHER_KEYSTORE__URI".to_owned(), "ignored".to_owned()),
+            ("NFCPAY_LOG".to_owned(), "debug".to_owned()),
+            ("NFCPAY_CONFIG".to_owned(), "/elsewhere.toml".to_owned()),
         ];
         let config = Config::load_with_environment(file.path(), environment).unwrap();
         assert_eq!(

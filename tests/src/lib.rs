@@ -1,1 +1,475 @@
-//! End-to-end tests of the whole nfcpay system live in `tests/tests/`.
+//! Fixtures for end-to-end tests of the whole nfcpay system, shared by the tests in
+//! `tests/tests/`, the load generator and the demo.
+//!
+//! [`PlatformFixture`] brings up a real platform in a temporary directory: its own SoftHSM2
+//! token (made by `softhsm-setup/init-token`), a BDK generated in it, the ledger in SQLite (or
+//! the PostgreSQL named by `NFCPAY_TEST_DATABASE_URL`, in a fresh schema), the PKI made by
+//! `nfcpay-admin init`, and `nfcpayd` itself as a child process on free loopback ports.
+//! [`TestTerminal`] enrolls a terminal against it through the real enrollment route, with a
+//! software keystore. Everything is removed when dropped.
+//!
+//! The binaries (`nfcpayd`, `nfcpay-admin`) are looked up beside the test executable, in the
+//! cargo target directory: `cargo xtask test` builds them first.
+#![forbid(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nfcpay_keystore::Keystore;
+use nfcpay_keystore::software::SoftwareKeystore;
+use nfcpay_protocol::TerminalId;
+use nfcpay_terminal_agent::enroll::{EnrollmentTarget, Terminal, enroll};
+use zeroize::Zeroizing;
+
+/// The SoftHSM2 module on Debian.
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+/// The BDK every fixture generates (AES-256).
+pub const FIXTURE_BDK_ID: &str = "0123ABCD";
+/// How long the daemon may take to become ready.
+pub const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The workspace's root directory.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// A binary of the workspace, beside the running executable (`target/<profile>/NAME`).
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "binary {name} not found near {}: run `cargo build --workspace --bins` first",
+        exe.display()
+    )
+}
+
+/// A free TCP port on the loopback interface (free when asked; the daemon binds it soon after).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Which ledger the fixture's daemon uses.
+#[derive(Debug, Clone)]
+pub enum Ledger {
+    /// SQLite in the fixture's directory.
+    Sqlite,
+    /// PostgreSQL at this URL (a fresh schema is made for the fixture).
+    Postgres(String),
+}
+
+impl Ledger {
+    /// SQLite, or PostgreSQL when `NFCPAY_TEST_DATABASE_URL` is set and `postgres` is asked.
+    pub fn from_environment(postgres: bool) -> Option<Self> {
+        if !postgres {
+            return Some(Self::Sqlite);
+        }
+        std::env::var("NFCPAY_TEST_DATABASE_URL")
+            .ok()
+            .map(Self::Postgres)
+    }
+}
+
+/// A running platform.
+pub struct PlatformFixture {
+    dir: tempfile::TempDir,
+    daemon: Option<Child>,
+    /// `127.0.0.1:port` of the terminal listener.
+    pub address: String,
+    /// `127.0.0.1:port` of the operations listener.
+    pub ops_address: String,
+    /// The database URL the daemon uses.
+    pub database_url: String,
+}
+
+impl PlatformFixture {
+    /// Makes a token, a BDK, the ledger and the PKI, and starts `nfcpayd`.
+    pub fn start(ledger: &Ledger) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("nfcpay-fixture")
+            .tempdir()?;
+        let port = free_port()?;
+        let ops_port = free_port()?;
+        let database_url = match ledger {
+            Ledger::Sqlite => format!("sqlite://{}", dir.path().join("ledger.db").display()),
+            Ledger::Postgres(url) => fresh_postgres_schema(url)?,
+        };
+        let mut fixture = Self {
+            address: format!("127.0.0.1:{port}"),
+            ops_address: format!("127.0.0.1:{ops_port}"),
+            database_url,
+            daemon: None,
+            dir,
+        };
+        fixture.make_token()?;
+        fixture.write_config()?;
+        fixture.admin_ok(&["bdk", "generate", "--bdk-id", FIXTURE_BDK_ID])?;
+        fixture.admin_ok(&["init"])?;
+        fixture.start_daemon()?;
+        Ok(fixture)
+    }
+
+    /// The fixture's directory (config, token, PKI, logs).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The configuration file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir().join("nfcpay.toml")
+    }
+
+    /// `SOFTHSM2_CONF` of the fixture's token.
+    pub fn softhsm_conf(&self) -> PathBuf {
+        self.dir().join("softhsm2.conf")
+    }
+
+    /// The platform CA certificate (PEM), as the operator gives it to terminals.
+    pub fn ca_pem(&self) -> Result<Vec<u8>> {
+        Ok(std::fs::read(self.dir().join("pki/ca.pem"))?)
+    }
+
+    /// The daemon's log so far.
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir().join("nfcpayd.log")).unwrap_or_default()
+    }
+
+    fn make_token(&self) -> Result<()> {
+        let pin = self.dir().join("pin");
+        let mut pin_bytes = [0u8; 12];
+        getrandom::fill(&mut pin_bytes)?;
+        std::fs::write(&pin, hex::encode(pin_bytes))?;
+        let output = Command::new(workspace_root().join("softhsm-setup/init-token"))
+            .arg("--dir")
+            .arg(self.dir())
+            .args(["--label", "nfcpay-e2e", "--pin-file"])
+            .arg(&pin)
+            .arg("--so-pin-file")
+            .arg(&pin)
+            .output()
+            .context(
+                "softhsm-setup/init-token (is softhsm2 installed? `cargo xtask test` installs it)",
+            )?;
+        if !output.status.success() {
+            bail!("init-token: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(())
+    }
+
+    fn write_config(&self) -> Result<()> {
+        let dir = self.dir().display();
+        let config = format!(
+            r#"[keystore]
+backend = "pkcs11"
+uri = "pkcs11:token=nfcpay-e2e?module-path={SOFTHSM_MODULE}&pin-source=file:{dir}/pin"
+
+[database]
+url = "{database}"
+
+[server]
+listen = "{address}"
+ops_listen = "{ops}"
+certificate_chain = "{dir}/pki/server.pem"
+client_ca = "{dir}/pki/ca.pem"
+
+[platform]
+pki_dir = "{dir}/pki"
+allow_root = true
+"#,
+            database = self.database_url,
+            address = self.address,
+            ops = self.ops_address,
+        );
+        std::fs::write(self.config_path(), config)?;
+        Ok(())
+    }
+
+    /// Runs `nfcpay-admin` with the fixture's configuration.
+    pub fn admin(&self, args: &[&str], stdin: &str) -> Result<Output> {
+        let mut child = Command::new(binary("nfcpay-admin")?)
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args)
+            .env("SOFTHSM2_CONF", self.softhsm_conf())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let Some(mut input) = child.stdin.take() {
+            input.write_all(stdin.as_bytes())?;
+        }
+        Ok(child.wait_with_output()?)
+    }
+
+    /// Runs `nfcpay-admin` and returns its output, failing when it fails.
+    pub fn admin_ok(&self, args: &[&str]) -> Result<String> {
+        let output = self.admin(args, "")?;
+        if !output.status.success() {
+            bail!(
+                "nfcpay-admin {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8(output.stdout)?)
+    }
+
+    /// Creates an account and funds it with `funds` (e.g. `100.00`; `None`: no funds).
+    pub fn account(&self, id: &str, currency: &str, funds: Option<&str>) -> Result<()> {
+        self.admin_ok(&["accounts", "create", "--id", id, "--currency", currency])?;
+        if let Some(funds) = funds {
+            self.admin_ok(&["accounts", "fund", "--id", id, "--amount", funds])?;
+        }
+        Ok(())
+    }
+
+    /// Registers a terminal for `account`; returns its one-time enrollment code.
+    pub fn add_terminal(&self, id: &str, account: &str) -> Result<Zeroizing<String>> {
+        let out = self.admin_ok(&["terminals", "add", "--id", id, "--account", account])?;
+        let code = out
+            .lines()
+            .find_map(|line| line.strip_prefix("enrollment code: "))
+            .context("no enrollment code in `terminals add` output")?;
+        Ok(Zeroizing::new(code.trim().to_owned()))
+    }
+
+    /// The account's balance line from `accounts show`, e.g. `87.50 EUR`.
+    pub fn balance(&self, account: &str) -> Result<String> {
+        let out = self.admin_ok(&["accounts", "show", "--id", account])?;
+        let first = out.lines().next().unwrap_or_default();
+        let balance = first
+            .split("balance ")
+            .nth(1)
+            .and_then(|rest| rest.split(" (").next())
+            .context("no balance in `accounts show`")?;
+        Ok(balance.to_owned())
+    }
+
+    /// Opens the fixture's ledger directly (for "nothing changed" checks).
+    pub fn storage(&self) -> Result<nfcpay_daemon::storage::Storage> {
+        Ok(nfcpay_daemon::storage::Storage::open(&self.database_url)?)
+    }
+
+    fn start_daemon(&mut self) -> Result<()> {
+        let log = std::fs::File::create(self.dir().join("nfcpayd.log"))?;
+        let child = Command::new(binary("nfcpayd")?)
+            .arg("--config")
+            .arg(self.config_path())
+            .env("SOFTHSM2_CONF", self.softhsm_conf())
+            .env("NFCPAY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.daemon = Some(child);
+        let deadline = Instant::now() + DAEMON_START_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(child) = self.daemon.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("nfcpayd exited with {status}:\n{}", self.daemon_log());
+            }
+            if http_get(&self.ops_address, "/readyz").is_ok_and(|(status, _)| status == 200) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("nfcpayd not ready in time:\n{}", self.daemon_log())
+    }
+
+    /// Stops the daemon with SIGTERM and waits for it; returns its exit status code.
+    pub fn stop(&mut self) -> Result<Option<i32>> {
+        let Some(mut child) = self.daemon.take() else {
+            return Ok(None);
+        };
+        let pid = rustix_pid(&child);
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.code());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.kill()?;
+        bail!("nfcpayd did not stop on SIGTERM")
+    }
+
+    /// Enrolls a terminal with a software keystore in a directory of its own.
+    pub async fn enroll(&self, terminal_id: &str, account: &str) -> Result<TestTerminal> {
+        let code = self.add_terminal(terminal_id, account)?;
+        let dir = tempfile::Builder::new()
+            .prefix("nfcpay-terminal")
+            .tempdir()?;
+        let store: Arc<dyn Keystore> =
+            Arc::new(SoftwareKeystore::open(&dir.path().join("keystore.json"))?);
+        let ca = self.ca_pem()?;
+        let target = EnrollmentTarget {
+            address: &self.address,
+            server_name: "localhost",
+            ca_pem: &ca,
+        };
+        let id: TerminalId = terminal_id.parse()?;
+        let terminal = enroll(Arc::clone(&store), dir.path(), &target, &id, &code).await?;
+        Ok(TestTerminal {
+            terminal,
+            store,
+            account: account.parse()?,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for PlatformFixture {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn rustix_pid(child: &Child) -> String {
+    child.id().to_string()
+}
+
+/// A minimal HTTP/1.1 GET over plain TCP (the operations listener): status and body.
+pub fn http_get(address: &str, path: &str) -> Result<(u16, String)> {
+    let address: SocketAddr = address.parse()?;
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .context("no HTTP status")?;
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    Ok((status, body.to_owned()))
+}
+
+/// A fresh schema on the PostgreSQL server at `url`; returns a URL whose connections use it.
+fn fresh_postgres_schema(url: &str) -> Result<String> {
+    let mut suffix = [0u8; 6];
+    getrandom::fill(&mut suffix)?;
+    let schema = format!("e2e_{}", hex::encode(suffix));
+    let status = Command::new("psql")
+        .arg(url)
+        .args(["-v", "ON_ERROR_STOP=1", "-q", "-c"])
+        .arg(format!("CREATE SCHEMA {schema}"))
+        .status()
+        .context("psql")?;
+    if !status.success() {
+        bail!("could not create schema {schema}");
+    }
+    let separator = if url.contains('?') { '&' } else { '?' };
+    Ok(format!("{url}{separator}options=-csearch_path%3D{schema}"))
+}
+
+/// An enrolled terminal with a software keystore, for tests and the load generator.
+pub struct TestTerminal {
+    /// The terminal: ID, DUKPT keys, platform client, receipt key.
+    pub terminal: Terminal,
+    /// Its keystore.
+    pub store: Arc<dyn Keystore>,
+    /// Its account.
+    pub account: nfcpay_protocol::AccountId,
+    _dir: tempfile::TempDir,
+}
+
+impl TestTerminal {
+    /// The terminal's ID.
+    pub fn id(&self) -> &TerminalId {
+        &self.terminal.terminal_id
+    }
+
+    /// A payment request from this terminal as payee: `amount` (e.g. `12.50`) of `currency`,
+    /// valid for five minutes from now.
+    pub fn request(&self, amount: &str, currency: &str, description: &str) -> Result<Vec<u8>> {
+        use nfcpay_protocol::messages::{PaymentKind, PaymentRequest, RequestValidity};
+        let mut txn_id = [0u8; 16];
+        getrandom::fill(&mut txn_id)?;
+        let now = nfcpay_daemon::service::now_ms();
+        let currency = currency.parse()?;
+        Ok(PaymentRequest {
+            txn_id: nfcpay_protocol::TxnId::try_from(txn_id)?,
+            payee_terminal_id: self.id().clone(),
+            payee_account_id: self.account.clone(),
+            amount: nfcpay_protocol::Amount::parse_decimal(amount, currency)?,
+            kind: PaymentKind::Purchase,
+            validity: RequestValidity::new(now, now + 300_000)?,
+            description: description.parse()?,
+        }
+        .encode())
+    }
+
+    /// This terminal's instruction, as payer, for `request` (the bytes as received).
+    pub fn instruction(&self, request: &[u8]) -> Result<Vec<u8>> {
+        use nfcpay_protocol::messages::PaymentInstruction;
+        Ok(PaymentInstruction::consenting_to(
+            request,
+            self.id().clone(),
+            self.account.clone(),
+            nfcpay_daemon::service::now_ms(),
+        )?
+        .encode())
+    }
+
+    /// Seals `plaintext` as half `kind` under this terminal's next KSN.
+    pub fn seal(
+        &mut self,
+        kind: nfcpay_protocol::messages::HalfKind,
+        plaintext: &[u8],
+    ) -> Result<(nfcpay_terminal_agent::halves::TransactionKeys, Vec<u8>)> {
+        let (ksn, transaction_key) = self.terminal.keys.next_transaction()?;
+        let keys = nfcpay_terminal_agent::halves::TransactionKeys::derive(
+            Arc::clone(&self.store),
+            ksn,
+            transaction_key.handle(),
+        )?;
+        drop(transaction_key);
+        let envelope =
+            keys.seal_half(kind, self.id(), plaintext, nfcpay_daemon::service::now_ms())?;
+        Ok((keys, envelope))
+    }
+
+    /// Submits a sealed half.
+    pub async fn submit(
+        &self,
+        kind: nfcpay_protocol::messages::HalfKind,
+        envelope: Vec<u8>,
+        wait: Duration,
+    ) -> Result<
+        nfcpay_terminal_agent::platform::HalfReply,
+        nfcpay_terminal_agent::platform::PlatformError,
+    > {
+        self.terminal
+            .platform
+            .submit_half(kind, envelope, wait)
+            .await
+    }
+
+    /// Opens a receipt for the half sealed with `keys`.
+    pub fn open_receipt(
+        &self,
+        keys: &nfcpay_terminal_agent::halves::TransactionKeys,
+        receipt: &[u8],
+    ) -> Result<nfcpay_protocol::messages::Receipt> {
+        Ok(keys.open_receipt(receipt, self.id(), &self.terminal.receipt_public_key)?)
+    }
+}

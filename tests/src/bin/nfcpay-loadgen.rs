@@ -1,0 +1,2 @@
+//! nfcpay-loadgen (being written).
+fn main() {}
