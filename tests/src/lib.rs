@@ -182,6 +182,11 @@ listen = "{address}"
 ops_listen = "{ops}"
 certificate_chain = "{dir}/pki/server.pem"
 client_ca = "{dir}/pki/ca.pem"
+# Tests and the load generator enroll and pay from one address, fast.
+enrollment_requests_per_second = 1000
+enrollment_request_burst = 1000
+terminal_requests_per_second = 100000
+terminal_request_burst = 100000
 
 [platform]
 pki_dir = "{dir}/pki"
