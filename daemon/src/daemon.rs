@@ -85,7 +85,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         Arc::clone(&platform),
         Duration::from_millis(config.platform.expiry_sweep_interval_ms),
     ));
-    let server = Server::new(config.server, platform, tls, Metrics::new())?;
+    let metrics = Metrics::new();
+    platform.register_metrics(&metrics);
+    let server = Server::new(config.server, platform, tls, metrics)?;
     let served = crate::server::serve(server).await;
     sweeper.abort();
     Ok(served?)

@@ -31,6 +31,9 @@ use bytes::Bytes;
 use nfcpay_keystore::dukpt::HostKeyCache;
 use nfcpay_keystore::{EcPublicKey, Keystore, PrivateKeyHandle};
 use nfcpay_protocol::{TerminalId, TxnId};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::sync::Notify;
 
 use crate::pki;
@@ -66,6 +69,15 @@ struct Inner {
     pki_dir: PathBuf,
     /// Woken whenever this daemon settles a payment.
     settled: Notify,
+    /// Halves by route and outcome (`pending`, `settled`, or the refusal's problem code).
+    halves: Family<HalfLabels, Counter>,
+}
+
+/// Labels of `nfcpayd_halves_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HalfLabels {
+    half: &'static str,
+    outcome: &'static str,
 }
 
 impl Platform {
@@ -95,8 +107,18 @@ impl Platform {
                 receipt_public_key,
                 pki_dir,
                 settled: Notify::new(),
+                halves: Family::default(),
             }),
         })
+    }
+
+    /// Registers the service's metrics (halves by route and outcome) with the front end's.
+    pub fn register_metrics(&self, metrics: &crate::server::metrics::Metrics) {
+        metrics.register(
+            "halves",
+            "Halves received, by route and outcome (pending, settled, or the problem code)",
+            self.inner.halves.clone(),
+        );
     }
 
     /// The ledger.
@@ -136,7 +158,28 @@ impl Api for Platform {
         wait: Duration,
     ) -> Result<HalfAnswer, Problem> {
         let inner = Arc::clone(&self.inner);
-        let outcome = blocking(move || halves::accept(&inner, kind, &client, &body)).await?;
+        let half = match kind {
+            HalfRoute::A => "a",
+            HalfRoute::B => "b",
+        };
+        let count = |outcome: &'static str| {
+            self.inner
+                .halves
+                .get_or_create(&HalfLabels { half, outcome })
+                .inc();
+        };
+        let outcome = match blocking(move || halves::accept(&inner, kind, &client, &body)).await {
+            Ok(outcome) => outcome,
+            Err(problem) => {
+                count(problem.code().as_str());
+                return Err(problem);
+            }
+        };
+        count(match outcome.view.status {
+            TransactionStatus::Settled => "settled",
+            TransactionStatus::Pending => "pending",
+            TransactionStatus::Expired => "expired",
+        });
         if outcome.view.status == TransactionStatus::Settled {
             if outcome.settled_now {
                 self.inner.settled.notify_waiters();
