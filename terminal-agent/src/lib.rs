@@ -7,7 +7,11 @@
 //! - [`platform`]: the HTTPS client of the platform, with the terminal's client certificate.
 #![forbid(unsafe_code)]
 
+/// The `nfcpay-agent` command line.
+pub mod cli;
 pub mod enroll;
+/// What the `nfcpay-agent` commands do.
+pub mod flows;
 pub mod halves;
 pub mod keys;
 /// NFC-DEP transport between two terminals through libnfc readers (or an in-memory link).
