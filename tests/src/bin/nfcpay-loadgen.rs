@@ -146,15 +146,18 @@ async fn pay_until(
     (latencies, failures)
 }
 
+/// One payment. Sealing takes the terminal's next KSN, which saves its DUKPT state durably
+/// (fsync) first, as a real terminal does: that blocking work runs off the async threads.
 async fn pay(payee: &mut TestTerminal, payer: &mut TestTerminal) -> Result<()> {
+    use tokio::task::block_in_place;
     let request = payee.request("1.25", "EUR", "load")?;
-    let (_payee_keys, half_a) = payee.seal(HalfKind::A, &request)?;
+    let (_payee_keys, half_a) = block_in_place(|| payee.seal(HalfKind::A, &request))?;
     let pending = payee.submit(HalfKind::A, half_a, Duration::ZERO).await?;
     if pending.settled {
         bail!("half A alone settled");
     }
     let instruction = payer.instruction(&request)?;
-    let (payer_keys, half_b) = payer.seal(HalfKind::B, &instruction)?;
+    let (payer_keys, half_b) = block_in_place(|| payer.seal(HalfKind::B, &instruction))?;
     let answer = payer.submit(HalfKind::B, half_b, Duration::ZERO).await?;
     if !answer.settled {
         bail!("half B did not settle");
