@@ -115,9 +115,12 @@ pub enum Command {
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("code").required(true).args(["code_file", "code_stdin"]))]
 pub struct EnrollArgs {
-    /// The platform's terminal listener, `host:port`.
+    /// The platform's terminal listener, `host:port` (where halves go).
     #[arg(long, value_name = "HOST:PORT")]
     pub platform: String,
+    /// The platform's enrollment listener, `host:port`, when it is not `--platform`.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub enroll_address: Option<String>,
     /// The name the platform's certificate carries.
     #[arg(long, value_name = "NAME")]
     pub server_name: String,
@@ -291,6 +294,7 @@ pub fn run(cli: Cli) -> Result<(), AgentError> {
             let code = flows::read_code(args.code_file.as_deref())?;
             let options = EnrollOptions {
                 platform: args.platform,
+                enroll_address: args.enroll_address,
                 server_name: args.server_name,
                 ca_file: args.ca,
                 terminal_id: args.terminal_id,

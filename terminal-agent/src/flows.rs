@@ -266,8 +266,10 @@ pub struct PlatformWait {
 
 /// Enrollment inputs.
 pub struct EnrollOptions {
-    /// `host:port` of the platform.
+    /// `host:port` of the platform's terminal listener (where halves go).
     pub platform: String,
+    /// `host:port` of its enrollment listener, when it has one of its own.
+    pub enroll_address: Option<String>,
     /// The name on the platform's certificate.
     pub server_name: String,
     /// The platform CA certificate file (PEM).
@@ -294,6 +296,10 @@ pub async fn enroll(
     let store = place.open_store()?;
     let target = EnrollmentTarget {
         address: &options.platform,
+        enroll_address: options
+            .enroll_address
+            .as_deref()
+            .unwrap_or(&options.platform),
         server_name: &options.server_name,
         ca_pem: &ca_pem,
     };

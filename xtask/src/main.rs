@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //!
-//! - [`demo`]: `cargo xtask demo`, the key ceremony on a fresh SoftHSM2 token.
+//! - [`demo`]: `cargo xtask demo`, the key ceremony on a fresh SoftHSM2 token, then a payment
+//!   between two terminals over emulated NFC through the real daemon ([`payment`]).
 //! - [`test`]: `cargo xtask test`, the whole test suite as CI runs it.
 //! - [`postgres`]: a throwaway PostgreSQL cluster for tests (`cargo xtask pg-check`).
 //! - [`packages`]: installs the Debian packages a task needs.
@@ -14,6 +15,7 @@ mod clock;
 mod command;
 mod demo;
 mod packages;
+mod payment;
 mod postgres;
 mod random;
 mod steps;
@@ -34,12 +36,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Run the key ceremony on a fresh SoftHSM2 token and show the result.
+    /// The whole system on this machine: key ceremony on a fresh SoftHSM2 token, the daemon,
+    /// two enrolled terminals paying 12.50 EUR over emulated NFC, and a replayed half.
     Demo {
         /// Demo directory (default: target/demo/<UTC timestamp>); must be new or empty.
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Also start the platform daemon (not available yet).
+        /// Keep the daemon and the emulator running afterwards (until Ctrl-C), to go on
+        /// paying by hand with nfcpay-agent.
         #[arg(long)]
         serve: bool,
     },

@@ -48,7 +48,7 @@ pub const FOR_TEST: &[Package] = &[
 ];
 
 /// Everything `cargo xtask demo` needs.
-pub const FOR_DEMO: &[Package] = &[SOFTHSM2, OPENSC];
+pub const FOR_DEMO: &[Package] = &[SOFTHSM2, OPENSC, LIBNFC_DEV, LIBCLANG_DEV, PKG_CONFIG];
 
 /// Installs those of `packages` that are not installed yet.
 pub fn ensure(packages: &[Package]) -> Result<()> {

@@ -1,0 +1,700 @@
+//! `nfcpay-agent` end to end: two terminals enrolled through the agent binary against the real
+//! platform (`nfcpayd`, SoftHSM2, SQLite), paying each other through unmodified libnfc over
+//! the PN532 emulator, each agent a process of its own.
+//!
+//! What the NFC layer guarantees below the agent is tested in `terminal-agent`: a peer taken
+//! away after each possible number of chunks, and frames over 262 bytes refused before libnfc
+//! sees them (`nfc::libnfc` unit tests, `terminal-agent/tests/nfc_link.rs`). Here the agent
+//! level: a payment settles with either terminal as NFC initiator; a missing other terminal
+//! leaves the platform untouched; bad enrollment codes load no key; a counter taken for a half
+//! that never landed is not used again.
+
+// A panic is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use nfcpay_tests::{Ledger, PlatformFixture, binary};
+use tempfile::TempDir;
+
+/// The emulator process (`nfcpay-pn532-sim`), killed on drop.
+struct Emulator {
+    child: Child,
+    connstrings: Vec<String>,
+}
+
+impl Emulator {
+    fn start(devices: usize) -> Self {
+        let mut child = Command::new(binary("nfcpay-pn532-sim").unwrap())
+            .args(["--devices", &devices.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nfcpay-pn532-sim");
+        let stdout = child.stdout.take().expect("piped");
+        let connstrings: Vec<String> = BufReader::new(stdout)
+            .lines()
+            .take(devices)
+            .map_while(Result::ok)
+            .collect();
+        assert_eq!(
+            connstrings.len(),
+            devices,
+            "emulator printed {connstrings:?}"
+        );
+        Self { child, connstrings }
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A terminal directory of the agent (software keystore inside).
+struct AgentTerminal {
+    dir: TempDir,
+}
+
+impl AgentTerminal {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::Builder::new()
+                .prefix("nfcpay-agent-test")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `nfcpay-agent --dir DIR ARGS`, with libnfc told to open only the readers it is given.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(binary("nfcpay-agent").unwrap());
+        command
+            .arg("--dir")
+            .arg(self.path())
+            .args(args)
+            .env("LIBNFC_AUTO_SCAN", "false")
+            .env("LIBNFC_INTRUSIVE_SCAN", "false")
+            .env_remove("LIBNFC_DEVICE")
+            .env_remove("LIBNFC_DEFAULT_DEVICE")
+            .env("NFCPAY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    }
+
+    fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args).spawn().expect("start nfcpay-agent")
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run nfcpay-agent")
+    }
+
+    fn status(&self) -> String {
+        let output = self.run(&["status"]);
+        assert!(output.status.success(), "status: {}", text(&output));
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    fn next_counter(&self) -> u32 {
+        let status = self.status();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("next KSN counter:"))
+            .unwrap_or_else(|| panic!("no counter in {status}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn has_dukpt_state(&self) -> bool {
+        self.path().join("dukpt-state.json").exists()
+    }
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The code `terminals add` prints.
+fn code_of(admin_output: &str) -> String {
+    admin_output
+        .lines()
+        .find_map(|line| line.strip_prefix("enrollment code: "))
+        .expect("an enrollment code")
+        .trim()
+        .to_owned()
+}
+
+fn ca_file(platform: &PlatformFixture) -> PathBuf {
+    let path = platform.dir().join("agent-ca.pem");
+    if !path.exists() {
+        std::fs::write(&path, platform.ca_pem().unwrap()).unwrap();
+    }
+    path
+}
+
+/// `nfcpay-agent enroll` with the code in a file.
+fn enroll_with_code(
+    platform: &PlatformFixture,
+    terminal: &AgentTerminal,
+    id: &str,
+    account: &str,
+    code: &str,
+) -> Output {
+    let code_dir = tempfile::tempdir().unwrap();
+    let code_file = code_dir.path().join("code");
+    std::fs::write(&code_file, format!("{code}\n")).unwrap();
+    let ca = ca_file(platform);
+    terminal.run(&[
+        "enroll",
+        "--platform",
+        &platform.address,
+        "--enroll-address",
+        &platform.enroll_address,
+        "--server-name",
+        "localhost",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--terminal-id",
+        id,
+        "--account",
+        account,
+        "--code-file",
+        code_file.to_str().unwrap(),
+    ])
+}
+
+/// Registers and enrolls a terminal through the agent binary.
+fn enrolled(platform: &PlatformFixture, id: &str, account: &str) -> AgentTerminal {
+    let code = platform.add_terminal(id, account).unwrap();
+    let terminal = AgentTerminal::new();
+    let output = enroll_with_code(platform, &terminal, id, account, &code);
+    assert!(output.status.success(), "enroll {id}: {}", text(&output));
+    let shown = stdout(&output);
+    assert!(
+        shown.contains(&format!("terminal ID:       {id}")),
+        "{shown}"
+    );
+    assert!(shown.contains("initial key KCV:"), "{shown}");
+    assert!(!shown.contains(code.as_str()) && !stderr(&output).contains(code.as_str()));
+    assert!(terminal.has_dukpt_state());
+    terminal
+}
+
+/// A platform with `shop` (empty) and `alice` (100.00 EUR), and their two terminals.
+fn platform_and_terminals() -> (PlatformFixture, AgentTerminal, AgentTerminal) {
+    let platform = PlatformFixture::start(&Ledger::Sqlite).unwrap();
+    platform.account("shop", "EUR", None).unwrap();
+    platform.account("alice", "EUR", Some("100.00")).unwrap();
+    let payee = enrolled(&platform, "shop-1", "shop");
+    let payer = enrolled(&platform, "alice-phone", "alice");
+    (platform, payee, payer)
+}
+
+/// Runs the payer and the payee at once; returns (payee, payer) outputs.
+fn pay_concurrently(
+    payee: &AgentTerminal,
+    payee_args: &[&str],
+    payer: &AgentTerminal,
+    payer_args: &[&str],
+) -> (Output, Output) {
+    let payer_child = payer.spawn(payer_args);
+    let payee_child = payee.spawn(payee_args);
+    let payee_output = payee_child.wait_with_output().unwrap();
+    let payer_output = payer_child.wait_with_output().unwrap();
+    (payee_output, payer_output)
+}
+
+fn assert_settled_receipt(output: &Output, amount: &str) {
+    assert!(output.status.success(), "{}", text(output));
+    let shown = stdout(output);
+    assert!(
+        shown.contains("receipt (verified: the platform's signature and this half's DUKPT MAC)"),
+        "{shown}"
+    );
+    assert!(shown.contains("  status:        settled"), "{shown}");
+    assert!(
+        shown.contains(&format!("  amount:        {amount}")),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("  payee:         shop-1 (account shop)"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("  payer:         alice-phone (account alice)"),
+        "{shown}"
+    );
+    assert!(shown.contains("  settlement id: "), "{shown}");
+}
+
+#[test]
+fn two_agents_pay_each_other_over_the_emulator_in_either_nfc_role() {
+    let (platform, payee, payer) = platform_and_terminals();
+    let emulator = Emulator::start(2);
+    let (payee_reader, payer_reader) = (&emulator.connstrings[0], &emulator.connstrings[1]);
+
+    // The payee's reader as NFC initiator, the payer's as target (the defaults).
+    let (payee_output, payer_output) = pay_concurrently(
+        &payee,
+        &[
+            "request",
+            "--amount",
+            "12.50",
+            "--currency",
+            "EUR",
+            "--description",
+            "coffee and cake",
+            "--device",
+            payee_reader,
+            "--nfc-wait-s",
+            "20",
+        ],
+        &payer,
+        &[
+            "pay",
+            "--yes",
+            "--device",
+            payer_reader,
+            "--nfc-wait-s",
+            "20",
+        ],
+    );
+    assert_settled_receipt(&payee_output, "12.50 EUR");
+    assert_settled_receipt(&payer_output, "12.50 EUR");
+    let shown = stdout(&payer_output);
+    assert!(shown.contains("  description:  coffee and cake"), "{shown}");
+    assert!(
+        shown.contains("  payee:        shop-1 (account shop)"),
+        "{shown}"
+    );
+    assert_eq!(platform.balance("alice").unwrap(), "87.50 EUR");
+    assert_eq!(platform.balance("shop").unwrap(), "12.50 EUR");
+
+    // Roles swapped: the payee's reader as target, the payer's as initiator; consent by limit.
+    let (payee_output, payer_output) = pay_concurrently(
+        &payee,
+        &[
+            "request",
+            "--amount",
+            "2.25",
+            "--currency",
+            "EUR",
+            "--device",
+            payee_reader,
+            "--role",
+            "target",
+            "--nfc-wait-s",
+            "20",
+        ],
+        &payer,
+        &[
+            "pay",
+            "--max-amount",
+            "20.00",
+            "--device",
+            payer_reader,
+            "--role",
+            "initiator",
+            "--nfc-wait-s",
+            "20",
+        ],
+    );
+    assert_settled_receipt(&payee_output, "2.25 EUR");
+    assert_settled_receipt(&payer_output, "2.25 EUR");
+    assert_eq!(platform.balance("alice").unwrap(), "85.25 EUR");
+    assert_eq!(platform.balance("shop").unwrap(), "14.75 EUR");
+    let audit = platform.admin_ok(&["audit", "verify"]).unwrap();
+    assert!(audit.contains("intact"), "{audit}");
+}
+
+#[test]
+fn a_payer_over_its_limit_or_without_consent_pays_nothing() {
+    let (platform, payee, payer) = platform_and_terminals();
+    let emulator = Emulator::start(2);
+    let before = platform.storage().unwrap().dump_state().unwrap();
+    let (payee_reader, payer_reader) = (&emulator.connstrings[0], &emulator.connstrings[1]);
+    for payer_consent in [&["--max-amount", "10.00"][..], &[][..]] {
+        let payer_args = [
+            &["pay", "--device", payer_reader, "--nfc-wait-s", "20"][..],
+            payer_consent,
+        ]
+        .concat();
+        let (payee_output, payer_output) = pay_concurrently(
+            &payee,
+            &[
+                "request",
+                "--amount",
+                "12.50",
+                "--currency",
+                "EUR",
+                "--device",
+                payee_reader,
+                "--nfc-wait-s",
+                "20",
+                "--wait-ms",
+                "0",
+                "--settle-wait-s",
+                "0",
+            ],
+            &payer,
+            &payer_args,
+        );
+        // The payer refuses before sealing anything; the payee's half A stands alone.
+        assert_eq!(
+            payer_output.status.code(),
+            Some(1),
+            "{}",
+            text(&payer_output)
+        );
+        assert!(
+            stderr(&payer_output).contains("no consent"),
+            "{}",
+            text(&payer_output)
+        );
+        assert_eq!(
+            payee_output.status.code(),
+            Some(1),
+            "{}",
+            text(&payee_output)
+        );
+        assert!(
+            stderr(&payee_output).contains("still pending"),
+            "{}",
+            text(&payee_output)
+        );
+        assert_eq!(payer.next_counter(), 1, "the payer took no counter");
+    }
+    assert_eq!(platform.balance("alice").unwrap(), "100.00 EUR");
+    let after = platform.storage().unwrap().dump_state().unwrap();
+    assert_ne!(before, after, "the payee's pending halves are recorded");
+}
+
+#[test]
+fn a_missing_other_terminal_leaves_no_state_and_a_clear_error() {
+    let (platform, payee, payer) = platform_and_terminals();
+    // Each terminal's reader in a field of its own (one emulator each): they never meet.
+    let payee_field = Emulator::start(1);
+    let payer_field = Emulator::start(1);
+    let before = platform.storage().unwrap().dump_state().unwrap();
+
+    // The payer is out of the payee's reach: the payee's initiator finds no target, the
+    // payer's target is never activated.
+    let (payee_output, payer_output) = pay_concurrently(
+        &payee,
+        &[
+            "request",
+            "--amount",
+            "12.50",
+            "--currency",
+            "EUR",
+            "--device",
+            &payee_field.connstrings[0],
+            "--nfc-wait-s",
+            "2",
+        ],
+        &payer,
+        &[
+            "pay",
+            "--yes",
+            "--device",
+            &payer_field.connstrings[0],
+            "--role",
+            "target",
+            "--nfc-wait-s",
+            "2",
+        ],
+    );
+    assert_eq!(
+        payee_output.status.code(),
+        Some(1),
+        "{}",
+        text(&payee_output)
+    );
+    assert!(
+        stderr(&payee_output).contains("NFC: no NFC-DEP target found within"),
+        "{}",
+        text(&payee_output)
+    );
+    assert_eq!(
+        payer_output.status.code(),
+        Some(1),
+        "{}",
+        text(&payer_output)
+    );
+    assert!(
+        stderr(&payer_output).contains("NFC: no NFC-DEP initiator came within"),
+        "{}",
+        text(&payer_output)
+    );
+    // The payer taken away while the payee waits as target (the payer process is killed
+    // before it reaches the field).
+    let mut payer_child = payer.spawn(&[
+        "pay",
+        "--yes",
+        "--device",
+        &payer_field.connstrings[0],
+        "--role",
+        "initiator",
+    ]);
+    payer_child.kill().unwrap();
+    let _ = payer_child.wait();
+    let payee_output = payee.run(&[
+        "request",
+        "--amount",
+        "12.50",
+        "--currency",
+        "EUR",
+        "--device",
+        &payee_field.connstrings[0],
+        "--role",
+        "target",
+        "--nfc-wait-s",
+        "2",
+    ]);
+    assert_eq!(
+        payee_output.status.code(),
+        Some(1),
+        "{}",
+        text(&payee_output)
+    );
+    assert!(
+        stderr(&payee_output).contains("NFC: no NFC-DEP initiator came within"),
+        "{}",
+        text(&payee_output)
+    );
+
+    let after = platform.storage().unwrap().dump_state().unwrap();
+    assert_eq!(before, after, "the platform must not change");
+    assert_eq!(
+        payee.next_counter(),
+        1,
+        "no counter is taken before NFC succeeds"
+    );
+    assert_eq!(payer.next_counter(), 1);
+}
+
+#[test]
+fn enrollment_with_a_wrong_used_or_expired_code_loads_no_key() {
+    let platform = PlatformFixture::start(&Ledger::Sqlite).unwrap();
+    platform.account("shop", "EUR", None).unwrap();
+
+    let check_refused = |output: &Output, terminal: &AgentTerminal, code: &str| {
+        assert_eq!(output.status.code(), Some(1), "{}", text(output));
+        let shown = text(output);
+        assert!(
+            shown.contains("problem code: enrollment-refused"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains(code),
+            "the code must not be echoed: {shown}"
+        );
+        assert!(!terminal.has_dukpt_state(), "no key may be loaded");
+        assert!(!terminal.path().join("terminal.json").exists());
+    };
+
+    // Wrong: a code for this terminal exists, but this is not it.
+    let good = platform.add_terminal("shop-1", "shop").unwrap();
+    let wrong = AgentTerminal::new();
+    let wrong_code = "WRONG-CODE-0000";
+    check_refused(
+        &enroll_with_code(&platform, &wrong, "shop-1", "shop", wrong_code),
+        &wrong,
+        wrong_code,
+    );
+
+    // Used: it works once (given on stdin), then never again.
+    let first = AgentTerminal::new();
+    let ca = ca_file(&platform);
+    let mut child = first
+        .command(&[
+            "enroll",
+            "--platform",
+            &platform.address,
+            "--enroll-address",
+            &platform.enroll_address,
+            "--server-name",
+            "localhost",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--terminal-id",
+            "shop-1",
+            "--account",
+            "shop",
+            "--code-stdin",
+        ])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{}\n", good.as_str()).as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(first.has_dukpt_state());
+    let again = AgentTerminal::new();
+    check_refused(
+        &enroll_with_code(&platform, &again, "shop-1", "shop", &good),
+        &again,
+        &good,
+    );
+
+    // Expired: valid for 0 hours.
+    let added = platform
+        .admin_ok(&[
+            "terminals",
+            "add",
+            "--id",
+            "shop-2",
+            "--account",
+            "shop",
+            "--code-validity-hours",
+            "0",
+        ])
+        .unwrap();
+    let expired_code = code_of(&added);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let late = AgentTerminal::new();
+    check_refused(
+        &enroll_with_code(&platform, &late, "shop-2", "shop", &expired_code),
+        &late,
+        &expired_code,
+    );
+
+    // A usage error is not a refusal: no code source at all exits 64.
+    let output = late.run(&[
+        "enroll",
+        "--platform",
+        "x:1",
+        "--server-name",
+        "x",
+        "--ca",
+        "x",
+        "--terminal-id",
+        "t",
+    ]);
+    assert_eq!(output.status.code(), Some(64), "{}", text(&output));
+}
+
+#[test]
+fn a_counter_taken_for_a_half_that_never_landed_is_not_used_again() {
+    let (platform, payee, payer) = platform_and_terminals();
+    let emulator = Emulator::start(2);
+    let (payee_reader, payer_reader) = (&emulator.connstrings[0], &emulator.connstrings[1]);
+    assert_eq!(payee.next_counter(), 1);
+
+    // The platform refuses the payee's half (terminal suspended): the counter was taken and
+    // saved before sealing, and the half never landed.
+    platform
+        .admin_ok(&["terminals", "suspend", "--id", "shop-1"])
+        .unwrap();
+    let (payee_output, _payer_output) = pay_concurrently(
+        &payee,
+        &[
+            "request",
+            "--amount",
+            "12.50",
+            "--currency",
+            "EUR",
+            "--device",
+            payee_reader,
+            "--nfc-wait-s",
+            "20",
+        ],
+        &payer,
+        &[
+            "pay",
+            "--yes",
+            "--device",
+            payer_reader,
+            "--nfc-wait-s",
+            "20",
+            "--wait-ms",
+            "0",
+            "--settle-wait-s",
+            "0",
+        ],
+    );
+    assert_eq!(
+        payee_output.status.code(),
+        Some(1),
+        "{}",
+        text(&payee_output)
+    );
+    assert!(
+        stderr(&payee_output).contains("problem code: terminal-suspended"),
+        "{}",
+        text(&payee_output)
+    );
+    assert!(
+        stdout(&payee_output).contains("(counter 1)"),
+        "{}",
+        text(&payee_output)
+    );
+    assert_eq!(payee.next_counter(), 2, "the taken counter is spent");
+
+    platform
+        .admin_ok(&["terminals", "reactivate", "--id", "shop-1"])
+        .unwrap();
+    let (payee_output, payer_output) = pay_concurrently(
+        &payee,
+        &[
+            "request",
+            "--amount",
+            "12.50",
+            "--currency",
+            "EUR",
+            "--device",
+            payee_reader,
+            "--nfc-wait-s",
+            "20",
+        ],
+        &payer,
+        &[
+            "pay",
+            "--yes",
+            "--device",
+            payer_reader,
+            "--nfc-wait-s",
+            "20",
+        ],
+    );
+    assert_settled_receipt(&payee_output, "12.50 EUR");
+    assert_settled_receipt(&payer_output, "12.50 EUR");
+    assert!(
+        stdout(&payee_output).contains("(counter 2)"),
+        "{}",
+        text(&payee_output)
+    );
+    assert_eq!(payee.next_counter(), 3);
+    assert_eq!(platform.balance("alice").unwrap(), "87.50 EUR");
+}
