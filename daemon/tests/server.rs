@@ -1,6 +1,6 @@
 //! The network front end over real sockets and real mutual TLS: a fake [`Api`] stands in for
 //! the platform service, and throwaway CAs and certificates are made with rcgen for each test.
-//! Every listener binds `127.0.0.1:0`. Sleeps appear only where a test plays a slow client or
+//! Every listener (terminal, enrollment, operations) binds `127.0.0.1:0`. Sleeps appear only where a test plays a slow client or
 //! a slow service on purpose.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -23,7 +23,9 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
 };
+use rustls::client::ResolvesClientCert;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot};
@@ -135,6 +137,27 @@ impl Client {
         )
     }
 
+    /// A terminal whose certificate `issuer` signed for `terminal`, offered through a resolver
+    /// that records whether a server asked for it (rustls consults the resolver only when
+    /// the server sends a CertificateRequest).
+    fn terminal_recording(
+        server_ca: &Ca,
+        issuer: &Ca,
+        terminal: &str,
+    ) -> (Self, Arc<AskedForCertificate>) {
+        let (certificate, key) = issuer.leaf(terminal, false);
+        let key = rustls::crypto::ring::sign::any_ecdsa_type(&key).unwrap();
+        let resolver = Arc::new(AskedForCertificate {
+            asked: AtomicBool::new(false),
+            certified: Arc::new(CertifiedKey::new(
+                vec![certificate, issuer.certificate.clone()],
+                key,
+            )),
+        });
+        let config = Self::builder(server_ca).with_client_cert_resolver(resolver.clone());
+        (Self::with_config(config), resolver)
+    }
+
     fn with_config(mut config: rustls::ClientConfig) -> Self {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Self {
@@ -157,6 +180,34 @@ impl Client {
     ) -> std::io::Result<(SendRequest<Full<Bytes>>, JoinHandle<()>)> {
         let tls = self.tls(address).await?;
         http_over(tls).await
+    }
+}
+
+/// Offers one client certificate, and remembers whether a server asked for one.
+#[derive(Debug)]
+struct AskedForCertificate {
+    asked: AtomicBool,
+    certified: Arc<CertifiedKey>,
+}
+
+impl AskedForCertificate {
+    fn asked(&self) -> bool {
+        self.asked.load(Ordering::SeqCst)
+    }
+}
+
+impl ResolvesClientCert for AskedForCertificate {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.asked.store(true, Ordering::SeqCst);
+        Some(Arc::clone(&self.certified))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
@@ -318,7 +369,10 @@ impl Api for FakeApi {
 // A running front end
 
 struct Running {
+    /// The terminal listener.
     address: SocketAddr,
+    /// The enrollment listener.
+    enroll_address: SocketAddr,
     ops_address: SocketAddr,
     api: Arc<FakeApi>,
     ca: Ca,
@@ -342,6 +396,7 @@ impl Running {
         let ca = Ca::new("platform terminal CA");
         let mut config = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
+            enroll_listen: "127.0.0.1:0".parse().unwrap(),
             ops_listen: "127.0.0.1:0".parse().unwrap(),
             ..ServerConfig::default()
         };
@@ -357,15 +412,17 @@ impl Running {
         let api = Arc::new(FakeApi::default());
         let server =
             Server::new(config, Arc::clone(&api), Arc::clone(&tls), Metrics::new()).unwrap();
-        let (listener, ops_listener) = server.bind().await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let ops_address = ops_listener.local_addr().unwrap();
+        let listeners = server.bind().await.unwrap();
+        let address = listeners.terminals.local_addr().unwrap();
+        let enroll_address = listeners.enrollment.local_addr().unwrap();
+        let ops_address = listeners.operations.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(server.run(listener, ops_listener, async move {
+        let server = tokio::spawn(server.run(listeners, async move {
             let _ = stopped.await;
         }));
         Self {
             address,
+            enroll_address,
             ops_address,
             api,
             ca,
@@ -377,6 +434,21 @@ impl Running {
 
     fn terminal(&self, terminal: &str) -> Client {
         Client::terminal(&self.ca, &self.ca, terminal)
+    }
+
+    /// A client without a certificate that trusts the server: a terminal about to enroll.
+    fn enrollee(&self) -> Client {
+        Client::anonymous(&self.ca)
+    }
+
+    /// How many handshakes the front end counts as failed so far.
+    async fn handshake_failures(&self) -> u64 {
+        let metrics = self.ops_get("/metrics").await;
+        metrics
+            .text()
+            .lines()
+            .find_map(|line| line.strip_prefix("nfcpayd_tls_handshake_failures_total "))
+            .map_or(0, |value| value.trim().parse().unwrap())
     }
 
     async fn ops_get(&self, path: &str) -> Answer {
@@ -411,6 +483,23 @@ where
         assert!(tokio::time::Instant::now() < deadline, "never: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Connects with `client`, sends one request and returns the status of the answer, if any;
+/// `None` when the handshake or the first exchange fails without an HTTP answer. In TLS 1.3
+/// the client finishes its side before the server has checked the client's certificate, so
+/// a refusal of it shows on the first exchange.
+async fn answer_status(
+    client: &Client,
+    address: SocketAddr,
+    method: Method,
+    path: &str,
+) -> Option<StatusCode> {
+    let (mut sender, _driver) = client.http(address).await.ok()?;
+    send(&mut sender, method, path, "half")
+        .await
+        .ok()
+        .map(|answer| answer.status)
 }
 
 /// Writes `bytes` on a TLS connection and reads until the server closes it.
@@ -488,19 +577,19 @@ async fn a_terminal_reaches_each_route_and_gets_the_services_answers() {
         .unwrap();
     garbage.assert_problem(ProblemCode::Malformed);
 
+    // Enrollment is not a route of the terminal listener.
     let enrolled = send(&mut sender, Method::POST, "/v1/enroll", r#"{"code":"c1"}"#)
         .await
         .unwrap();
-    assert_eq!(enrolled.status, StatusCode::OK);
-    assert_eq!(enrolled.content_type(), "application/json");
-    assert_eq!(enrolled.text(), r#"{"terminal_id":"c1"}"#);
+    enrolled.assert_problem(ProblemCode::NotFound);
+    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
     running.stop().await;
 }
 
 #[tokio::test]
-async fn without_a_client_certificate_only_enrollment_is_open() {
+async fn without_a_client_certificate_the_terminal_listener_fails_the_handshake() {
     let running = Running::start(|_| {}).await;
-    let anonymous = Client::anonymous(&running.ca);
+    let anonymous = running.enrollee();
     for (method, path) in [
         (Method::POST, "/v1/halves/a"),
         (Method::POST, "/v1/halves/b"),
@@ -508,24 +597,96 @@ async fn without_a_client_certificate_only_enrollment_is_open() {
             Method::GET,
             "/v1/transactions/00112233445566778899AABBCCDDEEFF",
         ),
+        (Method::POST, "/v1/enroll"),
     ] {
-        let (mut sender, _driver) = anonymous.http(running.address).await.unwrap();
-        let answer = send(&mut sender, method, path, "half").await.unwrap();
-        answer.assert_problem(ProblemCode::CertificateRequired);
+        let status = answer_status(&anonymous, running.address, method, path).await;
+        assert_eq!(status, None, "{path}: an HTTP answer without a certificate");
     }
     assert_eq!(running.api.half_calls(), 0);
+    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
+    eventually("the four failed handshakes are counted", || async {
+        running.handshake_failures().await == 4
+    })
+    .await;
+    running.stop().await;
+}
 
-    let (mut sender, driver) = anonymous.http(running.address).await.unwrap();
+#[tokio::test]
+async fn the_enrollment_listener_serves_enrollment_without_a_certificate_and_nothing_else() {
+    let running = Running::start(|_| {}).await;
+    let enrollee = running.enrollee();
+    let (mut sender, driver) = enrollee.http(running.enroll_address).await.unwrap();
     let enrolled = send(&mut sender, Method::POST, "/v1/enroll", r#"{"code":"c2"}"#)
         .await
         .unwrap();
     assert_eq!(enrolled.status, StatusCode::OK);
+    assert_eq!(enrolled.content_type(), "application/json");
+    assert_eq!(enrolled.text(), r#"{"terminal_id":"c2"}"#);
     assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 1);
-    // An anonymous connection is not kept alive: the server closes it after the answer.
+    // An enrollment connection is not kept alive: the server closes it after the answer.
     tokio::time::timeout(PATIENCE, driver)
         .await
-        .expect("anonymous connection closed")
+        .expect("enrollment connection closed")
         .unwrap();
+
+    // The terminal routes do not exist here, with or without a certificate.
+    let terminal = running.terminal("shop-1");
+    for client in [&enrollee, &terminal] {
+        for (method, path) in [
+            (Method::POST, "/v1/halves/a"),
+            (Method::POST, "/v1/halves/b"),
+            (
+                Method::GET,
+                "/v1/transactions/00112233445566778899AABBCCDDEEFF",
+            ),
+            (Method::GET, "/v1/transactions/nothex"),
+            (Method::GET, "/"),
+        ] {
+            let (mut sender, _driver) = client.http(running.enroll_address).await.unwrap();
+            let answer = send(&mut sender, method, path, "half").await.unwrap();
+            answer.assert_problem(ProblemCode::NotFound);
+        }
+    }
+    assert_eq!(running.api.half_calls(), 0);
+
+    let (mut sender, _driver) = enrollee.http(running.enroll_address).await.unwrap();
+    let wrong_method = send(&mut sender, Method::GET, "/v1/enroll", Bytes::new())
+        .await
+        .unwrap();
+    wrong_method.assert_problem(ProblemCode::MethodNotAllowed);
+    assert_eq!(wrong_method.headers[http::header::ALLOW], "POST");
+    let (mut sender, _driver) = enrollee.http(running.enroll_address).await.unwrap();
+    let query = send(&mut sender, Method::POST, "/v1/enroll?wait_ms=1", "{}")
+        .await
+        .unwrap();
+    query.assert_problem(ProblemCode::Malformed);
+    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 1);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn only_the_terminal_listener_asks_for_a_client_certificate() {
+    let running = Running::start(|_| {}).await;
+
+    let (client, resolver) = Client::terminal_recording(&running.ca, &running.ca, "shop-1");
+    let (mut sender, _driver) = client.http(running.enroll_address).await.unwrap();
+    let enrolled = send(&mut sender, Method::POST, "/v1/enroll", r#"{"code":"c3"}"#)
+        .await
+        .unwrap();
+    assert_eq!(enrolled.status, StatusCode::OK);
+    assert!(
+        !resolver.asked(),
+        "the enrollment listener asked for a client certificate"
+    );
+
+    // The control: the same client is asked on the terminal listener, and served.
+    let (mut sender, _driver) = client.http(running.address).await.unwrap();
+    let answer = send(&mut sender, Method::POST, "/v1/halves/a", "half")
+        .await
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    assert_eq!(answer.text(), "A|shop-1|0|half");
+    assert!(resolver.asked());
     running.stop().await;
 }
 
@@ -533,27 +694,26 @@ async fn without_a_client_certificate_only_enrollment_is_open() {
 async fn a_certificate_from_another_ca_fails_the_handshake() {
     let running = Running::start(|_| {}).await;
     let stranger = Ca::new("someone else's CA");
-    let client = Client::terminal(&running.ca, &stranger, "shop-1");
-    // In TLS 1.3 the client finishes its side before the server has checked the client's
-    // certificate, so the refusal shows on the first exchange: no HTTP answer ever comes.
-    let outcome = match client.http(running.address).await {
-        Err(_) => None,
-        Ok((mut sender, _driver)) => Some(
-            send(&mut sender, Method::POST, "/v1/halves/a", "half")
-                .await
-                .map(|answer| answer.status),
-        ),
-    };
-    assert!(matches!(outcome, None | Some(Err(_))), "{outcome:?}");
+    let (client, resolver) = Client::terminal_recording(&running.ca, &stranger, "shop-1");
+    let status = answer_status(&client, running.address, Method::POST, "/v1/halves/a").await;
+    assert_eq!(status, None, "an HTTP answer to another CA's certificate");
+    assert!(resolver.asked());
     assert_eq!(running.api.half_calls(), 0);
     eventually("the failed handshake is counted", || async {
-        running
-            .ops_get("/metrics")
-            .await
-            .text()
-            .contains("nfcpayd_tls_handshake_failures_total 1")
+        running.handshake_failures().await == 1
     })
     .await;
+
+    // The enrollment listener does not ask for a certificate, so this one is never sent
+    // there, and is neither refused nor trusted: the client is served as any enrollee.
+    let (client, resolver) = Client::terminal_recording(&running.ca, &stranger, "shop-1");
+    let status = answer_status(&client, running.enroll_address, Method::POST, "/v1/enroll").await;
+    assert_eq!(
+        status,
+        Some(StatusCode::BAD_REQUEST),
+        "the fake's `not JSON`"
+    );
+    assert!(!resolver.asked());
     running.stop().await;
 }
 
@@ -589,31 +749,42 @@ fn tls12_client_hello() -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn a_tls_1_2_client_is_refused() {
+async fn a_tls_1_2_client_is_refused_on_both_listeners() {
     let running = Running::start(|_| {}).await;
-    let mut tcp = TcpStream::connect(running.address).await.unwrap();
-    tcp.write_all(&tls12_client_hello()).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut answer))
-        .await
-        .expect("the server closes the connection")
-        .unwrap();
-    // A fatal alert record (21) saying protocol_version (70), and never a ServerHello (22).
-    assert_eq!(answer.first(), Some(&21), "{answer:02X?}");
-    assert_eq!(answer.get(5..7), Some(&[2, 70][..]), "{answer:02X?}");
+    for address in [running.address, running.enroll_address] {
+        let mut tcp = TcpStream::connect(address).await.unwrap();
+        tcp.write_all(&tls12_client_hello()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut answer))
+            .await
+            .expect("the server closes the connection")
+            .unwrap();
+        // A fatal alert record (21) saying protocol_version (70), and never a ServerHello (22).
+        assert_eq!(answer.first(), Some(&21), "{address}: {answer:02X?}");
+        assert_eq!(
+            answer.get(5..7),
+            Some(&[2, 70][..]),
+            "{address}: {answer:02X?}"
+        );
+    }
+
+    assert_eq!(running.api.half_calls(), 0);
+    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
     running.stop().await;
 }
 
 #[tokio::test]
 async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
     let running = Running::start(|config| config.tls_handshake_timeout_ms = 200).await;
-    let mut tcp = TcpStream::connect(running.address).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut answer))
-        .await
-        .expect("the server closes a connection that never says hello")
-        .unwrap();
-    assert!(answer.is_empty());
+    for address in [running.address, running.enroll_address] {
+        let mut tcp = TcpStream::connect(address).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut answer))
+            .await
+            .expect("the server closes a connection that never says hello")
+            .unwrap();
+        assert!(answer.is_empty(), "{address}");
+    }
     running.stop().await;
 }
 
@@ -796,6 +967,46 @@ async fn a_connection_over_the_cap_waits_until_one_closes() {
     running.stop().await;
 }
 
+/// One cap for both HTTPS listeners: an enrollee waits while a terminal holds the only permit.
+#[tokio::test]
+async fn the_connection_cap_is_shared_by_both_https_listeners() {
+    let running = Running::start(|config| config.connections_max = 1).await;
+    let (mut first, first_driver) = running
+        .terminal("shop-1")
+        .http(running.address)
+        .await
+        .unwrap();
+    let answer = send(&mut first, Method::POST, "/v1/halves/a", "one")
+        .await
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+
+    let (enrollee, enroll_address) = (running.enrollee(), running.enroll_address);
+    let mut enrollment = tokio::spawn(async move {
+        let (mut sender, _driver) = enrollee.http(enroll_address).await.unwrap();
+        send(&mut sender, Method::POST, "/v1/enroll", r#"{"code":"c6"}"#)
+            .await
+            .unwrap()
+    });
+    // Deliberately waiting to show that nothing happens while the terminal's connection is open.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut enrollment)
+            .await
+            .is_err(),
+        "the enrollee was served while a terminal held the only permit"
+    );
+    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
+
+    drop(first);
+    first_driver.abort();
+    let answer = tokio::time::timeout(PATIENCE, enrollment)
+        .await
+        .expect("served once the terminal's connection closed")
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    running.stop().await;
+}
+
 #[tokio::test]
 async fn a_terminal_over_its_rate_gets_429_rate_limited() {
     let running = Running::start(|config| {
@@ -852,6 +1063,52 @@ async fn a_terminal_over_its_rate_gets_429_rate_limited() {
 }
 
 #[tokio::test]
+async fn enrollment_is_rate_limited_per_address_and_its_body_capped() {
+    let running = Running::start(|config| {
+        config.enrollment_requests_per_second = 1;
+        config.enrollment_request_burst = 2;
+    })
+    .await;
+    let enrollee = running.enrollee();
+    let enroll = |body: Vec<u8>| {
+        let enrollee = enrollee.clone();
+        let address = running.enroll_address;
+        async move {
+            let (mut sender, _driver) = enrollee.http(address).await.unwrap();
+            send(&mut sender, Method::POST, "/v1/enroll", body)
+                .await
+                .unwrap()
+        }
+    };
+    // Over the cap: refused on its declared length, before the service sees it.
+    let too_large = enroll(vec![b'x'; 4097]).await;
+    too_large.assert_problem(ProblemCode::BodyTooLarge);
+    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
+
+    let enrolled = enroll(br#"{"code":"c4"}"#.to_vec()).await;
+    assert_eq!(enrolled.status, StatusCode::OK);
+    // The burst of two is spent (the refused body counted too).
+    let limited = enroll(br#"{"code":"c5"}"#.to_vec()).await;
+    limited.assert_problem(ProblemCode::RateLimited);
+    assert!(limited.headers.contains_key(http::header::RETRY_AFTER));
+    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 1);
+
+    // A slow enrollment body gets 408 like any other.
+    running.stop().await;
+    let running = Running::start(|config| config.body_read_timeout_ms = 300).await;
+    let mut stream = running
+        .enrollee()
+        .tls(running.enroll_address)
+        .await
+        .unwrap();
+    let request = "POST /v1/enroll HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{";
+    let answer = raw_exchange(&mut stream, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
+    running.stop().await;
+}
+
+#[tokio::test]
 async fn malformed_paths_methods_and_queries_get_problems() {
     let running = Running::start(|_| {}).await;
     let (mut sender, _driver) = running
@@ -880,7 +1137,7 @@ async fn malformed_paths_methods_and_queries_get_problems() {
             ProblemCode::Malformed,
         ),
         (Method::POST, "/v1/halves/a?debug=1", ProblemCode::Malformed),
-        (Method::POST, "/v1/enroll?wait_ms=1", ProblemCode::Malformed),
+        (Method::POST, "/v1/enroll", ProblemCode::NotFound),
         (Method::GET, "/v1/halves/a", ProblemCode::MethodNotAllowed),
         (
             Method::DELETE,
@@ -995,8 +1252,8 @@ async fn shutdown_drains_an_in_flight_request_then_run_returns() {
         tokio::spawn(async move { send(&mut sender, Method::POST, "/v1/halves/a", "slow").await });
     running.api.slow_entered.notified().await;
 
-    let address = running.address;
-    let anonymous = Client::anonymous(&running.ca);
+    let (address, enroll_address) = (running.address, running.enroll_address);
+    let anonymous = running.enrollee();
     running.stop().await;
 
     // The request in flight when shutdown began got its answer.
@@ -1004,7 +1261,8 @@ async fn shutdown_drains_an_in_flight_request_then_run_returns() {
     assert_eq!(answer.status, StatusCode::ACCEPTED);
     assert_eq!(answer.text(), "A|shop-1|0|slow");
     // And nobody is listening any more.
-    assert!(anonymous.http(address).await.is_err());
+    assert!(TcpStream::connect(address).await.is_err());
+    assert!(anonymous.http(enroll_address).await.is_err());
 }
 
 #[tokio::test]
@@ -1054,6 +1312,13 @@ async fn reload_swaps_the_server_certificate_for_new_connections() {
     let after = client.tls(running.address).await.unwrap();
     assert_eq!(leaf_of(&after), new_leaf);
     assert_ne!(new_leaf, old_leaf);
+    // The enrollment listener's configuration is rebuilt from the same material.
+    let enrollment = running
+        .enrollee()
+        .tls(running.enroll_address)
+        .await
+        .unwrap();
+    assert_eq!(leaf_of(&enrollment), new_leaf);
     // Both the new connection and the one opened before the reload work.
     let (mut new_connection, _driver) = http_over(after).await.unwrap();
     for sender in [&mut old_connection, &mut new_connection] {
@@ -1086,6 +1351,12 @@ async fn sighup_reloads_the_certificates() {
         leaf_of(&client.tls(running.address).await.unwrap()) == new_leaf
     })
     .await;
+    let enrollment = running
+        .enrollee()
+        .tls(running.enroll_address)
+        .await
+        .unwrap();
+    assert_eq!(leaf_of(&enrollment), new_leaf);
     reloads.abort();
     running.stop().await;
 }

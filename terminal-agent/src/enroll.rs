@@ -80,7 +80,7 @@ pub struct TerminalFile {
     pub terminal_id: String,
     /// The account its halves name.
     pub account_id: Option<String>,
-    /// The platform's address, `host:port`.
+    /// The platform's terminal listener, `host:port` (not the enrollment listener).
     pub platform_address: String,
     /// The name the platform's certificate must carry.
     pub platform_server_name: String,
@@ -115,10 +115,16 @@ struct EnrollmentAnswer {
     receipt_public_key: String,
 }
 
-/// Where to enroll.
+/// Where to enroll, and where to pay afterwards: the platform has two HTTPS listeners with the
+/// same server certificate.
 pub struct EnrollmentTarget<'a> {
-    /// `host:port` of the platform.
+    /// `host:port` of the platform's terminal listener (`[server] listen`), which requires the
+    /// client certificate enrollment issues. Saved as `platform_address` in `terminal.json`;
+    /// every payment goes there.
     pub address: &'a str,
+    /// `host:port` of the platform's enrollment listener (`[server] enroll_listen`), which
+    /// asks for no client certificate; used only for `POST /v1/enroll`.
+    pub enroll_address: &'a str,
     /// The name on the platform's certificate.
     pub server_name: &'a str,
     /// The platform CA certificate(s) the operator gave (PEM).
@@ -176,7 +182,7 @@ pub async fn enroll(
         })
         .map_err(|error| EnrollError::Answer(error.to_string()))?;
         let request = Zeroizing::new(request);
-        let enrollment = PlatformClient::new(target.address, target.server_name, &ca, None)?;
+        let enrollment = PlatformClient::new(target.enroll_address, target.server_name, &ca, None)?;
         let answer = enrollment.enroll(request.to_vec()).await?;
         let answer: EnrollmentAnswer = serde_json::from_slice(&answer)
             .map_err(|error| EnrollError::Answer(error.to_string()))?;

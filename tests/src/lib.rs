@@ -85,8 +85,10 @@ impl Ledger {
 pub struct PlatformFixture {
     dir: tempfile::TempDir,
     daemon: Option<Child>,
-    /// `127.0.0.1:port` of the terminal listener.
+    /// `127.0.0.1:port` of the terminal listener (client certificate required).
     pub address: String,
+    /// `127.0.0.1:port` of the enrollment listener (no client certificate).
+    pub enroll_address: String,
     /// `127.0.0.1:port` of the operations listener.
     pub ops_address: String,
     /// The database URL the daemon uses.
@@ -100,6 +102,7 @@ impl PlatformFixture {
             .prefix("nfcpay-fixture")
             .tempdir()?;
         let port = free_port()?;
+        let enroll_port = free_port()?;
         let ops_port = free_port()?;
         let database_url = match ledger {
             Ledger::Sqlite => format!("sqlite://{}", dir.path().join("ledger.db").display()),
@@ -107,6 +110,7 @@ impl PlatformFixture {
         };
         let mut fixture = Self {
             address: format!("127.0.0.1:{port}"),
+            enroll_address: format!("127.0.0.1:{enroll_port}"),
             ops_address: format!("127.0.0.1:{ops_port}"),
             database_url,
             daemon: None,
@@ -179,6 +183,7 @@ url = "{database}"
 
 [server]
 listen = "{address}"
+enroll_listen = "{enroll}"
 ops_listen = "{ops}"
 certificate_chain = "{dir}/pki/server.pem"
 client_ca = "{dir}/pki/ca.pem"
@@ -194,6 +199,7 @@ allow_root = true
 "#,
             database = self.database_url,
             address = self.address,
+            enroll = self.enroll_address,
             ops = self.ops_address,
         );
         std::fs::write(self.config_path(), config)?;
@@ -321,6 +327,7 @@ allow_root = true
         let ca = self.ca_pem()?;
         let target = EnrollmentTarget {
             address: &self.address,
+            enroll_address: &self.enroll_address,
             server_name: "localhost",
             ca_pem: &ca,
         };

@@ -27,7 +27,8 @@ pub const BODY_READ_TIMEOUT_MS: u64 = 10_000;
 pub const KEEP_ALIVE_IDLE_TIMEOUT_MS: u64 = 60_000;
 /// Time in-flight requests have to finish after a shutdown is asked for.
 pub const DRAIN_TIMEOUT_MS: u64 = 30_000;
-/// Most open terminal connections; further clients wait in the listen backlog.
+/// Most open TLS connections, terminal and enrollment listeners together; further clients
+/// wait in the listen backlog.
 pub const CONNECTIONS_MAX: usize = 1024;
 /// Most open connections on the operations listener.
 pub const OPS_CONNECTIONS_MAX: usize = 16;
@@ -56,8 +57,11 @@ const CONNECTIONS_CEILING: usize = 65_536;
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Terminal listener (HTTPS, mutual TLS 1.3).
+    /// Terminal listener (HTTPS, mutual TLS 1.3: a client certificate from the terminal CA is
+    /// required in the handshake).
     pub listen: SocketAddr,
+    /// Enrollment listener (HTTPS, TLS 1.3, no client certificate): `POST /v1/enroll` only.
+    pub enroll_listen: SocketAddr,
     /// Operations listener (plain HTTP: `/metrics`, `/healthz`, `/readyz`); loopback only.
     pub ops_listen: SocketAddr,
     /// The server's certificate chain, PEM, leaf first. Its private key is not a file: it
@@ -97,6 +101,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8443),
+            enroll_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8444),
             ops_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9443),
             certificate_chain: PathBuf::from("/var/lib/nfcpay/pki/server.pem"),
             client_ca: PathBuf::from("/var/lib/nfcpay/pki/ca.pem"),
@@ -131,13 +136,22 @@ impl ServerConfig {
                 ),
             );
         }
-        if self.listen.port() != 0 && self.listen.port() == self.ops_listen.port() {
-            let overlaps =
-                self.listen.ip() == self.ops_listen.ip() || self.listen.ip().is_unspecified();
-            if overlaps {
+        // Each pair once; the second of a pair is the setting named in a refusal.
+        for (first, (setting, second)) in [
+            (
+                ("listen", self.listen),
+                ("enroll_listen", self.enroll_listen),
+            ),
+            (("listen", self.listen), ("ops_listen", self.ops_listen)),
+            (
+                ("enroll_listen", self.enroll_listen),
+                ("ops_listen", self.ops_listen),
+            ),
+        ] {
+            if overlaps(first.1, second) {
                 return invalid(
-                    "ops_listen",
-                    format!("{} overlaps listen = {}", self.ops_listen, self.listen),
+                    setting,
+                    format!("{second} overlaps {} = {}", first.0, first.1),
                 );
             }
         }
@@ -213,6 +227,16 @@ impl ServerConfig {
     }
 }
 
+/// Whether binding `first` and `second` would collide: the same fixed port on the same
+/// address, or on any address when either is a wildcard. Port 0 (the system picks) never does.
+fn overlaps(first: SocketAddr, second: SocketAddr) -> bool {
+    first.port() != 0
+        && first.port() == second.port()
+        && (first.ip() == second.ip()
+            || first.ip().is_unspecified()
+            || second.ip().is_unspecified())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,18 +247,28 @@ mod tests {
         config.validate().unwrap();
         assert_eq!(config.body_bytes_max, 4096);
         assert_eq!(config.listen.to_string(), "0.0.0.0:8443");
+        assert_eq!(config.enroll_listen.to_string(), "0.0.0.0:8444");
         assert_eq!(config.ops_listen.to_string(), "127.0.0.1:9443");
     }
 
     #[test]
     fn refuses_each_bad_setting_by_name() {
         type Change = fn(&mut ServerConfig);
-        let cases: [(&str, Change); 8] = [
+        let cases: [(&str, Change); 11] = [
             ("ops_listen", |c| {
                 c.ops_listen = "0.0.0.0:9443".parse().unwrap()
             }),
             ("ops_listen", |c| {
                 c.ops_listen = "127.0.0.1:8443".parse().unwrap()
+            }),
+            ("enroll_listen", |c| {
+                c.enroll_listen = "127.0.0.1:8443".parse().unwrap()
+            }),
+            ("enroll_listen", |c| {
+                c.listen = "127.0.0.1:8444".parse().unwrap()
+            }),
+            ("ops_listen", |c| {
+                c.enroll_listen = "0.0.0.0:9443".parse().unwrap()
             }),
             ("body_bytes_max", |c| c.body_bytes_max = 0),
             ("header_read_timeout_ms", |c| c.header_read_timeout_ms = 0),
@@ -253,6 +287,23 @@ mod tests {
                 other => panic!("{setting}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn listeners_on_port_0_or_on_different_addresses_do_not_overlap() {
+        let any_port = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            enroll_listen: "127.0.0.1:0".parse().unwrap(),
+            ops_listen: "127.0.0.1:0".parse().unwrap(),
+            ..ServerConfig::default()
+        };
+        any_port.validate().unwrap();
+        let two_addresses = ServerConfig {
+            listen: "192.0.2.1:8443".parse().unwrap(),
+            enroll_listen: "192.0.2.2:8443".parse().unwrap(),
+            ..ServerConfig::default()
+        };
+        two_addresses.validate().unwrap();
     }
 
     #[test]

@@ -1,13 +1,16 @@
-//! Accepting connections: the connection cap, the TLS handshake with its timeout, the header
-//! and keep-alive timeouts, and draining on shutdown.
+//! Accepting connections on the two HTTPS listeners (terminal and enrollment): the connection
+//! cap, the TLS handshake with its timeout, the header and keep-alive timeouts, and draining on
+//! shutdown.
 //!
 //! # The connection cap
 //!
-//! A permit of a [`Semaphore`] with `connections_max` permits is taken *before* `accept`
-//! (as in mini-redis): when all are in use the daemon stops accepting, further clients wait in
-//! the kernel's listen backlog (their TCP handshake completes, their TLS handshake does not
-//! start), and each is accepted as soon as an open connection closes. Once the backlog is full
-//! the kernel drops new SYNs and clients retry. Nothing is allocated for a waiting client.
+//! A permit of a [`Semaphore`] with `connections_max` permits is taken *before* `accept` (as
+//! in mini-redis), by one accept loop that serves both HTTPS listeners: when all permits are
+//! in use the daemon stops accepting on both, further clients wait in the kernel's listen
+//! backlogs (their TCP handshake completes, their TLS handshake does not start), and each is
+//! accepted as soon as an open connection closes, the listeners taking turns. Once a backlog
+//! is full the kernel drops new SYNs and clients retry. Nothing is allocated for a waiting
+//! client.
 //!
 //! # Timeouts (all configurable)
 //!
@@ -22,10 +25,14 @@
 //! # Before authentication
 //!
 //! Until its handshake completes, a client can make the daemon hold at most one TLS handshake
-//! message (rustls refuses larger than 64 KiB) for at most the handshake timeout. A client
-//! without a certificate then gets one request — a head of at most `HEAD_BYTES_MAX` and a body
-//! of at most `body_bytes_max` — and the connection closes after the answer.
+//! message (rustls refuses larger than 64 KiB) for at most the handshake timeout. On the
+//! terminal listener that is all: the handshake fails without a client certificate from the
+//! terminal CA, so every HTTP request there comes from a terminal. On the enrollment listener,
+//! where nobody is authenticated, a client then gets one request — a head of at most
+//! `HEAD_BYTES_MAX` and a body of at most `body_bytes_max` — and the connection closes after
+//! the answer.
 
+use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -37,36 +44,44 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use nfcpay_protocol::TerminalId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 
 use super::config::{HEAD_BYTES_MAX, HEADERS_MAX, ServerConfig};
 use super::metrics::TimeoutLabel;
-use super::tls::ClientIdentity;
+use super::tls::{self, TlsReloader};
 use super::{Api, Shared, routes};
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_PAUSE_MS: u64 = 100;
 
-/// Accepts on `listener` while `stopped` is false, at most `connections_max` at a time, and
-/// runs `serve` for each connection in its own task. Once stopped, closes the listener and
-/// waits for the tasks until `drain_timeout`, then aborts those left.
-pub(crate) async fn accept_loop<F, Fut>(
-    listener: TcpListener,
+/// Accepts on `listeners` while `stopped` is false, at most `connections_max` connections at
+/// a time across all of them, and runs `serve` for each connection in its own task, told which
+/// listener it came on. Once stopped, closes the listeners and waits for the tasks until
+/// `drain_timeout`, then aborts those left.
+///
+/// One loop serves every listener that shares a cap: the permit is taken before `accept`, and
+/// a loop per listener would sit on a permit while its own listener is quiet.
+pub(crate) async fn accept_loop<K, F, Fut>(
+    listeners: Vec<(TcpListener, K)>,
     connections_max: usize,
     drain_timeout: Duration,
     mut stopped: watch::Receiver<bool>,
-    listener_name: &'static str,
     mut serve: F,
 ) where
-    F: FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
+    K: Copy + fmt::Display,
+    F: FnMut(K, TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    assert!(!listeners.is_empty(), "an accept loop needs a listener");
     let permits = Arc::new(Semaphore::new(connections_max));
     let mut connections = JoinSet::new();
+    let mut first = 0;
     loop {
         while connections.try_join_next().is_some() {}
         let permit = tokio::select! {
@@ -78,22 +93,48 @@ pub(crate) async fn accept_loop<F, Fut>(
                 Err(_) => break,
             },
         };
-        let (stream, peer) = tokio::select! {
+        // Each round starts at the next listener, so a busy one cannot starve the others.
+        first = (first + 1) % listeners.len();
+        let (kind, accepted) = tokio::select! {
             biased;
             () = until_stopped(&mut stopped) => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(listener = listener_name, %error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_PAUSE_MS)).await;
-                    continue;
-                }
-            },
+            accepted = accept_any(&listeners, first) => accepted,
         };
-        connections.spawn(serve(stream, peer, permit));
+        match accepted {
+            Ok((stream, peer)) => {
+                connections.spawn(serve(kind, stream, peer, permit));
+            }
+            Err(error) => {
+                tracing::warn!(listener = %kind, %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_PAUSE_MS)).await;
+            }
+        }
     }
-    drop(listener);
-    drain(connections, drain_timeout, listener_name).await;
+    let names = listeners
+        .iter()
+        .map(|(_, kind)| kind.to_string())
+        .collect::<Vec<_>>()
+        .join("+");
+    drop(listeners);
+    drain(connections, drain_timeout, &names).await;
+}
+
+/// The next connection (or accept error) on any of `listeners`, looking from `first` on.
+async fn accept_any<K: Copy>(
+    listeners: &[(TcpListener, K)],
+    first: usize,
+) -> (K, io::Result<(TcpStream, SocketAddr)>) {
+    std::future::poll_fn(|cx| {
+        let count = listeners.len();
+        for offset in 0..count {
+            let (listener, kind) = &listeners[(first + offset) % count];
+            if let Poll::Ready(accepted) = listener.poll_accept(cx) {
+                return Poll::Ready((*kind, accepted));
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Completes once `stopped` holds `true` (or its sender is gone, which also means stop).
@@ -114,23 +155,85 @@ async fn drain(mut connections: JoinSet<()>, drain_timeout: Duration, listener_n
     }
 }
 
-/// Serves the terminal listener until stopped.
-pub(super) async fn serve_terminals<A: Api>(
-    listener: TcpListener,
+/// Which HTTPS listener a connection came in on; it decides the TLS configuration, who the
+/// caller can be, and which routes exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Listener {
+    /// `[server] listen`: a client certificate from the terminal CA is required in the
+    /// handshake; the half and transaction routes.
+    Terminals,
+    /// `[server] enroll_listen`: no client certificate; `POST /v1/enroll` only.
+    Enrollment,
+}
+
+impl fmt::Display for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Listener {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Terminals => "terminals",
+            Self::Enrollment => "enrollment",
+        }
+    }
+
+    fn acceptor(self, tls: &TlsReloader) -> TlsAcceptor {
+        match self {
+            Self::Terminals => tls.terminal_acceptor(),
+            Self::Enrollment => tls.enrollment_acceptor(),
+        }
+    }
+}
+
+/// Who is at the other end of an HTTPS connection, as its listener and handshake established.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Caller {
+    /// On the terminal listener: the terminal its verified client certificate names.
+    Terminal(TerminalId),
+    /// On the enrollment listener: a client nobody has authenticated.
+    Enrollee,
+}
+
+impl Caller {
+    /// The listener this caller can only have come in on.
+    pub(crate) fn listener(&self) -> Listener {
+        match self {
+            Self::Terminal(_) => Listener::Terminals,
+            Self::Enrollee => Listener::Enrollment,
+        }
+    }
+}
+
+/// Serves the terminal and enrollment listeners until stopped, under one connection cap.
+pub(super) async fn serve_https<A: Api>(
+    terminals: TcpListener,
+    enrollment: TcpListener,
     shared: Arc<Shared<A>>,
     stopped: watch::Receiver<bool>,
 ) {
     let config = &shared.config;
     let (connections_max, drain_timeout) = (config.connections_max, config.drain_timeout());
-    let serve = |stream, peer, permit| {
-        terminal_connection(Arc::clone(&shared), stream, peer, stopped.clone(), permit)
+    let serve = |kind, stream, peer, permit| {
+        https_connection(
+            Arc::clone(&shared),
+            kind,
+            stream,
+            peer,
+            stopped.clone(),
+            permit,
+        )
     };
     accept_loop(
-        listener,
+        vec![
+            (terminals, Listener::Terminals),
+            (enrollment, Listener::Enrollment),
+        ],
         connections_max,
         drain_timeout,
         stopped.clone(),
-        "terminals",
         serve,
     )
     .await;
@@ -140,12 +243,13 @@ pub(super) async fn serve_terminals<A: Api>(
 #[derive(Debug)]
 pub(crate) struct ConnectionContext {
     pub(crate) peer: SocketAddr,
-    pub(crate) identity: ClientIdentity,
+    pub(crate) caller: Caller,
     pub(crate) activity: Arc<Activity>,
 }
 
-async fn terminal_connection<A: Api>(
+async fn https_connection<A: Api>(
     shared: Arc<Shared<A>>,
+    kind: Listener,
     stream: TcpStream,
     peer: SocketAddr,
     mut stopped: watch::Receiver<bool>,
@@ -156,36 +260,44 @@ async fn terminal_connection<A: Api>(
     let _ = stream.set_nodelay(true);
     let handshake = tokio::time::timeout(
         shared.config.tls_handshake_timeout(),
-        shared.tls.acceptor().accept(stream),
+        kind.acceptor(&shared.tls).accept(stream),
     );
     let tls_stream = tokio::select! {
         result = handshake => match result {
             Ok(Ok(tls_stream)) => tls_stream,
             Ok(Err(error)) => {
                 shared.metrics.handshake_failed();
-                tracing::debug!(%peer, %error, "TLS handshake failed");
+                tracing::debug!(%peer, listener = kind.name(), %error, "TLS handshake failed");
                 return;
             }
             Err(_) => {
                 shared.metrics.handshake_failed();
                 shared.metrics.timed_out(TimeoutLabel::Handshake);
-                tracing::debug!(%peer, "TLS handshake timed out");
+                tracing::debug!(%peer, listener = kind.name(), "TLS handshake timed out");
                 return;
             }
         },
         () = until_stopped(&mut stopped) => return,
     };
-    let identity = ClientIdentity::of(tls_stream.get_ref().1);
-    if let ClientIdentity::Unusable(reason) = &identity {
-        tracing::warn!(%peer, reason, "client certificate names no valid terminal; treated as none");
-    }
-    // Only terminals keep connections open: an anonymous client gets one answer (enrollment)
-    // and the connection closes, so it cannot hold a connection slot idle.
-    let keep_alive = matches!(identity, ClientIdentity::Terminal(_));
+    let caller = match kind {
+        Listener::Terminals => match tls::client_terminal(tls_stream.get_ref().1) {
+            Ok(terminal) => Caller::Terminal(terminal),
+            Err(reason) => {
+                // The terminal CA signs only certificates that name a terminal: whoever holds
+                // this one is no terminal of ours, and gets no answer.
+                tracing::warn!(%peer, reason, "client certificate names no valid terminal; closing");
+                return;
+            }
+        },
+        Listener::Enrollment => Caller::Enrollee,
+    };
+    // Only terminals keep connections open: an enrollee gets one answer and the connection
+    // closes, so it cannot hold a connection slot idle.
+    let keep_alive = matches!(caller, Caller::Terminal(_));
     let activity = Arc::new(Activity::new(Instant::now()));
     let context = Arc::new(ConnectionContext {
         peer,
-        identity,
+        caller,
         activity: Arc::clone(&activity),
     });
     let service_shared = Arc::clone(&shared);

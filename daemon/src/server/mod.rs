@@ -1,6 +1,15 @@
-//! The network front end of `nfcpayd`: transport only. It terminates mutual TLS 1.3, reads and
-//! limits HTTP/1.1 requests, routes them, and hands the survivors to an [`Api`] implemented by
-//! the platform service; it knows nothing about DUKPT or the ledger.
+//! The network front end of `nfcpayd`: transport only. It terminates TLS 1.3 — mutual on the
+//! terminal listener, server-only on the enrollment listener — reads and limits HTTP/1.1
+//! requests, routes them, and hands the survivors to an [`Api`] implemented by the platform
+//! service; it knows nothing about DUKPT or the ledger.
+//!
+//! # Listeners
+//!
+//! | setting | default | TLS | routes |
+//! | --- | --- | --- | --- |
+//! | `listen` | `0.0.0.0:8443` | 1.3, client certificate from the terminal CA required | halves, transaction status |
+//! | `enroll_listen` | `0.0.0.0:8444` | 1.3, no client certificate | `POST /v1/enroll` |
+//! | `ops_listen` | `127.0.0.1:9443` | none (loopback only) | `/metrics`, `/healthz`, `/readyz` |
 //!
 //! # Layout
 //!
@@ -8,9 +17,11 @@
 //!   any port is bound.
 //! - [`api`]: the [`Api`] trait, the contract with the platform service.
 //! - [`problem`]: RFC 9457 problem documents with the stable codes of docs/protocol.md §8.
-//! - [`tls`]: rustls configuration (TLS 1.3, HSM-backed server key, terminal CA), reload.
-//! - `connection`: accept loops, the connection cap, handshake/header/idle timeouts, draining.
-//! - `routes`: the terminal routes — authentication, rate limit, body cap and timeout.
+//! - [`tls`]: rustls configurations of both HTTPS listeners (TLS 1.3, HSM-backed server key,
+//!   terminal CA), reloaded together.
+//! - `connection`: accept loops, the shared connection cap, handshake/header/idle timeouts,
+//!   draining.
+//! - `routes`: the terminal and enrollment routes — rate limit, body cap and timeout.
 //! - `ops`: the local operations listener — `/metrics`, `/healthz`, `/readyz`.
 //! - `rate`: per-terminal token buckets in a bounded map.
 //! - [`metrics`]: the Prometheus registry, shared with the platform service.
@@ -19,7 +30,7 @@
 //!
 //! # Lifecycle
 //!
-//! [`Server::new`] validates the configuration; [`Server::bind`] binds both listeners;
+//! [`Server::new`] validates the configuration; [`Server::bind`] binds the three listeners;
 //! [`Server::run`] serves until its `shutdown` future completes, then stops accepting, lets
 //! in-flight requests finish until the drain deadline, closes what is left and returns.
 //! [`serve`] strings these together with signals and systemd for the `nfcpayd` binary.
@@ -126,6 +137,17 @@ struct Shared<A> {
     enrollment_rate: rate::RateLimiter<IpAddr>,
 }
 
+/// The three listeners, bound; from [`Server::bind`], for [`Server::run`].
+#[derive(Debug)]
+pub struct Listeners {
+    /// `[server] listen`: terminals, with client certificates.
+    pub terminals: TcpListener,
+    /// `[server] enroll_listen`: enrollment, without client certificates.
+    pub enrollment: TcpListener,
+    /// `[server] ops_listen`: metrics and health, plain HTTP on loopback.
+    pub operations: TcpListener,
+}
+
 /// The front end, configured and ready to bind and run.
 pub struct Server<A> {
     shared: Arc<Shared<A>>,
@@ -170,51 +192,59 @@ impl<A: Api> Server<A> {
         })
     }
 
-    /// Binds the terminal listener and the operations listener named in the configuration.
-    pub async fn bind(&self) -> Result<(TcpListener, TcpListener), ServerError> {
+    /// Binds the terminal, enrollment and operations listeners named in the configuration.
+    pub async fn bind(&self) -> Result<Listeners, ServerError> {
         let config = &self.shared.config;
         let bind = |address: SocketAddr| async move {
             TcpListener::bind(address)
                 .await
                 .map_err(|source| ServerError::Bind { address, source })
         };
-        Ok((bind(config.listen).await?, bind(config.ops_listen).await?))
+        Ok(Listeners {
+            terminals: bind(config.listen).await?,
+            enrollment: bind(config.enroll_listen).await?,
+            operations: bind(config.ops_listen).await?,
+        })
     }
 
-    /// Serves terminals on `listener` and operators on `ops_listener` until `shutdown`
-    /// completes; then stops accepting on both, lets in-flight requests finish (at most
-    /// `drain_timeout_ms`), closes the rest and returns.
-    pub async fn run(
-        self,
-        listener: TcpListener,
-        ops_listener: TcpListener,
-        shutdown: impl Future<Output = ()>,
-    ) {
+    /// Serves terminals, enrollment and operators on `listeners` until `shutdown` completes;
+    /// then stops accepting on all three, lets in-flight requests finish (at most
+    /// `drain_timeout_ms`), closes the rest and returns. The two HTTPS listeners share one cap
+    /// of `connections_max` open connections.
+    pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
         let (stop, stopped) = watch::channel(false);
-        let terminals =
-            connection::serve_terminals(listener, Arc::clone(&self.shared), stopped.clone());
-        let operators = ops::serve(ops_listener, Arc::clone(&self.shared), stopped);
+        let https = connection::serve_https(
+            listeners.terminals,
+            listeners.enrollment,
+            Arc::clone(&self.shared),
+            stopped.clone(),
+        );
+        let operators = ops::serve(listeners.operations, Arc::clone(&self.shared), stopped);
         let trigger = async move {
             shutdown.await;
             tracing::info!("shutting down: no new connections; draining in-flight requests");
             // Nobody may have subscribed yet; `send_replace` stores the value regardless.
             stop.send_replace(true);
         };
-        tokio::join!(terminals, operators, trigger);
+        tokio::join!(https, operators, trigger);
         tracing::info!("front end stopped");
     }
 }
 
-/// Runs `server` as the `nfcpayd` binary does: binds both listeners, tells systemd it is
+/// Runs `server` as the `nfcpayd` binary does: binds the three listeners, tells systemd it is
 /// ready, reloads TLS on SIGHUP, pings the watchdog, and on SIGTERM or SIGINT tells systemd it
 /// is stopping and drains.
 pub async fn serve<A: Api>(server: Server<A>) -> Result<(), ServerError> {
     let shutdown = signals::shutdown_signal()?;
     let hangups = signals::hangups()?;
-    let (listener, ops_listener) = server.bind().await?;
-    let addresses = (listener.local_addr(), ops_listener.local_addr());
-    if let (Ok(terminals), Ok(operators)) = addresses {
-        tracing::info!(%terminals, %operators, "listening");
+    let listeners = server.bind().await?;
+    let addresses = (
+        listeners.terminals.local_addr(),
+        listeners.enrollment.local_addr(),
+        listeners.operations.local_addr(),
+    );
+    if let (Ok(terminals), Ok(enrollment), Ok(operators)) = addresses {
+        tracing::info!(%terminals, %enrollment, %operators, "listening");
     }
     let reloads = tokio::spawn(signals::reload_on_hangup(
         hangups,
@@ -223,7 +253,7 @@ pub async fn serve<A: Api>(server: Server<A>) -> Result<(), ServerError> {
     let watchdog = systemd::spawn_watchdog();
     systemd::ready("serving");
     server
-        .run(listener, ops_listener, async move {
+        .run(listeners, async move {
             shutdown.await;
             systemd::stopping();
         })

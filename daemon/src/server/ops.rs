@@ -37,15 +37,14 @@ pub(super) async fn serve<A: Api>(
     stopped: watch::Receiver<bool>,
 ) {
     let drain_timeout = shared.config.drain_timeout();
-    let serve = |stream, peer, permit| {
+    let serve = |_, stream, peer, permit| {
         ops_connection(Arc::clone(&shared), stream, peer, stopped.clone(), permit)
     };
     connection::accept_loop(
-        listener,
+        vec![(listener, "operations")],
         OPS_CONNECTIONS_MAX,
         drain_timeout,
         stopped.clone(),
-        "operations",
         serve,
     )
     .await;

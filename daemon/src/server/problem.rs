@@ -88,8 +88,6 @@ problem_codes! {
     EnrollmentRefused = "enrollment-refused", FORBIDDEN, "Enrollment refused";
     /// HSM or database unavailable.
     Unavailable = "unavailable", SERVICE_UNAVAILABLE, "Service unavailable";
-    /// A terminal route reached without a verified client certificate naming a terminal.
-    CertificateRequired = "certificate-required", UNAUTHORIZED, "Client certificate required";
     /// No such route.
     NotFound = "not-found", NOT_FOUND, "No such route";
     /// The route exists but not with this method (the answer has an `Allow` header).

@@ -1,6 +1,9 @@
-//! The terminal routes (docs/protocol.md §6). Checks run cheapest first, and nothing reaches
-//! the [`Api`] before all pass: route and method, query, client certificate, rate limit,
-//! declared length, then the body under its cap and timeout.
+//! The routes of the two HTTPS listeners (docs/protocol.md §6): the terminal listener has the
+//! half and transaction routes, the enrollment listener only `POST /v1/enroll`; a route of one
+//! is `404 not-found` on the other. Checks run cheapest first, and nothing reaches the [`Api`]
+//! before all pass: route and method, query, rate limit (per terminal, or per address for
+//! enrollment), declared length, then the body under its cap and timeout. Who the caller is
+//! was settled in the TLS handshake, before any of this (see `connection`).
 
 use std::convert::Infallible;
 use std::str::FromStr;
@@ -12,13 +15,12 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use nfcpay_protocol::{TerminalId, TxnId};
+use nfcpay_protocol::TxnId;
 use tokio::time::Instant;
 
-use super::connection::ConnectionContext;
+use super::connection::{Caller, ConnectionContext, Listener};
 use super::metrics::RouteLabel;
 use super::problem::{PROBLEM_CONTENT_TYPE, Problem, ProblemCode};
-use super::tls::ClientIdentity;
 use super::{Api, HalfRoute, Shared};
 
 /// Media type of halves and receipts.
@@ -30,7 +32,7 @@ const WAIT_MS_DIGITS_MAX: usize = 20;
 
 type Answer = Response<Full<Bytes>>;
 
-/// A route of the terminal listener, parsed from the path.
+/// A route of an HTTPS listener, parsed from the path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
     Half(HalfRoute),
@@ -39,13 +41,15 @@ enum Route {
 }
 
 impl Route {
-    /// The route `path` names: `Ok(None)` for no route, `Err` for a transaction path whose ID
-    /// does not parse.
-    fn parse(path: &str) -> Result<Option<Self>, Problem> {
+    /// The route `path` names on `listener`: `Ok(None)` for no route there, `Err` for a
+    /// transaction path whose ID does not parse.
+    fn parse(listener: Listener, path: &str) -> Result<Option<Self>, Problem> {
+        if listener == Listener::Enrollment {
+            return Ok((path == "/v1/enroll").then_some(Self::Enroll));
+        }
         Ok(match path {
             "/v1/halves/a" => Some(Self::Half(HalfRoute::A)),
             "/v1/halves/b" => Some(Self::Half(HalfRoute::B)),
-            "/v1/enroll" => Some(Self::Enroll),
             _ => match path.strip_prefix("/v1/transactions/") {
                 Some(hex) if !hex.is_empty() && !hex.contains('/') => {
                     let txn_id = TxnId::from_str(hex).map_err(|error| {
@@ -127,7 +131,7 @@ impl Refusal {
     }
 }
 
-/// Answers one request on a terminal connection.
+/// Answers one request on a terminal or enrollment connection.
 pub(super) async fn handle<A: Api>(
     shared: Arc<Shared<A>>,
     context: Arc<ConnectionContext>,
@@ -158,8 +162,8 @@ async fn respond<A: Api>(
     request: Request<Incoming>,
     label: &mut RouteLabel,
 ) -> Result<Answer, Refusal> {
-    let route = Route::parse(request.uri().path())?
-        .ok_or_else(|| Problem::new(ProblemCode::NotFound, "no such route"))?;
+    let route = Route::parse(context.caller.listener(), request.uri().path())?
+        .ok_or_else(|| Problem::new(ProblemCode::NotFound, "no such route on this listener"))?;
     *label = route.label();
     if request.method() != route.method() {
         let allow = if route.method() == Method::GET {
@@ -174,21 +178,10 @@ async fn respond<A: Api>(
         return Err(Refusal::with(problem, Extra::Allow(allow)));
     }
     let wait = parse_query(route, request.uri().query(), shared.config.wait_ms_max)?;
-    let client = match (route, &context.identity) {
-        (Route::Enroll, _) => None,
-        (_, ClientIdentity::Terminal(terminal)) => Some(terminal.clone()),
-        (_, ClientIdentity::Anonymous | ClientIdentity::Unusable(_)) => {
-            return Err(Problem::new(
-                ProblemCode::CertificateRequired,
-                "this route needs a client certificate issued by the platform's terminal CA",
-            )
-            .into());
-        }
-    };
     let now = std::time::Instant::now();
-    let allowed = match &client {
-        Some(terminal) => shared.terminal_rate.check(terminal, now),
-        None => shared.enrollment_rate.check(&context.peer.ip(), now),
+    let allowed = match &context.caller {
+        Caller::Terminal(terminal) => shared.terminal_rate.check(terminal, now),
+        Caller::Enrollee => shared.enrollment_rate.check(&context.peer.ip(), now),
     };
     if let Err(retry_after) = allowed {
         shared.metrics.rate_limited();
@@ -199,20 +192,21 @@ async fn respond<A: Api>(
         );
         return Err(Refusal::with(problem, Extra::RetryAfter(seconds.max(1))));
     }
-    dispatch(shared, route, client, wait, request).await
+    dispatch(shared, route, &context.caller, wait, request).await
 }
 
-/// Reads the body and calls the service. `client` is `Some` on every route but enrollment.
+/// Reads the body and calls the service.
 async fn dispatch<A: Api>(
     shared: &Shared<A>,
     route: Route,
-    client: Option<TerminalId>,
+    caller: &Caller,
     wait: Duration,
     request: Request<Incoming>,
 ) -> Result<Answer, Refusal> {
     let api = &shared.api;
-    match (route, client) {
-        (Route::Half(kind), Some(client)) => {
+    match (route, caller) {
+        (Route::Half(kind), Caller::Terminal(client)) => {
+            let client = client.clone();
             let body = read_body(shared, request).await?;
             let answer = api.submit_half(kind, client, body, wait).await?;
             let status = if answer.settled {
@@ -222,18 +216,19 @@ async fn dispatch<A: Api>(
             };
             Ok(bytes_answer(status, OCTET_STREAM, answer.receipt))
         }
-        (Route::Transaction(txn_id), Some(client)) => {
-            let receipt = api.transaction(client, txn_id).await?;
+        (Route::Transaction(txn_id), Caller::Terminal(client)) => {
+            let receipt = api.transaction(client.clone(), txn_id).await?;
             Ok(bytes_answer(StatusCode::OK, OCTET_STREAM, receipt))
         }
-        (Route::Enroll, _) => {
+        (Route::Enroll, Caller::Enrollee) => {
             let body = read_body(shared, request).await?;
             let answer = api.enroll(body).await?;
             Ok(bytes_answer(StatusCode::OK, JSON, answer))
         }
-        (Route::Half(_) | Route::Transaction(_), None) => {
-            // `respond` refuses these routes without a terminal before getting here.
-            tracing::error!("terminal route reached dispatch without a client terminal");
+        (Route::Half(_) | Route::Transaction(_), Caller::Enrollee)
+        | (Route::Enroll, Caller::Terminal(_)) => {
+            // `Route::parse` gives each listener only its own routes.
+            tracing::error!(?route, "a route reached dispatch on the wrong listener");
             Err(Problem::new(ProblemCode::Internal, "internal error").into())
         }
     }
@@ -334,13 +329,14 @@ mod tests {
 
     #[test]
     fn parses_routes() {
+        let terminals = |path: &str| Route::parse(Listener::Terminals, path);
         assert_eq!(
-            Route::parse("/v1/halves/a").unwrap(),
+            terminals("/v1/halves/a").unwrap(),
             Some(Route::Half(HalfRoute::A))
         );
-        assert_eq!(Route::parse("/v1/enroll").unwrap(), Some(Route::Enroll));
+        assert_eq!(terminals("/v1/enroll").unwrap(), None);
         let Some(Route::Transaction(txn_id)) =
-            Route::parse(&format!("/v1/transactions/{TXN}")).unwrap()
+            terminals(&format!("/v1/transactions/{TXN}")).unwrap()
         else {
             panic!("transaction route")
         };
@@ -353,16 +349,30 @@ mod tests {
             "/v1/transactions/x/y",
             "/V1/enroll",
         ] {
-            assert_eq!(Route::parse(path).unwrap(), None, "{path}");
+            assert_eq!(terminals(path).unwrap(), None, "{path}");
         }
         for path in [
             "/v1/transactions/zz",
             "/v1/transactions/00000000000000000000000000000000",
         ] {
-            assert_eq!(
-                Route::parse(path).unwrap_err().code(),
-                ProblemCode::Malformed
-            );
+            assert_eq!(terminals(path).unwrap_err().code(), ProblemCode::Malformed);
+        }
+    }
+
+    #[test]
+    fn the_enrollment_listener_has_only_enrollment() {
+        let enrollment = |path: &str| Route::parse(Listener::Enrollment, path);
+        assert_eq!(enrollment("/v1/enroll").unwrap(), Some(Route::Enroll));
+        for path in [
+            "/",
+            "/v1/halves/a",
+            "/v1/halves/b",
+            &format!("/v1/transactions/{TXN}"),
+            // Not even parsed: no transaction route here to be malformed.
+            "/v1/transactions/zz",
+            "/v1/enroll/",
+        ] {
+            assert_eq!(enrollment(path).unwrap(), None, "{path}");
         }
     }
 

@@ -1,11 +1,12 @@
-//! TLS for the terminal listener: TLS 1.3 only, the server key behind rustls's [`SigningKey`]
-//! (so it can stay in the HSM), client certificates verified against the platform's terminal
-//! CA, and the whole rustls configuration swapped on reload.
+//! TLS for the two HTTPS listeners: TLS 1.3 only, one server certificate whose key is behind
+//! rustls's [`SigningKey`] (so it can stay in the HSM), and both rustls configurations swapped
+//! together on reload.
 //!
-//! Client authentication is *optional at the TLS layer* (`allow_unauthenticated`) only so that
-//! a terminal that has no certificate yet can reach `POST /v1/enroll`; a certificate that is
-//! presented and does not chain to the terminal CA fails the handshake. Every other route
-//! refuses a connection without a verified certificate (see `ClientIdentity`).
+//! - The **terminal listener** requires a client certificate that chains to the platform's
+//!   terminal CA *in the handshake*: without one, with one from another CA, or over TLS 1.2,
+//!   the handshake fails and no HTTP byte is ever exchanged.
+//! - The **enrollment listener** asks for no client certificate at all: a terminal that has
+//!   none yet gets one there (`POST /v1/enroll`, its only route).
 
 use std::fmt;
 use std::path::Path;
@@ -23,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::ServerError;
 
-/// ALPN protocol the terminal listener speaks.
+/// ALPN protocol both HTTPS listeners speak.
 const ALPN_HTTP_1_1: &[u8] = b"http/1.1";
 
 /// The one place that chooses the cryptography: *ring*. Everything in the daemon that builds a
@@ -32,7 +33,7 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// What the terminal listener's TLS is made of.
+/// What the HTTPS listeners' TLS is made of.
 pub struct TlsMaterial {
     /// The server's certificate chain, leaf first.
     pub chain: Vec<CertificateDer<'static>>,
@@ -86,13 +87,21 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Server
 /// Produces fresh [`TlsMaterial`] on reload (SIGHUP): re-reads the files, re-opens the key.
 pub type ReloadTlsMaterial = Arc<dyn Fn() -> Result<TlsMaterial, ServerError> + Send + Sync>;
 
-/// The terminal listener's current rustls configuration, replaced as a whole on reload.
+/// The listeners' current rustls configurations, replaced together on reload.
 ///
 /// Each new connection takes the configuration current when it is accepted; connections
 /// already open keep theirs.
 pub struct TlsReloader {
-    current: RwLock<Arc<rustls::ServerConfig>>,
+    current: RwLock<Arc<ServerConfigs>>,
     reload: ReloadTlsMaterial,
+}
+
+/// The two rustls configurations, made from the same [`TlsMaterial`].
+struct ServerConfigs {
+    /// Client certificate required and verified against the terminal CA.
+    terminals: Arc<rustls::ServerConfig>,
+    /// No client certificate asked for.
+    enrollment: Arc<rustls::ServerConfig>,
 }
 
 impl fmt::Debug for TlsReloader {
@@ -102,41 +111,50 @@ impl fmt::Debug for TlsReloader {
 }
 
 impl TlsReloader {
-    /// Builds the first configuration from `material`; `reload` makes the next ones.
+    /// Builds the first configurations from `material`; `reload` makes the next ones.
     pub fn new(material: TlsMaterial, reload: ReloadTlsMaterial) -> Result<Self, ServerError> {
         Ok(Self {
-            current: RwLock::new(server_config(material)?),
+            current: RwLock::new(server_configs(material)?),
             reload,
         })
     }
 
-    /// Calls the reload callback and swaps the new configuration in. On any error the current
-    /// configuration stays. May block (the callback may talk to the HSM): from async code, call
-    /// it through `spawn_blocking`.
+    /// Calls the reload callback and swaps both new configurations in at once. On any error
+    /// the current ones stay. May block (the callback may talk to the HSM): from async code,
+    /// call it through `spawn_blocking`.
     pub fn reload(&self) -> Result<(), ServerError> {
-        let config = server_config((self.reload)()?)?;
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = config;
+        let configs = server_configs((self.reload)()?)?;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = configs;
         Ok(())
     }
 
-    pub(crate) fn acceptor(&self) -> TlsAcceptor {
+    /// The acceptor for a new connection on the terminal listener.
+    pub(crate) fn terminal_acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(Arc::clone(&self.current().terminals))
+    }
+
+    /// The acceptor for a new connection on the enrollment listener.
+    pub(crate) fn enrollment_acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(Arc::clone(&self.current().enrollment))
+    }
+
+    fn current(&self) -> Arc<ServerConfigs> {
         // Writers only store a complete `Arc`, so a poisoned lock still holds a valid one.
-        TlsAcceptor::from(Arc::clone(
-            &self.current.read().unwrap_or_else(PoisonError::into_inner),
-        ))
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
     }
 }
 
-/// Builds the terminal listener's rustls configuration: TLS 1.3 only, `http/1.1`, client
-/// certificates verified against `material.client_ca` but optional (for enrollment).
-fn server_config(material: TlsMaterial) -> Result<Arc<rustls::ServerConfig>, ServerError> {
+/// Builds both listeners' rustls configurations from one `material`: TLS 1.3 only,
+/// `http/1.1`, the same server certificate and key; the terminal listener's requires a client
+/// certificate that chains to `material.client_ca`, the enrollment listener's asks for none.
+fn server_configs(material: TlsMaterial) -> Result<Arc<ServerConfigs>, ServerError> {
     let provider = crypto_provider();
     let mut roots = RootCertStore::empty();
     for certificate in material.client_ca {
         roots.add(certificate).map_err(ServerError::Tls)?;
     }
+    // No `allow_unauthenticated`: a client without a certificate fails the handshake.
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
         .build()
         .map_err(ServerError::ClientVerifier)?;
     let certified = CertifiedKey::new(material.chain, material.key);
@@ -145,13 +163,24 @@ fn server_config(material: TlsMaterial) -> Result<Arc<rustls::ServerConfig>, Ser
         Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
         Err(error) => return Err(ServerError::Tls(error)),
     }
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(ServerError::Tls)?
+    let resolver = Arc::new(SingleCertificate(Arc::new(certified)));
+    let tls13 = || {
+        rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(ServerError::Tls)
+    };
+    let with_alpn = |mut config: rustls::ServerConfig| {
+        config.alpn_protocols = vec![ALPN_HTTP_1_1.to_vec()];
+        Arc::new(config)
+    };
+    let terminals = tls13()?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(Arc::new(SingleCertificate(Arc::new(certified))));
-    config.alpn_protocols = vec![ALPN_HTTP_1_1.to_vec()];
-    Ok(Arc::new(config))
+        .with_cert_resolver(resolver.clone());
+    let enrollment = tls13()?.with_no_client_auth().with_cert_resolver(resolver);
+    Ok(Arc::new(ServerConfigs {
+        terminals: with_alpn(terminals),
+        enrollment: with_alpn(enrollment),
+    }))
 }
 
 /// Answers every client hello with the one certificate (no SNI-based choice).
@@ -164,33 +193,16 @@ impl ResolvesServerCert for SingleCertificate {
     }
 }
 
-/// Who is at the other end of a terminal connection, as its TLS handshake established.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum ClientIdentity {
-    /// No client certificate: only enrollment is open to it.
-    Anonymous,
-    /// A certificate that chained to the terminal CA, naming this terminal.
-    Terminal(TerminalId),
-    /// A certificate that chained to the terminal CA but names no valid terminal ID: treated
-    /// as no certificate, with the reason logged.
-    Unusable(String),
-}
-
-impl ClientIdentity {
-    /// Reads the identity from a completed handshake. rustls has verified the chain already;
-    /// here only the leaf's subject common name is read.
-    pub(crate) fn of(connection: &rustls::ServerConnection) -> Self {
-        match connection
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-        {
-            None => Self::Anonymous,
-            Some(leaf) => match terminal_id_of(leaf) {
-                Ok(terminal) => Self::Terminal(terminal),
-                Err(reason) => Self::Unusable(reason),
-            },
-        }
-    }
+/// The terminal a connection on the terminal listener comes from: the one its client
+/// certificate names. rustls has verified the chain in the handshake already (so there is a
+/// certificate); here only the leaf's subject common name is read. `Err` says why the
+/// certificate names no valid terminal.
+pub(crate) fn client_terminal(connection: &rustls::ServerConnection) -> Result<TerminalId, String> {
+    let leaf = connection
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or_else(|| "no client certificate".to_owned())?;
+    terminal_id_of(leaf)
 }
 
 /// The terminal ID a client certificate names: its subject's one common name.
