@@ -70,7 +70,9 @@ fn main() -> Result<()> {
         bail!("HSM probe: {}", String::from_utf8_lossy(&probe.stderr));
     }
     let probe = String::from_utf8(probe.stdout)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(load(&args, &platform, &probe))
 }
 
@@ -99,18 +101,31 @@ async fn load(args: &Args, platform: &PlatformFixture, probe: &str) -> Result<()
     latencies_us.sort_unstable();
     let percentile = |p: f64| {
         let index = ((latencies_us.len() as f64 - 1.0) * p).round() as usize;
-        latencies_us.get(index).map_or(0.0, |&us| us as f64 / 1000.0)
+        latencies_us
+            .get(index)
+            .map_or(0.0, |&us| us as f64 / 1000.0)
     };
     let settled = latencies_us.len();
     let rate = settled as f64 / elapsed;
     println!();
-    println!("terminals:            {} ({} pairs)", args.terminals, args.terminals / 2);
+    println!(
+        "terminals:            {} ({} pairs)",
+        args.terminals,
+        args.terminals / 2
+    );
     println!("settled payments:     {settled} in {elapsed:.1} s ({failures} failed)");
     println!("payments/s:           {rate:.0}");
-    println!("latency p50 / p99:    {:.1} ms / {:.1} ms", percentile(0.50), percentile(0.99));
+    println!(
+        "latency p50 / p99:    {:.1} ms / {:.1} ms",
+        percentile(0.50),
+        percentile(0.99)
+    );
     print!("{probe}");
     if let Some(bound) = probe_bound(probe) {
-        println!("HSM-bound payments/s: {bound:.0} (load reached {:.0}% of it)", 100.0 * rate / bound);
+        println!(
+            "HSM-bound payments/s: {bound:.0} (load reached {:.0}% of it)",
+            100.0 * rate / bound
+        );
     }
     let audit = platform.admin_ok(&["audit", "verify"])?;
     print!("{audit}");
@@ -136,7 +151,9 @@ async fn pay_until(
         turn = !turn;
         let started = Instant::now();
         match pay(payee, payer).await {
-            Ok(()) => latencies.push(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)),
+            Ok(()) => {
+                latencies.push(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX))
+            }
             Err(error) => {
                 failures += 1;
                 eprintln!("payment failed: {error:#}");
@@ -219,4 +236,3 @@ fn probe_bound(probe: &str) -> Option<f64> {
     let sign = value("HSM ECDSA signs/s:")?;
     Some((derive / 6.0).min(sign / 2.0))
 }
-
