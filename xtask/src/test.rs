@@ -33,6 +33,11 @@ pub fn run(root: &Path) -> Result<()> {
                 .current_dir(root),
         )
     })?;
+    // The end-to-end tests run the binaries of other packages (nfcpayd, nfcpay-admin,
+    // nfcpay-agent, nfcpay-pn532-sim), which only this builds for sure.
+    steps.run("cargo build --workspace --bins", || {
+        command::run(cargo_in(root).args(["build", "--workspace", "--bins"]))
+    })?;
     steps.run("cargo tests (with a throwaway PostgreSQL)", || {
         postgres::with_postgres(|cluster| cargo_tests(root, &cluster.url()))
     })?;
