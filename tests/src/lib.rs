@@ -485,3 +485,107 @@ impl TestTerminal {
         Ok(keys.open_receipt(receipt, self.id(), &self.terminal.receipt_public_key)?)
     }
 }
+
+/// What a ledger holds, for "nothing changed" checks: every row but the audit log
+/// ([`Storage::dump_state`](nfcpay_daemon::storage::Storage::dump_state)), and how many audit
+/// records there are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerSnapshot {
+    /// The text dump of every ledger row except the audit log.
+    pub state: String,
+    /// Audit records in the (verified) chain.
+    pub audit_records: u64,
+}
+
+impl LedgerSnapshot {
+    /// Takes a snapshot; fails when the audit chain does not verify.
+    pub fn of(storage: &nfcpay_daemon::storage::Storage) -> Result<Self> {
+        let report = storage.audit_verify()?;
+        if let Some(broken) = &report.first_break {
+            bail!(
+                "audit chain broken at record {}: {}",
+                broken.seq,
+                broken.reason
+            );
+        }
+        Ok(Self {
+            state: storage.dump_state()?,
+            audit_records: report.records,
+        })
+    }
+}
+
+impl PlatformFixture {
+    /// The SoftHSM2 token directory (`tokens/` beside `softhsm2.conf`).
+    pub fn token_dir(&self) -> PathBuf {
+        self.dir().join("tokens")
+    }
+
+    /// Stops the daemon (SIGTERM) and starts it again on the same ports, with the same
+    /// configuration, token and ledger. Clients must reconnect.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.start_daemon()
+    }
+
+    /// Registers a terminal with extra `terminals add` arguments (e.g. `--bdk-id`,
+    /// `--code-validity-hours`); returns its one-time enrollment code.
+    pub fn add_terminal_with(
+        &self,
+        id: &str,
+        account: &str,
+        extra: &[&str],
+    ) -> Result<Zeroizing<String>> {
+        let mut args = vec!["terminals", "add", "--id", id, "--account", account];
+        args.extend_from_slice(extra);
+        let out = self.admin_ok(&args)?;
+        let code = out
+            .lines()
+            .find_map(|line| line.strip_prefix("enrollment code: "))
+            .context("no enrollment code in `terminals add` output")?;
+        Ok(Zeroizing::new(code.trim().to_owned()))
+    }
+
+    /// Enrolls a terminal registered already (with [`Self::add_terminal`] or
+    /// [`Self::add_terminal_with`]) using `code`, with a software keystore of its own.
+    pub async fn enroll_with_code(
+        &self,
+        terminal_id: &str,
+        account: &str,
+        code: &Zeroizing<String>,
+    ) -> Result<TestTerminal> {
+        let dir = tempfile::Builder::new()
+            .prefix("nfcpay-terminal")
+            .tempdir()?;
+        let store: Arc<dyn Keystore> =
+            Arc::new(SoftwareKeystore::open(&dir.path().join("keystore.json"))?);
+        let ca = self.ca_pem()?;
+        let id: TerminalId = terminal_id.parse()?;
+        let target = self.enrollment_target(&ca);
+        let terminal = enroll(Arc::clone(&store), dir.path(), &target, &id, code).await?;
+        Ok(TestTerminal {
+            terminal,
+            store,
+            account: account.parse()?,
+            _dir: dir,
+        })
+    }
+
+    /// Where a terminal enrolls (the listener serving `POST /v1/enroll`), trusting `ca_pem`
+    /// (normally [`Self::ca_pem`]).
+    pub fn enrollment_target<'a>(&'a self, ca_pem: &'a [u8]) -> EnrollmentTarget<'a> {
+        EnrollmentTarget {
+            address: &self.address,
+            enroll_address: &self.enroll_address,
+            server_name: "localhost",
+            ca_pem,
+        }
+    }
+}
+
+impl TestTerminal {
+    /// The terminal's directory: `terminal.json`, its certificate, the DUKPT state.
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+}
