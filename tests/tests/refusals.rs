@@ -162,6 +162,30 @@ impl Market {
         receipt
     }
 
+    /// Pays `amount` EUR from the payer to the payee, both halves without waiting; returns
+    /// the request and each side's keys.
+    async fn settle(&mut self, amount: &str) -> (Vec<u8>, TransactionKeys, TransactionKeys) {
+        let request = self.payee.request(amount, "EUR", "settled").unwrap();
+        let (payee_keys, half_a) = self.payee.seal(HalfKind::A, &request).unwrap();
+        self.answered(
+            &self.payee,
+            &payee_keys,
+            self.payee.submit(HalfKind::A, half_a, NO_WAIT),
+            ReceiptStatus::Pending,
+        )
+        .await;
+        let instruction = self.payer.instruction(&request).unwrap();
+        let (payer_keys, half_b) = self.payer.seal(HalfKind::B, &instruction).unwrap();
+        self.answered(
+            &self.payer,
+            &payer_keys,
+            self.payer.submit(HalfKind::B, half_b, NO_WAIT),
+            ReceiptStatus::Settled,
+        )
+        .await;
+        (request, payee_keys, payer_keys)
+    }
+
     /// The last check of every scenario: `nfcpay-admin audit verify` finds the chain intact
     /// and as long as the ledger says.
     fn audit_intact(&self) {
@@ -758,9 +782,11 @@ async fn no_connection<T: Debug>(
     reason
 }
 
-/// A suspended terminal is refused until reactivated; a revoked one for good.
+/// A suspended terminal's halves are refused until it is reactivated (it may still read its
+/// payments' status); a revoked terminal is refused for good, on every route.
 async fn suspended_and_revoked_terminals(ledger: Ledger) {
     let mut market = Market::open(&ledger).await;
+    let (earlier, payee_keys_earlier, _) = market.settle("1.00").await;
     let request = market.payee.request("12.50", "EUR", "suspended").unwrap();
     let (payee_keys, half_a) = market.payee.seal(HalfKind::A, &request).unwrap();
     let instruction = market.payer.instruction(&request).unwrap();
@@ -777,6 +803,18 @@ async fn suspended_and_revoked_terminals(ledger: Ledger) {
             "terminal-suspended",
         )
         .await;
+    let status = market
+        .payee
+        .terminal
+        .platform
+        .transaction(txn_id_of(&earlier))
+        .await
+        .unwrap();
+    let receipt = market
+        .payee
+        .open_receipt(&payee_keys_earlier, &status)
+        .unwrap();
+    assert_eq!(receipt.status(), ReceiptStatus::Settled);
     market
         .platform
         .admin_ok(&["terminals", "reactivate", "--id", "shop-1"])
@@ -801,6 +839,13 @@ async fn suspended_and_revoked_terminals(ledger: Ledger) {
             "terminal-revoked",
         )
         .await;
+    market
+        .refused(
+            market.payer.terminal.platform.transaction(txn_id_of(&earlier)),
+            403,
+            "terminal-revoked",
+        )
+        .await;
     // Revoked is final.
     let reactivate = market
         .platform
@@ -814,7 +859,7 @@ async fn suspended_and_revoked_terminals(ledger: Ledger) {
             "terminal-revoked",
         )
         .await;
-    assert_eq!(market.platform.balance("alice").unwrap(), "100.00 EUR");
+    assert_eq!(market.platform.balance("alice").unwrap(), "99.00 EUR");
     market.audit_intact();
 }
 

@@ -13,7 +13,7 @@ use super::halves::Outcome;
 use super::{Inner, problems};
 use crate::server::HalfAnswer;
 use crate::server::problem::{Problem, ProblemCode};
-use crate::storage::{TransactionStatus, TransactionView};
+use crate::storage::{TerminalState, TransactionStatus, TransactionView};
 
 /// The answer to a half: its sender's receipt. Blocking.
 pub(super) fn answer(inner: &Inner, outcome: &Outcome) -> Result<HalfAnswer, Problem> {
@@ -31,6 +31,15 @@ pub(super) fn answer(inner: &Inner, outcome: &Outcome) -> Result<HalfAnswer, Pro
 
 /// The latest receipt of a payment for one of its parties. Blocking.
 pub(super) fn status(inner: &Inner, client: &TerminalId, txn_id: TxnId) -> Result<Bytes, Problem> {
+    // Revoked is for good, on every route (a suspended terminal only loses its halves): a
+    // certificate that still chains to the CA must not keep reading the payments' receipts.
+    let terminal = inner.storage.terminal(client).map_err(problems::storage)?;
+    if terminal.is_some_and(|terminal| terminal.state == TerminalState::Revoked) {
+        return Err(Problem::new(
+            ProblemCode::TerminalRevoked,
+            "terminal is revoked",
+        ));
+    }
     let view = inner
         .storage
         .transaction(&txn_id)
