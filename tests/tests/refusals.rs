@@ -84,6 +84,7 @@ both_ledgers!(
     a_lone_half_waits_for_the_other,
     transaction_status,
     enrollment_refusals,
+    racing_halves_settle_once,
     the_audit_chain_survives_a_mixed_run,
 );
 
@@ -841,7 +842,11 @@ async fn suspended_and_revoked_terminals(ledger: Ledger) {
         .await;
     market
         .refused(
-            market.payer.terminal.platform.transaction(txn_id_of(&earlier)),
+            market
+                .payer
+                .terminal
+                .platform
+                .transaction(txn_id_of(&earlier)),
             403,
             "terminal-revoked",
         )
@@ -1522,6 +1527,96 @@ async fn refused_enrollment(
     for register in 0..FUTURE_KEY_REGISTERS {
         assert!(store.load_key(&register_label(register)).unwrap().is_none());
     }
+}
+
+/// Halves racing each other over separate connections: exactly one settlement each time.
+/// Two different halves B for one payment: one settles, the other is a conflict. The same half
+/// B twice at once: both get the one settled receipt. Halves A and B at once: settled once.
+async fn racing_halves_settle_once(ledger: Ledger) {
+    let mut market = Market::open(&ledger).await;
+    let second_payer_client = new_client(&market.platform, &market.payer);
+
+    let request = market.payee.request("10.00", "EUR", "race 1").unwrap();
+    let (keys, half_a) = market.payee.seal(HalfKind::A, &request).unwrap();
+    market
+        .answered(
+            &market.payee,
+            &keys,
+            market.payee.submit(HalfKind::A, half_a, NO_WAIT),
+            ReceiptStatus::Pending,
+        )
+        .await;
+    let instruction = market.payer.instruction(&request).unwrap();
+    let (first_keys, first_b) = market.payer.seal(HalfKind::B, &instruction).unwrap();
+    let other = instruction_with(&market.payer, &request, |i| i.consented_at_ms += 1);
+    let (second_keys, second_b) = market.payer.seal(HalfKind::B, &other).unwrap();
+    let (first, second) = tokio::join!(
+        market.payer.submit(HalfKind::B, first_b, NO_WAIT),
+        second_payer_client.submit_half(HalfKind::B, second_b, NO_WAIT),
+    );
+    let (winner, keys, loser) = match (first, second) {
+        (Ok(reply), Err(refusal)) => (reply, first_keys, refusal),
+        (Err(refusal), Ok(reply)) => (reply, second_keys, refusal),
+        other => panic!("expected one settlement and one conflict, got {other:?}"),
+    };
+    assert!(winner.settled);
+    market.payer.open_receipt(&keys, &winner.receipt).unwrap();
+    let problem = expect_problem(Err::<(), _>(loser), &market.platform);
+    assert_eq!((problem.status, problem.code.as_str()), (409, "conflict"));
+    assert_eq!(market.platform.balance("alice").unwrap(), "90.00 EUR");
+
+    let request = market.payee.request("10.00", "EUR", "race 2").unwrap();
+    let (keys, half_a) = market.payee.seal(HalfKind::A, &request).unwrap();
+    market
+        .answered(
+            &market.payee,
+            &keys,
+            market.payee.submit(HalfKind::A, half_a, NO_WAIT),
+            ReceiptStatus::Pending,
+        )
+        .await;
+    let instruction = market.payer.instruction(&request).unwrap();
+    let (keys, half_b) = market.payer.seal(HalfKind::B, &instruction).unwrap();
+    let (first, second) = tokio::join!(
+        market.payer.submit(HalfKind::B, half_b.clone(), NO_WAIT),
+        second_payer_client.submit_half(HalfKind::B, half_b, NO_WAIT),
+    );
+    let first = market
+        .payer
+        .open_receipt(&keys, &first.unwrap().receipt)
+        .unwrap();
+    let second = market
+        .payer
+        .open_receipt(&keys, &second.unwrap().receipt)
+        .unwrap();
+    assert_eq!(first.status(), ReceiptStatus::Settled);
+    assert_eq!(first, second);
+    assert_eq!(market.platform.balance("alice").unwrap(), "80.00 EUR");
+
+    let request = market.payee.request("10.00", "EUR", "race 3").unwrap();
+    let (payee_keys, half_a) = market.payee.seal(HalfKind::A, &request).unwrap();
+    let instruction = market.payer.instruction(&request).unwrap();
+    let (payer_keys, half_b) = market.payer.seal(HalfKind::B, &instruction).unwrap();
+    let (answer_a, answer_b) = tokio::join!(
+        market.payee.submit(HalfKind::A, half_a, NO_WAIT),
+        market.payer.submit(HalfKind::B, half_b, NO_WAIT),
+    );
+    let (answer_a, answer_b) = (answer_a.unwrap(), answer_b.unwrap());
+    assert!(
+        answer_a.settled != answer_b.settled,
+        "one half completes the payment, the other finds it pending"
+    );
+    market
+        .payee
+        .open_receipt(&payee_keys, &answer_a.receipt)
+        .unwrap();
+    market
+        .payer
+        .open_receipt(&payer_keys, &answer_b.receipt)
+        .unwrap();
+    assert_eq!(market.platform.balance("alice").unwrap(), "70.00 EUR");
+    assert_eq!(market.platform.balance("shop").unwrap(), "30.00 EUR");
+    market.audit_intact();
 }
 
 /// Payments, refusals of many kinds, suspension, funding: the audit chain verifies at the end,
