@@ -900,6 +900,30 @@ async fn mismatched_halves(ledger: Ledger) {
         )
         .await;
 
+    // Halves whose message names another terminal than the one sending it.
+    let foreign_payee = request_with(&market.payee, |request| {
+        request.payee_terminal_id = "alice-phone".parse().unwrap();
+    });
+    let (_, half) = market.payee.seal(HalfKind::A, &foreign_payee).unwrap();
+    market
+        .refused(
+            market.payee.submit(HalfKind::A, half, NO_WAIT),
+            403,
+            "terminal-mismatch",
+        )
+        .await;
+    let foreign_payer = instruction_with(&market.payer, &request, |instruction| {
+        instruction.payer_terminal_id = "shop-1".parse().unwrap();
+    });
+    let (_, half) = market.payer.seal(HalfKind::B, &foreign_payer).unwrap();
+    market
+        .refused(
+            market.payer.submit(HalfKind::B, half, NO_WAIT),
+            403,
+            "terminal-mismatch",
+        )
+        .await;
+
     type Change = fn(&mut PaymentInstruction);
     let cases: [(&str, Change, &str); 6] = [
         ("amount", |i| i.amount = eur("12.49"), "mismatch"),
@@ -1120,7 +1144,7 @@ async fn unknown_bdks(ledger: Ledger) {
 }
 
 /// Bodies that are not halves: too large (refused before reading), garbage, truncated, padded,
-/// empty, or the other half's type.
+/// empty, the other half's type, or an authentic half whose plaintext is not a request.
 async fn oversized_and_garbage_bodies(ledger: Ledger) {
     let mut market = Market::open(&ledger).await;
     let request = market.payee.request("12.50", "EUR", "bodies").unwrap();
@@ -1161,6 +1185,18 @@ async fn oversized_and_garbage_bodies(ledger: Ledger) {
             "wrong-half-type",
         )
         .await;
+    // Authentic envelopes whose plaintext is not the route's message.
+    let instruction = market.payer.instruction(&request).unwrap();
+    for plaintext in [b"sealed, but not a request".as_slice(), &instruction] {
+        let (_, sealed) = market.payee.seal(HalfKind::A, plaintext).unwrap();
+        market
+            .refused(
+                market.payee.submit(HalfKind::A, sealed, NO_WAIT),
+                400,
+                "malformed",
+            )
+            .await;
+    }
 
     market
         .answered(
