@@ -1052,6 +1052,20 @@ async fn expired_requests(ledger: Ledger) {
         )
         .await;
     assert_eq!(market.platform.balance("alice").unwrap(), "100.00 EUR");
+
+    // Dated a day ahead: its lifetime would not even have started.
+    let tomorrow = now_ms() + 86_400_000;
+    let future = request_with(&market.payee, |request| {
+        request.validity = RequestValidity::new(tomorrow, tomorrow + 600_000).unwrap();
+    });
+    let (_, half_a) = market.payee.seal(HalfKind::A, &future).unwrap();
+    market
+        .refused(
+            market.payee.submit(HalfKind::A, half_a, NO_WAIT),
+            400,
+            "clock-skew",
+        )
+        .await;
     market.audit_intact();
 }
 

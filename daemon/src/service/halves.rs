@@ -130,6 +130,13 @@ pub(super) fn accept(
                     "the request has expired",
                 ));
             }
+            // A request dated in the future would stretch its 10-minute lifetime.
+            if request.validity.created_at_ms() > received_at_ms + CLOCK_SKEW_MS_MAX {
+                return Err(Problem::new(
+                    ProblemCode::ClockSkew,
+                    "the request is dated more than 5 minutes in the future",
+                ));
+            }
             (
                 request.txn_id,
                 HalfContent::A {
