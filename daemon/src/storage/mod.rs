@@ -45,8 +45,8 @@ pub use model::{
 pub use settlement::REPLAY_WINDOW;
 pub use writer::{GROUP_COMMIT_MAX, WRITE_QUEUE_MAX};
 
-/// The `[database]` section of the configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// The `[database]` section of the configuration. Its `Debug` hides the URL's password.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// `sqlite:///var/lib/nfcpay/ledger.db` (or a plain path) for SQLite,
@@ -96,6 +96,31 @@ impl DatabaseConfig {
 
     fn default_busy_timeout_ms() -> u64 {
         Self::DEFAULT_BUSY_TIMEOUT_MS
+    }
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &redact_password(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("busy_timeout_ms", &self.busy_timeout_ms)
+            .finish()
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((credentials, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
     }
 }
 
@@ -387,4 +412,28 @@ fn format_rows<T: std::fmt::Debug>(rows: &[T]) -> String {
         let _ = writeln!(text, "{row:?}");
         text
     })
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_database_password() {
+        let config = DatabaseConfig {
+            url: "postgres://nfcpay:s3cret@db.example/ledger".into(),
+            ..DatabaseConfig::default()
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("postgres://nfcpay:***@db.example/ledger"),
+            "{shown}"
+        );
+        assert_eq!(
+            redact_password("sqlite:///var/lib/x.db"),
+            "sqlite:///var/lib/x.db"
+        );
+        assert_eq!(redact_password("postgres://u@h/d"), "postgres://u@h/d");
+    }
 }
