@@ -16,7 +16,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use nfcpay_tests::{Ledger, PlatformFixture, binary};
+use nfcpay_tests::{Ledger, PlatformFixture, SOFTHSM_MODULE, binary, workspace_root};
 use tempfile::TempDir;
 
 /// The emulator process (`nfcpay-pn532-sim`), killed on drop.
@@ -59,6 +59,9 @@ impl Drop for Emulator {
 /// A terminal directory of the agent (software keystore inside).
 struct AgentTerminal {
     dir: TempDir,
+    /// For a terminal whose keys are in a SoftHSM2 token: its `--keystore` URI and
+    /// `SOFTHSM2_CONF`.
+    token: Option<(String, PathBuf)>,
 }
 
 impl AgentTerminal {
@@ -68,7 +71,33 @@ impl AgentTerminal {
                 .prefix("nfcpay-agent-test")
                 .tempdir()
                 .unwrap(),
+            token: None,
         }
+    }
+
+    /// A terminal whose keys live in a SoftHSM2 token of its own (made in its directory).
+    fn with_token() -> Self {
+        let mut terminal = Self::new();
+        let dir = terminal.path().join("token");
+        std::fs::create_dir_all(&dir).unwrap();
+        let pin = dir.join("pin");
+        std::fs::write(&pin, "terminal-pin").unwrap();
+        let output = Command::new(workspace_root().join("softhsm-setup/init-token"))
+            .arg("--dir")
+            .arg(&dir)
+            .args(["--label", "terminal", "--pin-file"])
+            .arg(&pin)
+            .arg("--so-pin-file")
+            .arg(&pin)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", text(&output));
+        let uri = format!(
+            "pkcs11:token=terminal?module-path={SOFTHSM_MODULE}&pin-source=file:{}",
+            pin.display()
+        );
+        terminal.token = Some((uri, dir.join("softhsm2.conf")));
+        terminal
     }
 
     fn path(&self) -> &Path {
@@ -78,9 +107,11 @@ impl AgentTerminal {
     /// `nfcpay-agent --dir DIR ARGS`, with libnfc told to open only the readers it is given.
     fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(binary("nfcpay-agent").unwrap());
+        command.arg("--dir").arg(self.path());
+        if let Some((uri, conf)) = &self.token {
+            command.args(["--keystore", uri]).env("SOFTHSM2_CONF", conf);
+        }
         command
-            .arg("--dir")
-            .arg(self.path())
             .args(args)
             .env("LIBNFC_AUTO_SCAN", "false")
             .env("LIBNFC_INTRUSIVE_SCAN", "false")
@@ -191,8 +222,17 @@ fn enroll_with_code(
 
 /// Registers and enrolls a terminal through the agent binary.
 fn enrolled(platform: &PlatformFixture, id: &str, account: &str) -> AgentTerminal {
+    enrolled_as(platform, id, account, AgentTerminal::new())
+}
+
+/// Registers and enrolls `terminal` through the agent binary.
+fn enrolled_as(
+    platform: &PlatformFixture,
+    id: &str,
+    account: &str,
+    terminal: AgentTerminal,
+) -> AgentTerminal {
     let code = platform.add_terminal(id, account).unwrap();
-    let terminal = AgentTerminal::new();
     let output = enroll_with_code(platform, &terminal, id, account, &code);
     assert!(output.status.success(), "enroll {id}: {}", text(&output));
     let shown = stdout(&output);
@@ -697,4 +737,91 @@ fn a_counter_taken_for_a_half_that_never_landed_is_not_used_again() {
     );
     assert_eq!(payee.next_counter(), 3);
     assert_eq!(platform.balance("alice").unwrap(), "87.50 EUR");
+}
+
+/// Issue 4, item 2: with PKCS#11 the terminal's TLS client key and DUKPT keys stay in its
+/// token. A payer whose keystore is a SoftHSM2 token enrolls, pays over the emulator, and its
+/// token then holds its TLS key (sensitive, never extractable) and its DUKPT registers, and no
+/// initial key or working key.
+#[test]
+fn a_terminal_with_its_keys_in_a_pkcs11_token_enrolls_and_pays() {
+    let platform = PlatformFixture::start(&Ledger::Sqlite).unwrap();
+    platform.account("shop", "EUR", None).unwrap();
+    platform.account("alice", "EUR", Some("100.00")).unwrap();
+    let payee = enrolled(&platform, "shop-1", "shop");
+    let payer = enrolled_as(
+        &platform,
+        "alice-phone",
+        "alice",
+        AgentTerminal::with_token(),
+    );
+    assert!(
+        !payer.path().join("keystore.json").exists(),
+        "no software keystore for a token terminal"
+    );
+    let emulator = Emulator::start(2);
+    let (payee_output, payer_output) = pay_concurrently(
+        &payee,
+        &[
+            "request",
+            "--amount",
+            "3.10",
+            "--currency",
+            "EUR",
+            "--device",
+            &emulator.connstrings[0],
+            "--nfc-wait-s",
+            "20",
+        ],
+        &payer,
+        &[
+            "pay",
+            "--yes",
+            "--device",
+            &emulator.connstrings[1],
+            "--nfc-wait-s",
+            "20",
+        ],
+    );
+    assert_settled_receipt(&payee_output, "3.10 EUR");
+    assert_settled_receipt(&payer_output, "3.10 EUR");
+    assert_eq!(platform.balance("alice").unwrap(), "96.90 EUR");
+
+    let (_, conf) = payer.token.as_ref().unwrap();
+    let listing = Command::new("pkcs11-tool")
+        .args([
+            "--module",
+            SOFTHSM_MODULE,
+            "--token-label",
+            "terminal",
+            "--login",
+        ])
+        .args(["--pin", "terminal-pin", "--list-objects"])
+        .env("SOFTHSM2_CONF", conf)
+        .output()
+        .expect("pkcs11-tool runs (`cargo xtask test` installs opensc)");
+    assert!(listing.status.success(), "{}", text(&listing));
+    let objects = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let private_keys: Vec<&str> = objects.split("Private Key Object").skip(1).collect();
+    assert_eq!(private_keys.len(), 1, "only the TLS key: {objects}");
+    assert!(private_keys[0].contains("nfcpay-terminal-tls"), "{objects}");
+    assert!(
+        private_keys[0].contains("never extractable") && private_keys[0].contains("sensitive"),
+        "{objects}"
+    );
+    let secret_keys: Vec<&str> = objects.split("Secret Key Object").skip(1).collect();
+    assert!(
+        !secret_keys.is_empty() && secret_keys.len() <= 32,
+        "the future-key registers, at most 32: {objects}"
+    );
+    assert!(
+        secret_keys.iter().all(|key| key.contains("nfcpay-dukpt-r")),
+        "nothing but registers: {objects}"
+    );
+    assert!(
+        secret_keys
+            .iter()
+            .all(|key| key.contains("sensitive") && !key.contains("Access:     extractable")),
+        "{objects}"
+    );
 }
