@@ -55,10 +55,22 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     )
 }
 
-/// A free TCP port on the loopback interface (free when asked; the daemon binds it soon after).
-pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// `N` distinct free TCP ports on the loopback interface (free when asked; the daemon binds
+/// them soon after, and [`PlatformFixture`] retries with others if one was taken meanwhile).
+pub fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    // All bound at once, so the kernel cannot hand out the same port twice.
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut ports = [0u16; N];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
 }
+
+/// How many times the fixture tries fresh ports when another process took one first.
+const DAEMON_START_ATTEMPTS: usize = 3;
 
 /// Which ledger the fixture's daemon uses.
 #[derive(Debug, Clone)]
@@ -101,9 +113,7 @@ impl PlatformFixture {
         let dir = tempfile::Builder::new()
             .prefix("nfcpay-fixture")
             .tempdir()?;
-        let port = free_port()?;
-        let enroll_port = free_port()?;
-        let ops_port = free_port()?;
+        let [port, enroll_port, ops_port] = free_ports()?;
         let database_url = match ledger {
             Ledger::Sqlite => format!("sqlite://{}", dir.path().join("ledger.db").display()),
             Ledger::Postgres(url) => fresh_postgres_schema(url)?,
@@ -120,7 +130,23 @@ impl PlatformFixture {
         fixture.write_config()?;
         fixture.admin_ok(&["bdk", "generate", "--bdk-id", FIXTURE_BDK_ID])?;
         fixture.admin_ok(&["init"])?;
-        fixture.start_daemon()?;
+        for attempt in 1..=DAEMON_START_ATTEMPTS {
+            match fixture.start_daemon() {
+                Ok(()) => break,
+                // Another test's process took one of the ports between choosing and binding.
+                Err(error)
+                    if attempt < DAEMON_START_ATTEMPTS
+                        && error.to_string().contains("Address already in use") =>
+                {
+                    let [port, enroll_port, ops_port] = free_ports()?;
+                    fixture.address = format!("127.0.0.1:{port}");
+                    fixture.enroll_address = format!("127.0.0.1:{enroll_port}");
+                    fixture.ops_address = format!("127.0.0.1:{ops_port}");
+                    fixture.write_config()?;
+                }
+                Err(error) => return Err(error),
+            }
+        }
         Ok(fixture)
     }
 
@@ -290,7 +316,10 @@ allow_root = true
             {
                 bail!("nfcpayd exited with {status}:\n{}", self.daemon_log());
             }
-            if http_get(&self.ops_address, "/readyz").is_ok_and(|(status, _)| status == 200) {
+            // Ours listening (not another process's on a reused port), and ready.
+            if self.daemon_log().contains("listening")
+                && http_get(&self.ops_address, "/readyz").is_ok_and(|(status, _)| status == 200)
+            {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -119,26 +119,24 @@ pub struct Addresses {
 }
 
 impl Addresses {
-    /// Free loopback ports; an enrollment listener when this daemon's configuration has one
-    /// (`enroll_listen` in the sample configuration that ships with it).
-    pub fn free(root: &Path) -> Result<Self> {
-        let sample = std::fs::read_to_string(root.join("daemon/nfcpay.sample.toml"))
-            .context("could not read daemon/nfcpay.sample.toml")?;
-        let enroll = if sample.contains("\nenroll_listen =") {
-            Some(format!("127.0.0.1:{}", free_port()?))
-        } else {
-            None
+    /// Three distinct free loopback ports: terminals, enrollment, operations.
+    pub fn free(_root: &Path) -> Result<Self> {
+        // Bound all at once, so the kernel cannot hand out the same port twice.
+        let listeners = (0..3)
+            .map(|_| TcpListener::bind("127.0.0.1:0"))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let address = |index: usize| -> Result<String> {
+            Ok(format!(
+                "127.0.0.1:{}",
+                listeners[index].local_addr()?.port()
+            ))
         };
         Ok(Self {
-            terminal: format!("127.0.0.1:{}", free_port()?),
-            enroll,
-            ops: format!("127.0.0.1:{}", free_port()?),
+            terminal: address(0)?,
+            enroll: Some(address(1)?),
+            ops: address(2)?,
         })
     }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// The `[database]`, `[server]` and `[platform]` sections of the demo's configuration.
