@@ -60,22 +60,22 @@ pub enum AgentError {
     Usage(String),
     /// The keystore could not be opened or failed.
     #[error("keystore")]
-    Keystore(#[source] KeystoreError),
+    Keystore(#[from] KeystoreError),
     /// Enrolling or opening the terminal failed.
     #[error("terminal")]
-    Enroll(#[source] EnrollError),
+    Enroll(#[from] EnrollError),
     /// The terminal's DUKPT keys failed.
     #[error("DUKPT keys")]
-    Keys(#[source] AgentKeyError),
+    Keys(#[from] AgentKeyError),
     /// Sealing a half or verifying a receipt failed.
     #[error("half or receipt")]
-    Seal(#[source] SealError),
+    Seal(#[from] SealError),
     /// The platform refused or could not be reached.
     #[error("platform")]
-    Platform(#[source] PlatformError),
+    Platform(#[from] PlatformError),
     /// The NFC exchange with the other terminal failed.
     #[error("NFC")]
-    Nfc(#[source] NfcError),
+    Nfc(#[from] NfcError),
     /// What came over NFC is not a valid payment request.
     #[error("the payment request received over NFC is invalid")]
     InvalidRequest(#[source] ProtocolError),
@@ -135,37 +135,6 @@ impl AgentError {
             | Self::Enroll(EnrollError::Platform(PlatformError::Refused(problem))) => Some(problem),
             _ => None,
         }
-    }
-}
-
-impl From<KeystoreError> for AgentError {
-    fn from(error: KeystoreError) -> Self {
-        Self::Keystore(error)
-    }
-}
-impl From<EnrollError> for AgentError {
-    fn from(error: EnrollError) -> Self {
-        Self::Enroll(error)
-    }
-}
-impl From<AgentKeyError> for AgentError {
-    fn from(error: AgentKeyError) -> Self {
-        Self::Keys(error)
-    }
-}
-impl From<SealError> for AgentError {
-    fn from(error: SealError) -> Self {
-        Self::Seal(error)
-    }
-}
-impl From<PlatformError> for AgentError {
-    fn from(error: PlatformError) -> Self {
-        Self::Platform(error)
-    }
-}
-impl From<NfcError> for AgentError {
-    fn from(error: NfcError) -> Self {
-        Self::Nfc(error)
     }
 }
 
