@@ -17,6 +17,7 @@ use crate::server::metrics::Metrics;
 use crate::server::tls::{ReloadTlsMaterial, TlsMaterial, TlsReloader};
 use crate::server::{Server, ServerError};
 use crate::service::Platform;
+use crate::service::metered::MeteredKeystore;
 use crate::storage::Storage;
 
 /// Exit code for a usage or configuration error (`EX_USAGE` of sysexits.h).
@@ -71,6 +72,8 @@ pub fn load_config(path: &Path) -> Result<Config, DaemonError> {
 /// Runs the daemon until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let keystore: Arc<dyn Keystore> = Arc::from(nfcpay_keystore::open(&config.keystore)?);
+    let metered = Arc::new(MeteredKeystore::new(keystore));
+    let keystore: Arc<dyn Keystore> = Arc::clone(&metered) as Arc<dyn Keystore>;
     let storage = Storage::open_with(&config.database)?;
     let pki_dir = config.platform.pki_dir.clone();
     let platform = Platform::new(
@@ -87,6 +90,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     ));
     let metrics = Metrics::new();
     platform.register_metrics(&metrics);
+    metrics.register(
+        "hsm_operations",
+        "Calls into the keystore (the HSM), by operation",
+        metered.operations(),
+    );
     let server = Server::new(config.server, platform, tls, metrics)?;
     let served = crate::server::serve(server).await;
     sweeper.abort();

@@ -27,15 +27,24 @@ pub fn run(
                 None => {
                     writeln!(
                         out,
-                        "audit log intact: {} records, head {}",
+                        "audit log intact: {} records in {} chains",
                         report.records,
-                        hex::encode_upper(report.head_hash)
+                        report.chains.len()
                     )?;
+                    for head in &report.chains {
+                        writeln!(
+                            out,
+                            "  chain {}: {} records, head {}",
+                            head.chain_id,
+                            head.seq,
+                            hex::encode_upper(head.hash)
+                        )?;
+                    }
                     Ok(())
                 }
                 Some(broken) => Err(AdminError::AuditBroken(format!(
-                    "audit log broken at record {}: {}",
-                    broken.seq, broken.reason
+                    "audit log broken in chain {} at record {}: {}",
+                    broken.chain_id, broken.seq, broken.reason
                 ))),
             }
         }

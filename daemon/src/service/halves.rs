@@ -177,14 +177,11 @@ pub(super) fn accept(
         received_at_ms: to_i64(received_at_ms),
         content,
     };
-    let view = inner
+    let submitted = inner
         .storage
-        .submit_half(half, to_i64(received_at_ms))
+        .accept_half(half, to_i64(received_at_ms))
         .map_err(problems::storage)?;
-    // Settled by this half (not found settled already): wake whoever waits for it.
-    let settled_now = view
-        .settled_at_ms
-        .is_some_and(|at| at >= to_i64(received_at_ms));
+    let view = submitted.view;
     tracing::info!(
         terminal = %client,
         txn_id = %txn_id,
@@ -196,7 +193,7 @@ pub(super) fn accept(
         view,
         recipient: client.clone(),
         recipient_ksn: header.ksn,
-        settled_now,
+        settled_now: submitted.settled_now,
     })
 }
 

@@ -16,10 +16,12 @@
 //! - [`halves`]: the verification pipeline of a half.
 //! - [`receipts`]: building and sealing receipts.
 //! - [`enroll`]: remote key loading and certificate issuance.
+//! - [`metered`]: the keystore wrapper that counts HSM operations for `/metrics`.
 //! - `problems`: the one mapping from errors below to API problems.
 
 pub mod enroll;
 pub mod halves;
+pub mod metered;
 mod problems;
 pub mod receipts;
 
@@ -118,6 +120,22 @@ impl Platform {
             "halves",
             "Halves received, by route and outcome (pending, settled, or the problem code)",
             self.inner.halves.clone(),
+        );
+        let writer = self.inner.storage.writer_metrics();
+        metrics.register(
+            "ledger_statements_per_batch",
+            "SQL statements per committed batch of halves, BEGIN and COMMIT included",
+            writer.statements_per_batch.clone(),
+        );
+        metrics.register(
+            "ledger_halves_per_batch",
+            "Halves per committed batch (group commit)",
+            writer.halves_per_batch.clone(),
+        );
+        metrics.register(
+            "ledger_batch_retries",
+            "Batches rolled back and run again after a lost race with another writer",
+            writer.batch_retries.clone(),
         );
     }
 

@@ -1,26 +1,53 @@
-//! The append-only, hash-chained audit log.
+//! The append-only, hash-chained audit log: one chain per writer, so writers never wait for
+//! each other to append.
 //!
-//! Record `n` stores `hash_n = SHA-256(hash_{n-1} ‖ record_bytes_n)`, with `hash_0` = 32 zero
-//! bytes, and the one-row `audit_head` table holds the last `(seq, hash)`. The canonical record
+//! Every writer (the group-commit thread of one `Storage`: a daemon, or an `nfcpay-admin`
+//! run) appends to a chain of its own, claimed by a lease in `audit_chains` when it first
+//! writes: it resumes a chain whose lease has run out, or starts a new one. Record `n` of chain
+//! `c` stores `hash_n = SHA-256(hash_{n-1} ‖ record_bytes_n)`, with `hash_0` the chain's
+//! [`genesis_hash`], and the chain's row holds its last `(seq, hash)`. The canonical record
 //! bytes are `seq (u64 BE) ‖ at_ms (i64 BE) ‖ len (u32 BE) ‖ kind ‖ len ‖ subject ‖ len ‖
 //! details`, so no two different records share an encoding. Changing, inserting, reordering or
-//! removing a record breaks the chain at that record; removing the newest ones disagrees with
-//! the head.
+//! removing a record breaks its chain at that record; removing the newest ones disagrees with
+//! the chain's head.
+//!
+//! A batch's records are written with one multi-row `INSERT` and one head update that names
+//! the head it read (`WHERE head_seq = … AND lease_owner = …`): if another process took the
+//! chain over (our lease ran out while we stalled), the update changes nothing and the whole
+//! batch is rolled back and run again on a freshly claimed chain.
 
 use diesel::prelude::*;
 use sha2::{Digest as _, Sha256};
 
 use super::StorageError;
 use super::connection::AnyConnection;
-use super::model::{AuditBreak, AuditReport};
-use super::schema::{audit_head, audit_log};
+use super::model::{AuditBreak, AuditReport, ChainHead};
+use super::schema::{audit_chains, audit_log};
+use super::sql::{Statement, Value};
 
-/// The chain's first `prev_hash`.
+/// The `prev_hash` of chain 1's first record (the chain from before chains existed).
 pub const GENESIS_HASH: [u8; 32] = [0; 32];
+/// How long a claimed chain stays its writer's without being renewed (ms).
+pub const CHAIN_LEASE_MS: i64 = 30_000;
 /// Records read per query while verifying.
 const VERIFY_PAGE_RECORDS: i64 = 1000;
-/// The single row of `audit_head`.
-const HEAD_ROW_ID: i32 = 1;
+/// Domain separation of the genesis hashes of chains after the first.
+const GENESIS_CONTEXT: &[u8] = b"nfcpay audit chain genesis";
+/// How many times claiming a chain is tried when another process claims at the same moment.
+const CLAIM_ATTEMPTS_MAX: u32 = 8;
+
+/// The `prev_hash` of a chain's first record: chain 1 keeps the zero hash it always had; every
+/// later chain starts at `SHA-256("nfcpay audit chain genesis" ‖ chain_id (i64 BE))`, so no
+/// chain's records verify as another's.
+pub fn genesis_hash(chain_id: i64) -> [u8; 32] {
+    if chain_id == 1 {
+        return GENESIS_HASH;
+    }
+    let mut hasher = Sha256::new();
+    hasher.update(GENESIS_CONTEXT);
+    hasher.update(chain_id.to_be_bytes());
+    hasher.finalize().into()
+}
 
 /// The canonical bytes of a record (without its hashes).
 pub fn record_bytes(seq: i64, at_ms: i64, kind: &str, subject: &str, details: &str) -> Vec<u8> {
@@ -50,62 +77,309 @@ fn hash32(what: &str, bytes: Vec<u8>) -> Result<[u8; 32], StorageError> {
         .map_err(|_| StorageError::corrupt(format!("{what} is not 32 bytes")))
 }
 
-/// Appends one record inside the caller's transaction. The writer holds the head's lock
-/// for the whole batch (see `writer`), so appends never interleave.
+/// One record waiting for its place in the writer's chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Record {
+    at_ms: i64,
+    kind: &'static str,
+    subject: String,
+    details: String,
+}
+
+/// The records a job asks for; the writer appends them to its chain in the same commit as the
+/// job's rows, and drops them if the job is refused.
+#[derive(Debug, Default)]
+pub(crate) struct AuditLog {
+    records: Vec<Record>,
+}
+
+impl AuditLog {
+    /// Asks for one record.
+    pub(crate) fn record(
+        &mut self,
+        at_ms: i64,
+        kind: &'static str,
+        subject: &str,
+        details: &serde_json::Value,
+    ) {
+        self.records.push(Record {
+            at_ms,
+            kind,
+            subject: subject.to_owned(),
+            details: details.to_string(),
+        });
+    }
+
+    /// Moves every record of `other` to the end of this log.
+    pub(crate) fn append(&mut self, other: &mut AuditLog) {
+        self.records.append(&mut other.records);
+    }
+}
+
+/// The chain a writer appends to, as it stands in the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Chain {
+    pub(crate) head: ChainHead,
+    owner: String,
+}
+
+impl Chain {
+    /// The same chain with its head moved to `head` (after a commit).
+    pub(crate) fn advanced(self, head: ChainHead) -> Self {
+        Self { head, ..self }
+    }
+}
+
+/// Claims a chain for `owner`, inside the caller's transaction: the one it holds already, else
+/// the lowest-numbered chain whose lease ran out, else a new one.
+pub(crate) fn claim(
+    connection: &mut AnyConnection,
+    owner: &str,
+    now_ms: i64,
+) -> Result<Chain, StorageError> {
+    type ChainRow = (i64, i64, Vec<u8>);
+    let columns = (
+        audit_chains::id,
+        audit_chains::head_seq,
+        audit_chains::head_hash,
+    );
+    let mine: Option<ChainRow> = audit_chains::table
+        .filter(audit_chains::lease_owner.eq(owner))
+        .order(audit_chains::id.asc())
+        .select(columns)
+        .first(connection)
+        .optional()?;
+    let free: Option<ChainRow> = match mine {
+        Some(row) => Some(row),
+        None => audit_chains::table
+            .filter(audit_chains::lease_until_ms.lt(now_ms))
+            .order(audit_chains::id.asc())
+            .select(columns)
+            .first(connection)
+            .optional()?,
+    };
+    let lease_until_ms = now_ms + CHAIN_LEASE_MS;
+    if let Some((id, seq, hash)) = free {
+        let taken = diesel::update(
+            audit_chains::table
+                .find(id)
+                .filter(audit_chains::head_seq.eq(seq))
+                .filter(
+                    audit_chains::lease_until_ms
+                        .lt(now_ms)
+                        .or(audit_chains::lease_owner.eq(owner)),
+                ),
+        )
+        .set((
+            audit_chains::lease_owner.eq(owner),
+            audit_chains::lease_until_ms.eq(lease_until_ms),
+        ))
+        .execute(connection)?;
+        if taken != 1 {
+            return Err(lost_chain());
+        }
+        return Ok(Chain {
+            head: ChainHead {
+                chain_id: id,
+                seq,
+                hash: hash32("audit chain head hash", hash)?,
+            },
+            owner: owner.to_owned(),
+        });
+    }
+    let last: Option<i64> = audit_chains::table
+        .select(diesel::dsl::max(audit_chains::id))
+        .first(connection)?;
+    let id = last.unwrap_or(0) + 1;
+    let genesis = genesis_hash(id);
+    diesel::insert_into(audit_chains::table)
+        .values((
+            audit_chains::id.eq(id),
+            audit_chains::head_seq.eq(0_i64),
+            audit_chains::head_hash.eq(genesis.as_slice()),
+            audit_chains::lease_owner.eq(owner),
+            audit_chains::lease_until_ms.eq(lease_until_ms),
+            audit_chains::created_at_ms.eq(now_ms),
+        ))
+        .execute(connection)?;
+    Ok(Chain {
+        head: ChainHead {
+            chain_id: id,
+            seq: 0,
+            hash: genesis,
+        },
+        owner: owner.to_owned(),
+    })
+}
+
+/// How many times [`claim`] may be run again after losing a race with another claimer.
+pub(crate) const fn claim_attempts_max() -> u32 {
+    CLAIM_ATTEMPTS_MAX
+}
+
+/// The chain was taken over (or advanced) by another process: the batch must run again.
+fn lost_chain() -> StorageError {
+    StorageError::Database(diesel::result::Error::DatabaseError(
+        diesel::result::DatabaseErrorKind::SerializationFailure,
+        Box::new(String::from(
+            "the audit chain was claimed by another writer",
+        )),
+    ))
+}
+
+/// Appends `log`'s records to `chain` and moves its head and lease, inside the caller's
+/// transaction: two statements, whatever the number of records. Returns the new head; the
+/// caller adopts it only once the transaction has committed. Counts its statements into
+/// `statements`.
 pub(crate) fn append(
     connection: &mut AnyConnection,
-    at_ms: i64,
-    kind: &str,
-    subject: &str,
-    details: &serde_json::Value,
-) -> Result<i64, StorageError> {
-    let (head_seq, head_hash): (i64, Vec<u8>) = audit_head::table
-        .find(HEAD_ROW_ID)
-        .select((audit_head::seq, audit_head::hash))
-        .first(connection)?;
-    let prev_hash = hash32("audit head hash", head_hash)?;
-    let seq = head_seq + 1;
-    let details = details.to_string();
-    let hash = chain_hash(
-        &prev_hash,
-        &record_bytes(seq, at_ms, kind, subject, &details),
-    );
-    diesel::insert_into(audit_log::table)
-        .values((
-            audit_log::seq.eq(seq),
-            audit_log::at_ms.eq(at_ms),
-            audit_log::kind.eq(kind),
-            audit_log::subject.eq(subject),
-            audit_log::details.eq(&details),
-            audit_log::prev_hash.eq(prev_hash.as_slice()),
-            audit_log::hash.eq(hash.as_slice()),
-        ))
-        .execute(connection)?;
-    diesel::update(audit_head::table.find(HEAD_ROW_ID))
-        .set((
-            audit_head::seq.eq(seq),
-            audit_head::hash.eq(hash.as_slice()),
-        ))
-        .execute(connection)?;
-    Ok(seq)
+    chain: &Chain,
+    log: &AuditLog,
+    now_ms: i64,
+    statements: &mut u32,
+) -> Result<ChainHead, StorageError> {
+    let mut head = chain.head.clone();
+    if !log.records.is_empty() {
+        let mut insert = Statement::new(
+            "INSERT INTO audit_log \
+             (chain_id, seq, at_ms, kind, subject, details, prev_hash, hash) VALUES ",
+        );
+        let mut rows = Vec::with_capacity(log.records.len());
+        for record in &log.records {
+            let seq = head.seq + 1;
+            let hash = chain_hash(
+                &head.hash,
+                &record_bytes(
+                    seq,
+                    record.at_ms,
+                    record.kind,
+                    &record.subject,
+                    &record.details,
+                ),
+            );
+            rows.push([
+                Value::from(head.chain_id),
+                Value::from(seq),
+                Value::from(record.at_ms),
+                Value::from(record.kind),
+                Value::from(record.subject.clone()),
+                Value::from(record.details.clone()),
+                Value::from(head.hash.to_vec()),
+                Value::from(hash.to_vec()),
+            ]);
+            head.seq = seq;
+            head.hash = hash;
+        }
+        insert.rows(rows);
+        insert.execute(connection)?;
+        *statements += 1;
+    }
+    let moved = diesel::update(
+        audit_chains::table
+            .find(chain.head.chain_id)
+            .filter(audit_chains::head_seq.eq(chain.head.seq))
+            .filter(audit_chains::lease_owner.eq(&chain.owner)),
+    )
+    .set((
+        audit_chains::head_seq.eq(head.seq),
+        audit_chains::head_hash.eq(head.hash.as_slice()),
+        audit_chains::lease_until_ms.eq(now_ms + CHAIN_LEASE_MS),
+    ))
+    .execute(connection)?;
+    *statements += 1;
+    if moved != 1 {
+        return Err(lost_chain());
+    }
+    Ok(head)
+}
+
+/// Gives the chain up (its lease ends now), so the next writer may resume it.
+pub(crate) fn release(connection: &mut AnyConnection, chain: &Chain) -> Result<(), StorageError> {
+    diesel::update(
+        audit_chains::table
+            .find(chain.head.chain_id)
+            .filter(audit_chains::lease_owner.eq(&chain.owner)),
+    )
+    .set((
+        audit_chains::lease_owner.eq(None::<String>),
+        audit_chains::lease_until_ms.eq(0_i64),
+    ))
+    .execute(connection)?;
+    Ok(())
 }
 
 type AuditRow = (i64, i64, String, String, String, Vec<u8>, Vec<u8>);
 
-/// Walks the whole chain and reports the first broken link.
+/// Walks every chain and reports the first broken link.
 pub(crate) fn verify(connection: &mut AnyConnection) -> Result<AuditReport, StorageError> {
+    let heads: Vec<(i64, i64, Vec<u8>)> = audit_chains::table
+        .order(audit_chains::id.asc())
+        .select((
+            audit_chains::id,
+            audit_chains::head_seq,
+            audit_chains::head_hash,
+        ))
+        .load(connection)?;
+    let mut report = AuditReport {
+        records: 0,
+        chains: Vec::with_capacity(heads.len()),
+        first_break: None,
+    };
+    for (chain_id, head_seq, head_hash) in heads {
+        let head_hash = hash32("audit chain head hash", head_hash)?;
+        match verify_chain(connection, chain_id, &mut report.records)? {
+            Ok(last) if last.seq == head_seq && last.hash == head_hash => {
+                report.chains.push(last);
+            }
+            Ok(last) => {
+                report.first_break = Some(AuditBreak {
+                    chain_id,
+                    seq: head_seq.max(last.seq + 1),
+                    reason: "the head does not match the last record (records removed)",
+                });
+                return Ok(report);
+            }
+            Err(broken) => {
+                report.first_break = Some(broken);
+                return Ok(report);
+            }
+        }
+    }
+    // A record outside every chain: its chain's row was deleted.
+    let orphans: i64 = audit_log::table
+        .filter(diesel::dsl::not(diesel::dsl::exists(
+            audit_chains::table.filter(audit_chains::id.eq(audit_log::chain_id)),
+        )))
+        .count()
+        .get_result(connection)?;
+    if orphans > 0 {
+        report.first_break = Some(AuditBreak {
+            chain_id: 0,
+            seq: 0,
+            reason: "records of a chain that is not in audit_chains",
+        });
+    }
+    Ok(report)
+}
+
+/// Walks one chain; returns its last record's `(seq, hash)` or the first broken link.
+fn verify_chain(
+    connection: &mut AnyConnection,
+    chain_id: i64,
+    records: &mut u64,
+) -> Result<Result<ChainHead, AuditBreak>, StorageError> {
     let mut expected_seq = 1_i64;
-    let mut prev_hash = GENESIS_HASH;
-    let mut records = 0_u64;
-    let broken = |seq, reason, records, head_hash| {
-        Ok(AuditReport {
-            records,
-            head_hash,
-            first_break: Some(AuditBreak { seq, reason }),
-        })
+    let mut prev_hash = genesis_hash(chain_id);
+    let broken = |seq, reason| {
+        Ok(Err(AuditBreak {
+            chain_id,
+            seq,
+            reason,
+        }))
     };
     loop {
         let page: Vec<AuditRow> = audit_log::table
+            .filter(audit_log::chain_id.eq(chain_id))
             .filter(audit_log::seq.ge(expected_seq))
             .order(audit_log::seq.asc())
             .limit(VERIFY_PAGE_RECORDS)
@@ -124,45 +398,28 @@ pub(crate) fn verify(connection: &mut AnyConnection) -> Result<AuditReport, Stor
         }
         for (seq, at_ms, kind, subject, details, stored_prev, stored_hash) in page {
             if seq != expected_seq {
-                return broken(expected_seq, "record missing", records, prev_hash);
+                return broken(expected_seq, "record missing");
             }
             if stored_prev.as_slice() != prev_hash.as_slice() {
-                return broken(
-                    seq,
-                    "prev_hash is not the previous record's hash",
-                    records,
-                    prev_hash,
-                );
+                return broken(seq, "prev_hash is not the previous record's hash");
             }
             let hash = chain_hash(
                 &prev_hash,
                 &record_bytes(seq, at_ms, &kind, &subject, &details),
             );
             if stored_hash.as_slice() != hash.as_slice() {
-                return broken(seq, "hash does not match the record", records, prev_hash);
+                return broken(seq, "hash does not match the record");
             }
             prev_hash = hash;
-            records += 1;
+            *records += 1;
             expected_seq += 1;
         }
     }
-    let (head_seq, head_hash): (i64, Vec<u8>) = audit_head::table
-        .find(HEAD_ROW_ID)
-        .select((audit_head::seq, audit_head::hash))
-        .first(connection)?;
-    if head_seq != expected_seq - 1 || head_hash.as_slice() != prev_hash.as_slice() {
-        return broken(
-            head_seq.max(expected_seq),
-            "the head does not match the last record (records removed)",
-            records,
-            prev_hash,
-        );
-    }
-    Ok(AuditReport {
-        records,
-        head_hash: prev_hash,
-        first_break: None,
-    })
+    Ok(Ok(ChainHead {
+        chain_id,
+        seq: expected_seq - 1,
+        hash: prev_hash,
+    }))
 }
 
 #[cfg(test)]

@@ -175,6 +175,20 @@ impl StorageError {
         }
     }
 
+    /// Whether the database refused a statement (a constraint, a bad value) while the
+    /// connection is fine: another batch without the offending row may succeed.
+    pub(crate) fn is_statement_refused(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind, Error};
+        match self {
+            Self::Database(Error::DatabaseError(kind, _)) => !matches!(
+                kind,
+                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand
+            ),
+            Self::Corrupt { .. } => true,
+            _ => false,
+        }
+    }
+
     pub(crate) fn corrupt(what: impl Into<String>) -> Self {
         Self::Corrupt { what: what.into() }
     }

@@ -8,7 +8,7 @@ use diesel::prelude::*;
 use nfcpay_protocol::{AccountId, Amount, Currency, TxnId};
 
 use super::StorageError;
-use super::audit;
+use super::audit::AuditLog;
 use super::connection::AnyConnection;
 use super::model::{AccountView, PostingView};
 use super::schema::{accounts, postings, transfers};
@@ -28,9 +28,9 @@ pub fn funding_account_id(currency: Currency) -> AccountId {
     text.parse().expect("a funding account identifier is valid")
 }
 
-type AccountRow = (String, String, i64, Option<i64>, i64);
+pub(super) type AccountRow = (String, String, i64, Option<i64>, i64);
 
-fn account_view(row: AccountRow) -> Result<AccountView, StorageError> {
+pub(super) fn account_view(row: AccountRow) -> Result<AccountView, StorageError> {
     let (id, currency, balance_minor, limit_minor, created_at_ms) = row;
     Ok(AccountView {
         id: id
@@ -82,6 +82,7 @@ pub(crate) fn lock(connection: &mut AnyConnection, ids: &[&AccountId]) -> Result
 /// Creates an account (and its currency's funding account, the first time).
 pub(crate) fn create(
     connection: &mut AnyConnection,
+    audit: &mut AuditLog,
     id: &AccountId,
     currency: Currency,
     limit_minor: i64,
@@ -98,13 +99,12 @@ pub(crate) fn create(
     }
     ensure_funding_account(connection, currency, now_ms)?;
     insert(connection, id, currency, Some(limit_minor), now_ms)?;
-    audit::append(
-        connection,
+    audit.record(
         now_ms,
         "account.created",
         id.as_str(),
         &serde_json::json!({ "currency": currency.code(), "limit_minor": limit_minor }),
-    )?;
+    );
     Ok(())
 }
 
@@ -156,6 +156,7 @@ pub(crate) fn minor_units(amount: Amount) -> Result<i64, StorageError> {
 /// Credits `id` from its currency's funding account.
 pub(crate) fn fund(
     connection: &mut AnyConnection,
+    audit: &mut AuditLog,
     id: &AccountId,
     amount: Amount,
     now_ms: i64,
@@ -184,8 +185,7 @@ pub(crate) fn fund(
         amount_minor,
         now_ms,
     )?;
-    audit::append(
-        connection,
+    audit.record(
         now_ms,
         "account.funded",
         id.as_str(),
@@ -194,7 +194,7 @@ pub(crate) fn fund(
             "amount_minor": amount_minor,
             "currency": amount.currency().code(),
         }),
-    )?;
+    );
     load(connection, id)
 }
 
@@ -208,7 +208,8 @@ pub(crate) enum TransferKind {
 }
 
 impl TransferKind {
-    fn as_str(self) -> &'static str {
+    /// As stored in `transfers.kind`.
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Funding => "funding",
             Self::Settlement => "settlement",

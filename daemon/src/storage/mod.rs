@@ -7,22 +7,26 @@
 //! - [`connection`]: one diesel connection type over both databases, URLs, the pool, settings
 //!   and the embedded migrations (`daemon/migrations/{sqlite,postgres}`).
 //! - [`writer`]: group commit — every write runs on one writer thread, many jobs per commit.
-//! - [`settlement`]: accepting a half, matching the pair, settling exactly once.
+//! - [`settlement`]: deciding a half — replay state, match, settlement — exactly once.
+//! - `batch`: a group commit's halves read and written as sets (constant statements per
+//!   batch), and the lock order that lets daemons share PostgreSQL; `sql`: its statements.
 //! - [`ledger`]: accounts and double-entry transfers.
 //! - [`terminals`]: registration, enrollment codes, state rules.
-//! - [`audit`]: the hash-chained audit log.
+//! - [`audit`]: the hash-chained audit log, one chain per writer.
 //! - [`model`]: what goes in and what comes out; [`error`]: [`StorageError`].
 //!
 //! Writes ([`Storage::submit_half`], …) block until their group commit is durable; reads use
 //! the pool. From async code, call both through `tokio::task::spawn_blocking`.
 
 pub mod audit;
+mod batch;
 mod connection;
 pub mod error;
 pub mod ledger;
 pub mod model;
 mod schema;
 pub mod settlement;
+mod sql;
 pub mod terminals;
 pub mod writer;
 
@@ -34,16 +38,18 @@ use diesel::prelude::*;
 use nfcpay_protocol::{AccountId, Amount, Currency, TerminalId, TxnId};
 use serde::Deserialize;
 
+use audit::AuditLog;
 use connection::{AnyConnection, ConnectionPool};
 use writer::Writer;
 
 pub use error::{EnrollmentRefusal, StorageError};
 pub use model::{
-    AcceptedHalf, AccountView, AuditBreak, AuditReport, HalfContent, HalfKind, NewTerminal,
-    PostingView, TerminalState, TerminalView, TransactionStatus, TransactionView,
+    AcceptedHalf, AccountView, AuditBreak, AuditReport, ChainHead, HalfContent, HalfKind,
+    NewTerminal, PostingView, Submitted, TerminalState, TerminalView, TransactionStatus,
+    TransactionView,
 };
 pub use settlement::REPLAY_WINDOW;
-pub use writer::{GROUP_COMMIT_MAX, WRITE_QUEUE_MAX};
+pub use writer::{GROUP_COMMIT_MAX, WRITE_QUEUE_MAX, WriterMetrics};
 
 /// The `[database]` section of the configuration. Its `Debug` hides the URL's password.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -212,9 +218,14 @@ impl Storage {
 
     fn write<T: Send + 'static>(
         &self,
-        work: impl FnMut(&mut AnyConnection) -> Result<T, StorageError> + Send + 'static,
+        work: impl FnMut(&mut AnyConnection, &mut AuditLog) -> Result<T, StorageError> + Send + 'static,
     ) -> Result<T, StorageError> {
         self.inner.writer.write(work)
+    }
+
+    /// The ledger writer's figures (statements and halves per batch, retries), for `/metrics`.
+    pub fn writer_metrics(&self) -> &WriterMetrics {
+        self.inner.writer.metrics()
     }
 
     /// Creates an account with a zero balance. `limit_minor` is the lowest balance allowed:
@@ -227,14 +238,16 @@ impl Storage {
     ) -> Result<(), StorageError> {
         let id = id.clone();
         let now = now_ms();
-        self.write(move |connection| ledger::create(connection, &id, currency, limit_minor, now))
+        self.write(move |connection, audit| {
+            ledger::create(connection, audit, &id, currency, limit_minor, now)
+        })
     }
 
     /// Credits an account from its currency's funding account.
     pub fn fund(&self, id: &AccountId, amount: Amount) -> Result<AccountView, StorageError> {
         let id = id.clone();
         let now = now_ms();
-        self.write(move |connection| ledger::fund(connection, &id, amount, now))
+        self.write(move |connection, audit| ledger::fund(connection, audit, &id, amount, now))
     }
 
     /// An account's balance, limit and currency.
@@ -250,7 +263,7 @@ impl Storage {
     /// Registers a terminal, pending enrollment with its one-time code.
     pub fn add_terminal(&self, new: NewTerminal) -> Result<(), StorageError> {
         let now = now_ms();
-        self.write(move |connection| terminals::add(connection, &new, now))
+        self.write(move |connection, audit| terminals::add(connection, audit, &new, now))
     }
 
     /// A terminal, if it exists.
@@ -272,7 +285,9 @@ impl Storage {
     ) -> Result<(), StorageError> {
         let id = id.clone();
         let now = now_ms();
-        self.write(move |connection| terminals::set_state(connection, &id, state, now))
+        self.write(move |connection, audit| {
+            terminals::set_state(connection, audit, &id, state, now)
+        })
     }
 
     /// Redeems a terminal's one-time enrollment code (compared in constant time): once only,
@@ -286,21 +301,29 @@ impl Storage {
     ) -> Result<TerminalView, StorageError> {
         let id = id.clone();
         let serial = certificate_serial.to_owned();
-        self.write(move |connection| {
-            terminals::redeem(connection, &id, code_sha256, now_ms, &serial)
+        self.write(move |connection, audit| {
+            terminals::redeem(connection, audit, &id, code_sha256, now_ms, &serial)
         })
     }
 
-    /// Accepts a verified half (protocol §6.1 steps 7–9) in one database transaction and
-    /// returns the payment as it stands after the commit is durable: pending, or settled when
-    /// this half completed the pair. A byte-identical re-send gets the same view again. A
-    /// refused half changes nothing, not even the replay state.
+    /// Accepts a verified half (protocol §6.1 steps 7–9) in the next group commit and returns
+    /// the payment as it stands once that commit is durable — pending, or settled when this
+    /// half completed the pair — and whether this half settled it. A byte-identical re-send
+    /// gets the same view again. A refused half changes nothing, not even the replay state.
+    pub fn accept_half(&self, half: AcceptedHalf, now_ms: i64) -> Result<Submitted, StorageError> {
+        self.inner
+            .writer
+            .submit_half(settlement::QueuedHalf { half, now_ms })
+    }
+
+    /// [`Storage::accept_half`], for callers that need only the payment.
     pub fn submit_half(
         &self,
         half: AcceptedHalf,
         now_ms: i64,
     ) -> Result<TransactionView, StorageError> {
-        self.write(move |connection| settlement::submit_half(connection, &half, now_ms))
+        self.accept_half(half, now_ms)
+            .map(|submitted| submitted.view)
     }
 
     /// A payment, if it exists.
@@ -311,7 +334,7 @@ impl Storage {
     /// Marks pending payments whose time has passed as expired, each with an audit record;
     /// returns how many (at most [`settlement::EXPIRE_BATCH_MAX`] per call).
     pub fn expire_unmatched(&self, now_ms: i64) -> Result<u64, StorageError> {
-        self.write(move |connection| settlement::expire_unmatched(connection, now_ms))
+        self.write(move |connection, audit| settlement::expire_unmatched(connection, audit, now_ms))
     }
 
     /// Walks the audit chain and reports the first broken link.

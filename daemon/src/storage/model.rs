@@ -277,27 +277,50 @@ pub struct TransactionView {
     pub expires_at_ms: i64,
 }
 
+/// What [`super::Storage::submit_half`] did with a half.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    /// The payment after the commit.
+    pub view: TransactionView,
+    /// Whether this half settled the payment (rather than finding it settled already, or
+    /// leaving it pending).
+    pub settled_now: bool,
+}
+
+/// The last record of one audit chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainHead {
+    /// The chain.
+    pub chain_id: i64,
+    /// Its last record's sequence number (0 for an empty chain).
+    pub seq: i64,
+    /// Its last record's hash (the chain's genesis hash for an empty chain).
+    pub hash: [u8; 32],
+}
+
 /// What [`super::Storage::audit_verify`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditReport {
-    /// How many records were checked.
+    /// How many records were checked, in all chains.
     pub records: u64,
-    /// The hash of the last record (32 zero bytes for an empty log).
-    pub head_hash: [u8; 32],
+    /// The head of every chain that verified, by chain.
+    pub chains: Vec<ChainHead>,
     /// The first broken link, if any.
     pub first_break: Option<AuditBreak>,
 }
 
 impl AuditReport {
-    /// Whether the whole chain verified.
+    /// Whether every chain verified.
     pub fn is_intact(&self) -> bool {
         self.first_break.is_none()
     }
 }
 
-/// Where and how the audit chain breaks.
+/// Where and how an audit chain breaks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditBreak {
+    /// The chain (0: a record outside every chain).
+    pub chain_id: i64,
     /// The sequence number of the first record that does not verify.
     pub seq: i64,
     /// What is wrong with it.

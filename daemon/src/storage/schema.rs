@@ -89,7 +89,8 @@ diesel::table! {
 }
 
 diesel::table! {
-    audit_log (seq) {
+    audit_log (chain_id, seq) {
+        chain_id -> BigInt,
         seq -> BigInt,
         at_ms -> BigInt,
         kind -> Text,
@@ -101,10 +102,13 @@ diesel::table! {
 }
 
 diesel::table! {
-    audit_head (id) {
-        id -> Integer,
-        seq -> BigInt,
-        hash -> Binary,
+    audit_chains (id) {
+        id -> BigInt,
+        head_seq -> BigInt,
+        head_hash -> Binary,
+        lease_owner -> Nullable<Text>,
+        lease_until_ms -> BigInt,
+        created_at_ms -> BigInt,
     }
 }
 
@@ -116,5 +120,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     used_counters,
     transactions,
     audit_log,
-    audit_head,
+    audit_chains,
 );

@@ -1,21 +1,28 @@
 //! The heart: accepting a half, matching the pair and settling it exactly once
 //! (protocol §6.1 steps 7–9).
 //!
-//! Everything here runs inside one savepoint of the writer's group commit: a refused half
-//! returns an error, the savepoint rolls back, and no row changes — not even the KSN counter.
+//! A group commit's halves are decided together: `batch::read` loads every row they touch,
+//! [`Batch::decide`] judges each half in arrival order against that state in plain Rust — the
+//! same code for SQLite and PostgreSQL — and `batch::write` writes what changed with a constant
+//! number of multi-row statements. A refused half never touches the batch's state, so it
+//! changes no row — not even the KSN counter.
+
+use std::collections::HashMap;
 
 use diesel::prelude::*;
-use nfcpay_protocol::{Amount, Currency, Ksn, TerminalId, TxnId};
+use nfcpay_protocol::{Amount, Currency, Ksn, TxnId};
 
 use super::StorageError;
-use super::audit;
+use super::audit::AuditLog;
+use super::batch;
 use super::connection::AnyConnection;
-use super::ledger::{self, TransferKind};
+use super::ledger;
 use super::model::{
-    AcceptedHalf, HalfContent, HalfKind, TerminalState, TransactionStatus, TransactionView,
+    AcceptedHalf, AccountView, HalfContent, HalfKind, Submitted, TerminalState, TerminalView,
+    TransactionStatus, TransactionView,
 };
-use super::schema::{terminals, transactions, used_counters};
-use super::terminals as terminal_rows;
+use super::schema::transactions;
+use super::sql::Value;
 
 /// A KSN counter is accepted only above the terminal's highest accepted counter minus this.
 pub const REPLAY_WINDOW: i64 = 1024;
@@ -56,26 +63,91 @@ pub(crate) struct TransactionRow {
 }
 
 /// What half A says, from a row or from an incoming half.
-struct SideA {
-    terminal: String,
-    account: String,
-    digest: Vec<u8>,
-    amount_minor: i64,
-    currency: String,
-    expires_at_ms: i64,
+#[derive(Debug, Clone)]
+pub(crate) struct SideA {
+    pub(crate) terminal: String,
+    pub(crate) account: String,
+    pub(crate) digest: Vec<u8>,
+    pub(crate) amount_minor: i64,
+    pub(crate) currency: String,
+    pub(crate) expires_at_ms: i64,
 }
 
 /// What half B says, from a row or from an incoming half.
-struct SideB {
-    terminal: String,
-    account: String,
-    digest: Vec<u8>,
-    payee_terminal: String,
-    amount_minor: i64,
-    currency: String,
+#[derive(Debug, Clone)]
+pub(crate) struct SideB {
+    pub(crate) terminal: String,
+    pub(crate) account: String,
+    pub(crate) digest: Vec<u8>,
+    pub(crate) payee_terminal: String,
+    pub(crate) amount_minor: i64,
+    pub(crate) currency: String,
 }
 
 impl TransactionRow {
+    /// Every column, in the order of [`TransactionRow::values`].
+    pub(crate) const COLUMNS: [&'static str; 24] = [
+        "txn_id",
+        "status",
+        "expires_at_ms",
+        "created_at_ms",
+        "a_terminal_id",
+        "a_account_id",
+        "a_ksn",
+        "a_envelope_sha256",
+        "a_request_digest",
+        "a_amount_minor",
+        "a_currency",
+        "a_received_at_ms",
+        "b_terminal_id",
+        "b_account_id",
+        "b_ksn",
+        "b_envelope_sha256",
+        "b_request_digest",
+        "b_payee_terminal_id",
+        "b_amount_minor",
+        "b_currency",
+        "b_received_at_ms",
+        "settlement_id",
+        "settled_at_ms",
+        "expired_at_ms",
+    ];
+
+    /// The row's values, in the order of [`TransactionRow::COLUMNS`].
+    pub(crate) fn values(&self) -> [Value; 24] {
+        [
+            Value::from(self.txn_id.clone()),
+            Value::from(self.status.clone()),
+            Value::from(self.expires_at_ms),
+            Value::from(self.created_at_ms),
+            Value::from(self.a_terminal_id.clone()),
+            Value::from(self.a_account_id.clone()),
+            Value::from(self.a_ksn.clone()),
+            Value::from(self.a_envelope_sha256.clone()),
+            Value::from(self.a_request_digest.clone()),
+            Value::from(self.a_amount_minor),
+            Value::from(self.a_currency.clone()),
+            Value::from(self.a_received_at_ms),
+            Value::from(self.b_terminal_id.clone()),
+            Value::from(self.b_account_id.clone()),
+            Value::from(self.b_ksn.clone()),
+            Value::from(self.b_envelope_sha256.clone()),
+            Value::from(self.b_request_digest.clone()),
+            Value::from(self.b_payee_terminal_id.clone()),
+            Value::from(self.b_amount_minor),
+            Value::from(self.b_currency.clone()),
+            Value::from(self.b_received_at_ms),
+            Value::from(self.settlement_id),
+            Value::from(self.settled_at_ms),
+            Value::from(self.expired_at_ms),
+        ]
+    }
+
+    /// The row's key, if it is one (16 bytes).
+    pub(crate) fn key(&self) -> Option<TxnKey> {
+        self.txn_id.as_slice().try_into().ok()
+    }
+
     fn has(&self, kind: HalfKind) -> bool {
         match kind {
             HalfKind::A => self.a_terminal_id.is_some(),
@@ -90,7 +162,7 @@ impl TransactionRow {
         }
     }
 
-    fn side_a(&self) -> Option<SideA> {
+    pub(crate) fn side_a(&self) -> Option<SideA> {
         Some(SideA {
             terminal: self.a_terminal_id.clone()?,
             account: self.a_account_id.clone()?,
@@ -101,7 +173,7 @@ impl TransactionRow {
         })
     }
 
-    fn side_b(&self) -> Option<SideB> {
+    pub(crate) fn side_b(&self) -> Option<SideB> {
         Some(SideB {
             terminal: self.b_terminal_id.clone()?,
             account: self.b_account_id.clone()?,
@@ -303,261 +375,366 @@ pub(crate) fn view(
     load(connection, txn_id)?.map(|row| row.view()).transpose()
 }
 
-/// On PostgreSQL, locks the transaction's row (if it exists) until the end of the transaction.
-fn lock(connection: &mut AnyConnection, txn_id: &TxnId) -> Result<(), StorageError> {
-    if let AnyConnection::Postgresql(postgres) = connection {
-        diesel::sql_query("SELECT txn_id FROM transactions WHERE txn_id = $1 FOR UPDATE")
-            .bind::<diesel::sql_types::Binary, _>(txn_id.to_bytes().to_vec())
-            .execute(postgres)?;
-    }
-    Ok(())
-}
-
-/// A row changed between our read and our write: only another daemon can do that; the job
-/// runs again after this batch (see `writer`).
-fn lost_race() -> StorageError {
+/// A row changed between our read and our write: only another daemon can do that; the batch
+/// runs again (see `writer`).
+pub(crate) fn lost_race() -> StorageError {
     StorageError::Database(diesel::result::Error::DatabaseError(
         diesel::result::DatabaseErrorKind::SerializationFailure,
-        Box::new(String::from("the transaction row changed concurrently")),
+        Box::new(String::from("a transaction row changed concurrently")),
     ))
 }
 
-/// Accepts one half: replay check, ownership, then pending, idempotent answer or settlement.
-pub(crate) fn submit_half(
-    connection: &mut AnyConnection,
-    half: &AcceptedHalf,
-    now_ms: i64,
-) -> Result<TransactionView, StorageError> {
-    let kind = half.kind();
-    let amount_minor = ledger::minor_units(half.amount())?;
+/// The first 16 bytes of a transaction's row key.
+pub(crate) type TxnKey = [u8; 16];
 
-    // Step 7: the terminal and its replay state.
-    terminal_rows::lock(connection, &half.terminal_id)?;
-    let terminal = terminal_rows::load_existing(connection, &half.terminal_id)?.view;
-    if terminal.state != TerminalState::Active {
-        return Err(StorageError::TerminalNotActive(terminal.state));
-    }
-    if half.ksn.initial_key_id() != terminal.initial_key_id {
-        return Err(StorageError::KsnNotTerminal);
-    }
-    lock(connection, &half.txn_id)?;
-    let existing = load(connection, &half.txn_id)?;
-    let counter = i64::from(half.ksn.counter().get());
-    let used: Option<(Vec<u8>, String, Vec<u8>)> = used_counters::table
-        .find((half.terminal_id.as_str(), counter))
-        .select((
-            used_counters::txn_id,
-            used_counters::half,
-            used_counters::envelope_sha256,
-        ))
-        .first(connection)
-        .optional()?;
-    if let Some((used_txn, used_kind, used_envelope)) = used {
-        let same = used_txn.as_slice() == half.txn_id.to_bytes().as_slice()
-            && used_kind == kind.as_str()
-            && used_envelope.as_slice() == half.envelope_sha256.as_slice();
-        return match (same, existing) {
-            (true, Some(row)) => row.view(),
-            _ => Err(StorageError::ReplayedKsn),
-        };
-    }
-    if counter <= terminal.highest_counter - REPLAY_WINDOW {
-        return Err(StorageError::StaleKsn);
-    }
-    if half.own_account().as_str() != terminal.account_id.as_str() {
-        return Err(StorageError::AccountMismatch);
-    }
-
-    // Step 8: the transaction row.
-    let Some(mut row) = existing else {
-        return accept_first_half(
-            connection,
-            half,
-            amount_minor,
-            terminal.highest_counter,
-            now_ms,
-        );
-    };
-    if row.has(kind) {
-        return if row.envelope(kind) == Some(half.envelope_sha256.as_slice()) {
-            row.view()
-        } else {
-            Err(StorageError::Conflict)
-        };
-    }
-    if row.status != TransactionStatus::Pending.as_str() {
-        return Err(StorageError::Expired);
-    }
-    let (a, b) = match kind {
-        HalfKind::A => (side_a_of(half, amount_minor), row.side_b()),
-        HalfKind::B => (row.side_a(), side_b_of(half, amount_minor)),
-    };
-    let (Some(a), Some(b)) = (a, b) else {
-        return Err(StorageError::corrupt(
-            "pending transaction without its half",
-        ));
-    };
-    check_pair(connection, &a, &b)?;
-    if now_ms > a.expires_at_ms {
-        return Err(StorageError::Expired);
-    }
-
-    // Step 9: settle.
-    let payer_id = b
-        .account
-        .parse()
-        .map_err(|_| StorageError::corrupt("payer account"))?;
-    let payee_id = a
-        .account
-        .parse()
-        .map_err(|_| StorageError::corrupt("payee account"))?;
-    ledger::lock(connection, &[&payer_id, &payee_id])?;
-    let payer = ledger::load(connection, &payer_id)?;
-    let payee = ledger::load(connection, &payee_id)?;
-    let settlement_id = ledger::transfer(
-        connection,
-        TransferKind::Settlement,
-        Some(&half.txn_id),
-        &payer,
-        &payee,
-        a.amount_minor,
-        now_ms,
-    )?;
-    row.put(half, amount_minor);
-    row.status = TransactionStatus::Settled.as_str().to_owned();
-    row.settlement_id = Some(settlement_id);
-    row.settled_at_ms = Some(now_ms);
-    // Only if nobody settled or expired it meanwhile.
-    let pending = transactions::table
-        .find(row.txn_id.clone())
-        .filter(transactions::status.eq(TransactionStatus::Pending.as_str()));
-    let updated = match kind {
-        HalfKind::A => diesel::update(pending.filter(transactions::a_terminal_id.is_null()))
-            .set(&row)
-            .execute(connection)?,
-        HalfKind::B => diesel::update(pending.filter(transactions::b_terminal_id.is_null()))
-            .set(&row)
-            .execute(connection)?,
-    };
-    if updated != 1 {
-        return Err(lost_race());
-    }
-    record_counter(connection, half, terminal.highest_counter, now_ms)?;
-    audit::append(
-        connection,
-        now_ms,
-        "transaction.settled",
-        &half.txn_id.to_string(),
-        &serde_json::json!({
-            "settlement_id": settlement_id,
-            "payer_terminal": b.terminal,
-            "payer_account": b.account,
-            "payee_terminal": a.terminal,
-            "payee_account": a.account,
-            "amount_minor": a.amount_minor,
-            "currency": a.currency,
-        }),
-    )?;
-    row.view()
+/// A half the writer has queued, with the time it is judged at.
+#[derive(Debug, Clone)]
+pub(crate) struct QueuedHalf {
+    pub(crate) half: AcceptedHalf,
+    pub(crate) now_ms: i64,
 }
 
-/// No row yet: store this half, pending.
-fn accept_first_half(
-    connection: &mut AnyConnection,
-    half: &AcceptedHalf,
-    amount_minor: i64,
-    highest_counter: i64,
-    now_ms: i64,
-) -> Result<TransactionView, StorageError> {
-    let own = ledger::load(connection, half.own_account())?;
-    if own.currency != half.amount().currency() {
-        return Err(StorageError::Mismatch {
-            field: match half.kind() {
-                HalfKind::A => "payee_account_currency",
-                HalfKind::B => "payer_account_currency",
-            },
-        });
-    }
-    let row = TransactionRow::new_pending(half, amount_minor);
-    if now_ms > row.expires_at_ms {
-        return Err(StorageError::Expired);
-    }
-    diesel::insert_into(transactions::table)
-        .values(&row)
-        .execute(connection)?;
-    record_counter(connection, half, highest_counter, now_ms)?;
-    row.view()
+/// A terminal as a batch sees it: its stored row, and its window as the batch moves it.
+#[derive(Debug, Clone)]
+pub(crate) struct BatchTerminal {
+    pub(crate) view: TerminalView,
+    /// The highest counter accepted so far, this batch included.
+    pub(crate) highest_counter: i64,
 }
 
-/// The halves must describe the same payment (the transaction ID is the row's key).
-fn check_pair(connection: &mut AnyConnection, a: &SideA, b: &SideB) -> Result<(), StorageError> {
-    if a.digest != b.digest {
-        return Err(StorageError::DigestMismatch);
-    }
-    let mismatch = |field| Err(StorageError::Mismatch { field });
-    if b.payee_terminal != a.terminal {
-        return mismatch("payee_terminal");
-    }
-    if b.amount_minor != a.amount_minor {
-        return mismatch("amount");
-    }
-    if b.currency != a.currency {
-        return mismatch("currency");
-    }
-    if a.terminal == b.terminal {
-        return mismatch("parties");
-    }
-    for (account, field) in [
-        (&a.account, "payee_account_currency"),
-        (&b.account, "payer_account_currency"),
-    ] {
-        let id = account
-            .parse()
-            .map_err(|_| StorageError::corrupt("account"))?;
-        if ledger::load(connection, &id)?.currency.code() != a.currency {
-            return mismatch(field);
+/// A used KSN counter: which half it carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UsedCounter {
+    pub(crate) terminal_id: String,
+    pub(crate) counter: i64,
+    pub(crate) txn_id: TxnKey,
+    pub(crate) kind: HalfKind,
+    pub(crate) envelope_sha256: [u8; 32],
+    pub(crate) used_at_ms: i64,
+}
+
+/// An account as a batch sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct BatchAccount {
+    pub(crate) view: AccountView,
+    /// Whether the batch changed its balance.
+    pub(crate) changed: bool,
+}
+
+/// A transaction row as a batch sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct BatchTransaction {
+    pub(crate) row: TransactionRow,
+    /// Whether the row is in the database (else the batch inserts it).
+    pub(crate) stored: bool,
+    /// Whether the batch changed it.
+    pub(crate) changed: bool,
+}
+
+/// A settlement the batch books: one transfer, two postings, one audit record.
+#[derive(Debug, Clone)]
+pub(crate) struct Booking {
+    pub(crate) txn_id: TxnKey,
+    pub(crate) payer: SideB,
+    pub(crate) payee: SideA,
+    pub(crate) payer_balance_after: i64,
+    pub(crate) payee_balance_after: i64,
+    pub(crate) at_ms: i64,
+    /// The transfer's ID, once inserted.
+    pub(crate) settlement_id: Option<i64>,
+}
+
+/// What a batch decided for one half that was not refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// A byte-identical re-send: the payment as it stands.
+    Again(TxnKey),
+    /// The first half of its payment: stored, pending.
+    Pending(TxnKey),
+    /// The second half: the payment settled.
+    Settled(TxnKey),
+}
+
+impl Verdict {
+    fn key(self) -> TxnKey {
+        match self {
+            Self::Again(key) | Self::Pending(key) | Self::Settled(key) => key,
         }
     }
-    Ok(())
 }
 
-/// Marks the half's counter used and moves the terminal's window.
-fn record_counter(
-    connection: &mut AnyConnection,
-    half: &AcceptedHalf,
-    highest_counter: i64,
-    now_ms: i64,
-) -> Result<(), StorageError> {
-    let counter = i64::from(half.ksn.counter().get());
-    diesel::insert_into(used_counters::table)
-        .values((
-            used_counters::terminal_id.eq(half.terminal_id.as_str()),
-            used_counters::counter.eq(counter),
-            used_counters::txn_id.eq(half.txn_id.to_bytes().to_vec()),
-            used_counters::half.eq(half.kind().as_str()),
-            used_counters::envelope_sha256.eq(half.envelope_sha256.to_vec()),
-            used_counters::used_at_ms.eq(now_ms),
-        ))
-        .execute(connection)?;
-    if counter > highest_counter {
-        let terminal: &TerminalId = &half.terminal_id;
-        diesel::update(terminals::table.find(terminal.as_str()))
-            .set(terminals::highest_counter.eq(counter))
-            .execute(connection)?;
-        // Counters at or below the new window's floor are refused as stale anyway.
-        diesel::delete(
-            used_counters::table
-                .filter(used_counters::terminal_id.eq(terminal.as_str()))
-                .filter(used_counters::counter.le(counter - REPLAY_WINDOW)),
-        )
-        .execute(connection)?;
+/// Every row a batch of halves touches, read once (see `batch::read`), decided in memory half
+/// by half in arrival order, and written once (see `batch::write`). A refused half changes
+/// nothing here, so it changes nothing in the database.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    pub(crate) terminals: HashMap<String, BatchTerminal>,
+    pub(crate) used: HashMap<(String, i64), UsedCounter>,
+    pub(crate) accounts: HashMap<String, BatchAccount>,
+    pub(crate) transactions: HashMap<TxnKey, BatchTransaction>,
+    /// Counters this batch uses, in order.
+    pub(crate) new_used: Vec<UsedCounter>,
+    /// Settlements this batch books, in order.
+    pub(crate) bookings: Vec<Booking>,
+}
+
+impl Batch {
+    /// Steps 7–9 of protocol §6.1 for one half, against the batch's state.
+    pub(crate) fn decide(&mut self, queued: &QueuedHalf) -> Result<Verdict, StorageError> {
+        let QueuedHalf { half, now_ms } = queued;
+        let now_ms = *now_ms;
+        let kind = half.kind();
+        let amount_minor = ledger::minor_units(half.amount())?;
+        let key = half.txn_id.to_bytes();
+
+        // Step 7: the terminal and its replay state.
+        let terminal = self
+            .terminals
+            .get(half.terminal_id.as_str())
+            .ok_or_else(|| StorageError::UnknownTerminal(half.terminal_id.clone()))?;
+        if terminal.view.state != TerminalState::Active {
+            return Err(StorageError::TerminalNotActive(terminal.view.state));
+        }
+        if half.ksn.initial_key_id() != terminal.view.initial_key_id {
+            return Err(StorageError::KsnNotTerminal);
+        }
+        let counter = i64::from(half.ksn.counter().get());
+        let existing = self.transactions.get(&key);
+        if let Some(used) = self
+            .used
+            .get(&(half.terminal_id.as_str().to_owned(), counter))
+        {
+            let same = used.txn_id == key
+                && used.kind == kind
+                && used.envelope_sha256 == half.envelope_sha256;
+            return match (same, existing) {
+                (true, Some(_)) => Ok(Verdict::Again(key)),
+                _ => Err(StorageError::ReplayedKsn),
+            };
+        }
+        if counter <= terminal.highest_counter - REPLAY_WINDOW {
+            return Err(StorageError::StaleKsn);
+        }
+        if half.own_account().as_str() != terminal.view.account_id.as_str() {
+            return Err(StorageError::AccountMismatch);
+        }
+
+        // Step 8: the transaction row.
+        let Some(existing) = existing else {
+            return self.accept_first_half(half, amount_minor, counter, now_ms);
+        };
+        if existing.row.has(kind) {
+            return if existing.row.envelope(kind) == Some(half.envelope_sha256.as_slice()) {
+                Ok(Verdict::Again(key))
+            } else {
+                Err(StorageError::Conflict)
+            };
+        }
+        if existing.row.status != TransactionStatus::Pending.as_str() {
+            return Err(StorageError::Expired);
+        }
+        let (a, b) = match kind {
+            HalfKind::A => (side_a_of(half, amount_minor), existing.row.side_b()),
+            HalfKind::B => (existing.row.side_a(), side_b_of(half, amount_minor)),
+        };
+        let (Some(a), Some(b)) = (a, b) else {
+            return Err(StorageError::corrupt(
+                "pending transaction without its half",
+            ));
+        };
+        self.check_pair(&a, &b)?;
+        if now_ms > a.expires_at_ms {
+            return Err(StorageError::Expired);
+        }
+
+        // Step 9: settle.
+        let payer = self.account(&b.account)?;
+        let payee = self.account(&a.account)?;
+        let payer_balance_after = payer
+            .view
+            .balance_minor
+            .checked_sub(a.amount_minor)
+            .ok_or(StorageError::Overflow)?;
+        let payee_balance_after = payee
+            .view
+            .balance_minor
+            .checked_add(a.amount_minor)
+            .ok_or(StorageError::Overflow)?;
+        if payer
+            .view
+            .limit_minor
+            .is_some_and(|limit| payer_balance_after < limit)
+        {
+            return Err(StorageError::InsufficientFunds);
+        }
+
+        // Accepted: only now does the batch's state change.
+        for (account, balance_after) in [
+            (&b.account, payer_balance_after),
+            (&a.account, payee_balance_after),
+        ] {
+            if let Some(entry) = self.accounts.get_mut(account) {
+                entry.view.balance_minor = balance_after;
+                entry.changed = true;
+            }
+        }
+        if let Some(entry) = self.transactions.get_mut(&key) {
+            entry.row.put(half, amount_minor);
+            entry.row.status = TransactionStatus::Settled.as_str().to_owned();
+            entry.row.settled_at_ms = Some(now_ms);
+            entry.changed = true;
+        }
+        self.bookings.push(Booking {
+            txn_id: key,
+            payer: b,
+            payee: a,
+            payer_balance_after,
+            payee_balance_after,
+            at_ms: now_ms,
+            settlement_id: None,
+        });
+        self.use_counter(half, counter, now_ms);
+        Ok(Verdict::Settled(key))
     }
-    Ok(())
+
+    /// No row yet: store this half, pending.
+    fn accept_first_half(
+        &mut self,
+        half: &AcceptedHalf,
+        amount_minor: i64,
+        counter: i64,
+        now_ms: i64,
+    ) -> Result<Verdict, StorageError> {
+        let own = self.account(half.own_account().as_str())?;
+        if own.view.currency != half.amount().currency() {
+            return Err(StorageError::Mismatch {
+                field: match half.kind() {
+                    HalfKind::A => "payee_account_currency",
+                    HalfKind::B => "payer_account_currency",
+                },
+            });
+        }
+        let row = TransactionRow::new_pending(half, amount_minor);
+        if now_ms > row.expires_at_ms {
+            return Err(StorageError::Expired);
+        }
+        let key = half.txn_id.to_bytes();
+        self.transactions.insert(
+            key,
+            BatchTransaction {
+                row,
+                stored: false,
+                changed: true,
+            },
+        );
+        self.use_counter(half, counter, now_ms);
+        Ok(Verdict::Pending(key))
+    }
+
+    /// The halves must describe the same payment (the transaction ID is the row's key).
+    fn check_pair(&self, a: &SideA, b: &SideB) -> Result<(), StorageError> {
+        if a.digest != b.digest {
+            return Err(StorageError::DigestMismatch);
+        }
+        let mismatch = |field| Err(StorageError::Mismatch { field });
+        if b.payee_terminal != a.terminal {
+            return mismatch("payee_terminal");
+        }
+        if b.amount_minor != a.amount_minor {
+            return mismatch("amount");
+        }
+        if b.currency != a.currency {
+            return mismatch("currency");
+        }
+        if a.terminal == b.terminal {
+            return mismatch("parties");
+        }
+        for (account, field) in [
+            (&a.account, "payee_account_currency"),
+            (&b.account, "payer_account_currency"),
+        ] {
+            if self.account(account)?.view.currency.code() != a.currency {
+                return mismatch(field);
+            }
+        }
+        Ok(())
+    }
+
+    fn account(&self, id: &str) -> Result<&BatchAccount, StorageError> {
+        self.accounts.get(id).ok_or_else(|| match id.parse() {
+            Ok(id) => StorageError::UnknownAccount(id),
+            Err(_) => StorageError::corrupt(format!("account id {id:?}")),
+        })
+    }
+
+    /// Marks the half's counter used and moves the terminal's window.
+    fn use_counter(&mut self, half: &AcceptedHalf, counter: i64, now_ms: i64) {
+        let used = UsedCounter {
+            terminal_id: half.terminal_id.as_str().to_owned(),
+            counter,
+            txn_id: half.txn_id.to_bytes(),
+            kind: half.kind(),
+            envelope_sha256: half.envelope_sha256,
+            used_at_ms: now_ms,
+        };
+        self.used
+            .insert((used.terminal_id.clone(), counter), used.clone());
+        self.new_used.push(used);
+        if let Some(terminal) = self.terminals.get_mut(half.terminal_id.as_str()) {
+            terminal.highest_counter = terminal.highest_counter.max(counter);
+        }
+    }
+
+    /// The answer to a half the batch did not refuse, once its rows are written.
+    pub(crate) fn submitted(&self, verdict: Verdict) -> Result<Submitted, StorageError> {
+        let row = self
+            .transactions
+            .get(&verdict.key())
+            .ok_or_else(|| StorageError::corrupt("a decided transaction left the batch"))?;
+        Ok(Submitted {
+            view: row.row.view()?,
+            settled_now: matches!(verdict, Verdict::Settled(_)),
+        })
+    }
+
+    /// Gives every booked settlement its transfer ID (from `ids`, by transaction) and its row
+    /// the settlement ID, and asks for each one's audit record.
+    pub(crate) fn assign_settlements(
+        &mut self,
+        ids: &HashMap<TxnKey, i64>,
+        audit: &mut AuditLog,
+    ) -> Result<(), StorageError> {
+        for booking in &mut self.bookings {
+            let id = *ids
+                .get(&booking.txn_id)
+                .ok_or_else(|| StorageError::corrupt("a settlement without its transfer"))?;
+            booking.settlement_id = Some(id);
+            if let Some(entry) = self.transactions.get_mut(&booking.txn_id) {
+                entry.row.settlement_id = Some(id);
+            }
+            audit.record(
+                booking.at_ms,
+                "transaction.settled",
+                &hex::encode_upper(booking.txn_id),
+                &serde_json::json!({
+                    "settlement_id": id,
+                    "payer_terminal": booking.payer.terminal,
+                    "payer_account": booking.payer.account,
+                    "payee_terminal": booking.payee.terminal,
+                    "payee_account": booking.payee.account,
+                    "amount_minor": booking.payee.amount_minor,
+                    "currency": booking.payee.currency,
+                }),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Marks pending transactions whose time has passed as expired (at most [`EXPIRE_BATCH_MAX`]).
 pub(crate) fn expire_unmatched(
     connection: &mut AnyConnection,
+    audit: &mut AuditLog,
     now_ms: i64,
 ) -> Result<u64, StorageError> {
     let pending = TransactionStatus::Pending.as_str();
@@ -568,6 +745,12 @@ pub(crate) fn expire_unmatched(
         .limit(EXPIRE_BATCH_MAX)
         .select((transactions::txn_id, transactions::expires_at_ms))
         .load(connection)?;
+    // The same per-payment locks as a batch of halves (PostgreSQL), taken in the same order.
+    let keys: Vec<TxnKey> = due
+        .iter()
+        .filter_map(|(txn_id, _)| txn_id.as_slice().try_into().ok())
+        .collect();
+    batch::lock_transactions(connection, &keys)?;
     let mut expired = 0_u64;
     for (txn_id, expires_at_ms) in due {
         let changed = diesel::update(
@@ -581,13 +764,12 @@ pub(crate) fn expire_unmatched(
         ))
         .execute(connection)?;
         if changed == 1 {
-            audit::append(
-                connection,
+            audit.record(
                 now_ms,
                 "transaction.expired",
                 &hex::encode_upper(&txn_id),
                 &serde_json::json!({ "expires_at_ms": expires_at_ms }),
-            )?;
+            );
             expired += 1;
         }
     }

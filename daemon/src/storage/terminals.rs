@@ -8,7 +8,7 @@ use diesel::prelude::*;
 use nfcpay_protocol::TerminalId;
 
 use super::StorageError;
-use super::audit;
+use super::audit::AuditLog;
 use super::connection::AnyConnection;
 use super::error::EnrollmentRefusal;
 use super::ledger;
@@ -18,7 +18,7 @@ use super::schema::terminals;
 /// [`super::Storage::terminals`] returns at most this many.
 pub const TERMINALS_LIST_MAX: i64 = 100_000;
 
-type TerminalRow = (
+pub(super) type TerminalRow = (
     String,
     String,
     String,
@@ -30,7 +30,7 @@ type TerminalRow = (
     i64,
 );
 
-type TerminalColumns = (
+pub(super) type TerminalColumns = (
     terminals::id,
     terminals::account_id,
     terminals::initial_key_id,
@@ -42,7 +42,7 @@ type TerminalColumns = (
     terminals::highest_counter,
 );
 
-const COLUMNS: TerminalColumns = (
+pub(super) const COLUMNS: TerminalColumns = (
     terminals::id,
     terminals::account_id,
     terminals::initial_key_id,
@@ -60,7 +60,7 @@ pub(crate) struct TerminalRecord {
     code_sha256: Option<Vec<u8>>,
 }
 
-fn record(row: TerminalRow) -> Result<TerminalRecord, StorageError> {
+pub(super) fn record(row: TerminalRow) -> Result<TerminalRecord, StorageError> {
     let (
         id,
         account_id,
@@ -139,6 +139,7 @@ pub(crate) fn list(connection: &mut AnyConnection) -> Result<Vec<TerminalView>, 
 /// Registers a terminal, pending enrollment.
 pub(crate) fn add(
     connection: &mut AnyConnection,
+    audit: &mut AuditLog,
     new: &NewTerminal,
     now_ms: i64,
 ) -> Result<(), StorageError> {
@@ -167,8 +168,7 @@ pub(crate) fn add(
             terminals::created_at_ms.eq(now_ms),
         ))
         .execute(connection)?;
-    audit::append(
-        connection,
+    audit.record(
         now_ms,
         "terminal.added",
         new.id.as_str(),
@@ -177,7 +177,7 @@ pub(crate) fn add(
             "initial_key_id": initial_key_id,
             "code_expires_at_ms": new.code_expires_at_ms,
         }),
-    )?;
+    );
     Ok(())
 }
 
@@ -197,6 +197,7 @@ fn allowed(from: TerminalState, to: TerminalState, enrolled: bool) -> bool {
 /// Suspends, reactivates or revokes a terminal.
 pub(crate) fn set_state(
     connection: &mut AnyConnection,
+    audit: &mut AuditLog,
     id: &TerminalId,
     to: TerminalState,
     now_ms: i64,
@@ -213,13 +214,12 @@ pub(crate) fn set_state(
     diesel::update(terminals::table.find(id.as_str()))
         .set(terminals::state.eq(to.as_str()))
         .execute(connection)?;
-    audit::append(
-        connection,
+    audit.record(
         now_ms,
         "terminal.state",
         id.as_str(),
         &serde_json::json!({ "from": from.as_str(), "to": to.as_str() }),
-    )?;
+    );
     Ok(())
 }
 
@@ -238,6 +238,7 @@ fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
 /// Redeems the one-time enrollment code: pending → active, the code's hash erased.
 pub(crate) fn redeem(
     connection: &mut AnyConnection,
+    audit: &mut AuditLog,
     id: &TerminalId,
     code_sha256: [u8; 32],
     now_ms: i64,
@@ -270,13 +271,12 @@ pub(crate) fn redeem(
             terminals::certificate_serial.eq(Some(certificate_serial)),
         ))
         .execute(connection)?;
-    audit::append(
-        connection,
+    audit.record(
         now_ms,
         "terminal.enrolled",
         id.as_str(),
         &serde_json::json!({ "certificate_serial": certificate_serial }),
-    )?;
+    );
     Ok(load_existing(connection, id)?.view)
 }
 

@@ -1,58 +1,98 @@
 //! Group commit: one writer thread per [`super::Storage`] runs every write.
 //!
-//! Callers hand a job to a bounded queue ([`WRITE_QUEUE_MAX`]) and block on their own reply
-//! channel. The writer takes up to [`GROUP_COMMIT_MAX`] queued jobs, opens one database
-//! transaction, runs each job inside its own savepoint (a refused job rolls back alone), commits
-//! once, and only then answers every job: many settlements share one durable commit.
+//! Callers hand their work to a bounded queue ([`WRITE_QUEUE_MAX`]) and block on their own
+//! reply channel. The writer takes up to [`GROUP_COMMIT_MAX`] queued items and commits them
+//! together, and only then answers each one: many settlements share one durable commit.
 //!
-//! A batch first takes the database's write lock — `BEGIN IMMEDIATE` on SQLite, the
-//! `audit_head` row lock on PostgreSQL — so batches of several daemons sharing one database
-//! never interleave or deadlock, and the audit chain stays linear. A job that loses a race
-//! anyway (a unique key taken meanwhile, a serialization failure) is run again in the next
-//! batch, at most [`JOB_ATTEMPTS_MAX`] times.
+//! - **Halves** are decided as a set (`batch`): a constant number of statements per batch,
+//!   whatever its size.
+//! - **Other jobs** (operator actions, expiry) are closures run one after the other, each in its
+//!   own savepoint, so a refused job rolls back alone.
+//!
+//! Each batch appends its audit records to the writer's own chain (`audit`), claimed when the
+//! writer first writes and renewed with every batch: writers of several daemons sharing one
+//! PostgreSQL never wait for each other except on the rows of the same terminal, payment or
+//! account (see `batch`). A batch that loses a race with another writer anyway (a row changed
+//! meanwhile, a unique key taken, a deadlock, its chain taken over) is rolled back and run
+//! again, at most [`JOB_ATTEMPTS_MAX`] times. A batch of halves that fails for another reason is
+//! split and each half run alone, so one half the database refuses cannot fail the others.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use diesel::Connection as _;
-use diesel::connection::{AnsiTransactionManager, SimpleConnection as _, TransactionManager};
+use diesel::connection::{AnsiTransactionManager, TransactionManager};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 
-use super::StorageError;
+use super::audit::{self, AuditLog, Chain};
 use super::connection::{AnyConnection, ConnectionPool};
+use super::model::Submitted;
+use super::settlement::{QueuedHalf, Verdict};
+use super::{StorageError, batch};
 
-/// Jobs waiting for the writer; beyond this, writes fail fast with [`StorageError::Overloaded`].
+/// Items waiting for the writer; beyond this, writes fail fast with [`StorageError::Overloaded`].
 pub const WRITE_QUEUE_MAX: usize = 4096;
-/// Jobs sharing one database transaction (one durable commit).
+/// Items sharing one database transaction (one durable commit).
 pub const GROUP_COMMIT_MAX: usize = 64;
-/// How many times a job that lost a race with another writer is run.
+/// How many times a batch that lost a race with another writer is run.
 pub const JOB_ATTEMPTS_MAX: u32 = 8;
+/// An idle writer renews its chain's lease this often.
+const LEASE_RENEW_INTERVAL: Duration =
+    Duration::from_millis(audit::CHAIN_LEASE_MS.unsigned_abs() / 3);
 
-/// A unit of work the writer runs in a savepoint.
+/// The writer's figures, for `/metrics`. Cheap to clone; clones share the values.
+#[derive(Debug, Clone)]
+pub struct WriterMetrics {
+    /// Statements per committed batch of halves, `BEGIN` and `COMMIT` included.
+    pub statements_per_batch: Histogram,
+    /// Halves per committed batch.
+    pub halves_per_batch: Histogram,
+    /// Batches rolled back and run again after a lost race.
+    pub batch_retries: Counter,
+}
+
+impl Default for WriterMetrics {
+    fn default() -> Self {
+        Self {
+            statements_per_batch: Histogram::new([4.0, 8.0, 12.0, 16.0, 20.0, 32.0, 64.0, 128.0]),
+            halves_per_batch: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+            batch_retries: Counter::default(),
+        }
+    }
+}
+
+/// A closure job, run in a savepoint.
 trait Job: Send {
     /// Runs the work; on success keeps its value for [`Job::answer`].
-    fn run(&mut self, connection: &mut AnyConnection) -> Result<(), StorageError>;
+    fn run(
+        &mut self,
+        connection: &mut AnyConnection,
+        audit: &mut AuditLog,
+    ) -> Result<(), StorageError>;
     /// Sends the caller its answer: the kept value if `outcome` is `Ok`, else the error.
     fn answer(self: Box<Self>, outcome: Result<(), StorageError>);
-    /// Counts one more attempt; returns whether another is allowed.
-    fn may_retry(&mut self) -> bool;
 }
 
 struct TypedJob<T, F> {
     work: F,
     value: Option<T>,
     reply: SyncSender<Result<T, StorageError>>,
-    attempts: u32,
 }
 
 impl<T, F> Job for TypedJob<T, F>
 where
     T: Send,
-    F: FnMut(&mut AnyConnection) -> Result<T, StorageError> + Send,
+    F: FnMut(&mut AnyConnection, &mut AuditLog) -> Result<T, StorageError> + Send,
 {
-    fn run(&mut self, connection: &mut AnyConnection) -> Result<(), StorageError> {
-        self.value = Some((self.work)(connection)?);
+    fn run(
+        &mut self,
+        connection: &mut AnyConnection,
+        audit: &mut AuditLog,
+    ) -> Result<(), StorageError> {
+        self.value = Some((self.work)(connection, audit)?);
         Ok(())
     }
 
@@ -64,54 +104,91 @@ where
         // The caller may have gone away; then nobody needs the answer.
         let _ = reply.send(answer);
     }
+}
 
-    fn may_retry(&mut self) -> bool {
-        self.attempts += 1;
-        self.attempts < JOB_ATTEMPTS_MAX
+/// A half waiting for its group commit.
+struct HalfItem {
+    queued: QueuedHalf,
+    reply: SyncSender<Result<Submitted, StorageError>>,
+}
+
+impl HalfItem {
+    fn answer(self, answer: Result<Submitted, StorageError>) {
+        // The caller may have gone away; then nobody needs the answer.
+        let _ = self.reply.send(answer);
     }
+}
+
+enum Item {
+    Job(Box<dyn Job>),
+    Half(HalfItem),
 }
 
 /// The handle callers use; dropping it lets the thread finish the queue and stop.
 pub(crate) struct Writer {
-    queue: Option<SyncSender<Box<dyn Job>>>,
+    queue: Option<SyncSender<Item>>,
     thread: Option<JoinHandle<()>>,
+    metrics: WriterMetrics,
 }
 
 impl Writer {
     /// Starts the writer thread.
     pub(crate) fn start(pool: ConnectionPool) -> std::io::Result<Self> {
-        let (queue, jobs) = mpsc::sync_channel(WRITE_QUEUE_MAX);
+        let (queue, items) = mpsc::sync_channel(WRITE_QUEUE_MAX);
+        let metrics = WriterMetrics::default();
+        let mut state = WriterState {
+            pool,
+            chain: None,
+            owner: chain_owner(),
+            renewed_at: Instant::now(),
+            metrics: metrics.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("nfcpay-ledger-writer".into())
-            .spawn(move || run(&pool, &jobs))?;
+            .spawn(move || state.run(&items))?;
         Ok(Self {
             queue: Some(queue),
             thread: Some(thread),
+            metrics,
         })
+    }
+
+    /// The writer's figures.
+    pub(crate) fn metrics(&self) -> &WriterMetrics {
+        &self.metrics
     }
 
     /// Runs `work` in the next group commit and waits until that commit is durable.
     ///
-    /// `work` may run more than once (after a lost race, in a fresh savepoint), so it must not
-    /// have effects outside the connection.
+    /// `work` may run more than once (after a lost race, in a fresh transaction), so it must
+    /// not have effects outside the connection and the audit log it is given.
     pub(crate) fn write<T, F>(&self, work: F) -> Result<T, StorageError>
     where
         T: Send + 'static,
-        F: FnMut(&mut AnyConnection) -> Result<T, StorageError> + Send + 'static,
+        F: FnMut(&mut AnyConnection, &mut AuditLog) -> Result<T, StorageError> + Send + 'static,
     {
-        let queue = self.queue.as_ref().ok_or(StorageError::WriterStopped)?;
         let (reply, answer) = mpsc::sync_channel(1);
-        let job = Box::new(TypedJob {
+        self.enqueue(Item::Job(Box::new(TypedJob {
             work,
             value: None,
             reply,
-            attempts: 0,
-        });
-        queue.try_send(job).map_err(|error| match error {
+        })))?;
+        answer.recv().map_err(|_| StorageError::WriterStopped)?
+    }
+
+    /// Decides `half` in the next group commit and waits until that commit is durable.
+    pub(crate) fn submit_half(&self, queued: QueuedHalf) -> Result<Submitted, StorageError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.enqueue(Item::Half(HalfItem { queued, reply }))?;
+        answer.recv().map_err(|_| StorageError::WriterStopped)?
+    }
+
+    fn enqueue(&self, item: Item) -> Result<(), StorageError> {
+        let queue = self.queue.as_ref().ok_or(StorageError::WriterStopped)?;
+        queue.try_send(item).map_err(|error| match error {
             TrySendError::Full(_) => StorageError::Overloaded,
             TrySendError::Disconnected(_) => StorageError::WriterStopped,
-        })?;
-        answer.recv().map_err(|_| StorageError::WriterStopped)?
+        })
     }
 }
 
@@ -125,67 +202,289 @@ impl Drop for Writer {
     }
 }
 
-fn run(pool: &ConnectionPool, jobs: &Receiver<Box<dyn Job>>) {
-    let mut again: VecDeque<Box<dyn Job>> = VecDeque::new();
+/// Names this writer in `audit_chains.lease_owner`: the process and a random tag, so a chain
+/// is resumed only by the writer that holds it.
+fn chain_owner() -> String {
+    let mut tag = [0_u8; 8];
+    // Without randomness the tag is zeros: the process ID and the time still tell writers apart.
+    let _ = getrandom::fill(&mut tag);
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos());
+    format!(
+        "pid {} tag {}{:x}",
+        std::process::id(),
+        hex::encode(tag),
+        started & 0xffff
+    )
+}
+
+struct WriterState {
+    pool: ConnectionPool,
+    /// The chain this writer appends to, as of its last commit; `None` until claimed, and
+    /// after a failed batch (the next claim resumes it from the database).
+    chain: Option<Chain>,
+    owner: String,
+    renewed_at: Instant,
+    metrics: WriterMetrics,
+}
+
+impl WriterState {
+    fn run(&mut self, items: &Receiver<Item>) {
+        loop {
+            let first = match items.recv_timeout(LEASE_RENEW_INTERVAL) {
+                Ok(item) => item,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.renew_lease();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break, // every Storage handle is gone
+            };
+            let mut jobs = Vec::new();
+            let mut halves = Vec::new();
+            let mut take = |item| match item {
+                Item::Job(job) => jobs.push(job),
+                Item::Half(half) => halves.push(half),
+            };
+            take(first);
+            for _ in 1..GROUP_COMMIT_MAX {
+                match items.try_recv() {
+                    Ok(item) => take(item),
+                    Err(_) => break,
+                }
+            }
+            if !jobs.is_empty() {
+                self.run_jobs(jobs);
+            }
+            if !halves.is_empty() {
+                self.run_halves(halves);
+            }
+            if self.renewed_at.elapsed() >= LEASE_RENEW_INTERVAL {
+                self.renew_lease();
+            }
+        }
+        self.release_chain();
+    }
+
+    /// One transaction for the closure jobs, one savepoint each.
+    fn run_jobs(&mut self, mut jobs: Vec<Box<dyn Job>>) {
+        let mut attempt = 1;
+        loop {
+            let mut outcomes = Vec::with_capacity(jobs.len());
+            let committed = self.in_transaction(|connection, chain| {
+                outcomes.clear();
+                let mut audit = AuditLog::default();
+                for job in &mut jobs {
+                    let mut records = AuditLog::default();
+                    let outcome =
+                        connection.transaction(|savepoint| job.run(savepoint, &mut records));
+                    match outcome {
+                        Err(error) if error.is_retryable() => return Err(error),
+                        Ok(()) => audit.append(&mut records),
+                        Err(_) => {}
+                    }
+                    outcomes.push(outcome);
+                }
+                let mut statements = 0;
+                audit::append(connection, chain, &audit, now_ms(), &mut statements)
+            });
+            match committed {
+                Ok(()) => {
+                    for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                        job.answer(outcome);
+                    }
+                    return;
+                }
+                Err(error) if error.is_retryable() && attempt < JOB_ATTEMPTS_MAX => {
+                    self.metrics.batch_retries.inc();
+                    attempt += 1;
+                }
+                Err(error) => {
+                    // Nothing of the batch is written; refusals stay refusals.
+                    let cause = Arc::new(error);
+                    let mut outcomes = outcomes.into_iter();
+                    for job in jobs {
+                        job.answer(match outcomes.next() {
+                            Some(Err(refusal)) => Err(refusal),
+                            _ => Err(StorageError::Unavailable(Arc::clone(&cause))),
+                        });
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The halves as one set: read, decide, write, append the audit records, commit.
+    fn run_halves(&mut self, halves: Vec<HalfItem>) {
+        let queued: Vec<QueuedHalf> = halves.iter().map(|item| item.queued.clone()).collect();
+        let mut attempt = 1;
+        let result = loop {
+            let mut statements = 2; // BEGIN, COMMIT
+            let committed = self.in_transaction(|connection, chain| {
+                let mut batch = batch::read(connection, &queued, &mut statements)?;
+                let verdicts: Vec<Result<Verdict, StorageError>> =
+                    queued.iter().map(|half| batch.decide(half)).collect();
+                let mut audit = AuditLog::default();
+                batch::write(connection, &mut batch, &mut audit, &mut statements)?;
+                let head = audit::append(connection, chain, &audit, now_ms(), &mut statements)?;
+                let answers: Vec<Result<Submitted, StorageError>> = verdicts
+                    .into_iter()
+                    .map(|verdict| verdict.and_then(|verdict| batch.submitted(verdict)))
+                    .collect();
+                Ok((answers, head))
+            });
+            match committed {
+                Ok(answers) => {
+                    self.metrics
+                        .statements_per_batch
+                        .observe(f64::from(statements));
+                    self.metrics.halves_per_batch.observe(queued.len() as f64);
+                    break Ok(answers);
+                }
+                Err(error) if error.is_retryable() && attempt < JOB_ATTEMPTS_MAX => {
+                    self.metrics.batch_retries.inc();
+                    attempt += 1;
+                }
+                Err(error) => break Err(error),
+            }
+        };
+        match result {
+            Ok(answers) => {
+                for (item, answer) in halves.into_iter().zip(answers) {
+                    item.answer(answer);
+                }
+            }
+            Err(error) if halves.len() > 1 && error.is_statement_refused() => {
+                tracing::warn!(%error, halves = halves.len(), "a batch of halves failed; running each alone");
+                for item in halves {
+                    self.run_halves(vec![item]);
+                }
+            }
+            Err(error) => {
+                let cause = Arc::new(error);
+                for item in halves {
+                    item.answer(Err(StorageError::Unavailable(Arc::clone(&cause))));
+                }
+            }
+        }
+    }
+
+    /// Runs `work` in one database transaction holding the writer's chain; adopts the chain
+    /// head `work` returns once the commit is durable. On any failure the chain is forgotten,
+    /// to be claimed again (resumed) from the database before the next batch.
+    fn in_transaction<T>(
+        &mut self,
+        work: impl FnOnce(&mut AnyConnection, &Chain) -> Result<T, StorageError>,
+    ) -> Result<T::Value, StorageError>
+    where
+        T: WithHead,
+    {
+        let mut connection = self.pool.get().map_err(StorageError::Pool)?;
+        let connection: &mut AnyConnection = &mut connection;
+        let chain = match self.chain.take() {
+            Some(chain) => chain,
+            None => claim(connection, &self.owner)?,
+        };
+        begin(connection)?;
+        let outcome = work(connection, &chain);
+        let value = match outcome {
+            Ok(value) => value,
+            Err(error) => {
+                let _ = AnyConnection::rollback_transaction(connection);
+                return Err(error);
+            }
+        };
+        AnyConnection::commit_transaction(connection)?;
+        let (value, head) = value.split();
+        self.chain = Some(chain.advanced(head));
+        self.renewed_at = Instant::now();
+        Ok(value)
+    }
+
+    /// Moves an idle writer's lease forward (an empty append).
+    fn renew_lease(&mut self) {
+        if self.chain.is_none() {
+            return;
+        }
+        let renewed = self.in_transaction(|connection, chain| {
+            let mut statements = 0;
+            audit::append(
+                connection,
+                chain,
+                &AuditLog::default(),
+                now_ms(),
+                &mut statements,
+            )
+        });
+        if let Err(error) = renewed {
+            tracing::warn!(%error, "could not renew the audit chain's lease");
+        }
+    }
+
+    /// Gives the chain up when the writer stops, so the next writer resumes it at once.
+    fn release_chain(&mut self) {
+        let Some(chain) = self.chain.take() else {
+            return;
+        };
+        let released = self
+            .pool
+            .get()
+            .map_err(StorageError::Pool)
+            .and_then(|mut connection| audit::release(&mut connection, &chain));
+        if let Err(error) = released {
+            tracing::warn!(%error, "could not release the audit chain");
+        }
+    }
+}
+
+/// What a transaction's work returns: a value and the chain's new head.
+trait WithHead {
+    type Value;
+    fn split(self) -> (Self::Value, super::model::ChainHead);
+}
+
+impl<T> WithHead for (T, super::model::ChainHead) {
+    type Value = T;
+    fn split(self) -> (T, super::model::ChainHead) {
+        self
+    }
+}
+
+impl WithHead for super::model::ChainHead {
+    type Value = ();
+    fn split(self) -> ((), super::model::ChainHead) {
+        ((), self)
+    }
+}
+
+/// Claims a chain in a transaction of its own, retrying when another writer claims the same
+/// chain at the same moment.
+fn claim(connection: &mut AnyConnection, owner: &str) -> Result<Chain, StorageError> {
+    let mut attempt = 1;
     loop {
-        let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(GROUP_COMMIT_MAX);
-        while batch.len() < GROUP_COMMIT_MAX {
-            match again.pop_front() {
-                Some(job) => batch.push(job),
-                None => break,
+        begin(connection)?;
+        let claimed = audit::claim(connection, owner, now_ms());
+        let outcome = match claimed {
+            Ok(chain) => AnyConnection::commit_transaction(connection)
+                .map(|()| chain)
+                .map_err(StorageError::from),
+            Err(error) => {
+                let _ = AnyConnection::rollback_transaction(connection);
+                Err(error)
             }
-        }
-        if batch.is_empty() {
-            match jobs.recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => return, // every Storage handle is gone
-            }
-        }
-        while batch.len() < GROUP_COMMIT_MAX {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        run_batch(pool, batch, &mut again);
-    }
-}
-
-/// One database transaction for the whole batch, one savepoint per job.
-fn run_batch(pool: &ConnectionPool, batch: Vec<Box<dyn Job>>, again: &mut VecDeque<Box<dyn Job>>) {
-    let mut connection = match pool.get() {
-        Ok(connection) => connection,
-        Err(error) => return fail_all(batch, StorageError::Pool(error)),
-    };
-    let connection: &mut AnyConnection = &mut connection;
-    if let Err(error) = begin(connection) {
-        return fail_all(batch, error);
-    }
-    let mut finished = Vec::with_capacity(batch.len());
-    for mut job in batch {
-        let outcome = connection.transaction(|savepoint| job.run(savepoint));
+        };
         match outcome {
-            Err(error) if error.is_retryable() && job.may_retry() => again.push_back(job),
-            outcome => finished.push((job, outcome)),
-        }
-    }
-    match AnyConnection::commit_transaction(connection) {
-        Ok(()) => {
-            for (job, outcome) in finished {
-                job.answer(outcome);
+            Err(error) if error.is_retryable() && attempt < audit::claim_attempts_max() => {
+                attempt += 1;
             }
-        }
-        Err(error) => {
-            // Nothing of the batch is written; refusals stay refusals.
-            let cause = Arc::new(StorageError::Database(error));
-            for (job, outcome) in finished {
-                job.answer(outcome.and(Err(StorageError::Unavailable(Arc::clone(&cause)))));
-            }
+            outcome => return outcome,
         }
     }
 }
 
-/// Opens the batch's transaction holding the database's write lock.
+/// Opens a transaction; on SQLite it takes the database's write lock at once, so the reads of
+/// a batch see what it will write over.
 fn begin(connection: &mut AnyConnection) -> Result<(), StorageError> {
     match connection {
         AnyConnection::Sqlite(sqlite) => {
@@ -193,20 +492,12 @@ fn begin(connection: &mut AnyConnection) -> Result<(), StorageError> {
         }
         AnyConnection::Postgresql(postgres) => {
             AnsiTransactionManager::begin_transaction(postgres)?;
-            let locked =
-                postgres.batch_execute("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE");
-            if let Err(error) = locked {
-                let _ = AnsiTransactionManager::rollback_transaction(postgres);
-                return Err(error.into());
-            }
         }
     }
     Ok(())
 }
 
-fn fail_all(batch: Vec<Box<dyn Job>>, error: StorageError) {
-    let cause = Arc::new(error);
-    for job in batch {
-        job.answer(Err(StorageError::Unavailable(Arc::clone(&cause))));
-    }
+/// Milliseconds since the Unix epoch (lease times).
+fn now_ms() -> i64 {
+    super::now_ms()
 }
