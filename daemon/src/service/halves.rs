@@ -1,12 +1,14 @@
 //! The verification pipeline of a half (docs/protocol.md §6.1), up to the ledger.
 
+use std::time::Instant;
+
 use nfcpay_keystore::KeyPurpose;
 use nfcpay_keystore::dukpt::TransientKey;
 use nfcpay_protocol::dukpt::WorkingKeyUsage;
 use nfcpay_protocol::messages::{
     CLOCK_SKEW_MS_MAX, HalfEnvelope, HalfKind, PaymentInstruction, PaymentRequest,
 };
-use nfcpay_protocol::{Ksn, TerminalId};
+use nfcpay_protocol::{InitialKeyId, Ksn, TerminalId};
 use sha2::{Digest, Sha256};
 
 use super::{Inner, now_ms, problems};
@@ -54,34 +56,9 @@ pub(super) fn accept(
             "the half names another terminal than the client certificate",
         ));
     }
-    let terminal = inner
-        .storage
-        .terminal(client)
-        .map_err(problems::storage)?
-        .ok_or_else(|| Problem::new(ProblemCode::TerminalMismatch, "unknown terminal"))?;
-    match terminal.state {
-        TerminalState::Active => {}
-        TerminalState::Suspended => {
-            return Err(Problem::new(
-                ProblemCode::TerminalSuspended,
-                "terminal is suspended",
-            ));
-        }
-        TerminalState::Revoked => {
-            return Err(Problem::new(
-                ProblemCode::TerminalRevoked,
-                "terminal is revoked",
-            ));
-        }
-        TerminalState::Pending => {
-            return Err(Problem::new(
-                ProblemCode::TerminalMismatch,
-                "terminal is not enrolled",
-            ));
-        }
-    }
+    let initial_key_id = active_initial_key_id(inner, client)?;
     // 4. The KSN is the terminal's.
-    if header.ksn.initial_key_id() != terminal.initial_key_id {
+    if header.ksn.initial_key_id() != initial_key_id {
         return Err(Problem::new(
             ProblemCode::TerminalMismatch,
             "the KSN is not the terminal's",
@@ -195,6 +172,40 @@ pub(super) fn accept(
         recipient_ksn: header.ksn,
         settled_now: submitted.settled_now,
     })
+}
+
+/// The initial key ID of `client` if it may send halves: from the memory of active terminals,
+/// else from the ledger (whose transaction checks the state again when it records the half).
+fn active_initial_key_id(inner: &Inner, client: &TerminalId) -> Result<InitialKeyId, Problem> {
+    let now = Instant::now();
+    if let Some(initial_key_id) = inner.active_terminals.get(client, now) {
+        return Ok(initial_key_id);
+    }
+    let terminal = inner
+        .storage
+        .terminal(client)
+        .map_err(problems::storage)?
+        .ok_or_else(|| Problem::new(ProblemCode::TerminalMismatch, "unknown terminal"))?;
+    match terminal.state {
+        TerminalState::Active => {
+            inner
+                .active_terminals
+                .put(client, terminal.initial_key_id, now);
+            Ok(terminal.initial_key_id)
+        }
+        TerminalState::Suspended => Err(Problem::new(
+            ProblemCode::TerminalSuspended,
+            "terminal is suspended",
+        )),
+        TerminalState::Revoked => Err(Problem::new(
+            ProblemCode::TerminalRevoked,
+            "terminal is revoked",
+        )),
+        TerminalState::Pending => Err(Problem::new(
+            ProblemCode::TerminalMismatch,
+            "terminal is not enrolled",
+        )),
+    }
 }
 
 fn to_i64(ms: u64) -> i64 {

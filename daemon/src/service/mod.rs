@@ -9,16 +9,21 @@
 //! can check.
 //!
 //! Keystore and database calls block; they run on tokio's blocking threads, one request's
-//! whole pipeline per task, and never hold anything across an `.await`.
+//! whole pipeline — verify, record (waiting for the group commit), seal the receipt — in one
+//! task, and never hold anything across an `.await`. At most [`HALVES_IN_FLIGHT_MAX`] halves
+//! are in that pipeline at once; a half that cannot get in within [`HALF_ADMISSION_WAIT`] is
+//! answered `503 unavailable`.
 //!
 //! # Layout
 //!
 //! - [`halves`]: the verification pipeline of a half.
+//! - [`active`]: the short memory of active terminals that spares a database read per half.
 //! - [`receipts`]: building and sealing receipts.
 //! - [`enroll`]: remote key loading and certificate issuance.
 //! - [`metered`]: the keystore wrapper that counts HSM operations for `/metrics`.
 //! - `problems`: the one mapping from errors below to API problems.
 
+pub mod active;
 pub mod enroll;
 pub mod halves;
 pub mod metered;
@@ -36,12 +41,17 @@ use nfcpay_protocol::{TerminalId, TxnId};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 use crate::pki;
-use crate::server::problem::Problem;
+use crate::server::problem::{Problem, ProblemCode};
 use crate::server::{Api, HalfAnswer, HalfRoute, NotReady};
 use crate::storage::{Storage, TransactionStatus};
+
+/// Most halves in the blocking pipeline at once (HSM work and the group commit they wait for).
+pub const HALVES_IN_FLIGHT_MAX: usize = 256;
+/// How long a half waits for a place in the pipeline before it is refused as unavailable.
+pub const HALF_ADMISSION_WAIT: Duration = Duration::from_secs(2);
 
 /// How often a waiting request re-reads the ledger, for halves settled by another daemon.
 pub const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -73,6 +83,10 @@ struct Inner {
     settled: Notify,
     /// Halves by route and outcome (`pending`, `settled`, or the refusal's problem code).
     halves: Family<HalfLabels, Counter>,
+    /// Terminals recently found active.
+    active_terminals: active::ActiveTerminals,
+    /// Places in the blocking pipeline ([`HALVES_IN_FLIGHT_MAX`]).
+    in_flight: Arc<Semaphore>,
 }
 
 /// Labels of `nfcpayd_halves_total`.
@@ -110,6 +124,8 @@ impl Platform {
                 pki_dir,
                 settled: Notify::new(),
                 halves: Family::default(),
+                active_terminals: active::ActiveTerminals::default(),
+                in_flight: Arc::new(Semaphore::new(HALVES_IN_FLIGHT_MAX)),
             }),
         })
     }
@@ -186,8 +202,31 @@ impl Api for Platform {
                 .get_or_create(&HalfLabels { half, outcome })
                 .inc();
         };
-        let outcome = match blocking(move || halves::accept(&inner, kind, &client, &body)).await {
-            Ok(outcome) => outcome,
+        let Ok(Ok(place)) = tokio::time::timeout(
+            HALF_ADMISSION_WAIT,
+            Arc::clone(&self.inner.in_flight).acquire_owned(),
+        )
+        .await
+        else {
+            count(ProblemCode::Unavailable.as_str());
+            return Err(Problem::new(
+                ProblemCode::Unavailable,
+                "too many halves in progress; try again",
+            ));
+        };
+        // One trip to the blocking pool: verify, record, and seal the receipt unless the
+        // terminal asked to wait for a pending payment to settle.
+        let seal_pending = wait.is_zero();
+        let accepted = blocking(move || {
+            let _place = place;
+            let outcome = halves::accept(&inner, kind, &client, &body)?;
+            let sealed = (seal_pending || outcome.view.status != TransactionStatus::Pending)
+                .then(|| receipts::answer(&inner, &outcome));
+            Ok((outcome, sealed))
+        })
+        .await;
+        let (outcome, sealed) = match accepted {
+            Ok(accepted) => accepted,
             Err(problem) => {
                 count(problem.code().as_str());
                 return Err(problem);
@@ -198,15 +237,13 @@ impl Api for Platform {
             TransactionStatus::Pending => "pending",
             TransactionStatus::Expired => "expired",
         });
-        if outcome.view.status == TransactionStatus::Settled {
-            if outcome.settled_now {
-                self.inner.settled.notify_waiters();
-            }
-        } else if !wait.is_zero() {
-            return self.wait_for_settlement(outcome, wait).await;
+        if outcome.settled_now {
+            self.inner.settled.notify_waiters();
         }
-        let inner = Arc::clone(&self.inner);
-        blocking(move || receipts::answer(&inner, &outcome)).await
+        match sealed {
+            Some(answer) => answer,
+            None => self.wait_for_settlement(outcome, wait).await,
+        }
     }
 
     async fn transaction(&self, client: TerminalId, txn_id: TxnId) -> Result<Bytes, Problem> {
