@@ -13,8 +13,10 @@
 //!
 //! A fixture may run more daemons on the same token, PKI and ledger
 //! ([`PlatformFixture::start_extra_daemon`]), each on its own ports, so that a payment's two
-//! halves can meet only in the database.
+//! halves can meet only in the database. [`loadgen`] holds what the load generator measures.
 #![forbid(unsafe_code)]
+
+pub mod loadgen;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
