@@ -22,8 +22,10 @@ use crate::http_get;
 
 /// The daemon's counter of HSM operations (derivations, signatures, …), summed over labels,
 /// under either name: nfcpayd's registry prefixes its metrics with `nfcpayd_`.
-pub const HSM_OPERATIONS_METRICS: [&str; 2] =
-    ["nfcpay_hsm_operations_total", "nfcpayd_hsm_operations_total"];
+pub const HSM_OPERATIONS_METRICS: [&str; 2] = [
+    "nfcpay_hsm_operations_total",
+    "nfcpayd_hsm_operations_total",
+];
 /// The BDK ID in the initial key IDs of idle terminals: not the fixture's, so that their IDs
 /// never collide with those `nfcpay-admin terminals add` draws for the active ones.
 pub const IDLE_BDK_ID: &str = "FFFFFFFF";
@@ -376,7 +378,10 @@ mod tests {
                     # EOF\n";
         let name = "nfcpay_hsm_operations_total";
         assert_eq!(sum_metric(text, name), Some(800.0));
-        assert_eq!(sum_metric("nfcpay_hsm_operations_total 3\n", name), Some(3.0));
+        assert_eq!(
+            sum_metric("nfcpay_hsm_operations_total 3\n", name),
+            Some(3.0)
+        );
         assert_eq!(sum_metric("other_total 3\n", name), None);
     }
 
