@@ -35,7 +35,7 @@ use nfcpay_protocol::messages::HalfKind;
 use nfcpay_protocol::{AccountId, Currency, InitialKeyId};
 use nfcpay_tests::loadgen::{
     LedgerVerdict, SettledPayment, check_ledger, cpu_time_ms, hsm_operations, own_cpu_time_ms,
-    quantile, register_idle_terminals,
+    quantile, register_idle_terminals, register_idle_terminals_postgres,
 };
 use nfcpay_tests::{
     DaemonEndpoints, FIXTURE_BDK_ID, Ledger, PlatformFixture, SOFTHSM_MODULE, TestTerminal,
@@ -154,7 +154,13 @@ fn main() -> Result<()> {
     let registration_s = if args.registered > 0 {
         progress!(json, "registering {} idle terminals…", args.registered);
         platform.account(IDLE_ACCOUNT, CURRENCY, None)?;
-        let took = register_idle_terminals(&storage, &IDLE_ACCOUNT.parse()?, args.registered)?;
+        let account: AccountId = IDLE_ACCOUNT.parse()?;
+        let took = match ledger {
+            Ledger::Sqlite => register_idle_terminals(&storage, &account, args.registered)?,
+            Ledger::Postgres(_) => {
+                register_idle_terminals_postgres(&platform.database_url, &account, args.registered)?
+            }
+        };
         progress!(json, "registered them in {:.1} s", took.as_secs_f64());
         Some(took.as_secs_f64())
     } else {
