@@ -10,7 +10,13 @@
 //!
 //! The binaries (`nfcpayd`, `nfcpay-admin`) are looked up beside the test executable, in the
 //! cargo target directory: `cargo xtask test` builds them first.
+//!
+//! A fixture may run more daemons on the same token, PKI and ledger
+//! ([`PlatformFixture::start_extra_daemon`]), each on its own ports, so that a payment's two
+//! halves can meet only in the database. [`loadgen`] holds what the load generator measures.
 #![forbid(unsafe_code)]
+
+pub mod loadgen;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -20,10 +26,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use nfcpay_keystore::Keystore;
+use nfcpay_keystore::dukpt::TerminalKeys;
 use nfcpay_keystore::software::SoftwareKeystore;
+use nfcpay_keystore::{KeyHandle, Keystore};
 use nfcpay_protocol::TerminalId;
+use nfcpay_protocol::dukpt::{FUTURE_KEY_REGISTERS, TerminalState};
 use nfcpay_terminal_agent::enroll::{EnrollmentTarget, Terminal, enroll};
+use nfcpay_terminal_agent::keys::{register_counter, register_label};
 use zeroize::Zeroizing;
 
 /// The SoftHSM2 module on Debian.
@@ -97,6 +106,8 @@ impl Ledger {
 pub struct PlatformFixture {
     dir: tempfile::TempDir,
     daemon: Option<Child>,
+    /// Daemons started by [`Self::start_extra_daemon`], on their own ports.
+    extra_daemons: Vec<ExtraDaemon>,
     /// `127.0.0.1:port` of the terminal listener (client certificate required).
     pub address: String,
     /// `127.0.0.1:port` of the enrollment listener (no client certificate).
@@ -124,6 +135,7 @@ impl PlatformFixture {
             ops_address: format!("127.0.0.1:{ops_port}"),
             database_url,
             daemon: None,
+            extra_daemons: Vec::new(),
             dir,
         };
         fixture.make_token()?;
@@ -198,8 +210,15 @@ impl PlatformFixture {
     }
 
     fn write_config(&self) -> Result<()> {
+        std::fs::write(self.config_path(), self.config_text(&self.endpoints()))?;
+        Ok(())
+    }
+
+    /// The daemon configuration for one daemon listening on `endpoints`: all daemons of the
+    /// fixture share the token, the PKI and the database.
+    fn config_text(&self, endpoints: &DaemonEndpoints) -> String {
         let dir = self.dir().display();
-        let config = format!(
+        format!(
             r#"[keystore]
 backend = "pkcs11"
 uri = "pkcs11:token=nfcpay-e2e?module-path={SOFTHSM_MODULE}&pin-source=file:{dir}/pin"
@@ -224,12 +243,10 @@ pki_dir = "{dir}/pki"
 allow_root = true
 "#,
             database = self.database_url,
-            address = self.address,
-            enroll = self.enroll_address,
-            ops = self.ops_address,
-        );
-        std::fs::write(self.config_path(), config)?;
-        Ok(())
+            address = endpoints.address,
+            enroll = endpoints.enroll_address,
+            ops = endpoints.ops_address,
+        )
     }
 
     /// Runs `nfcpay-admin` with the fixture's configuration.
@@ -298,33 +315,45 @@ allow_root = true
     }
 
     fn start_daemon(&mut self) -> Result<()> {
-        let log = std::fs::File::create(self.dir().join("nfcpayd.log"))?;
-        let child = Command::new(binary("nfcpayd")?)
+        let child = self.spawn_daemon(
+            &self.config_path(),
+            &self.dir().join("nfcpayd.log"),
+            &self.ops_address,
+        )?;
+        self.daemon = Some(child);
+        Ok(())
+    }
+
+    /// Starts `nfcpayd` with `config`, its log in `log`, and waits until it says it listens
+    /// and `/readyz` on `ops_address` answers 200. A daemon that does not get there is killed.
+    fn spawn_daemon(&self, config: &Path, log_path: &Path, ops_address: &str) -> Result<Child> {
+        let log = std::fs::File::create(log_path)?;
+        let mut child = Command::new(binary("nfcpayd")?)
             .arg("--config")
-            .arg(self.config_path())
+            .arg(config)
             .env("SOFTHSM2_CONF", self.softhsm_conf())
             .env("NFCPAY_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
-        self.daemon = Some(child);
+        let log_text = || std::fs::read_to_string(log_path).unwrap_or_default();
         let deadline = Instant::now() + DAEMON_START_TIMEOUT;
         while Instant::now() < deadline {
-            if let Some(child) = self.daemon.as_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                bail!("nfcpayd exited with {status}:\n{}", self.daemon_log());
+            if let Some(status) = child.try_wait()? {
+                bail!("nfcpayd exited with {status}:\n{}", log_text());
             }
             // Ours listening (not another process's on a reused port), and ready.
-            if self.daemon_log().contains("listening")
-                && http_get(&self.ops_address, "/readyz").is_ok_and(|(status, _)| status == 200)
+            if log_text().contains("listening")
+                && http_get(ops_address, "/readyz").is_ok_and(|(status, _)| status == 200)
             {
-                return Ok(());
+                return Ok(child);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("nfcpayd not ready in time:\n{}", self.daemon_log())
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("nfcpayd not ready in time:\n{}", log_text())
     }
 
     /// Stops the daemon with SIGTERM and waits for it; returns its exit status code.
@@ -347,6 +376,18 @@ allow_root = true
 
     /// Enrolls a terminal with a software keystore in a directory of its own.
     pub async fn enroll(&self, terminal_id: &str, account: &str) -> Result<TestTerminal> {
+        self.enroll_at(terminal_id, account, &self.endpoints())
+            .await
+    }
+
+    /// Enrolls a terminal through the daemon at `endpoints` (one of [`Self::all_endpoints`]),
+    /// which its payments then go to, with a software keystore in a directory of its own.
+    pub async fn enroll_at(
+        &self,
+        terminal_id: &str,
+        account: &str,
+        endpoints: &DaemonEndpoints,
+    ) -> Result<TestTerminal> {
         let code = self.add_terminal(terminal_id, account)?;
         let dir = tempfile::Builder::new()
             .prefix("nfcpay-terminal")
@@ -355,8 +396,8 @@ allow_root = true
             Arc::new(SoftwareKeystore::open(&dir.path().join("keystore.json"))?);
         let ca = self.ca_pem()?;
         let target = EnrollmentTarget {
-            address: &self.address,
-            enroll_address: &self.enroll_address,
+            address: &endpoints.address,
+            enroll_address: &endpoints.enroll_address,
             server_name: "localhost",
             ca_pem: &ca,
         };
@@ -366,14 +407,96 @@ allow_root = true
             terminal,
             store,
             account: account.parse()?,
+            memory_keys: None,
             _dir: dir,
         })
     }
+
+    /// Where the first daemon listens.
+    pub fn endpoints(&self) -> DaemonEndpoints {
+        DaemonEndpoints {
+            address: self.address.clone(),
+            enroll_address: self.enroll_address.clone(),
+            ops_address: self.ops_address.clone(),
+        }
+    }
+
+    /// Where every daemon listens: the first one, then those of
+    /// [`Self::start_extra_daemon`] in the order they started.
+    pub fn all_endpoints(&self) -> Vec<DaemonEndpoints> {
+        std::iter::once(self.endpoints())
+            .chain(
+                self.extra_daemons
+                    .iter()
+                    .map(|extra| extra.endpoints.clone()),
+            )
+            .collect()
+    }
+
+    /// The process IDs of the running daemons, first one first.
+    pub fn daemon_pids(&self) -> Vec<u32> {
+        self.daemon
+            .iter()
+            .chain(self.extra_daemons.iter().map(|extra| &extra.child))
+            .map(Child::id)
+            .collect()
+    }
+
+    /// Starts one more `nfcpayd` with the same configuration (token, PKI, database) on ports
+    /// of its own; returns where it listens. Its configuration and log are
+    /// `nfcpay-<n>.toml` and `nfcpayd-<n>.log` in the fixture's directory (`n` from 2).
+    pub fn start_extra_daemon(&mut self) -> Result<DaemonEndpoints> {
+        let number = self.extra_daemons.len() + 2;
+        let config = self.dir().join(format!("nfcpay-{number}.toml"));
+        let log = self.dir().join(format!("nfcpayd-{number}.log"));
+        for attempt in 1..=DAEMON_START_ATTEMPTS {
+            let [port, enroll_port, ops_port] = free_ports()?;
+            let endpoints = DaemonEndpoints {
+                address: format!("127.0.0.1:{port}"),
+                enroll_address: format!("127.0.0.1:{enroll_port}"),
+                ops_address: format!("127.0.0.1:{ops_port}"),
+            };
+            std::fs::write(&config, self.config_text(&endpoints))?;
+            match self.spawn_daemon(&config, &log, &endpoints.ops_address) {
+                Ok(child) => {
+                    self.extra_daemons.push(ExtraDaemon {
+                        child,
+                        endpoints: endpoints.clone(),
+                    });
+                    return Ok(endpoints);
+                }
+                // Another process took one of the ports between choosing and binding.
+                Err(error)
+                    if attempt < DAEMON_START_ATTEMPTS
+                        && error.to_string().contains("Address already in use") => {}
+                Err(error) => return Err(error),
+            }
+        }
+        bail!("nfcpayd {number}: no free ports after {DAEMON_START_ATTEMPTS} attempts")
+    }
+}
+
+/// Where one daemon of a [`PlatformFixture`] listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonEndpoints {
+    /// `127.0.0.1:port` of the terminal listener (client certificate required).
+    pub address: String,
+    /// `127.0.0.1:port` of the enrollment listener (no client certificate).
+    pub enroll_address: String,
+    /// `127.0.0.1:port` of the operations listener (`/metrics`, `/readyz`).
+    pub ops_address: String,
+}
+
+/// A daemon beyond the fixture's first one.
+struct ExtraDaemon {
+    child: Child,
+    endpoints: DaemonEndpoints,
 }
 
 impl Drop for PlatformFixture {
     fn drop(&mut self) {
-        if let Some(mut child) = self.daemon.take() {
+        let extras = self.extra_daemons.drain(..).map(|extra| extra.child);
+        for mut child in self.daemon.take().into_iter().chain(extras) {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -430,6 +553,10 @@ pub struct TestTerminal {
     pub store: Arc<dyn Keystore>,
     /// Its account.
     pub account: nfcpay_protocol::AccountId,
+    /// Its DUKPT state when kept in memory only
+    /// ([`TestTerminal::danger_keep_keys_in_memory`]); `None`: the durable state in
+    /// `terminal.keys`.
+    memory_keys: Option<MemoryKeys>,
     _dir: tempfile::TempDir,
 }
 
@@ -471,19 +598,32 @@ impl TestTerminal {
         .encode())
     }
 
-    /// Seals `plaintext` as half `kind` under this terminal's next KSN.
+    /// Seals `plaintext` as half `kind` under this terminal's next KSN. With the durable
+    /// state (the default) the advanced state is saved (fsync) before the key is used, as a
+    /// real terminal does; in memory it is not.
     pub fn seal(
         &mut self,
         kind: nfcpay_protocol::messages::HalfKind,
         plaintext: &[u8],
     ) -> Result<(nfcpay_terminal_agent::halves::TransactionKeys, Vec<u8>)> {
-        let (ksn, transaction_key) = self.terminal.keys.next_transaction()?;
-        let keys = nfcpay_terminal_agent::halves::TransactionKeys::derive(
-            Arc::clone(&self.store),
-            ksn,
-            transaction_key.handle(),
-        )?;
-        drop(transaction_key);
+        use nfcpay_terminal_agent::halves::TransactionKeys;
+        let keys = match &mut self.memory_keys {
+            Some(memory) => {
+                // Not saved anywhere: a crash now could hand the same KSN out again.
+                let (ksn, transaction_key) = memory
+                    .state
+                    .next_transaction_key(&mut TerminalKeys(self.store.as_ref()))?;
+                let keys = TransactionKeys::derive(Arc::clone(&self.store), ksn, &transaction_key);
+                self.store.destroy(transaction_key)?;
+                keys?
+            }
+            None => {
+                // Saved durably before it is returned; destroyed (dropped) at the end of this
+                // block, once its working keys exist.
+                let (ksn, transaction_key) = self.terminal.keys.next_transaction()?;
+                TransactionKeys::derive(Arc::clone(&self.store), ksn, transaction_key.handle())?
+            }
+        };
         let envelope =
             keys.seal_half(kind, self.id(), plaintext, nfcpay_daemon::service::now_ms())?;
         Ok((keys, envelope))
@@ -596,6 +736,7 @@ impl PlatformFixture {
             terminal,
             store,
             account: account.parse()?,
+            memory_keys: None,
             _dir: dir,
         })
     }
@@ -616,5 +757,54 @@ impl TestTerminal {
     /// The terminal's directory: `terminal.json`, its certificate, the DUKPT state.
     pub fn dir(&self) -> &Path {
         self._dir.path()
+    }
+
+    /// From now on keeps the DUKPT state in memory only: [`Self::seal`] no longer saves it
+    /// before each key, so a crash could hand out a KSN again. For the load generator, so
+    /// that its figure measures the platform rather than the simulated terminals' fsyncs;
+    /// never for a real terminal. The saved state is left as it is now and must not be
+    /// opened again after this (its counter falls behind).
+    pub fn danger_keep_keys_in_memory(&mut self) -> Result<()> {
+        if self.memory_keys.is_some() {
+            return Ok(());
+        }
+        let status = self.terminal.keys.status();
+        // The registers the saved state uses, loaded as `TerminalKeyState::open` loads them.
+        let mut registers: [Option<KeyHandle>; FUTURE_KEY_REGISTERS] =
+            std::array::from_fn(|_| None);
+        for (register, slot) in registers.iter_mut().enumerate() {
+            if status
+                .next_counter
+                .and_then(|next| register_counter(register, next))
+                .is_some()
+            {
+                *slot = self.store.load_key(&register_label(register))?;
+            }
+        }
+        let state = TerminalState::from_parts(
+            status.initial_key_id,
+            status.algorithm,
+            status.next_counter,
+            registers,
+        )?;
+        self.memory_keys = Some(MemoryKeys {
+            store: Arc::clone(&self.store),
+            state,
+        });
+        Ok(())
+    }
+}
+
+/// A terminal's DUKPT state held in memory only; its register keys are transient keystore
+/// objects, destroyed on drop.
+struct MemoryKeys {
+    store: Arc<dyn Keystore>,
+    state: TerminalState<KeyHandle>,
+}
+
+impl Drop for MemoryKeys {
+    fn drop(&mut self) {
+        self.state
+            .discard_all(&mut TerminalKeys(self.store.as_ref()));
     }
 }
