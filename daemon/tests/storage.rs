@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use diesel::Connection as _;
 use diesel::connection::SimpleConnection as _;
@@ -984,4 +985,68 @@ fn accounts_refuse_bad_input(db: &Db) {
         -7
     );
     assert!(Storage::open("mysql://localhost/x").is_err());
+}
+
+/// A transaction ID whose first byte is `prefix`: payments of the tests above share their
+/// first bytes, and PostgreSQL batches lock payments by their first four bytes.
+fn prefixed_txn(prefix: u8, n: u32) -> TxnId {
+    let mut bytes = [prefix; 16];
+    bytes[12..].copy_from_slice(&n.to_be_bytes());
+    TxnId::try_from(bytes).unwrap()
+}
+
+/// Two writers on one PostgreSQL: while the first holds a batch open just before its commit
+/// (its terminal, payment and account locked), the second settles an unrelated payment. With a
+/// single lock shared by all writers (the old `audit_head` row), the second would wait.
+#[test]
+fn postgres_writers_do_not_wait_for_each_other() {
+    let Some(db) = Db::postgres() else {
+        return;
+    };
+    let w = world(&db);
+    let second = db.open();
+    let w2 = World {
+        payee: add_party(&second, "payee2", 4, eur(), 0),
+        payer: add_party(&second, "payer2", 5, eur(), 100_00),
+        other: add_party(&second, "other2", 6, eur(), 0),
+        storage: second,
+    };
+    let held_txn = prefixed_txn(0x11, 1);
+    let free_txn = prefixed_txn(0x22, 2);
+
+    let hold = w.storage.hold_next_commit();
+    let first = w.storage.clone();
+    let held_half = half_a(&w, held_txn, 1, eur_amount(1_00));
+    let held = std::thread::spawn(move || first.submit_half(held_half, NOW_MS));
+    assert!(
+        hold.wait_until_holding(Duration::from_secs(10)),
+        "the first writer's batch never reached its commit"
+    );
+
+    let (done, finished) = std::sync::mpsc::channel();
+    let other_writer = w2.storage.clone();
+    let a = half_a(&w2, free_txn, 1, eur_amount(2_00));
+    let b = half_b(&w2, free_txn, 1, eur_amount(2_00));
+    std::thread::spawn(move || {
+        let settled = other_writer
+            .submit_half(a, NOW_MS)
+            .and_then(|_| other_writer.submit_half(b, NOW_MS));
+        let _ = done.send(settled);
+    });
+    let settled = finished
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the second writer waited for the first one's open batch")
+        .unwrap();
+    assert_eq!(settled.status, TransactionStatus::Settled);
+    assert_eq!(balance(&w, &w2.payee.account), 2_00);
+    // The held half is not committed yet.
+    assert!(w2.storage.transaction(&held_txn).unwrap().is_none());
+
+    drop(hold);
+    let held = held.join().unwrap().unwrap();
+    assert_eq!(held.status, TransactionStatus::Pending);
+    assert!(w.storage.transaction(&held_txn).unwrap().is_some());
+    let report = w.storage.audit_verify().unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert!(report.chains.len() >= 2, "{report:?}");
 }

@@ -49,7 +49,7 @@ pub use model::{
     TransactionView,
 };
 pub use settlement::REPLAY_WINDOW;
-pub use writer::{GROUP_COMMIT_MAX, WRITE_QUEUE_MAX, WriterMetrics};
+pub use writer::{CommitHold, GROUP_COMMIT_MAX, WRITE_QUEUE_MAX, WriterMetrics};
 
 /// The `[database]` section of the configuration. Its `Debug` hides the URL's password.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -221,6 +221,13 @@ impl Storage {
         work: impl FnMut(&mut AnyConnection, &mut AuditLog) -> Result<T, StorageError> + Send + 'static,
     ) -> Result<T, StorageError> {
         self.inner.writer.write(work)
+    }
+
+    /// Test hook: the writer's next batch stops before its commit, its transaction open, until
+    /// the returned guard is dropped. For tests that show writers do not block each other.
+    #[doc(hidden)]
+    pub fn hold_next_commit(&self) -> CommitHold {
+        self.inner.writer.hold_next_commit()
     }
 
     /// The ledger writer's figures (statements and halves per batch, retries), for `/metrics`.

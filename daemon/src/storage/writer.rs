@@ -17,8 +17,8 @@
 //! again, at most [`JOB_ATTEMPTS_MAX`] times. A batch of halves that fails for another reason is
 //! split and each half run alone, so one half the database refuses cannot fail the others.
 
-use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -62,6 +62,67 @@ impl Default for WriterMetrics {
             batch_retries: Counter::default(),
         }
     }
+}
+
+/// Where the test hook [`CommitHold`] stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HoldPhase {
+    /// Batches commit as soon as they are written.
+    Off,
+    /// The next batch stops before its commit.
+    Armed,
+    /// A batch is stopped before its commit, its rows locked.
+    Holding,
+}
+
+type HoldState = Arc<(Mutex<HoldPhase>, Condvar)>;
+
+/// Test hook: while this guard lives, the writer's next batch stops after writing and before
+/// committing, holding its transaction (and its locks) open; dropping the guard lets it commit.
+/// It shows that another writer on the same database is not blocked by an open batch.
+#[must_use = "the batch commits when the guard is dropped"]
+pub struct CommitHold {
+    state: HoldState,
+}
+
+impl CommitHold {
+    /// Waits until a batch is stopped before its commit; `false` if none is within `timeout`.
+    pub fn wait_until_holding(&self, timeout: Duration) -> bool {
+        let (phase, changed) = &*self.state;
+        let guard = phase
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (guard, _) = changed
+            .wait_timeout_while(guard, timeout, |phase| *phase != HoldPhase::Holding)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *guard == HoldPhase::Holding
+    }
+}
+
+impl Drop for CommitHold {
+    fn drop(&mut self) {
+        let (phase, changed) = &*self.state;
+        *phase
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = HoldPhase::Off;
+        changed.notify_all();
+    }
+}
+
+/// Stops here, before a commit, while a [`CommitHold`] is armed.
+fn hold_if_armed(state: &HoldState) {
+    let (phase, changed) = &**state;
+    let mut guard = phase
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if *guard != HoldPhase::Armed {
+        return;
+    }
+    *guard = HoldPhase::Holding;
+    changed.notify_all();
+    let _released = changed
+        .wait_while(guard, |phase| *phase == HoldPhase::Holding)
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
 }
 
 /// A closure job, run in a savepoint.
@@ -129,6 +190,7 @@ pub(crate) struct Writer {
     queue: Option<SyncSender<Item>>,
     thread: Option<JoinHandle<()>>,
     metrics: WriterMetrics,
+    hold: HoldState,
 }
 
 impl Writer {
@@ -136,12 +198,14 @@ impl Writer {
     pub(crate) fn start(pool: ConnectionPool) -> std::io::Result<Self> {
         let (queue, items) = mpsc::sync_channel(WRITE_QUEUE_MAX);
         let metrics = WriterMetrics::default();
+        let hold: HoldState = Arc::new((Mutex::new(HoldPhase::Off), Condvar::new()));
         let mut state = WriterState {
             pool,
             chain: None,
             owner: chain_owner(),
             renewed_at: Instant::now(),
             metrics: metrics.clone(),
+            hold: Arc::clone(&hold),
         };
         let thread = std::thread::Builder::new()
             .name("nfcpay-ledger-writer".into())
@@ -150,7 +214,19 @@ impl Writer {
             queue: Some(queue),
             thread: Some(thread),
             metrics,
+            hold,
         })
+    }
+
+    /// Arms the test hook [`CommitHold`].
+    pub(crate) fn hold_next_commit(&self) -> CommitHold {
+        let (phase, _) = &*self.hold;
+        *phase
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = HoldPhase::Armed;
+        CommitHold {
+            state: Arc::clone(&self.hold),
+        }
     }
 
     /// The writer's figures.
@@ -227,6 +303,7 @@ struct WriterState {
     owner: String,
     renewed_at: Instant,
     metrics: WriterMetrics,
+    hold: HoldState,
 }
 
 impl WriterState {
@@ -395,6 +472,7 @@ impl WriterState {
                 return Err(error);
             }
         };
+        hold_if_armed(&self.hold);
         AnyConnection::commit_transaction(connection)?;
         let (value, head) = value.split();
         self.chain = Some(chain.advanced(head));
