@@ -95,9 +95,21 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         "Calls into the keystore (the HSM), by operation",
         metered.operations(),
     );
-    let server = Server::new(config.server, platform, tls, metrics)?;
+    let checkpoints = tokio::spawn(checkpoint_audit(
+        Arc::clone(&platform),
+        AUDIT_CHECKPOINT_INTERVAL,
+    ));
+    let server = Server::new(config.server, Arc::clone(&platform), tls, metrics)?;
     let served = crate::server::serve(server).await;
     sweeper.abort();
+    checkpoints.abort();
+    // The last word on the chains this daemon wrote: a checkpoint of every head.
+    if let Err(problem) = platform.checkpoint_audit().await {
+        tracing::warn!(
+            detail = problem.detail(),
+            "audit checkpoint at shutdown failed"
+        );
+    }
     Ok(served?)
 }
 
@@ -123,6 +135,21 @@ fn tls_reloader(
 }
 
 /// Marks unmatched payments past their expiry as expired, every `interval`.
+/// How often a daemon signs a checkpoint of every audit chain's head (and once when it stops).
+pub const AUDIT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
+
+async fn checkpoint_audit(platform: Arc<Platform>, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // the first tick is immediate: nothing to checkpoint yet
+    loop {
+        ticks.tick().await;
+        if let Err(problem) = platform.checkpoint_audit().await {
+            tracing::warn!(detail = problem.detail(), "audit checkpoint failed");
+        }
+    }
+}
+
 async fn sweep_expired(platform: Arc<Platform>, interval: Duration) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -134,6 +134,7 @@ suite!(
     terminal_state_rules,
     enrollment_code_works_once_unexpired_and_exact,
     audit_chain_verifies_and_detects_tampering,
+    signed_checkpoints_catch_a_cut_chain_and_a_wrong_key,
     group_commit_settles_200_concurrent_payments,
     two_storages_racing_the_halves_settle_exactly_once,
     accounts_refuse_bad_input,
@@ -867,6 +868,80 @@ fn audit_chain_verifies_and_detects_tampering(db: &Db) {
     let broken = report.first_break.expect("tampering detected");
     assert_eq!(broken.seq, 2);
     assert_eq!(report.records, 1);
+}
+
+fn signed_checkpoints_catch_a_cut_chain_and_a_wrong_key(db: &Db) {
+    use nfcpay_daemon::storage::audit;
+    use p256::ecdsa::signature::{Signer as _, Verifier as _};
+    use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
+
+    let w = world(db);
+    w.storage
+        .submit_half(half_a(&w, txn(61), 1, eur_amount(1_00)), NOW_MS)
+        .unwrap();
+    w.storage
+        .submit_half(half_b(&w, txn(61), 1, eur_amount(1_00)), NOW_MS)
+        .unwrap();
+    let heads = w.storage.audit_heads().unwrap();
+    let head = heads.iter().max_by_key(|head| head.seq).unwrap().clone();
+    assert!(head.seq >= 3, "{heads:?}");
+    let key = SigningKey::from_slice(&[7; 32]).unwrap();
+    let message = audit::checkpoint_message(NOW_MS, &audit::heads_text(&heads));
+    let signature: Signature = key.sign(&message);
+    w.storage
+        .add_audit_checkpoint(
+            NOW_MS,
+            heads.clone(),
+            "test-key",
+            signature.to_bytes().into(),
+        )
+        .unwrap();
+    let check_with = |key: VerifyingKey| {
+        move |message: &[u8], signature: &[u8; 64]| {
+            Signature::from_slice(signature).is_ok_and(|s| key.verify(message, &s).is_ok())
+        }
+    };
+    let right = check_with(*key.verifying_key());
+    let report = w.storage.audit_verify_signed(&right).unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.checkpoints, 1);
+
+    // Another key did not sign it.
+    let other = SigningKey::from_slice(&[8; 32]).unwrap();
+    let wrong = check_with(*other.verifying_key());
+    let report = w.storage.audit_verify_signed(&wrong).unwrap();
+    let broken = report.first_break.expect("a foreign signature detected");
+    assert_eq!(broken.reason, "a checkpoint's signature does not verify");
+
+    // Someone with full access cuts the chain's newest records and moves its head back,
+    // consistently: the chain alone verifies, the checkpoint does not.
+    let drop_guards = if db.sqlite_path.is_some() {
+        "DROP TRIGGER audit_log_no_delete"
+    } else {
+        "DROP TRIGGER audit_log_no_update ON audit_log"
+    };
+    db.execute(drop_guards).unwrap();
+    let keep = head.seq - 2;
+    db.execute(&format!(
+        "DELETE FROM audit_log WHERE chain_id = {} AND seq > {keep}",
+        head.chain_id
+    ))
+    .unwrap();
+    db.execute(&format!(
+        "UPDATE audit_chains SET head_seq = {keep}, head_hash = \
+         (SELECT hash FROM audit_log WHERE chain_id = {0} AND seq = {keep}) WHERE id = {0}",
+        head.chain_id
+    ))
+    .unwrap();
+    let report = w.storage.audit_verify_signed(&right).unwrap();
+    let broken = report.first_break.clone().expect("the cut detected");
+    assert_eq!(
+        (broken.chain_id, broken.seq),
+        (head.chain_id, head.seq),
+        "{report:?}"
+    );
+    assert!(broken.reason.contains("not on its chain"), "{report:?}");
+    assert_eq!(report.checkpoints, 0);
 }
 
 // ---------------------------------------------------------------------------------------

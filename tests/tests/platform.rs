@@ -10,7 +10,7 @@ use nfcpay_protocol::messages::{HalfKind, ReceiptStatus};
 use nfcpay_tests::{Ledger, PlatformFixture};
 
 async fn a_payment_settles_and_balances_move(ledger: Ledger) {
-    let platform = PlatformFixture::start(&ledger).unwrap();
+    let mut platform = PlatformFixture::start(&ledger).unwrap();
     platform.account("shop", "EUR", None).unwrap();
     platform.account("alice", "EUR", Some("100.00")).unwrap();
     let mut payee = platform.enroll("shop-1", "shop").await.unwrap();
@@ -41,6 +41,12 @@ async fn a_payment_settles_and_balances_move(ledger: Ledger) {
     assert_eq!(platform.balance("shop").unwrap(), "12.50 EUR");
     let audit = platform.admin_ok(&["audit", "verify"]).unwrap();
     assert!(audit.contains("intact"), "{audit}");
+    assert!(audit.contains(", 0 signed checkpoints"), "{audit}");
+
+    // A daemon that stops signs a checkpoint of every chain's head with the receipt key.
+    assert_eq!(platform.stop().unwrap(), Some(0));
+    let audit = platform.admin_ok(&["audit", "verify"]).unwrap();
+    assert!(audit.contains(", 1 signed checkpoints"), "{audit}");
 }
 
 #[tokio::test]

@@ -4,13 +4,20 @@ use std::io::Write;
 
 use clap::Subcommand;
 
+use nfcpay_keystore::{KeyLabel, Keystore};
+use p256::ecdsa::signature::Verifier as _;
+use p256::ecdsa::{Signature, VerifyingKey};
+
 use super::AdminError;
+use crate::pki::RECEIPT_KEY_LABEL;
 use crate::storage::Storage;
 
 /// `audit` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Check every link of the audit chain; exit 1 at the first broken one.
+    /// Check every link of every audit chain, and every signed checkpoint of the chains'
+    /// heads (its signature by the receipt key in the keystore, and that each head is still on
+    /// its chain); exit 1 at the first broken one.
     Verify,
 }
 
@@ -18,18 +25,43 @@ pub enum AuditCommand {
 pub fn run(
     command: AuditCommand,
     storage: &Storage,
+    keystore: &dyn Keystore,
     out: &mut dyn Write,
 ) -> Result<(), AdminError> {
     match command {
         AuditCommand::Verify => {
-            let report = storage.audit_verify()?;
+            let label: KeyLabel = RECEIPT_KEY_LABEL.parse()?;
+            let report = match keystore.find_ec_p256(&label)? {
+                Some((_, public_key)) => {
+                    let verifying_key = VerifyingKey::from_sec1_bytes(public_key.as_bytes())
+                        .map_err(|_| {
+                            AdminError::AuditBroken(
+                                "the receipt public key is not a P-256 point".into(),
+                            )
+                        })?;
+                    let check = move |message: &[u8], signature: &[u8; 64]| {
+                        Signature::from_slice(signature).is_ok_and(|signature| {
+                            verifying_key.verify(message, &signature).is_ok()
+                        })
+                    };
+                    storage.audit_verify_signed(&check)?
+                }
+                None => {
+                    writeln!(
+                        out,
+                        "no receipt key in the keystore: checkpoint signatures not checked"
+                    )?;
+                    storage.audit_verify()?
+                }
+            };
             match &report.first_break {
                 None => {
                     writeln!(
                         out,
-                        "audit log intact: {} records in {} chains",
+                        "audit log intact: {} records in {} chains, {} signed checkpoints",
                         report.records,
-                        report.chains.len()
+                        report.chains.len(),
+                        report.checkpoints
                     )?;
                     for head in &report.chains {
                         writeln!(

@@ -126,6 +126,6 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), AdminError> {
         }
         Command::Accounts(command) => accounts::run(command, &storage()?, out),
         Command::Terminals(command) => terminals::run(command, &config, &storage()?, keystore, out),
-        Command::Audit(command) => audit::run(command, &storage()?, out),
+        Command::Audit(command) => audit::run(command, &storage()?, keystore()?.as_ref(), out),
     }
 }

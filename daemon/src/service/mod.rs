@@ -46,7 +46,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::pki;
 use crate::server::problem::{Problem, ProblemCode};
 use crate::server::{Api, HalfAnswer, HalfRoute, NotReady};
-use crate::storage::{Storage, TransactionStatus};
+use crate::storage::{Storage, TransactionStatus, audit};
 
 /// Most halves in the blocking pipeline at once (HSM work and the group commit they wait for).
 pub const HALVES_IN_FLIGHT_MAX: usize = 256;
@@ -158,6 +158,29 @@ impl Platform {
     /// The ledger.
     pub fn storage(&self) -> &Storage {
         &self.inner.storage
+    }
+
+    /// Signs a checkpoint of every audit chain's head with the receipt key and stores it
+    /// (docs/ledger.md): a later rewrite of a whole chain no longer matches it.
+    pub async fn checkpoint_audit(&self) -> Result<(), Problem> {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || {
+            let heads = inner.storage.audit_heads().map_err(problems::storage)?;
+            if heads.iter().all(|head| head.seq == 0) {
+                return Ok(());
+            }
+            let at_ms = i64::try_from(now_ms()).unwrap_or(i64::MAX);
+            let message = audit::checkpoint_message(at_ms, &audit::heads_text(&heads));
+            let signature = inner
+                .keystore
+                .sign_p256_sha256(&inner.receipt_key, &message)
+                .map_err(problems::keystore)?;
+            inner
+                .storage
+                .add_audit_checkpoint(at_ms, heads, pki::RECEIPT_KEY_LABEL, signature)
+                .map_err(problems::storage)
+        })
+        .await
     }
 
     /// Marks unmatched payments past their expiry as expired; returns how many.

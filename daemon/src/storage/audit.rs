@@ -15,6 +15,12 @@
 //! the head it read (`WHERE head_seq = … AND lease_owner = …`): if another process took the
 //! chain over (our lease ran out while we stalled), the update changes nothing and the whole
 //! batch is rolled back and run again on a freshly claimed chain.
+//!
+//! A chain verifies on its own, so someone with write access could rewrite a whole chain and
+//! its head consistently. Checkpoints catch that: every so often (and when it stops) a daemon
+//! signs every chain's head with a key in the HSM ([`checkpoint_message`]) and stores the
+//! signature in `audit_checkpoints`; verifying checks each checkpoint's signature and that every
+//! head it names is still on its chain.
 
 use diesel::prelude::*;
 use sha2::{Digest as _, Sha256};
@@ -22,7 +28,7 @@ use sha2::{Digest as _, Sha256};
 use super::StorageError;
 use super::connection::AnyConnection;
 use super::model::{AuditBreak, AuditReport, ChainHead};
-use super::schema::{audit_chains, audit_log};
+use super::schema::{audit_chains, audit_checkpoints, audit_log};
 use super::sql::{Statement, Value};
 
 /// The `prev_hash` of chain 1's first record (the chain from before chains existed).
@@ -308,10 +314,158 @@ pub(crate) fn release(connection: &mut AnyConnection, chain: &Chain) -> Result<(
     Ok(())
 }
 
+/// The text of a checkpoint's heads: one line `<chain_id> <seq> <hash as 64 hex digits>` per
+/// chain, by chain.
+pub fn heads_text(heads: &[ChainHead]) -> String {
+    let mut heads: Vec<&ChainHead> = heads.iter().collect();
+    heads.sort_by_key(|head| head.chain_id);
+    heads
+        .iter()
+        .map(|head| {
+            format!(
+                "{} {} {}\n",
+                head.chain_id,
+                head.seq,
+                hex::encode_upper(head.hash)
+            )
+        })
+        .collect()
+}
+
+/// Parses [`heads_text`]; `None` if it is not that format.
+fn parse_heads(text: &str) -> Option<Vec<ChainHead>> {
+    text.lines()
+        .map(|line| {
+            let mut fields = line.split(' ');
+            let chain_id = fields.next()?.parse().ok()?;
+            let seq = fields.next()?.parse().ok()?;
+            let mut hash = [0_u8; 32];
+            hex::decode_to_slice(fields.next()?, &mut hash).ok()?;
+            fields.next().is_none().then_some(ChainHead {
+                chain_id,
+                seq,
+                hash,
+            })
+        })
+        .collect()
+}
+
+/// The bytes a checkpoint's signature covers (ECDSA P-256 over their SHA-256):
+/// `"nfcpay audit checkpoint v1\nat_ms <at_ms>\n"` followed by the heads text.
+pub fn checkpoint_message(at_ms: i64, heads_text: &str) -> Vec<u8> {
+    format!("nfcpay audit checkpoint v1\nat_ms {at_ms}\n{heads_text}").into_bytes()
+}
+
+/// Checks a checkpoint's signature over [`checkpoint_message`].
+pub type SignatureCheck<'a> = &'a (dyn Fn(&[u8], &[u8; 64]) -> bool + Sync);
+
+/// Every chain's head now.
+pub(crate) fn heads(connection: &mut AnyConnection) -> Result<Vec<ChainHead>, StorageError> {
+    let rows: Vec<(i64, i64, Vec<u8>)> = audit_chains::table
+        .order(audit_chains::id.asc())
+        .select((
+            audit_chains::id,
+            audit_chains::head_seq,
+            audit_chains::head_hash,
+        ))
+        .load(connection)?;
+    rows.into_iter()
+        .map(|(chain_id, seq, hash)| {
+            Ok(ChainHead {
+                chain_id,
+                seq,
+                hash: hash32("audit chain head hash", hash)?,
+            })
+        })
+        .collect()
+}
+
+/// Stores a signed checkpoint of `heads`.
+pub(crate) fn insert_checkpoint(
+    connection: &mut AnyConnection,
+    at_ms: i64,
+    heads: &[ChainHead],
+    key_label: &str,
+    signature: &[u8; 64],
+) -> Result<(), StorageError> {
+    diesel::insert_into(audit_checkpoints::table)
+        .values((
+            audit_checkpoints::at_ms.eq(at_ms),
+            audit_checkpoints::heads.eq(heads_text(heads)),
+            audit_checkpoints::key_label.eq(key_label),
+            audit_checkpoints::signature.eq(signature.as_slice()),
+        ))
+        .execute(connection)?;
+    Ok(())
+}
+
+/// Checks every checkpoint: its signature (when `signature` is given) and that each head it
+/// names is still on its chain. Adds to `report`; sets its first break.
+fn verify_checkpoints(
+    connection: &mut AnyConnection,
+    report: &mut AuditReport,
+    signature: Option<SignatureCheck<'_>>,
+) -> Result<(), StorageError> {
+    let checkpoints: Vec<(i64, i64, String, Vec<u8>)> = audit_checkpoints::table
+        .order(audit_checkpoints::id.asc())
+        .select((
+            audit_checkpoints::id,
+            audit_checkpoints::at_ms,
+            audit_checkpoints::heads,
+            audit_checkpoints::signature,
+        ))
+        .load(connection)?;
+    for (id, at_ms, heads, stored_signature) in checkpoints {
+        let broken = |reason| AuditBreak {
+            chain_id: 0,
+            seq: id,
+            reason,
+        };
+        if let Some(check) = signature {
+            let signed = <[u8; 64]>::try_from(stored_signature.as_slice())
+                .is_ok_and(|bytes| check(&checkpoint_message(at_ms, &heads), &bytes));
+            if !signed {
+                report.first_break = Some(broken("a checkpoint's signature does not verify"));
+                return Ok(());
+            }
+        }
+        let Some(heads) = parse_heads(&heads) else {
+            report.first_break = Some(broken("a checkpoint's heads do not parse"));
+            return Ok(());
+        };
+        for head in heads {
+            let on_chain = if head.seq == 0 {
+                head.hash == genesis_hash(head.chain_id)
+            } else {
+                audit_log::table
+                    .find((head.chain_id, head.seq))
+                    .select(audit_log::hash)
+                    .first::<Vec<u8>>(connection)
+                    .optional()?
+                    .is_some_and(|hash| hash.as_slice() == head.hash.as_slice())
+            };
+            if !on_chain {
+                report.first_break = Some(AuditBreak {
+                    chain_id: head.chain_id,
+                    seq: head.seq,
+                    reason: "a signed checkpoint's head is not on its chain (chain rewritten or cut)",
+                });
+                return Ok(());
+            }
+        }
+        report.checkpoints += 1;
+    }
+    Ok(())
+}
+
 type AuditRow = (i64, i64, String, String, String, Vec<u8>, Vec<u8>);
 
-/// Walks every chain and reports the first broken link.
-pub(crate) fn verify(connection: &mut AnyConnection) -> Result<AuditReport, StorageError> {
+/// Walks every chain and every checkpoint, and reports the first broken link. Checkpoint
+/// signatures are checked with `signature` when given.
+pub(crate) fn verify(
+    connection: &mut AnyConnection,
+    signature: Option<SignatureCheck<'_>>,
+) -> Result<AuditReport, StorageError> {
     let heads: Vec<(i64, i64, Vec<u8>)> = audit_chains::table
         .order(audit_chains::id.asc())
         .select((
@@ -323,6 +477,7 @@ pub(crate) fn verify(connection: &mut AnyConnection) -> Result<AuditReport, Stor
     let mut report = AuditReport {
         records: 0,
         chains: Vec::with_capacity(heads.len()),
+        checkpoints: 0,
         first_break: None,
     };
     for (chain_id, head_seq, head_hash) in heads {
@@ -358,7 +513,9 @@ pub(crate) fn verify(connection: &mut AnyConnection) -> Result<AuditReport, Stor
             seq: 0,
             reason: "records of a chain that is not in audit_chains",
         });
+        return Ok(report);
     }
+    verify_checkpoints(connection, &mut report, signature)?;
     Ok(report)
 }
 
@@ -425,6 +582,38 @@ fn verify_chain(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heads_text_round_trips_and_sorts_by_chain() {
+        let heads = [
+            ChainHead {
+                chain_id: 2,
+                seq: 5,
+                hash: [0xAB; 32],
+            },
+            ChainHead {
+                chain_id: 1,
+                seq: 0,
+                hash: GENESIS_HASH,
+            },
+        ];
+        let text = heads_text(&heads);
+        assert!(text.starts_with("1 0 0000"), "{text}");
+        assert_eq!(
+            parse_heads(&text).unwrap(),
+            [heads[1].clone(), heads[0].clone()]
+        );
+        for bad in ["1 2", "x 1 00", "1 1 ZZ", "1 1 00 extra"] {
+            assert!(parse_heads(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn each_chain_has_its_own_genesis() {
+        assert_eq!(genesis_hash(1), GENESIS_HASH);
+        assert_ne!(genesis_hash(2), genesis_hash(3));
+        assert_ne!(genesis_hash(2), GENESIS_HASH);
+    }
 
     #[test]
     fn record_bytes_are_length_prefixed() {

@@ -344,9 +344,38 @@ impl Storage {
         self.write(move |connection, audit| settlement::expire_unmatched(connection, audit, now_ms))
     }
 
-    /// Walks the audit chain and reports the first broken link.
+    /// Walks every audit chain and checkpoint and reports the first broken link; checkpoint
+    /// signatures are not checked (see [`Storage::audit_verify_signed`]).
     pub fn audit_verify(&self) -> Result<AuditReport, StorageError> {
-        self.read(audit::verify)
+        self.read(|connection| audit::verify(connection, None))
+    }
+
+    /// [`Storage::audit_verify`], checking each checkpoint's signature with `signature`.
+    pub fn audit_verify_signed(
+        &self,
+        signature: audit::SignatureCheck<'_>,
+    ) -> Result<AuditReport, StorageError> {
+        self.read(|connection| audit::verify(connection, Some(signature)))
+    }
+
+    /// Every audit chain's head now.
+    pub fn audit_heads(&self) -> Result<Vec<ChainHead>, StorageError> {
+        self.read(audit::heads)
+    }
+
+    /// Stores a checkpoint of `heads` signed (over [`audit::checkpoint_message`]) by the key
+    /// labelled `key_label`.
+    pub fn add_audit_checkpoint(
+        &self,
+        at_ms: i64,
+        heads: Vec<ChainHead>,
+        key_label: &str,
+        signature: [u8; 64],
+    ) -> Result<(), StorageError> {
+        let key_label = key_label.to_owned();
+        self.write(move |connection, _| {
+            audit::insert_checkpoint(connection, at_ms, &heads, &key_label, &signature)
+        })
     }
 
     /// `SELECT 1` on a pooled connection (for `/readyz`).

@@ -305,6 +305,8 @@ pub struct AuditReport {
     pub records: u64,
     /// The head of every chain that verified, by chain.
     pub chains: Vec<ChainHead>,
+    /// How many signed checkpoints verified.
+    pub checkpoints: u64,
     /// The first broken link, if any.
     pub first_break: Option<AuditBreak>,
 }
@@ -319,9 +321,10 @@ impl AuditReport {
 /// Where and how an audit chain breaks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditBreak {
-    /// The chain (0: a record outside every chain).
+    /// The chain (0: a record outside every chain, or a checkpoint's signature).
     pub chain_id: i64,
-    /// The sequence number of the first record that does not verify.
+    /// The sequence number of the first record that does not verify (with chain 0: the
+    /// checkpoint's ID).
     pub seq: i64,
     /// What is wrong with it.
     pub reason: &'static str,

@@ -112,6 +112,16 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    audit_checkpoints (id) {
+        id -> BigInt,
+        at_ms -> BigInt,
+        heads -> Text,
+        key_label -> Text,
+        signature -> Binary,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(
     accounts,
     transfers,
@@ -121,4 +131,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     transactions,
     audit_log,
     audit_chains,
+    audit_checkpoints,
 );

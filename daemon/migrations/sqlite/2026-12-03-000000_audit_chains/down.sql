@@ -1,4 +1,5 @@
 -- Only a log with a single chain can go back.
+DROP TABLE audit_checkpoints;
 CREATE TABLE audit_head (
     id   INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
     seq  INTEGER NOT NULL,

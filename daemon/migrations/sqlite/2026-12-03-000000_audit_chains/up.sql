@@ -36,3 +36,18 @@ CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
 BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
 CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
 BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+
+-- Signed checkpoints of every chain's head, written by the daemons (see docs/ledger.md).
+CREATE TABLE audit_checkpoints (
+    id            INTEGER PRIMARY KEY NOT NULL,
+    at_ms         INTEGER NOT NULL,
+    -- One line per chain: "<chain_id> <seq> <hash as 64 hex digits>\n", by chain.
+    heads         TEXT NOT NULL,
+    key_label     TEXT NOT NULL,
+    -- ECDSA P-256 over SHA-256 of the checkpoint message, r || s.
+    signature     BLOB NOT NULL CHECK (length(signature) = 64)
+) STRICT;
+CREATE TRIGGER audit_checkpoints_no_update BEFORE UPDATE ON audit_checkpoints
+BEGIN SELECT RAISE(ABORT, 'audit_checkpoints is append-only'); END;
+CREATE TRIGGER audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
+BEGIN SELECT RAISE(ABORT, 'audit_checkpoints is append-only'); END;
