@@ -280,18 +280,21 @@ pub(crate) fn append(
         insert.execute(connection)?;
         *statements += 1;
     }
-    let moved = diesel::update(
-        audit_chains::table
-            .find(chain.head.chain_id)
-            .filter(audit_chains::head_seq.eq(chain.head.seq))
-            .filter(audit_chains::lease_owner.eq(&chain.owner)),
-    )
-    .set((
-        audit_chains::head_seq.eq(head.seq),
-        audit_chains::head_hash.eq(head.hash.as_slice()),
-        audit_chains::lease_until_ms.eq(now_ms + CHAIN_LEASE_MS),
-    ))
-    .execute(connection)?;
+    // Written as a `Statement` so that it is prepared once per connection.
+    let mut update = Statement::new("UPDATE audit_chains SET head_seq = ");
+    update
+        .bind(head.seq)
+        .sql(", head_hash = ")
+        .bind(head.hash.to_vec())
+        .sql(", lease_until_ms = ")
+        .bind(now_ms + CHAIN_LEASE_MS)
+        .sql(" WHERE id = ")
+        .bind(chain.head.chain_id)
+        .sql(" AND head_seq = ")
+        .bind(chain.head.seq)
+        .sql(" AND lease_owner = ")
+        .bind(chain.owner.clone());
+    let moved = update.execute(connection)?;
     *statements += 1;
     if moved != 1 {
         return Err(lost_chain());

@@ -20,14 +20,14 @@
 use std::collections::{BTreeSet, HashMap};
 
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Binary, Integer, Nullable};
+use diesel::sql_types::{Array, BigInt, Binary, Integer, Nullable, Text};
 
 use super::StorageError;
 use super::audit::AuditLog;
 use super::connection::AnyConnection;
 use super::ledger::{self, AccountRow, TransferKind};
 use super::model::TransactionStatus;
-use super::schema::{accounts, terminals, transactions, used_counters};
+use super::schema::{accounts, terminals, transactions};
 use super::settlement::{
     Batch, BatchAccount, BatchTerminal, BatchTransaction, QueuedHalf, TransactionRow, TxnKey,
     UsedCounter, lost_race,
@@ -39,8 +39,22 @@ use super::terminals::{self as terminal_rows, TerminalRow};
 /// the payment's first four bytes.
 const PAYMENT_LOCK_SPACE: i32 = 0x6e66_6370;
 
-/// A `used_counters` row: terminal, counter, payment, half, envelope digest, time.
-type UsedCounterRow = (String, i64, Vec<u8>, String, Vec<u8>, i64);
+/// A `used_counters` row.
+#[derive(QueryableByName)]
+struct UsedCounterRow {
+    #[diesel(sql_type = Text)]
+    terminal_id: String,
+    #[diesel(sql_type = BigInt)]
+    counter: i64,
+    #[diesel(sql_type = Binary)]
+    txn_id: Vec<u8>,
+    #[diesel(sql_type = Text)]
+    half: String,
+    #[diesel(sql_type = Binary)]
+    envelope_sha256: Vec<u8>,
+    #[diesel(sql_type = BigInt)]
+    used_at_ms: i64,
+}
 
 /// Takes the per-payment advisory locks of `keys` on PostgreSQL (in key order), until the end
 /// of the transaction. Nothing on SQLite, whose writer holds the whole database.
@@ -127,25 +141,39 @@ pub(crate) fn read(
         );
     }
 
-    let counters: BTreeSet<i64> = halves
+    // Exactly the (terminal, counter) pairs of the batch, each found through the primary key.
+    let pairs: BTreeSet<(&str, i64)> = halves
         .iter()
-        .map(|queued| i64::from(queued.half.ksn.counter().get()))
+        .map(|queued| {
+            (
+                queued.half.terminal_id.as_str(),
+                i64::from(queued.half.ksn.counter().get()),
+            )
+        })
         .collect();
-    // Every (terminal, counter) pair of the batch, and possibly a few more: those are ignored.
-    let used: Vec<UsedCounterRow> = used_counters::table
-        .filter(used_counters::terminal_id.eq_any(terminal_ids.iter().copied()))
-        .filter(used_counters::counter.eq_any(counters.iter().copied()))
-        .select((
-            used_counters::terminal_id,
-            used_counters::counter,
-            used_counters::txn_id,
-            used_counters::half,
-            used_counters::envelope_sha256,
-            used_counters::used_at_ms,
-        ))
-        .load(connection)?;
+    let mut query = Statement::new("WITH v (terminal_id, counter) AS (VALUES ");
+    query
+        .rows(
+            pairs
+                .iter()
+                .map(|&(terminal, counter)| [Value::from(terminal), Value::from(counter)]),
+        )
+        .sql(
+            ") SELECT u.terminal_id, u.counter, u.txn_id, u.half, u.envelope_sha256, \
+             u.used_at_ms FROM v JOIN used_counters AS u \
+             ON u.terminal_id = v.terminal_id AND u.counter = v.counter",
+        );
+    let used: Vec<UsedCounterRow> = query.load(connection)?;
     *statements += 1;
-    for (terminal_id, counter, txn_id, half, envelope_sha256, used_at_ms) in used {
+    for UsedCounterRow {
+        terminal_id,
+        counter,
+        txn_id,
+        half,
+        envelope_sha256,
+        used_at_ms,
+    } in used
+    {
         let corrupt = || StorageError::corrupt("used counter row");
         let used = UsedCounter {
             txn_id: txn_id.as_slice().try_into().map_err(|_| corrupt())?,
