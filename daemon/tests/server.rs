@@ -249,7 +249,7 @@ impl Answer {
             format!("https://nfcpay.dev/problems/{code}"),
             "{document}"
         );
-        assert_eq!(document["status"], code.status().as_u16(), "{document}");
+        assert_eq!(document["status"], code.status(), "{document}");
         assert_eq!(self.status, code.status(), "{document}");
         assert!(document["title"].as_str().is_some_and(|t| !t.is_empty()));
     }

@@ -8,6 +8,8 @@
 //!
 //! - [`ids`]: identifiers — [`AccountId`], [`BdkId`], [`DerivationId`], [`InitialKeyId`],
 //!   [`TransactionCounter`], [`Ksn`], [`TerminalId`], [`TxnId`].
+//! - [`api`]: the HTTPS API between terminal and platform — route paths, the `wait_ms` bound,
+//!   problem codes and the problem document.
 //! - [`amount`]: [`Amount`] in integer minor units of an ISO 4217 [`Currency`].
 //! - [`dukpt`]: the AES DUKPT arithmetic of ANSI X9.24-3-2017 — derivation data, the host's
 //!   derivation path for a KSN and the terminal's future-key state machine. The block cipher is
@@ -18,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod amount;
+pub mod api;
 pub mod dukpt;
 pub mod error;
 pub mod ids;

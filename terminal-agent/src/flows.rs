@@ -41,7 +41,7 @@ use crate::platform::{PlatformError, Problem};
 /// Lifetime of a payment request the payee makes: 5 minutes (the protocol allows 10).
 pub const REQUEST_VALIDITY_MS: u64 = 5 * 60 * 1000;
 /// Longest `wait_ms` the platform accepts (docs/protocol.md §6.2).
-pub const PLATFORM_WAIT_MAX: Duration = Duration::from_millis(10_000);
+pub const PLATFORM_WAIT_MAX: Duration = Duration::from_millis(nfcpay_protocol::api::WAIT_MS_MAX);
 /// Pause between two status questions while a payment is pending.
 pub const STATUS_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Longest accepted enrollment code file, in bytes.
@@ -1023,11 +1023,10 @@ mod tests {
 
     #[test]
     fn a_refusal_exposes_its_problem() {
-        let problem = Problem {
-            status: 409,
-            code: "replayed-ksn".into(),
-            detail: "KSN already used".into(),
-        };
+        let problem = Problem::new(
+            nfcpay_protocol::api::ProblemCode::ReplayedKsn,
+            "KSN already used",
+        );
         let error = AgentError::Platform(PlatformError::Refused(problem.clone()));
         assert_eq!(error.problem(), Some(&problem));
         assert_eq!(AgentError::Expired("x").problem(), None);

@@ -16,6 +16,9 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use nfcpay_protocol::TxnId;
+use nfcpay_protocol::api::{
+    ENROLL_PATH, HALF_A_PATH, HALF_B_PATH, TRANSACTIONS_PATH_PREFIX, WAIT_QUERY_PARAMETER,
+};
 use tokio::time::Instant;
 
 use super::connection::{Caller, ConnectionContext, Listener};
@@ -45,12 +48,12 @@ impl Route {
     /// transaction path whose ID does not parse.
     fn parse(listener: Listener, path: &str) -> Result<Option<Self>, Problem> {
         if listener == Listener::Enrollment {
-            return Ok((path == "/v1/enroll").then_some(Self::Enroll));
+            return Ok((path == ENROLL_PATH).then_some(Self::Enroll));
         }
         Ok(match path {
-            "/v1/halves/a" => Some(Self::Half(HalfRoute::A)),
-            "/v1/halves/b" => Some(Self::Half(HalfRoute::B)),
-            _ => match path.strip_prefix("/v1/transactions/") {
+            HALF_A_PATH => Some(Self::Half(HalfRoute::A)),
+            HALF_B_PATH => Some(Self::Half(HalfRoute::B)),
+            _ => match path.strip_prefix(TRANSACTIONS_PATH_PREFIX) {
                 Some(hex) if !hex.is_empty() && !hex.contains('/') => {
                     let txn_id = TxnId::from_str(hex).map_err(|error| {
                         Problem::new(ProblemCode::Malformed, format!("transaction ID: {error}"))
@@ -246,7 +249,7 @@ fn parse_query(route: Route, query: Option<&str>, wait_ms_max: u64) -> Result<Du
     }
     let mut wait_ms = None;
     for pair in query.split('&') {
-        let Some(("wait_ms", value)) = pair.split_once('=') else {
+        let Some((WAIT_QUERY_PARAMETER, value)) = pair.split_once('=') else {
             return Err(malformed("the only query parameter is wait_ms"));
         };
         if wait_ms.is_some() {
