@@ -14,6 +14,7 @@
 //! - [`dukpt`]: the AES DUKPT arithmetic of ANSI X9.24-3-2017 — derivation data, the host's
 //!   derivation path for a KSN and the terminal's future-key state machine. The block cipher is
 //!   supplied by the caller (a keystore), so keys never pass through this crate.
+//! - [`enrollment`]: the enrollment request and answer (JSON) and the KEK context.
 //! - [`error`]: the crate's one error type.
 //! - [`messages`]: the canonical encodings of requests, instructions, halves and receipts.
 //! - [`nfc_frame`]: framing of one message over NFC-DEP exchanges of at most 262 bytes.
@@ -22,6 +23,7 @@
 pub mod amount;
 pub mod api;
 pub mod dukpt;
+pub mod enrollment;
 pub mod error;
 pub mod ids;
 pub mod messages;
