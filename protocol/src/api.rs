@@ -242,6 +242,9 @@ mod tests {
     fn paths() {
         assert_eq!(half_path(HalfKind::A), "/v1/halves/a");
         assert_eq!(half_path(HalfKind::B), "/v1/halves/b");
+        for kind in [HalfKind::A, HalfKind::B] {
+            assert!(half_path(kind).ends_with(&format!("/{}", kind.letter())));
+        }
         assert_eq!(half_target(HalfKind::B, 250), "/v1/halves/b?wait_ms=250");
         let txn_id: TxnId = "000102030405060708090a0b0c0d0e0f".parse().unwrap();
         assert_eq!(

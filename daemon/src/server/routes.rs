@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use super::connection::{Caller, ConnectionContext, Listener};
 use super::metrics::RouteLabel;
 use super::problem::{PROBLEM_CONTENT_TYPE, Problem, ProblemCode};
-use super::{Api, HalfRoute, Shared};
+use super::{Api, HalfKind, Shared};
 
 /// Media type of halves and receipts.
 const OCTET_STREAM: &str = "application/octet-stream";
@@ -38,7 +38,7 @@ type Answer = Response<Full<Bytes>>;
 /// A route of an HTTPS listener, parsed from the path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
-    Half(HalfRoute),
+    Half(HalfKind),
     Transaction(TxnId),
     Enroll,
 }
@@ -51,8 +51,8 @@ impl Route {
             return Ok((path == ENROLL_PATH).then_some(Self::Enroll));
         }
         Ok(match path {
-            HALF_A_PATH => Some(Self::Half(HalfRoute::A)),
-            HALF_B_PATH => Some(Self::Half(HalfRoute::B)),
+            HALF_A_PATH => Some(Self::Half(HalfKind::A)),
+            HALF_B_PATH => Some(Self::Half(HalfKind::B)),
             _ => match path.strip_prefix(TRANSACTIONS_PATH_PREFIX) {
                 Some(hex) if !hex.is_empty() && !hex.contains('/') => {
                     let txn_id = TxnId::from_str(hex).map_err(|error| {
@@ -74,8 +74,8 @@ impl Route {
 
     fn label(self) -> RouteLabel {
         match self {
-            Self::Half(HalfRoute::A) => RouteLabel::HalfA,
-            Self::Half(HalfRoute::B) => RouteLabel::HalfB,
+            Self::Half(HalfKind::A) => RouteLabel::HalfA,
+            Self::Half(HalfKind::B) => RouteLabel::HalfB,
             Self::Transaction(_) => RouteLabel::Transaction,
             Self::Enroll => RouteLabel::Enroll,
         }
@@ -335,7 +335,7 @@ mod tests {
         let terminals = |path: &str| Route::parse(Listener::Terminals, path);
         assert_eq!(
             terminals("/v1/halves/a").unwrap(),
-            Some(Route::Half(HalfRoute::A))
+            Some(Route::Half(HalfKind::A))
         );
         assert_eq!(terminals("/v1/enroll").unwrap(), None);
         let Some(Route::Transaction(txn_id)) =
@@ -381,7 +381,7 @@ mod tests {
 
     #[test]
     fn parses_and_caps_wait_ms() {
-        let half = Route::Half(HalfRoute::B);
+        let half = Route::Half(HalfKind::B);
         let ms = Duration::from_millis;
         assert_eq!(parse_query(half, None, 10_000).unwrap(), ms(0));
         assert_eq!(

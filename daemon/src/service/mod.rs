@@ -38,7 +38,7 @@ use tokio::sync::Notify;
 
 use crate::pki;
 use crate::server::problem::Problem;
-use crate::server::{Api, HalfAnswer, HalfRoute, NotReady};
+use crate::server::{Api, HalfAnswer, HalfKind, NotReady};
 use crate::storage::{Storage, TransactionStatus};
 
 /// How often a waiting request re-reads the ledger, for halves settled by another daemon.
@@ -152,16 +152,13 @@ async fn blocking<T: Send + 'static>(
 impl Api for Platform {
     async fn submit_half(
         &self,
-        kind: HalfRoute,
+        kind: HalfKind,
         client: TerminalId,
         body: Bytes,
         wait: Duration,
     ) -> Result<HalfAnswer, Problem> {
         let inner = Arc::clone(&self.inner);
-        let half = match kind {
-            HalfRoute::A => "a",
-            HalfRoute::B => "b",
-        };
+        let half = kind.letter();
         let count = |outcome: &'static str| {
             self.inner
                 .halves
