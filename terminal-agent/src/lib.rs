@@ -9,9 +9,8 @@
 
 /// The `nfcpay-agent` command line.
 pub mod cli;
+pub mod commands;
 pub mod enroll;
-/// What the `nfcpay-agent` commands do.
-pub mod flows;
 pub mod halves;
 pub mod keys;
 /// NFC-DEP transport between two terminals through libnfc readers (or an in-memory link).
