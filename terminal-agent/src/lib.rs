@@ -16,4 +16,3 @@ pub mod keys;
 /// NFC-DEP transport between two terminals through libnfc readers (or an in-memory link).
 pub mod nfc;
 pub mod platform;
-pub mod pn532;
