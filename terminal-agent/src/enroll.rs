@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use nfcpay_keystore::atomic_file;
 use nfcpay_keystore::dukpt::TransientKey;
 use nfcpay_keystore::key_pair::HsmKeyPair;
 use nfcpay_keystore::{EcPublicKey, KeyLabel, KeyPurpose, Keystore, KeystoreError};
@@ -318,9 +319,18 @@ fn certificates(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>,
     Ok(certificates)
 }
 
+/// Writes a file of the terminal's directory atomically, so a crash mid-enrollment never
+/// leaves half a certificate.
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), EnrollError> {
     let path = dir.join(name);
-    std::fs::write(&path, bytes).map_err(|error| io_error(&path, &error))
+    atomic_file::write_atomically(&path, bytes, atomic_file::PUBLIC_FILE_MODE).map_err(|error| {
+        let cause = std::error::Error::source(&error).map(ToString::to_string);
+        let message = match cause {
+            Some(cause) => format!("{error}: {cause}"),
+            None => error.to_string(),
+        };
+        io_error(&path, &message)
+    })
 }
 
 fn label(text: &str) -> Result<KeyLabel, EnrollError> {

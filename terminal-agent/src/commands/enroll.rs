@@ -4,6 +4,7 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use nfcpay_keystore::atomic_file::{self, AtomicWriteError};
 use nfcpay_protocol::{AccountId, TerminalId};
 use zeroize::Zeroizing;
 
@@ -94,14 +95,17 @@ fn write_terminal_file(dir: &Path, terminal: &Terminal) -> Result<(), AgentError
     let path = dir.join(TERMINAL_FILE);
     let json = serde_json::to_vec_pretty(&terminal.file)
         .map_err(|error| AgentError::Internal(error.to_string()))?;
-    let temporary = dir.join(format!("{TERMINAL_FILE}.new"));
-    std::fs::write(&temporary, json)
-        .and_then(|()| std::fs::rename(&temporary, &path))
-        .map_err(|source| AgentError::File {
+    atomic_file::write_atomically(&path, &json, atomic_file::PUBLIC_FILE_MODE).map_err(|error| {
+        let source = match error {
+            AtomicWriteError::Save(source) | AtomicWriteError::SyncDirectory(source) => source,
+            other => std::io::Error::other(other),
+        };
+        AgentError::File {
             path,
             action: "write",
             source,
-        })
+        }
+    })
 }
 
 /// Reads an enrollment code (one line, trimmed) from a file or stdin, in a zeroized buffer.
