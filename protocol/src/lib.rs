@@ -17,6 +17,8 @@
 //! - [`enrollment`]: the enrollment request and answer (JSON) and the KEK context.
 //! - [`error`]: the crate's one error type.
 //! - [`messages`]: the canonical encodings of requests, instructions, halves and receipts.
+//! - `test_vectors` (feature `test-vectors`, for other crates' tests): the published ANSI
+//!   X9.24-3-2017 known-answer vectors.
 //! - [`nfc_frame`]: framing of one message over NFC-DEP exchanges of at most 262 bytes.
 #![forbid(unsafe_code)]
 
@@ -28,6 +30,8 @@ pub mod error;
 pub mod ids;
 pub mod messages;
 pub mod nfc_frame;
+#[cfg(feature = "test-vectors")]
+pub mod test_vectors;
 
 pub use amount::{Amount, Currency};
 pub use error::ProtocolError;

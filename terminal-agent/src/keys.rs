@@ -652,8 +652,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), AgentKeyError> {
 }
 
 #[cfg(test)]
-#[path = "../../protocol/tests/x9_24_3_vectors/mod.rs"]
-mod x9_24_3_vectors;
+use nfcpay_protocol::test_vectors as x9_24_3_vectors;
 
 #[cfg(test)]
 mod tests {
