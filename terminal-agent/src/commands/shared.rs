@@ -7,7 +7,7 @@
 //! The request goes over NFC first; only then is a DUKPT counter taken
 //! ([`TerminalKeyState::next_transaction`](crate::keys::TerminalKeyState::next_transaction)
 //! saves the advanced counter before it returns the key), the half sealed and submitted
-//! ([`submit`]). So a failed NFC exchange costs no counter, and a process that dies after
+//! (`submit`). So a failed NFC exchange costs no counter, and a process that dies after
 //! taking a counter never uses it again: the next run takes the next one. The transaction's
 //! working keys are kept until the receipt is verified, since the platform MACs every answer
 //! about this half (including `GET /v1/transactions/{id}`) under the half's own KSN.
