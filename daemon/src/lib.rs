@@ -10,6 +10,11 @@
 //! - [`service`]: the platform service — verify a half, hand it to the ledger, seal receipts, enroll.
 //! - [`server`]: the network front end — mutual TLS 1.3, HTTP routes, limits, metrics, signals.
 //! - [`storage`]: the ledger in SQLite or PostgreSQL — settlement, replay state, group commit, audit chain.
+//!
+//! A half goes `server::routes` → `service::halves` (verify, with the DUKPT key derived in the
+//! keystore) → `storage` (settle in one durable transaction) → `service::receipts`. What the
+//! daemon shares with terminals (messages, routes, problem codes, enrollment JSON) is defined in
+//! `nfcpay_protocol`, never here. See docs/architecture.md, "Where things are".
 #![forbid(unsafe_code)]
 
 pub mod admin;

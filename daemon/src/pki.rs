@@ -20,12 +20,13 @@ mod tests;
 pub use nfcpay_keystore::key_pair::HsmKeyPair;
 
 use std::fs;
-use std::io::{self, Read as _, Write as _};
+use std::io::{self, Read as _};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nfcpay_keystore::atomic_file::{self, AtomicWriteError};
 use nfcpay_keystore::{EcPublicKey, KeyLabel, Keystore, KeystoreError};
 use nfcpay_protocol::TerminalId;
 use p256::ecdsa::signature::Verifier as _;
@@ -670,26 +671,17 @@ fn read_optional_file(path: &Path) -> Result<Option<String>, PkiError> {
     Ok(Some(text))
 }
 
-/// Writes `path` through a temporary file in the same directory and a rename, so a reader
+/// Writes `path` atomically and durably ([`nfcpay_keystore::atomic_file`]), so a reader
 /// (the daemon reloading on SIGHUP) sees the old file or the new one, never half of one.
 fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
-    let io_error = |source| PkiError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    let temporary = PathBuf::from(temporary);
-    let mut file = fs::File::create(&temporary).map_err(io_error)?;
-    file.write_all(contents).map_err(io_error)?;
-    file.sync_all().map_err(io_error)?;
-    drop(file);
-    fs::rename(&temporary, path).map_err(io_error)?;
-    // Makes the rename itself durable.
-    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        fs::File::open(dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(io_error)?;
-    }
-    Ok(())
+    atomic_file::write_atomically(path, contents, atomic_file::PUBLIC_FILE_MODE).map_err(|error| {
+        let source = match error {
+            AtomicWriteError::Save(source) | AtomicWriteError::SyncDirectory(source) => source,
+            other => std::io::Error::other(other),
+        };
+        PkiError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    })
 }

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use nfcpay_daemon::server::{
-    Api, HalfAnswer, HalfRoute, Metrics, NotReady, Problem, ProblemCode, Server, ServerConfig,
+    Api, HalfAnswer, HalfKind, Metrics, NotReady, Problem, ProblemCode, Server, ServerConfig,
     ServerError, TlsMaterial, TlsReloader, signals, tls::crypto_provider,
 };
 use nfcpay_protocol::{TerminalId, TxnId};
@@ -249,7 +249,7 @@ impl Answer {
             format!("https://nfcpay.dev/problems/{code}"),
             "{document}"
         );
-        assert_eq!(document["status"], code.status().as_u16(), "{document}");
+        assert_eq!(document["status"], code.status(), "{document}");
         assert_eq!(self.status, code.status(), "{document}");
         assert!(document["title"].as_str().is_some_and(|t| !t.is_empty()));
     }
@@ -307,7 +307,7 @@ impl Api for FakeApi {
     /// (202). The receipt echoes what the front end passed on.
     async fn submit_half(
         &self,
-        kind: HalfRoute,
+        kind: HalfKind,
         client: TerminalId,
         body: Bytes,
         wait: Duration,

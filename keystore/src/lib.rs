@@ -16,7 +16,9 @@
 //!   rustls signing key.
 //! - [`uri`]: RFC 7512 `pkcs11:` URIs with `module-path` and `pin-source`.
 //! - [`error`]: [`KeystoreError`], the crate's one error type.
+//! - [`atomic_file`]: replacing a file atomically and durably, for every crate that saves one.
 
+pub mod atomic_file;
 pub mod components;
 pub mod config;
 pub mod dukpt;

@@ -12,7 +12,7 @@ use nfcpay_protocol::dukpt::{
 };
 use nfcpay_protocol::{InitialKeyId, Ksn, ProtocolError, TransactionCounter};
 
-mod x9_24_3_vectors;
+use nfcpay_protocol::test_vectors as x9_24_3_vectors;
 use x9_24_3_vectors::{
     AES128_BDK, AES128_INTERMEDIATE_DERIVATION_KEY_REGISTERS_AFTER_LOAD,
     AES128_TERMINAL_KSN_SEQUENCE, AES128_TERMINAL_KSN_SEQUENCE_END,

@@ -1,6 +1,6 @@
 //! The `nfcpay-agent` command line: its arguments, its help, and how a parsed command runs
 //! (on a small tokio runtime; NFC runs on a blocking thread). The work itself is in
-//! [`crate::flows`].
+//! [`crate::commands`].
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use nfcpay_protocol::messages::{Description, PaymentKind};
 use nfcpay_protocol::{AccountId, Currency, TerminalId};
 
-use crate::flows::{
+use crate::commands::{
     self, AgentError, EnrollOptions, KeystoreChoice, NfcSettings, PLATFORM_WAIT_MAX, PayOptions,
     PlatformWait, RequestOptions, TerminalPlace,
 };
@@ -287,11 +287,11 @@ pub fn run(cli: Cli) -> Result<(), AgentError> {
                 .map(|text| Connstring::try_from(text.as_str()))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|error| AgentError::Usage(error.to_string()))?;
-            flows::devices(&given, out)
+            commands::devices::run(&given, out)
         }
-        Command::Status => flows::status(&place, out),
+        Command::Status => commands::status::run(&place, out),
         Command::Enroll(args) => {
-            let code = flows::read_code(args.code_file.as_deref())?;
+            let code = commands::enroll::read_code(args.code_file.as_deref())?;
             let options = EnrollOptions {
                 platform: args.platform,
                 enroll_address: args.enroll_address,
@@ -301,7 +301,7 @@ pub fn run(cli: Cli) -> Result<(), AgentError> {
                 code,
                 account: args.account,
             };
-            runtime()?.block_on(flows::enroll(&place, options, out))
+            runtime()?.block_on(commands::enroll::run(&place, options, out))
         }
         Command::Request(args) => {
             let (nfc, wait) = args.link.settings(args.role)?;
@@ -314,7 +314,7 @@ pub fn run(cli: Cli) -> Result<(), AgentError> {
                 wait,
                 save_half: args.link.save_half,
             };
-            runtime()?.block_on(flows::request(&place, options, out))
+            runtime()?.block_on(commands::request::run(&place, options, out))
         }
         Command::Pay(args) => {
             let (nfc, wait) = args.link.settings(args.role)?;
@@ -325,10 +325,10 @@ pub fn run(cli: Cli) -> Result<(), AgentError> {
                 wait,
                 save_half: args.link.save_half,
             };
-            runtime()?.block_on(flows::pay(&place, options, out))
+            runtime()?.block_on(commands::pay::run(&place, options, out))
         }
         Command::Resend { file, tamper } => {
-            runtime()?.block_on(flows::resend(&place, &file, tamper, out))
+            runtime()?.block_on(commands::resend::run(&place, &file, tamper, out))
         }
     }
 }

@@ -11,10 +11,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use nfcpay_keystore::atomic_file;
 use nfcpay_keystore::dukpt::TransientKey;
 use nfcpay_keystore::key_pair::HsmKeyPair;
 use nfcpay_keystore::{EcPublicKey, KeyLabel, KeyPurpose, Keystore, KeystoreError};
 use nfcpay_protocol::dukpt::KeyAlgorithm;
+use nfcpay_protocol::enrollment::{EnrollmentAnswer, EnrollmentRequest, kek_context};
 use nfcpay_protocol::{InitialKeyId, TerminalId};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -24,9 +26,6 @@ use zeroize::Zeroizing;
 use crate::keys::{AgentKeyError, TerminalKeyState};
 use crate::platform::{ClientIdentity, PlatformClient, PlatformError};
 
-/// The context bound into the enrollment KEK: this prefix, then the terminal ID (the
-/// platform uses the same).
-pub const KEK_CONTEXT_PREFIX: &[u8] = b"nfcpay enrollment v1|";
 /// Label of the terminal's TLS key in its keystore.
 pub const TLS_KEY_LABEL: &str = "nfcpay-terminal-tls";
 /// Label of the terminal's ECDH key for enrollment (transient).
@@ -92,29 +91,6 @@ pub struct TerminalFile {
     pub initial_key_kcv: String,
 }
 
-/// The enrollment request (JSON).
-#[derive(Serialize)]
-struct EnrollmentRequest<'a> {
-    terminal_id: &'a str,
-    code: &'a str,
-    csr: &'a str,
-    ecdh_public_key: String,
-}
-
-/// The enrollment answer (JSON).
-#[derive(Deserialize)]
-struct EnrollmentAnswer {
-    terminal_id: String,
-    certificate: String,
-    ca_certificate: String,
-    initial_key_id: String,
-    initial_key_algorithm: String,
-    platform_ecdh_public_key: String,
-    wrapped_initial_key: String,
-    initial_key_kcv: String,
-    receipt_public_key: String,
-}
-
 /// Where to enroll, and where to pay afterwards: the platform has two HTTPS listeners with the
 /// same server certificate.
 pub struct EnrollmentTarget<'a> {
@@ -175,9 +151,9 @@ pub async fn enroll(
     let (ecdh, ecdh_public) = store.generate_ec_p256(&label(ECDH_KEY_LABEL)?, false)?;
     let result = async {
         let request = serde_json::to_vec(&EnrollmentRequest {
-            terminal_id: terminal_id.as_str(),
-            code: code.as_str(),
-            csr: &csr,
+            terminal_id: terminal_id.as_str().to_owned(),
+            code: Zeroizing::new(code.as_str().to_owned()),
+            csr: csr.clone(),
             ecdh_public_key: hex::encode_upper(ecdh_public.as_bytes()),
         })
         .map_err(|error| EnrollError::Answer(error.to_string()))?;
@@ -227,7 +203,7 @@ fn load_answer(
         .map_err(|_| invalid("initial key algorithm"))?;
     let wrapped = hex::decode(&answer.wrapped_initial_key).map_err(|_| invalid("wrapped key"))?;
     let store_ref = store.as_ref();
-    let context = [KEK_CONTEXT_PREFIX, terminal_id.as_str().as_bytes()].concat();
+    let context = kek_context(terminal_id);
     let kek = TransientKey::new(
         store_ref,
         store_ref.ecdh_kek(ecdh, &platform_public, &context)?,
@@ -343,9 +319,18 @@ fn certificates(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>,
     Ok(certificates)
 }
 
+/// Writes a file of the terminal's directory atomically, so a crash mid-enrollment never
+/// leaves half a certificate.
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), EnrollError> {
     let path = dir.join(name);
-    std::fs::write(&path, bytes).map_err(|error| io_error(&path, &error))
+    atomic_file::write_atomically(&path, bytes, atomic_file::PUBLIC_FILE_MODE).map_err(|error| {
+        let cause = std::error::Error::source(&error).map(ToString::to_string);
+        let message = match cause {
+            Some(cause) => format!("{error}: {cause}"),
+            None => error.to_string(),
+        };
+        io_error(&path, &message)
+    })
 }
 
 fn label(text: &str) -> Result<KeyLabel, EnrollError> {

@@ -78,12 +78,13 @@
 //! One process owns the directory at a time: the state takes an exclusive lock on
 //! `dukpt-state.lock` ([`LOCK_FILE_NAME`]) for as long as it is open.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use nfcpay_keystore::atomic_file::{self, AtomicWriteError};
 use nfcpay_keystore::dukpt::TerminalKeys;
 use nfcpay_keystore::{KeyHandle, KeyLabel, Keystore, KeystoreError};
 use nfcpay_protocol::dukpt::{FUTURE_KEY_REGISTERS, KeyAlgorithm, TerminalState};
@@ -633,49 +634,29 @@ fn lock(dir: &Path) -> Result<File, AgentKeyError> {
     }
 }
 
-/// Writes `bytes` to a new 0600 file beside `path`, syncs it, renames it over `path` and
-/// syncs the directory: after a crash the file is the old one or the new one.
+/// Writes `bytes` as a 0600 file over `path`, atomically and durably
+/// ([`nfcpay_keystore::atomic_file`]): after a crash the file is the old one or the new one.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), AgentKeyError> {
-    let directory = path.parent().unwrap_or(Path::new("."));
-    let temporary = directory.join(format!(".{STATE_FILE_NAME}.tmp"));
-    let io_error = |action: &'static str| {
-        move |source| AgentKeyError::Io {
+    atomic_file::write_atomically(path, bytes, STATE_FILE_MODE).map_err(|error| {
+        let (action, source) = match error {
+            AtomicWriteError::Save(source) => ("save it", source),
+            AtomicWriteError::SyncDirectory(source) => ("sync its directory", source),
+            other => ("save it", io::Error::other(other)),
+        };
+        AgentKeyError::Io {
             path: path.to_owned(),
             action,
             source,
         }
-    };
-    // Left over by a crash during an earlier save (we hold the directory's lock).
-    match fs::remove_file(&temporary) {
-        Ok(()) => {}
-        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => return Err(io_error("remove a stale temporary file")(source)),
-    }
-    let written = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(STATE_FILE_MODE)
-        .open(&temporary)
-        .and_then(|mut file| {
-            file.write_all(bytes)?;
-            file.sync_all()
-        })
-        .and_then(|()| fs::rename(&temporary, path));
-    if let Err(source) = written {
-        let _ = fs::remove_file(&temporary);
-        return Err(io_error("save it")(source));
-    }
-    File::open(directory)
-        .and_then(|directory| directory.sync_all())
-        .map_err(io_error("sync its directory"))
+    })
 }
 
 #[cfg(test)]
-#[path = "../../protocol/tests/x9_24_3_vectors/mod.rs"]
-mod x9_24_3_vectors;
+use nfcpay_protocol::test_vectors as x9_24_3_vectors;
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
     use std::os::unix::fs::PermissionsExt;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 

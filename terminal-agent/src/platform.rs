@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use nfcpay_protocol::TxnId;
+use nfcpay_protocol::api::{self, ENROLL_PATH};
 use nfcpay_protocol::messages::HalfKind;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
@@ -26,16 +27,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for an answer beyond the `wait` the request asked for.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// A refusal by the platform: an RFC 9457 problem.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// HTTP status.
-    pub status: u16,
-    /// The stable machine-readable code (docs/protocol.md §8).
-    pub code: String,
-    /// What the platform said, for people.
-    pub detail: String,
-}
+/// A refusal by the platform: an RFC 9457 problem document (`status` is the HTTP status the
+/// answer came with; `code` is `"unknown"` when the document has none).
+pub use nfcpay_protocol::api::ProblemDocument as Problem;
 
 /// Why a call to the platform failed.
 #[derive(Debug, thiserror::Error)]
@@ -134,11 +128,7 @@ impl PlatformClient {
         envelope: Vec<u8>,
         wait: Duration,
     ) -> Result<HalfReply, PlatformError> {
-        let route = match kind {
-            HalfKind::A => "a",
-            HalfKind::B => "b",
-        };
-        let path = format!("/v1/halves/{route}?wait_ms={}", wait.as_millis());
+        let path = api::half_target(kind, wait.as_millis());
         let (status, body) = self
             .call(
                 Method::POST,
@@ -163,7 +153,7 @@ impl PlatformClient {
 
     /// The latest receipt of a payment this terminal is a party to.
     pub async fn transaction(&self, txn_id: TxnId) -> Result<Vec<u8>, PlatformError> {
-        let path = format!("/v1/transactions/{txn_id}");
+        let path = api::transaction_path(txn_id);
         let (_, body) = self
             .call(
                 Method::GET,
@@ -181,7 +171,7 @@ impl PlatformClient {
         let (_, body) = self
             .call(
                 Method::POST,
-                "/v1/enroll",
+                ENROLL_PATH,
                 "application/json",
                 request_json,
                 Duration::ZERO,
@@ -271,18 +261,35 @@ impl PlatformClient {
 
 /// Reads a problem document; a body that is not one still gives the status.
 fn problem(status: StatusCode, body: &[u8]) -> Problem {
-    #[derive(serde::Deserialize)]
-    struct Document {
-        code: Option<String>,
-        detail: Option<String>,
+    let mut document: Problem = serde_json::from_slice(body).unwrap_or_default();
+    document.status = status.as_u16();
+    if document.code.is_empty() {
+        "unknown".clone_into(&mut document.code);
     }
-    let document: Option<Document> = serde_json::from_slice(body).ok();
-    Problem {
-        status: status.as_u16(),
-        code: document
-            .as_ref()
-            .and_then(|d| d.code.clone())
-            .unwrap_or_else(|| "unknown".to_owned()),
-        detail: document.and_then(|d| d.detail).unwrap_or_default(),
+    document
+}
+
+#[cfg(test)]
+mod tests {
+    use nfcpay_protocol::api::ProblemCode;
+
+    use super::*;
+
+    #[test]
+    fn a_problem_document_is_read_with_the_answer_status() {
+        let sent = Problem::new(ProblemCode::Conflict, "another half stands");
+        let body = serde_json::to_vec(&sent).unwrap();
+        let read = problem(StatusCode::CONFLICT, &body);
+        assert_eq!(read, sent);
+        assert_eq!(read.known_code(), Some(ProblemCode::Conflict));
+    }
+
+    #[test]
+    fn a_body_that_is_no_problem_document_still_gives_the_status() {
+        let read = problem(StatusCode::BAD_GATEWAY, b"<html>bad gateway</html>");
+        assert_eq!(
+            (read.status, read.code.as_str(), read.detail.as_str()),
+            (502, "unknown", "")
+        );
     }
 }

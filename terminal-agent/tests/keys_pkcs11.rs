@@ -11,8 +11,7 @@
 // A panic is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../../protocol/tests/x9_24_3_vectors/mod.rs"]
-mod x9_24_3_vectors;
+use nfcpay_protocol::test_vectors as x9_24_3_vectors;
 
 use std::path::Path;
 use std::process::Command;

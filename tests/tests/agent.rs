@@ -4,7 +4,7 @@
 //!
 //! What the NFC layer guarantees below the agent is tested in `terminal-agent`: a peer taken
 //! away after each possible number of chunks, and frames over 262 bytes refused before libnfc
-//! sees them (`nfc::libnfc` unit tests, `terminal-agent/tests/nfc_link.rs`). Here the agent
+//! sees them (`nfc::libnfc` unit tests, `terminal-agent/pn532-sim/tests/nfc_link.rs`). Here the agent
 //! level: a payment settles with either terminal as NFC initiator; a missing other terminal
 //! leaves the platform untouched; bad enrollment codes load no key; a counter taken for a half
 //! that never landed is not used again.

@@ -23,6 +23,9 @@ use crate::{command, packages, random};
 
 /// The environment variable through which the tests get the database URL.
 pub const DATABASE_URL_VARIABLE: &str = "NFCPAY_TEST_DATABASE_URL";
+/// Set to `1` for the tests `cargo xtask test` runs: a PostgreSQL test that finds no
+/// database then fails instead of skipping.
+pub const REQUIRE_VARIABLE: &str = "NFCPAY_REQUIRE_POSTGRES";
 /// Overrides the directory holding `initdb`, `pg_ctl` and `psql`.
 pub const BIN_DIR_VARIABLE: &str = "NFCPAY_POSTGRES_BIN_DIR";
 

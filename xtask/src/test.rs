@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use crate::postgres::{self, DATABASE_URL_VARIABLE};
+use crate::postgres::{self, DATABASE_URL_VARIABLE, REQUIRE_VARIABLE};
 use crate::steps::Steps;
 use crate::{command, packages};
 
@@ -49,7 +49,9 @@ pub fn run(root: &Path) -> Result<()> {
 /// unit and integration tests when it is installed (it does not run doctests).
 fn cargo_tests(root: &Path, database_url: &str) -> Result<()> {
     let with_database = |command: &mut Command| -> Result<()> {
-        command.env(DATABASE_URL_VARIABLE, database_url);
+        command
+            .env(DATABASE_URL_VARIABLE, database_url)
+            .env(REQUIRE_VARIABLE, "1");
         command::run(command)
     };
     if has_nextest(root) {

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
+use nfcpay_protocol::messages::HalfKind;
 use nfcpay_protocol::{TerminalId, TxnId};
 
 use super::problem::Problem;
@@ -44,7 +45,7 @@ pub trait Api: Send + Sync + 'static {
     /// [`HalfAnswer::settled`] and `202` otherwise, as `application/octet-stream`.
     fn submit_half(
         &self,
-        kind: HalfRoute,
+        kind: HalfKind,
         client: TerminalId,
         body: Bytes,
         wait: Duration,
@@ -66,15 +67,6 @@ pub trait Api: Send + Sync + 'static {
     /// Should answer within a second or two; the probe does not wait forever (see
     /// [`READY_TIMEOUT_MS`](super::READY_TIMEOUT_MS)).
     fn ready(&self) -> impl Future<Output = Result<(), NotReady>> + Send;
-}
-
-/// The half a `POST /v1/halves/…` route accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum HalfRoute {
-    /// `/v1/halves/a`: the payee's sealed payment request.
-    A,
-    /// `/v1/halves/b`: the payer's sealed payment instruction.
-    B,
 }
 
 /// The service's answer to a half.

@@ -43,7 +43,7 @@ pub const ENROLLMENT_REQUEST_BURST: u32 = 5;
 /// Most terminals (or addresses) whose request rate is remembered at once.
 pub const RATE_LIMITER_ENTRIES_MAX: usize = 100_000;
 /// Longest a client may ask the platform to hold a pending answer (docs/protocol.md §6.2).
-pub const WAIT_MS_MAX: u64 = 10_000;
+pub use nfcpay_protocol::api::WAIT_MS_MAX;
 
 /// Longest any configured timeout may be: a typo of a few zeros should not disable a limit.
 const TIMEOUT_MS_CEILING: u64 = 3_600_000;

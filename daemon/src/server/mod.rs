@@ -56,9 +56,11 @@ use nfcpay_protocol::TerminalId;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use api::{Api, HalfAnswer, HalfRoute, NotReady};
+pub use api::{Api, HalfAnswer, NotReady};
 pub use config::ServerConfig;
 pub use metrics::Metrics;
+/// The half a `POST /v1/halves/…` route accepts: the protocol's own A/B.
+pub use nfcpay_protocol::messages::HalfKind;
 pub use ops::READY_TIMEOUT_MS;
 pub use problem::{Problem, ProblemCode};
 pub use tls::{ReloadTlsMaterial, TlsMaterial, TlsReloader};

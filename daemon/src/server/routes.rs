@@ -16,12 +16,15 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use nfcpay_protocol::TxnId;
+use nfcpay_protocol::api::{
+    ENROLL_PATH, HALF_A_PATH, HALF_B_PATH, TRANSACTIONS_PATH_PREFIX, WAIT_QUERY_PARAMETER,
+};
 use tokio::time::Instant;
 
 use super::connection::{Caller, ConnectionContext, Listener};
 use super::metrics::RouteLabel;
 use super::problem::{PROBLEM_CONTENT_TYPE, Problem, ProblemCode};
-use super::{Api, HalfRoute, Shared};
+use super::{Api, HalfKind, Shared};
 
 /// Media type of halves and receipts.
 const OCTET_STREAM: &str = "application/octet-stream";
@@ -35,7 +38,7 @@ type Answer = Response<Full<Bytes>>;
 /// A route of an HTTPS listener, parsed from the path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
-    Half(HalfRoute),
+    Half(HalfKind),
     Transaction(TxnId),
     Enroll,
 }
@@ -45,12 +48,12 @@ impl Route {
     /// transaction path whose ID does not parse.
     fn parse(listener: Listener, path: &str) -> Result<Option<Self>, Problem> {
         if listener == Listener::Enrollment {
-            return Ok((path == "/v1/enroll").then_some(Self::Enroll));
+            return Ok((path == ENROLL_PATH).then_some(Self::Enroll));
         }
         Ok(match path {
-            "/v1/halves/a" => Some(Self::Half(HalfRoute::A)),
-            "/v1/halves/b" => Some(Self::Half(HalfRoute::B)),
-            _ => match path.strip_prefix("/v1/transactions/") {
+            HALF_A_PATH => Some(Self::Half(HalfKind::A)),
+            HALF_B_PATH => Some(Self::Half(HalfKind::B)),
+            _ => match path.strip_prefix(TRANSACTIONS_PATH_PREFIX) {
                 Some(hex) if !hex.is_empty() && !hex.contains('/') => {
                     let txn_id = TxnId::from_str(hex).map_err(|error| {
                         Problem::new(ProblemCode::Malformed, format!("transaction ID: {error}"))
@@ -71,8 +74,8 @@ impl Route {
 
     fn label(self) -> RouteLabel {
         match self {
-            Self::Half(HalfRoute::A) => RouteLabel::HalfA,
-            Self::Half(HalfRoute::B) => RouteLabel::HalfB,
+            Self::Half(HalfKind::A) => RouteLabel::HalfA,
+            Self::Half(HalfKind::B) => RouteLabel::HalfB,
             Self::Transaction(_) => RouteLabel::Transaction,
             Self::Enroll => RouteLabel::Enroll,
         }
@@ -246,7 +249,7 @@ fn parse_query(route: Route, query: Option<&str>, wait_ms_max: u64) -> Result<Du
     }
     let mut wait_ms = None;
     for pair in query.split('&') {
-        let Some(("wait_ms", value)) = pair.split_once('=') else {
+        let Some((WAIT_QUERY_PARAMETER, value)) = pair.split_once('=') else {
             return Err(malformed("the only query parameter is wait_ms"));
         };
         if wait_ms.is_some() {
@@ -332,7 +335,7 @@ mod tests {
         let terminals = |path: &str| Route::parse(Listener::Terminals, path);
         assert_eq!(
             terminals("/v1/halves/a").unwrap(),
-            Some(Route::Half(HalfRoute::A))
+            Some(Route::Half(HalfKind::A))
         );
         assert_eq!(terminals("/v1/enroll").unwrap(), None);
         let Some(Route::Transaction(txn_id)) =
@@ -378,7 +381,7 @@ mod tests {
 
     #[test]
     fn parses_and_caps_wait_ms() {
-        let half = Route::Half(HalfRoute::B);
+        let half = Route::Half(HalfKind::B);
         let ms = Duration::from_millis;
         assert_eq!(parse_query(half, None, 10_000).unwrap(), ms(0));
         assert_eq!(

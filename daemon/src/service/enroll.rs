@@ -1,67 +1,22 @@
 //! Enrollment (remote key loading, docs/protocol.md §6.3): a terminal with a one-time code
 //! gets its client certificate and its initial key, wrapped under a key-encryption key that
 //! both sides derive with ECDH inside their keystores — the initial key never exists in clear
-//! outside the HSM and the terminal's keystore.
+//! outside the HSM and the terminal's keystore. The JSON shapes and the KEK context are
+//! `nfcpay_protocol::enrollment`'s, shared with the terminal agent.
 
 use nfcpay_keystore::dukpt::{TransientKey, initial_key};
 use nfcpay_keystore::{EcPublicKey, KeyPurpose};
 use nfcpay_protocol::TerminalId;
-use serde::{Deserialize, Serialize};
+use nfcpay_protocol::enrollment::{EnrollmentAnswer, EnrollmentRequest, kek_context};
 use sha2::{Digest, Sha256};
-use zeroize::Zeroizing;
 
 use super::{Inner, TERMINAL_CERTIFICATE_VALIDITY, now_ms, problems};
 use crate::pki;
 use crate::server::problem::{Problem, ProblemCode};
 use crate::storage::TerminalState;
 
-/// The context bound into the enrollment KEK: this prefix, then the terminal ID.
-pub const KEK_CONTEXT_PREFIX: &[u8] = b"nfcpay enrollment v1|";
 /// Label of the platform's ephemeral ECDH key (transient: never stored).
 const EPHEMERAL_KEY_LABEL: &str = "nfcpay-enrollment-ecdh";
-
-/// The enrollment request.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EnrollmentRequest {
-    /// The terminal the code was issued for.
-    pub terminal_id: String,
-    /// The one-time enrollment code. Never logged.
-    pub code: Zeroizing<String>,
-    /// PKCS#10 CSR, PEM, subject CN = the terminal ID, P-256 key.
-    pub csr: String,
-    /// The terminal's ECDH public key: hex of a 65-byte uncompressed P-256 point.
-    pub ecdh_public_key: String,
-}
-
-/// The enrollment answer.
-#[derive(Serialize, Deserialize, Debug, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct EnrollmentAnswer {
-    /// The enrolled terminal.
-    pub terminal_id: String,
-    /// Its client certificate, PEM.
-    pub certificate: String,
-    /// The terminal CA's certificate, PEM (the platform's server certificate chains to it).
-    pub ca_certificate: String,
-    /// The Initial Key ID: BDK ID ‖ derivation ID, 16 hex digits.
-    pub initial_key_id: String,
-    /// `aes128`, `aes192` or `aes256`.
-    pub initial_key_algorithm: String,
-    /// The platform's ephemeral ECDH public key, hex.
-    pub platform_ecdh_public_key: String,
-    /// The initial key wrapped (RFC 3394) under the ECDH-derived KEK, hex.
-    pub wrapped_initial_key: String,
-    /// The initial key's KCV, for the terminal to check after unwrapping.
-    pub initial_key_kcv: String,
-    /// The receipt-signing public key, hex of a 65-byte point.
-    pub receipt_public_key: String,
-}
-
-/// The KEK context for `terminal_id`.
-pub fn kek_context(terminal_id: &TerminalId) -> Vec<u8> {
-    [KEK_CONTEXT_PREFIX, terminal_id.as_str().as_bytes()].concat()
-}
 
 fn refused() -> Problem {
     Problem::new(

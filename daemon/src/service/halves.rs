@@ -12,7 +12,6 @@ use nfcpay_protocol::{InitialKeyId, Ksn, TerminalId};
 use sha2::{Digest, Sha256};
 
 use super::{Inner, now_ms, problems};
-use crate::server::HalfRoute;
 use crate::server::problem::{Problem, ProblemCode};
 use crate::storage::{AcceptedHalf, HalfContent, TerminalState, TransactionView};
 
@@ -31,7 +30,7 @@ pub struct Outcome {
 /// Verifies a half and records it in the ledger. Blocking.
 pub(super) fn accept(
     inner: &Inner,
-    route: HalfRoute,
+    route: HalfKind,
     client: &TerminalId,
     body: &[u8],
 ) -> Result<Outcome, Problem> {
@@ -39,11 +38,7 @@ pub(super) fn accept(
     // 2. The envelope decodes and its type matches the route.
     let envelope = HalfEnvelope::decode(body).map_err(|error| problems::malformed(&error))?;
     let header = envelope.header();
-    let expected = match route {
-        HalfRoute::A => HalfKind::A,
-        HalfRoute::B => HalfKind::B,
-    };
-    if header.kind != expected {
+    if header.kind != route {
         return Err(Problem::new(
             ProblemCode::WrongHalfType,
             "the envelope's type is not this route's half",

@@ -45,7 +45,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::pki;
 use crate::server::problem::{Problem, ProblemCode};
-use crate::server::{Api, HalfAnswer, HalfRoute, NotReady};
+use crate::server::{Api, HalfAnswer, HalfKind, NotReady};
 use crate::storage::{Storage, TransactionStatus, audit};
 
 /// Most halves in the blocking pipeline at once (HSM work and the group commit they wait for).
@@ -209,16 +209,13 @@ async fn blocking<T: Send + 'static>(
 impl Api for Platform {
     async fn submit_half(
         &self,
-        kind: HalfRoute,
+        kind: HalfKind,
         client: TerminalId,
         body: Bytes,
         wait: Duration,
     ) -> Result<HalfAnswer, Problem> {
         let inner = Arc::clone(&self.inner);
-        let half = match kind {
-            HalfRoute::A => "a",
-            HalfRoute::B => "b",
-        };
+        let half = kind.letter();
         let count = |outcome: &'static str| {
             self.inner
                 .halves

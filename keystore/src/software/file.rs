@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::crypto;
+use crate::atomic_file::{self, AtomicWriteError};
 use crate::{BdkInfo, Kcv, KeyLabel, KeyPurpose, KeystoreError};
 
 /// The value of the file's `format` field.
@@ -208,42 +209,14 @@ fn check_metadata(path: &Path, metadata: &fs::Metadata) -> Result<(), KeystoreEr
     Ok(())
 }
 
-/// Writes `bytes` to a new 0600 file beside `path`, syncs it, renames it over `path` and
-/// syncs the directory: after a crash the file is either the old one or the new one.
+/// Writes `bytes` as a 0600 file over `path`, atomically and durably.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), KeystoreError> {
-    let directory = path.parent().unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let nonce = getrandom::u64().map_err(|error| KeystoreError::Io {
-        path: path.display().to_string(),
-        message: format!("cannot name a temporary file: system random generator: {error}"),
-    })?;
-    let temporary = directory.join(format!(
-        ".{file_name}.{}.{nonce:016x}.tmp",
-        std::process::id()
-    ));
-    let written = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(FILE_MODE)
-        .open(&temporary)
-        .and_then(|mut file| {
-            file.write_all(bytes)?;
-            file.sync_all()
-        })
-        .and_then(|()| fs::rename(&temporary, path));
-    if let Err(error) = written {
-        if let Err(remove_error) = fs::remove_file(&temporary)
-            && remove_error.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!(path = %temporary.display(), error = %remove_error,
-                "could not remove a temporary keystore file");
+    atomic_file::write_atomically(path, bytes, FILE_MODE).map_err(|error| match error {
+        AtomicWriteError::Save(source) => io_error(path, "cannot save it", &source),
+        AtomicWriteError::SyncDirectory(source) => {
+            io_error(path, "cannot sync its directory", &source)
         }
-        return Err(io_error(path, "cannot save it", &error));
-    }
-    sync_directory(path)
+    })
 }
 
 fn sync_directory(path: &Path) -> Result<(), KeystoreError> {

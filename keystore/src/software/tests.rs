@@ -567,7 +567,7 @@ fn wrap_matches_rfc_3394_section_4_1_and_unwrap_checks_integrity() {
 }
 
 /// ANSI X9.24-3-2017 supplement: initial keys of both BDKs, and the AES-128 BDK's first
-/// transaction key (see protocol/tests/x9_24_3_vectors).
+/// transaction key (see `nfcpay_protocol::test_vectors`).
 #[test]
 fn derive_matches_the_x9_24_3_vectors() {
     let store = SoftwareKeystore::in_memory();

@@ -21,6 +21,15 @@ pub enum HalfKind {
 }
 
 impl HalfKind {
+    /// The half's letter, lowercase: the last segment of its route
+    /// ([`crate::api::half_path`]) and its label in metrics.
+    pub fn letter(self) -> &'static str {
+        match self {
+            Self::A => "a",
+            Self::B => "b",
+        }
+    }
+
     /// The type byte.
     pub fn code(self) -> u8 {
         match self {

@@ -12,6 +12,11 @@
 //!
 //! [`Simulator`] ties them together: one reader thread per line feeds a single field thread,
 //! which owns all device state and writes the answers.
+//!
+//! This crate is test infrastructure (the `tests` crate, the demo, and the agent's NFC link
+//! tests use it); the terminal agent itself does not depend on it. Its binary is
+//! `nfcpay-pn532-sim`.
+#![forbid(unsafe_code)]
 
 pub mod command;
 pub mod device;

@@ -15,8 +15,8 @@ use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
-use nfcpay_terminal_agent::pn532::command::code;
-use nfcpay_terminal_agent::pn532::frame::{
+use nfcpay_pn532_sim::command::code;
+use nfcpay_pn532_sim::frame::{
     Frame, FrameDecoder, InformationFrame, TFI_PN532_TO_HOST, encode_command,
 };
 use rustix::event::{PollFd, PollFlags, Timespec, poll};

@@ -6,7 +6,7 @@ use std::io::Write;
 
 use anyhow::Context;
 use clap::Parser;
-use nfcpay_terminal_agent::pn532::{DEVICES_MAX, Simulator};
+use nfcpay_pn532_sim::{DEVICES_MAX, Simulator};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing_subscriber::EnvFilter;

@@ -1,0 +1,458 @@
+//! What the commands share: the one error type, where the terminal lives (its directory and
+//! its keystore), the NFC and platform settings, and the path of a half from its DUKPT counter
+//! to a verified receipt, with the receipt's printing.
+//!
+//! # The order of a half
+//!
+//! The request goes over NFC first; only then is a DUKPT counter taken
+//! ([`TerminalKeyState::next_transaction`](crate::keys::TerminalKeyState::next_transaction)
+//! saves the advanced counter before it returns the key), the half sealed and submitted
+//! (`submit`). So a failed NFC exchange costs no counter, and a process that dies after
+//! taking a counter never uses it again: the next run takes the next one. The transaction's
+//! working keys are kept until the receipt is verified, since the platform MACs every answer
+//! about this half (including `GET /v1/transactions/{id}`) under the half's own KSN.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nfcpay_keystore::software::SoftwareKeystore;
+use nfcpay_keystore::{Keystore, KeystoreConfig, KeystoreError};
+use nfcpay_protocol::messages::{HalfKind, Receipt, ReceiptStatus};
+use nfcpay_protocol::{AccountId, ProtocolError, TerminalId, TxnId};
+
+use crate::enroll::{self, EnrollError, TERMINAL_FILE, Terminal};
+use crate::halves::{SealError, TransactionKeys};
+use crate::keys::AgentKeyError;
+use crate::nfc::{Connstring, NfcError, Role};
+use crate::platform::{PlatformError, Problem};
+
+/// Lifetime of a payment request the payee makes: 5 minutes (the protocol allows 10).
+pub const REQUEST_VALIDITY_MS: u64 = 5 * 60 * 1000;
+/// Longest `wait_ms` the platform accepts (docs/protocol.md §6.2).
+pub const PLATFORM_WAIT_MAX: Duration = Duration::from_millis(nfcpay_protocol::api::WAIT_MS_MAX);
+/// Pause between two status questions while a payment is pending.
+pub const STATUS_POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Longest accepted enrollment code file, in bytes.
+pub const CODE_BYTES_MAX: usize = 256;
+/// Longest saved half `resend` reads (docs/protocol.md §9: a half is at most 2133 bytes).
+pub const SAVED_HALF_BYTES_MAX: u64 = 4096;
+/// Name of the software keystore's file in the terminal directory.
+pub const SOFTWARE_KEYSTORE_FILE: &str = "keystore.json";
+
+/// Why a command failed. Nothing here carries a key, a PIN or an enrollment code.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The command line or its values are wrong (exit code 64).
+    #[error("{0}")]
+    Usage(String),
+    /// The keystore could not be opened or failed.
+    #[error("keystore")]
+    Keystore(#[from] KeystoreError),
+    /// Enrolling or opening the terminal failed.
+    #[error("terminal")]
+    Enroll(#[from] EnrollError),
+    /// The terminal's DUKPT keys failed.
+    #[error("DUKPT keys")]
+    Keys(#[from] AgentKeyError),
+    /// Sealing a half or verifying a receipt failed.
+    #[error("half or receipt")]
+    Seal(#[from] SealError),
+    /// The platform refused or could not be reached.
+    #[error("platform")]
+    Platform(#[from] PlatformError),
+    /// The NFC exchange with the other terminal failed.
+    #[error("NFC")]
+    Nfc(#[from] NfcError),
+    /// What came over NFC is not a valid payment request.
+    #[error("the payment request received over NFC is invalid")]
+    InvalidRequest(#[source] ProtocolError),
+    /// The payer did not consent.
+    #[error("no consent: {0}")]
+    NotConsented(String),
+    /// The request expired (before consent, or on the platform).
+    #[error("the payment request expired {0}")]
+    Expired(&'static str),
+    /// The payment was still pending when the agent stopped waiting.
+    #[error(
+        "the payment is still pending after {waited:?}; ask again with the transaction ID {txn_id}"
+    )]
+    StillPending {
+        /// The transaction.
+        txn_id: TxnId,
+        /// How long the agent waited.
+        waited: Duration,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: cannot {action}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        action: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The certificate file is not a certificate.
+    #[error("{path}: not a PEM certificate: {reason}")]
+    Certificate {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A background task (the NFC thread) or the async runtime failed.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl AgentError {
+    /// The process exit code: 64 (`EX_USAGE`) for usage errors, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Usage(_) => 64,
+            _ => 1,
+        }
+    }
+
+    /// The platform's problem, when the platform refused.
+    pub fn problem(&self) -> Option<&Problem> {
+        match self {
+            Self::Platform(PlatformError::Refused(problem))
+            | Self::Enroll(EnrollError::Platform(PlatformError::Refused(problem))) => Some(problem),
+            _ => None,
+        }
+    }
+}
+
+/// Which keystore holds the terminal's keys.
+#[derive(Clone)]
+pub enum KeystoreChoice {
+    /// The software keystore, `DIR/keystore.json`.
+    Software,
+    /// A PKCS#11 token named by an RFC 7512 URI (with `module-path` and `pin-source`).
+    Pkcs11(String),
+}
+
+impl std::str::FromStr for KeystoreChoice {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text == "software" {
+            Ok(Self::Software)
+        } else if text.starts_with("pkcs11:") {
+            Ok(Self::Pkcs11(text.to_owned()))
+        } else {
+            Err("expected `software` or a `pkcs11:` URI".into())
+        }
+    }
+}
+
+// The URI names a PIN source, never a PIN; still, it is not printed.
+impl std::fmt::Debug for KeystoreChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Software => f.write_str("Software"),
+            Self::Pkcs11(_) => f.write_str("Pkcs11(..)"),
+        }
+    }
+}
+
+/// The terminal this agent runs as: its directory and its keystore.
+#[derive(Debug, Clone)]
+pub struct TerminalPlace {
+    /// The terminal directory (`terminal.json`, certificates, DUKPT state).
+    pub dir: PathBuf,
+    /// Where its keys are.
+    pub keystore: KeystoreChoice,
+}
+
+impl TerminalPlace {
+    /// Opens the keystore (creating the directory and a software keystore when missing).
+    pub fn open_store(&self) -> Result<Arc<dyn Keystore>, AgentError> {
+        match &self.keystore {
+            KeystoreChoice::Software => {
+                std::fs::create_dir_all(&self.dir).map_err(|source| AgentError::File {
+                    path: self.dir.clone(),
+                    action: "create the terminal directory",
+                    source,
+                })?;
+                let store = SoftwareKeystore::open(&self.dir.join(SOFTWARE_KEYSTORE_FILE))?;
+                Ok(Arc::new(store))
+            }
+            KeystoreChoice::Pkcs11(uri) => {
+                Ok(Arc::from(nfcpay_keystore::open(&KeystoreConfig::Pkcs11 {
+                    uri: uri.clone(),
+                })?))
+            }
+        }
+    }
+
+    /// Opens the enrolled terminal.
+    pub fn open_terminal(&self) -> Result<Terminal, AgentError> {
+        if !self.dir.join(TERMINAL_FILE).is_file() {
+            return Err(AgentError::Usage(format!(
+                "{} holds no enrolled terminal: run `nfcpay-agent enroll` first (or give --dir)",
+                self.dir.display()
+            )));
+        }
+        Ok(enroll::open(self.open_store()?, &self.dir)?)
+    }
+}
+
+/// The NFC side of a flow: which reader, which role, how long to wait for the other terminal.
+#[derive(Debug, Clone)]
+pub struct NfcSettings {
+    /// The reader.
+    pub connstring: Connstring,
+    /// Initiator or target.
+    pub role: Role,
+    /// How long to wait for the other terminal to come into the field.
+    pub wait: Duration,
+}
+
+/// How long to wait for the platform.
+#[derive(Debug, Clone, Copy)]
+pub struct PlatformWait {
+    /// `wait_ms` asked of the platform with the half (at most [`PLATFORM_WAIT_MAX`]).
+    pub half: Duration,
+    /// How long to keep asking while the payment is pending, after the half's answer.
+    pub settle: Duration,
+}
+
+/// Takes the next KSN, seals the half, submits it and waits for a verified, final receipt.
+pub(super) async fn submit(
+    terminal: &mut Terminal,
+    kind: HalfKind,
+    plaintext: &[u8],
+    txn_id: TxnId,
+    wait: PlatformWait,
+    save_half: Option<&Path>,
+    out: &mut dyn Write,
+) -> Result<Receipt, AgentError> {
+    // The counter is saved as used before the key comes back: a crash from here on never
+    // reuses it.
+    let (ksn, transaction_key) = terminal.keys.next_transaction()?;
+    let keys = TransactionKeys::derive(
+        Arc::clone(terminal.keys.store()),
+        ksn,
+        transaction_key.handle(),
+    )?;
+    drop(transaction_key);
+    let envelope = keys.seal_half(kind, &terminal.terminal_id, plaintext, now_ms())?;
+    if let Some(path) = save_half {
+        std::fs::write(path, &envelope).map_err(|source| AgentError::File {
+            path: path.to_owned(),
+            action: "save the half",
+            source,
+        })?;
+    }
+    line(
+        out,
+        format_args!(
+            "half {} sealed under KSN {ksn} (counter {}), {} bytes; submitting to {}",
+            half_name(kind),
+            ksn.counter().get(),
+            envelope.len(),
+            terminal.file.platform_address
+        ),
+    )?;
+    let reply = terminal
+        .platform
+        .submit_half(kind, envelope, wait.half)
+        .await?;
+    let mut receipt = keys.open_receipt(
+        &reply.receipt,
+        &terminal.terminal_id,
+        &terminal.receipt_public_key,
+    )?;
+    let started = Instant::now();
+    while receipt.status() == ReceiptStatus::Pending {
+        if started.elapsed() >= wait.settle {
+            print_receipt(&receipt, "pending", out)?;
+            return Err(AgentError::StillPending {
+                txn_id,
+                waited: wait.half + wait.settle,
+            });
+        }
+        tokio::time::sleep(STATUS_POLL_INTERVAL).await;
+        let answer = terminal.platform.transaction(txn_id).await?;
+        receipt =
+            keys.open_receipt(&answer, &terminal.terminal_id, &terminal.receipt_public_key)?;
+    }
+    Ok(receipt)
+}
+
+pub(super) fn finish(receipt: &Receipt, out: &mut dyn Write) -> Result<(), AgentError> {
+    print_receipt(
+        receipt,
+        "verified: the platform's signature and this half's DUKPT MAC",
+        out,
+    )?;
+    match receipt.status() {
+        ReceiptStatus::Settled => Ok(()),
+        ReceiptStatus::Expired => Err(AgentError::Expired("before both halves arrived")),
+        ReceiptStatus::Pending => Err(AgentError::Internal("pending receipt as final".into())),
+    }
+}
+
+/// Prints a receipt the caller has verified (`how` says how).
+pub(super) fn print_receipt(
+    receipt: &Receipt,
+    how: &str,
+    out: &mut dyn Write,
+) -> Result<(), AgentError> {
+    let fields = receipt.fields();
+    let party =
+        |terminal: Option<&TerminalId>, account: Option<&AccountId>| match (terminal, account) {
+            (Some(terminal), Some(account)) => format!("{terminal} (account {account})"),
+            (Some(terminal), None) => terminal.to_string(),
+            _ => "(not known yet)".to_owned(),
+        };
+    line(out, format_args!("receipt ({how}):"))?;
+    line(
+        out,
+        format_args!("  status:        {}", status_name(fields.status)),
+    )?;
+    line(out, format_args!("  transaction:   {}", fields.txn_id))?;
+    line(out, format_args!("  amount:        {}", fields.amount))?;
+    line(
+        out,
+        format_args!(
+            "  payee:         {}",
+            party(
+                Some(&fields.payee_terminal_id),
+                fields.payee_account_id.as_ref()
+            )
+        ),
+    )?;
+    line(
+        out,
+        format_args!(
+            "  payer:         {}",
+            party(
+                fields.payer_terminal_id.as_ref(),
+                fields.payer_account_id.as_ref()
+            )
+        ),
+    )?;
+    line(
+        out,
+        format_args!(
+            "  for terminal:  {} (KSN {})",
+            fields.recipient_terminal_id, fields.recipient_ksn
+        ),
+    )?;
+    if fields.status == ReceiptStatus::Settled {
+        line(
+            out,
+            format_args!("  settlement id: {}", fields.settlement_id),
+        )?;
+        line(
+            out,
+            format_args!(
+                "  settled at:    {} ms since the Unix epoch",
+                fields.settled_at_ms
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+/// Reads a whole file of at most `bytes_max` bytes.
+pub(super) fn read_file(
+    path: &Path,
+    bytes_max: u64,
+    action: &'static str,
+) -> Result<Vec<u8>, AgentError> {
+    let file_error = |source| AgentError::File {
+        path: path.to_owned(),
+        action,
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(file_error)?;
+    let mut bytes = Vec::new();
+    file.take(bytes_max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(file_error)?;
+    if bytes.len() as u64 > bytes_max {
+        return Err(AgentError::Usage(format!(
+            "{}: longer than {bytes_max} bytes",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Milliseconds since the Unix epoch.
+pub(super) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+pub(super) fn line(out: &mut dyn Write, text: std::fmt::Arguments<'_>) -> Result<(), AgentError> {
+    writeln!(out, "{text}").map_err(output_error)
+}
+
+pub(super) fn output_error(source: std::io::Error) -> AgentError {
+    AgentError::File {
+        path: PathBuf::from("(stdout)"),
+        action: "write",
+        source,
+    }
+}
+
+pub(super) fn half_name(kind: HalfKind) -> &'static str {
+    match kind {
+        HalfKind::A => "A",
+        HalfKind::B => "B",
+    }
+}
+
+pub(super) fn status_name(status: ReceiptStatus) -> &'static str {
+    match status {
+        ReceiptStatus::Pending => "pending",
+        ReceiptStatus::Settled => "settled",
+        ReceiptStatus::Expired => "expired",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keystore_choices_parse() {
+        assert!(matches!("software".parse(), Ok(KeystoreChoice::Software)));
+        assert!(matches!(
+            "pkcs11:token=t?module-path=/m.so&pin-source=file:/p".parse(),
+            Ok(KeystoreChoice::Pkcs11(_))
+        ));
+        assert!("hsm".parse::<KeystoreChoice>().is_err());
+        let debug = format!("{:?}", KeystoreChoice::Pkcs11("pkcs11:secret".into()));
+        assert!(!debug.contains("secret"));
+    }
+
+    #[test]
+    fn usage_errors_exit_64_and_others_1() {
+        assert_eq!(AgentError::Usage("x".into()).exit_code(), 64);
+        assert_eq!(AgentError::NotConsented("x".into()).exit_code(), 1);
+    }
+
+    #[test]
+    fn a_refusal_exposes_its_problem() {
+        let problem = Problem::new(
+            nfcpay_protocol::api::ProblemCode::ReplayedKsn,
+            "KSN already used",
+        );
+        let error = AgentError::Platform(PlatformError::Refused(problem.clone()));
+        assert_eq!(error.problem(), Some(&problem));
+        assert_eq!(AgentError::Expired("x").problem(), None);
+    }
+}
