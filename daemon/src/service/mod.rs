@@ -46,7 +46,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::pki;
 use crate::server::problem::{Problem, ProblemCode};
 use crate::server::{Api, HalfAnswer, HalfKind, NotReady};
-use crate::storage::{Storage, TransactionStatus, audit};
+use crate::storage::{ChainHead, Storage, TransactionStatus, audit};
 
 /// Most halves in the blocking pipeline at once (HSM work and the group commit they wait for).
 pub const HALVES_IN_FLIGHT_MAX: usize = 256;
@@ -87,6 +87,8 @@ struct Inner {
     active_terminals: active::ActiveTerminals,
     /// Places in the blocking pipeline ([`HALVES_IN_FLIGHT_MAX`]).
     in_flight: Arc<Semaphore>,
+    /// The chain heads this daemon last signed a checkpoint of.
+    last_checkpoint: std::sync::Mutex<Option<Vec<ChainHead>>>,
 }
 
 /// Labels of `nfcpayd_halves_total`.
@@ -126,6 +128,7 @@ impl Platform {
                 halves: Family::default(),
                 active_terminals: active::ActiveTerminals::default(),
                 in_flight: Arc::new(Semaphore::new(HALVES_IN_FLIGHT_MAX)),
+                last_checkpoint: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -166,7 +169,12 @@ impl Platform {
         let inner = Arc::clone(&self.inner);
         blocking(move || {
             let heads = inner.storage.audit_heads().map_err(problems::storage)?;
-            if heads.iter().all(|head| head.seq == 0) {
+            let mut last = inner
+                .last_checkpoint
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            // Nothing new since the last checkpoint (an idle platform): nothing to sign.
+            if heads.iter().all(|head| head.seq == 0) || last.as_ref() == Some(&heads) {
                 return Ok(());
             }
             let at_ms = i64::try_from(now_ms()).unwrap_or(i64::MAX);
@@ -177,8 +185,10 @@ impl Platform {
                 .map_err(problems::keystore)?;
             inner
                 .storage
-                .add_audit_checkpoint(at_ms, heads, pki::RECEIPT_KEY_LABEL, signature)
-                .map_err(problems::storage)
+                .add_audit_checkpoint(at_ms, heads.clone(), pki::RECEIPT_KEY_LABEL, signature)
+                .map_err(problems::storage)?;
+            *last = Some(heads);
+            Ok(())
         })
         .await
     }
