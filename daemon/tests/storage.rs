@@ -151,6 +151,7 @@ suite!(
     suspended_revoked_and_pending_terminals_are_refused,
     terminal_state_rules,
     enrollment_code_works_once_unexpired_and_exact,
+    enrollment_code_check_refuses_alike_and_redeems_nothing,
     audit_chain_verifies_and_detects_tampering,
     signed_checkpoints_catch_a_cut_chain_and_a_wrong_key,
     group_commit_settles_200_concurrent_payments,
@@ -844,6 +845,66 @@ fn enrollment_code_works_once_unexpired_and_exact(db: &Db) {
         }),
         Err(StorageError::TerminalExists(_))
     ));
+}
+
+/// The read-only check enrollment makes before any HSM work: the same refusals as redeeming,
+/// and nothing written — the code still works once afterwards.
+fn enrollment_code_check_refuses_alike_and_redeems_nothing(db: &Db) {
+    let storage = db.open();
+    storage
+        .create_account(&account("acct-c"), eur(), 0)
+        .unwrap();
+    storage
+        .add_terminal(NewTerminal {
+            id: terminal("c1"),
+            account_id: account("acct-c"),
+            initial_key_id: initial_key_id(1),
+            code_sha256: code_hash("c1"),
+            code_expires_at_ms: NOW_MS,
+        })
+        .unwrap();
+    let before = storage.dump_state().unwrap();
+    let refused = |result: Result<_, StorageError>, why| {
+        assert!(
+            matches!(result, Err(StorageError::EnrollmentRefused(r)) if r == why),
+            "{result:?}"
+        );
+    };
+    refused(
+        storage.check_enrollment_code(&terminal("c1"), &code_hash("wrong"), NOW_MS),
+        EnrollmentRefusal::WrongCode,
+    );
+    refused(
+        storage.check_enrollment_code(&terminal("c1"), &code_hash("c1"), NOW_MS + 1),
+        EnrollmentRefusal::Expired,
+    );
+    assert!(matches!(
+        storage.check_enrollment_code(&terminal("nobody"), &code_hash("c1"), NOW_MS),
+        Err(StorageError::UnknownTerminal(_))
+    ));
+    // Passing the check twice redeems nothing.
+    for _ in 0..2 {
+        let view = storage
+            .check_enrollment_code(&terminal("c1"), &code_hash("c1"), NOW_MS)
+            .unwrap();
+        assert_eq!(view.state, TerminalState::Pending);
+        assert_eq!(view.initial_key_id, initial_key_id(1));
+    }
+    assert_eq!(storage.dump_state().unwrap(), before);
+    storage
+        .redeem_enrollment_code(&terminal("c1"), code_hash("c1"), NOW_MS, "serial-c1")
+        .unwrap();
+    refused(
+        storage.check_enrollment_code(&terminal("c1"), &code_hash("c1"), NOW_MS),
+        EnrollmentRefusal::AlreadyUsed,
+    );
+    storage
+        .set_terminal_state(&terminal("c1"), TerminalState::Suspended)
+        .unwrap();
+    refused(
+        storage.check_enrollment_code(&terminal("c1"), &code_hash("c1"), NOW_MS),
+        EnrollmentRefusal::AlreadyUsed,
+    );
 }
 
 fn audit_chain_verifies_and_detects_tampering(db: &Db) {

@@ -297,6 +297,19 @@ impl Storage {
         })
     }
 
+    /// Checks a terminal's one-time enrollment code (compared in constant time) as
+    /// [`Storage::redeem_enrollment_code`] would, without redeeming it: a read, nothing
+    /// written. Returns the pending terminal; refuses with [`StorageError::EnrollmentRefused`]
+    /// or [`StorageError::UnknownTerminal`].
+    pub fn check_enrollment_code(
+        &self,
+        id: &TerminalId,
+        code_sha256: &[u8; 32],
+        now_ms: i64,
+    ) -> Result<TerminalView, StorageError> {
+        self.read(|connection| terminals::check_code(connection, id, code_sha256, now_ms))
+    }
+
     /// Redeems a terminal's one-time enrollment code (compared in constant time): once only,
     /// before it expires, pending → active.
     pub fn redeem_enrollment_code(
