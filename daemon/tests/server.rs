@@ -1171,6 +1171,71 @@ async fn malformed_paths_methods_and_queries_get_problems() {
     running.stop().await;
 }
 
+/// Every answer after which the server closes the connection says `Connection: close`: one
+/// given before the request's body was read (the rest of it may still be on its way), and every
+/// answer on the enrollment listener. An answer on a connection that stays open does not.
+#[tokio::test]
+async fn an_answer_before_which_the_connection_closes_says_connection_close() {
+    let running = Running::start(|_| {}).await;
+    let terminal = running.terminal("shop-1");
+    let (mut sender, _driver) = terminal.http(running.address).await.unwrap();
+    // Refused without a body, or answered after reading it: kept alive, nothing said.
+    for (path, body, status) in [
+        (
+            "/v1/halves/a?wait_ms=soon",
+            Bytes::new(),
+            StatusCode::BAD_REQUEST,
+        ),
+        ("/v1/halves/a", Bytes::from("request"), StatusCode::ACCEPTED),
+        (
+            "/v1/halves/b",
+            Bytes::from("garbage"),
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let answer = send(&mut sender, Method::POST, path, body).await.unwrap();
+        assert_eq!(answer.status, status, "{path}");
+        assert!(
+            answer.headers.get(http::header::CONNECTION).is_none(),
+            "{path}: {:?}",
+            answer.headers
+        );
+    }
+
+    // Refused before the body was read: the server says so, then closes.
+    for request in [
+        "POST /v1/halves/a?wait_ms=soon HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n\r\nhalf",
+        "POST /v1/halves/c HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n\r\nhalf",
+        "PUT /v1/halves/a HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n\r\nhalf",
+        "GET /v1/transactions/00112233445566778899AABBCCDDEEFF HTTP/1.1\r\nHost: localhost\r\n\
+         Transfer-Encoding: chunked\r\n\r\n4\r\nhalf\r\n0\r\n\r\n",
+    ] {
+        let mut stream = terminal.tls(running.address).await.unwrap();
+        let answer = raw_exchange(&mut stream, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 "), "{request}: {answer}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{request}: {answer}"
+        );
+    }
+
+    // The enrollment listener keeps nothing alive, and says so.
+    let (mut sender, _driver) = running
+        .enrollee()
+        .http(running.enroll_address)
+        .await
+        .unwrap();
+    let enrolled = send(&mut sender, Method::POST, "/v1/enroll", r#"{"code":"c7"}"#)
+        .await
+        .unwrap();
+    assert_eq!(enrolled.status, StatusCode::OK);
+    assert_eq!(enrolled.headers[http::header::CONNECTION], "close");
+    assert_eq!(running.api.half_calls(), 2);
+    running.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Operations listener
 

@@ -245,6 +245,9 @@ pub(crate) struct ConnectionContext {
     pub(crate) peer: SocketAddr,
     pub(crate) caller: Caller,
     pub(crate) activity: Arc<Activity>,
+    /// Whether the connection may carry another request after this one's answer: terminals
+    /// only. When it may not, every answer says `Connection: close`.
+    pub(crate) keep_alive: bool,
 }
 
 async fn https_connection<A: Api>(
@@ -299,6 +302,7 @@ async fn https_connection<A: Api>(
         peer,
         caller,
         activity: Arc::clone(&activity),
+        keep_alive,
     });
     let service_shared = Arc::clone(&shared);
     let service = service_fn(move |request| {
