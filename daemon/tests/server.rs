@@ -967,20 +967,22 @@ async fn a_connection_over_the_cap_waits_until_one_closes() {
     running.stop().await;
 }
 
-/// One cap for both HTTPS listeners: an enrollee waits while a terminal holds the only permit.
+/// Each HTTPS listener has its own cap: idle TCP connections filling the enrollment cap make
+/// further enrollees wait, while terminals are served on their own listener as before; and a
+/// terminal holding the only terminal permit does not keep an enrollee waiting.
 #[tokio::test]
-async fn the_connection_cap_is_shared_by_both_https_listeners() {
-    let running = Running::start(|config| config.connections_max = 1).await;
-    let (mut first, first_driver) = running
-        .terminal("shop-1")
-        .http(running.address)
-        .await
-        .unwrap();
-    let answer = send(&mut first, Method::POST, "/v1/halves/a", "one")
-        .await
-        .unwrap();
-    assert_eq!(answer.status, StatusCode::ACCEPTED);
-
+async fn an_idle_flood_on_the_enrollment_listener_leaves_terminals_their_capacity() {
+    let running = Running::start(|config| {
+        config.connections_max = 1;
+        config.enrollment_connections_max = 2;
+    })
+    .await;
+    // Two idle TCP connections, never a byte sent, hold both enrollment permits (the flood);
+    // more would wait in the backlog.
+    let mut flood = Vec::new();
+    for _ in 0..4 {
+        flood.push(TcpStream::connect(running.enroll_address).await.unwrap());
+    }
     let (enrollee, enroll_address) = (running.enrollee(), running.enroll_address);
     let mut enrollment = tokio::spawn(async move {
         let (mut sender, _driver) = enrollee.http(enroll_address).await.unwrap();
@@ -988,22 +990,42 @@ async fn the_connection_cap_is_shared_by_both_https_listeners() {
             .await
             .unwrap()
     });
-    // Deliberately waiting to show that nothing happens while the terminal's connection is open.
+
+    // A terminal pays as usual on its own listener, which the flood does not touch.
+    let (mut terminal, terminal_driver) = running
+        .terminal("shop-1")
+        .http(running.address)
+        .await
+        .unwrap();
+    for body in ["one", "two", "three"] {
+        let answer = tokio::time::timeout(
+            PATIENCE,
+            send(&mut terminal, Method::POST, "/v1/halves/a", body),
+        )
+        .await
+        .expect("a terminal is served during an enrollment flood")
+        .unwrap();
+        assert_eq!(answer.status, StatusCode::ACCEPTED);
+    }
+    // Deliberately waiting to show that the enrollment cap holds while the flood does.
     assert!(
         tokio::time::timeout(Duration::from_millis(500), &mut enrollment)
             .await
             .is_err(),
-        "the enrollee was served while a terminal held the only permit"
+        "an enrollee was served while idle connections held every enrollment permit"
     );
     assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
 
-    drop(first);
-    first_driver.abort();
+    // The flood gone, the enrollee is served, while the terminal still holds its only permit.
+    drop(flood);
     let answer = tokio::time::timeout(PATIENCE, enrollment)
         .await
-        .expect("served once the terminal's connection closed")
+        .expect("served once the flood closed")
         .unwrap();
     assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 1);
+    drop(terminal);
+    terminal_driver.abort();
     running.stop().await;
 }
 
