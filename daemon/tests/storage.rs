@@ -12,7 +12,7 @@ use diesel::Connection as _;
 use diesel::connection::SimpleConnection as _;
 use nfcpay_daemon::storage::{
     AcceptedHalf, EnrollmentRefusal, HalfContent, NewTerminal, Storage, StorageError,
-    TerminalState, TransactionStatus, TransactionView,
+    TerminalState, TransactionStatus, TransactionView, WriterFault,
 };
 use nfcpay_protocol::{AccountId, Amount, Currency, InitialKeyId, Ksn, TerminalId, TxnId};
 use sha2::{Digest as _, Sha256};
@@ -157,6 +157,8 @@ suite!(
     group_commit_settles_200_concurrent_payments,
     two_storages_racing_the_halves_settle_exactly_once,
     accounts_refuse_bad_input,
+    a_panicking_batch_fails_alone_and_the_writer_carries_on,
+    a_stopped_writer_fails_the_health_check,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -1139,6 +1141,70 @@ fn accounts_refuse_bad_input(db: &Db) {
         -7
     );
     assert!(Storage::open("mysql://localhost/x").is_err());
+}
+
+// ---------------------------------------------------------------------------------------
+// Writer faults
+
+fn is_batch_panicked(result: &Result<impl std::fmt::Debug, StorageError>) -> bool {
+    matches!(result, Err(StorageError::Unavailable(cause)) if matches!(**cause, StorageError::BatchPanicked))
+}
+
+/// A batch that panics after writing is rolled back and answered as unavailable, alone: the
+/// writer carries on, the next write succeeds, nothing of the panicked batch remains, and the
+/// audit chain is intact. Both kinds of batch: a closure job and a set of halves.
+fn a_panicking_batch_fails_alone_and_the_writer_carries_on(db: &Db) {
+    let w = world(db);
+    let before = w.storage.dump_state().unwrap();
+    let audit_before = w.storage.audit_verify().unwrap().records;
+
+    w.storage.inject_writer_fault(WriterFault::PanicInBatch);
+    let funded = w.storage.fund(&w.payee.account, eur_amount(5_00));
+    assert!(is_batch_panicked(&funded), "{funded:?}");
+    let half = half_a(&w, txn(1), 1, eur_amount(10_00));
+    w.storage.inject_writer_fault(WriterFault::PanicInBatch);
+    let submitted = w.storage.submit_half(half.clone(), NOW_MS);
+    assert!(is_batch_panicked(&submitted), "{submitted:?}");
+    assert_eq!(w.storage.dump_state().unwrap(), before);
+    assert_eq!(w.storage.audit_verify().unwrap().records, audit_before);
+    assert_eq!(w.storage.writer_metrics().batch_panics.get(), 2);
+    w.storage.check_health().unwrap();
+
+    // The writer goes on: the same work now succeeds, the half's counter unspent.
+    w.storage.fund(&w.payee.account, eur_amount(5_00)).unwrap();
+    assert_eq!(balance(&w, &w.payee.account), 5_00);
+    let view = w.storage.submit_half(half, NOW_MS).unwrap();
+    assert_eq!(view.status, TransactionStatus::Pending);
+    let report = w.storage.audit_verify().unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert!(report.records > audit_before);
+}
+
+/// A writer thread that has stopped fails every write and the health check (`/readyz`).
+fn a_stopped_writer_fails_the_health_check(db: &Db) {
+    let storage = db.open();
+    storage.check_health().unwrap();
+    storage.inject_writer_fault(WriterFault::StopThread);
+    let created = storage.create_account(&account("acct-s"), eur(), 0);
+    assert!(
+        matches!(created, Err(StorageError::WriterStopped)),
+        "{created:?}"
+    );
+    // The caller is answered while the thread unwinds; it is gone moments later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match storage.check_health() {
+            Err(StorageError::WriterStopped) => break,
+            Ok(()) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => panic!("the health check did not see the stopped writer: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        storage.fund(&account("acct-s"), eur_amount(1)),
+        Err(StorageError::WriterStopped)
+    ));
 }
 
 /// A transaction ID whose first byte is `prefix`: payments of the tests above share their
