@@ -967,20 +967,22 @@ async fn a_connection_over_the_cap_waits_until_one_closes() {
     running.stop().await;
 }
 
-/// One cap for both HTTPS listeners: an enrollee waits while a terminal holds the only permit.
+/// Each HTTPS listener has its own cap: idle TCP connections filling the enrollment cap make
+/// further enrollees wait, while terminals are served on their own listener as before; and a
+/// terminal holding the only terminal permit does not keep an enrollee waiting.
 #[tokio::test]
-async fn the_connection_cap_is_shared_by_both_https_listeners() {
-    let running = Running::start(|config| config.connections_max = 1).await;
-    let (mut first, first_driver) = running
-        .terminal("shop-1")
-        .http(running.address)
-        .await
-        .unwrap();
-    let answer = send(&mut first, Method::POST, "/v1/halves/a", "one")
-        .await
-        .unwrap();
-    assert_eq!(answer.status, StatusCode::ACCEPTED);
-
+async fn an_idle_flood_on_the_enrollment_listener_leaves_terminals_their_capacity() {
+    let running = Running::start(|config| {
+        config.connections_max = 1;
+        config.enrollment_connections_max = 2;
+    })
+    .await;
+    // Two idle TCP connections, never a byte sent, hold both enrollment permits (the flood);
+    // more would wait in the backlog.
+    let mut flood = Vec::new();
+    for _ in 0..4 {
+        flood.push(TcpStream::connect(running.enroll_address).await.unwrap());
+    }
     let (enrollee, enroll_address) = (running.enrollee(), running.enroll_address);
     let mut enrollment = tokio::spawn(async move {
         let (mut sender, _driver) = enrollee.http(enroll_address).await.unwrap();
@@ -988,22 +990,42 @@ async fn the_connection_cap_is_shared_by_both_https_listeners() {
             .await
             .unwrap()
     });
-    // Deliberately waiting to show that nothing happens while the terminal's connection is open.
+
+    // A terminal pays as usual on its own listener, which the flood does not touch.
+    let (mut terminal, terminal_driver) = running
+        .terminal("shop-1")
+        .http(running.address)
+        .await
+        .unwrap();
+    for body in ["one", "two", "three"] {
+        let answer = tokio::time::timeout(
+            PATIENCE,
+            send(&mut terminal, Method::POST, "/v1/halves/a", body),
+        )
+        .await
+        .expect("a terminal is served during an enrollment flood")
+        .unwrap();
+        assert_eq!(answer.status, StatusCode::ACCEPTED);
+    }
+    // Deliberately waiting to show that the enrollment cap holds while the flood does.
     assert!(
         tokio::time::timeout(Duration::from_millis(500), &mut enrollment)
             .await
             .is_err(),
-        "the enrollee was served while a terminal held the only permit"
+        "an enrollee was served while idle connections held every enrollment permit"
     );
     assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
 
-    drop(first);
-    first_driver.abort();
+    // The flood gone, the enrollee is served, while the terminal still holds its only permit.
+    drop(flood);
     let answer = tokio::time::timeout(PATIENCE, enrollment)
         .await
-        .expect("served once the terminal's connection closed")
+        .expect("served once the flood closed")
         .unwrap();
     assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 1);
+    drop(terminal);
+    terminal_driver.abort();
     running.stop().await;
 }
 
@@ -1168,6 +1190,71 @@ async fn malformed_paths_methods_and_queries_get_problems() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    running.stop().await;
+}
+
+/// Every answer after which the server closes the connection says `Connection: close`: one
+/// given before the request's body was read (the rest of it may still be on its way), and every
+/// answer on the enrollment listener. An answer on a connection that stays open does not.
+#[tokio::test]
+async fn an_answer_before_which_the_connection_closes_says_connection_close() {
+    let running = Running::start(|_| {}).await;
+    let terminal = running.terminal("shop-1");
+    let (mut sender, _driver) = terminal.http(running.address).await.unwrap();
+    // Refused without a body, or answered after reading it: kept alive, nothing said.
+    for (path, body, status) in [
+        (
+            "/v1/halves/a?wait_ms=soon",
+            Bytes::new(),
+            StatusCode::BAD_REQUEST,
+        ),
+        ("/v1/halves/a", Bytes::from("request"), StatusCode::ACCEPTED),
+        (
+            "/v1/halves/b",
+            Bytes::from("garbage"),
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let answer = send(&mut sender, Method::POST, path, body).await.unwrap();
+        assert_eq!(answer.status, status, "{path}");
+        assert!(
+            answer.headers.get(http::header::CONNECTION).is_none(),
+            "{path}: {:?}",
+            answer.headers
+        );
+    }
+
+    // Refused before the body was read: the server says so, then closes.
+    for request in [
+        "POST /v1/halves/a?wait_ms=soon HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n\r\nhalf",
+        "POST /v1/halves/c HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n\r\nhalf",
+        "PUT /v1/halves/a HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n\r\nhalf",
+        "GET /v1/transactions/00112233445566778899AABBCCDDEEFF HTTP/1.1\r\nHost: localhost\r\n\
+         Transfer-Encoding: chunked\r\n\r\n4\r\nhalf\r\n0\r\n\r\n",
+    ] {
+        let mut stream = terminal.tls(running.address).await.unwrap();
+        let answer = raw_exchange(&mut stream, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 "), "{request}: {answer}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{request}: {answer}"
+        );
+    }
+
+    // The enrollment listener keeps nothing alive, and says so.
+    let (mut sender, _driver) = running
+        .enrollee()
+        .http(running.enroll_address)
+        .await
+        .unwrap();
+    let enrolled = send(&mut sender, Method::POST, "/v1/enroll", r#"{"code":"c7"}"#)
+        .await
+        .unwrap();
+    assert_eq!(enrolled.status, StatusCode::OK);
+    assert_eq!(enrolled.headers[http::header::CONNECTION], "close");
+    assert_eq!(running.api.half_calls(), 2);
     running.stop().await;
 }
 

@@ -12,7 +12,7 @@ use diesel::Connection as _;
 use diesel::connection::SimpleConnection as _;
 use nfcpay_daemon::storage::{
     AcceptedHalf, EnrollmentRefusal, HalfContent, NewTerminal, Storage, StorageError,
-    TerminalState, TransactionStatus, TransactionView,
+    TerminalState, TransactionStatus, TransactionView, WriterFault,
 };
 use nfcpay_protocol::{AccountId, Amount, Currency, InitialKeyId, Ksn, TerminalId, TxnId};
 use sha2::{Digest as _, Sha256};
@@ -151,11 +151,14 @@ suite!(
     suspended_revoked_and_pending_terminals_are_refused,
     terminal_state_rules,
     enrollment_code_works_once_unexpired_and_exact,
+    enrollment_code_check_refuses_alike_and_redeems_nothing,
     audit_chain_verifies_and_detects_tampering,
     signed_checkpoints_catch_a_cut_chain_and_a_wrong_key,
     group_commit_settles_200_concurrent_payments,
     two_storages_racing_the_halves_settle_exactly_once,
     accounts_refuse_bad_input,
+    a_panicking_batch_fails_alone_and_the_writer_carries_on,
+    a_stopped_writer_fails_the_health_check,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -846,6 +849,66 @@ fn enrollment_code_works_once_unexpired_and_exact(db: &Db) {
     ));
 }
 
+/// The read-only check enrollment makes before any HSM work: the same refusals as redeeming,
+/// and nothing written — the code still works once afterwards.
+fn enrollment_code_check_refuses_alike_and_redeems_nothing(db: &Db) {
+    let storage = db.open();
+    storage
+        .create_account(&account("acct-c"), eur(), 0)
+        .unwrap();
+    storage
+        .add_terminal(NewTerminal {
+            id: terminal("c1"),
+            account_id: account("acct-c"),
+            initial_key_id: initial_key_id(1),
+            code_sha256: code_hash("c1"),
+            code_expires_at_ms: NOW_MS,
+        })
+        .unwrap();
+    let before = storage.dump_state().unwrap();
+    let refused = |result: Result<_, StorageError>, why| {
+        assert!(
+            matches!(result, Err(StorageError::EnrollmentRefused(r)) if r == why),
+            "{result:?}"
+        );
+    };
+    refused(
+        storage.check_enrollment_code(&terminal("c1"), &code_hash("wrong"), NOW_MS),
+        EnrollmentRefusal::WrongCode,
+    );
+    refused(
+        storage.check_enrollment_code(&terminal("c1"), &code_hash("c1"), NOW_MS + 1),
+        EnrollmentRefusal::Expired,
+    );
+    assert!(matches!(
+        storage.check_enrollment_code(&terminal("nobody"), &code_hash("c1"), NOW_MS),
+        Err(StorageError::UnknownTerminal(_))
+    ));
+    // Passing the check twice redeems nothing.
+    for _ in 0..2 {
+        let view = storage
+            .check_enrollment_code(&terminal("c1"), &code_hash("c1"), NOW_MS)
+            .unwrap();
+        assert_eq!(view.state, TerminalState::Pending);
+        assert_eq!(view.initial_key_id, initial_key_id(1));
+    }
+    assert_eq!(storage.dump_state().unwrap(), before);
+    storage
+        .redeem_enrollment_code(&terminal("c1"), code_hash("c1"), NOW_MS, "serial-c1")
+        .unwrap();
+    refused(
+        storage.check_enrollment_code(&terminal("c1"), &code_hash("c1"), NOW_MS),
+        EnrollmentRefusal::AlreadyUsed,
+    );
+    storage
+        .set_terminal_state(&terminal("c1"), TerminalState::Suspended)
+        .unwrap();
+    refused(
+        storage.check_enrollment_code(&terminal("c1"), &code_hash("c1"), NOW_MS),
+        EnrollmentRefusal::AlreadyUsed,
+    );
+}
+
 fn audit_chain_verifies_and_detects_tampering(db: &Db) {
     let w = world(db);
     w.storage
@@ -1078,6 +1141,70 @@ fn accounts_refuse_bad_input(db: &Db) {
         -7
     );
     assert!(Storage::open("mysql://localhost/x").is_err());
+}
+
+// ---------------------------------------------------------------------------------------
+// Writer faults
+
+fn is_batch_panicked(result: &Result<impl std::fmt::Debug, StorageError>) -> bool {
+    matches!(result, Err(StorageError::Unavailable(cause)) if matches!(**cause, StorageError::BatchPanicked))
+}
+
+/// A batch that panics after writing is rolled back and answered as unavailable, alone: the
+/// writer carries on, the next write succeeds, nothing of the panicked batch remains, and the
+/// audit chain is intact. Both kinds of batch: a closure job and a set of halves.
+fn a_panicking_batch_fails_alone_and_the_writer_carries_on(db: &Db) {
+    let w = world(db);
+    let before = w.storage.dump_state().unwrap();
+    let audit_before = w.storage.audit_verify().unwrap().records;
+
+    w.storage.inject_writer_fault(WriterFault::PanicInBatch);
+    let funded = w.storage.fund(&w.payee.account, eur_amount(5_00));
+    assert!(is_batch_panicked(&funded), "{funded:?}");
+    let half = half_a(&w, txn(1), 1, eur_amount(10_00));
+    w.storage.inject_writer_fault(WriterFault::PanicInBatch);
+    let submitted = w.storage.submit_half(half.clone(), NOW_MS);
+    assert!(is_batch_panicked(&submitted), "{submitted:?}");
+    assert_eq!(w.storage.dump_state().unwrap(), before);
+    assert_eq!(w.storage.audit_verify().unwrap().records, audit_before);
+    assert_eq!(w.storage.writer_metrics().batch_panics.get(), 2);
+    w.storage.check_health().unwrap();
+
+    // The writer goes on: the same work now succeeds, the half's counter unspent.
+    w.storage.fund(&w.payee.account, eur_amount(5_00)).unwrap();
+    assert_eq!(balance(&w, &w.payee.account), 5_00);
+    let view = w.storage.submit_half(half, NOW_MS).unwrap();
+    assert_eq!(view.status, TransactionStatus::Pending);
+    let report = w.storage.audit_verify().unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert!(report.records > audit_before);
+}
+
+/// A writer thread that has stopped fails every write and the health check (`/readyz`).
+fn a_stopped_writer_fails_the_health_check(db: &Db) {
+    let storage = db.open();
+    storage.check_health().unwrap();
+    storage.inject_writer_fault(WriterFault::StopThread);
+    let created = storage.create_account(&account("acct-s"), eur(), 0);
+    assert!(
+        matches!(created, Err(StorageError::WriterStopped)),
+        "{created:?}"
+    );
+    // The caller is answered while the thread unwinds; it is gone moments later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match storage.check_health() {
+            Err(StorageError::WriterStopped) => break,
+            Ok(()) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => panic!("the health check did not see the stopped writer: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        storage.fund(&account("acct-s"), eur_amount(1)),
+        Err(StorageError::WriterStopped)
+    ));
 }
 
 /// A transaction ID whose first byte is `prefix`: payments of the tests above share their

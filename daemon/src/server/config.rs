@@ -27,9 +27,13 @@ pub const BODY_READ_TIMEOUT_MS: u64 = 10_000;
 pub const KEEP_ALIVE_IDLE_TIMEOUT_MS: u64 = 60_000;
 /// Time in-flight requests have to finish after a shutdown is asked for.
 pub const DRAIN_TIMEOUT_MS: u64 = 30_000;
-/// Most open TLS connections, terminal and enrollment listeners together; further clients
-/// wait in the listen backlog.
+/// Most open TLS connections on the terminal listener; further terminals wait in its listen
+/// backlog. The enrollment listener has its own cap, so nobody who can only reach that one can
+/// take a terminal's place.
 pub const CONNECTIONS_MAX: usize = 1024;
+/// Most open TLS connections on the enrollment listener; further enrollees wait in its listen
+/// backlog. Enrollment is rare (once per terminal) and each connection carries one request.
+pub const ENROLLMENT_CONNECTIONS_MAX: usize = 64;
 /// Most open connections on the operations listener.
 pub const OPS_CONNECTIONS_MAX: usize = 16;
 /// Sustained requests per second allowed to one terminal.
@@ -81,8 +85,10 @@ pub struct ServerConfig {
     pub keep_alive_idle_timeout_ms: u64,
     /// See [`DRAIN_TIMEOUT_MS`].
     pub drain_timeout_ms: u64,
-    /// See [`CONNECTIONS_MAX`].
+    /// See [`CONNECTIONS_MAX`] (terminal listener).
     pub connections_max: usize,
+    /// See [`ENROLLMENT_CONNECTIONS_MAX`].
+    pub enrollment_connections_max: usize,
     /// See [`TERMINAL_REQUESTS_PER_SECOND`].
     pub terminal_requests_per_second: u32,
     /// See [`TERMINAL_REQUEST_BURST`].
@@ -112,6 +118,7 @@ impl Default for ServerConfig {
             keep_alive_idle_timeout_ms: KEEP_ALIVE_IDLE_TIMEOUT_MS,
             drain_timeout_ms: DRAIN_TIMEOUT_MS,
             connections_max: CONNECTIONS_MAX,
+            enrollment_connections_max: ENROLLMENT_CONNECTIONS_MAX,
             terminal_requests_per_second: TERMINAL_REQUESTS_PER_SECOND,
             terminal_request_burst: TERMINAL_REQUEST_BURST,
             enrollment_requests_per_second: ENROLLMENT_REQUESTS_PER_SECOND,
@@ -175,11 +182,16 @@ impl ServerConfig {
                 return invalid(setting, format!("must be 1 to {TIMEOUT_MS_CEILING} ms"));
             }
         }
-        if !(1..=CONNECTIONS_CEILING).contains(&self.connections_max) {
-            return invalid(
-                "connections_max",
-                format!("must be 1 to {CONNECTIONS_CEILING}"),
-            );
+        for (setting, value) in [
+            ("connections_max", self.connections_max),
+            (
+                "enrollment_connections_max",
+                self.enrollment_connections_max,
+            ),
+        ] {
+            if !(1..=CONNECTIONS_CEILING).contains(&value) {
+                return invalid(setting, format!("must be 1 to {CONNECTIONS_CEILING}"));
+            }
         }
         for (setting, value) in [
             (
@@ -254,7 +266,7 @@ mod tests {
     #[test]
     fn refuses_each_bad_setting_by_name() {
         type Change = fn(&mut ServerConfig);
-        let cases: [(&str, Change); 11] = [
+        let cases: [(&str, Change); 13] = [
             ("ops_listen", |c| {
                 c.ops_listen = "0.0.0.0:9443".parse().unwrap()
             }),
@@ -276,6 +288,12 @@ mod tests {
                 c.drain_timeout_ms = TIMEOUT_MS_CEILING + 1
             }),
             ("connections_max", |c| c.connections_max = 0),
+            ("enrollment_connections_max", |c| {
+                c.enrollment_connections_max = 0
+            }),
+            ("enrollment_connections_max", |c| {
+                c.enrollment_connections_max = CONNECTIONS_CEILING + 1
+            }),
             ("terminal_request_burst", |c| c.terminal_request_burst = 0),
             ("wait_ms_max", |c| c.wait_ms_max = WAIT_MS_MAX + 1),
         ];
@@ -313,6 +331,10 @@ mod tests {
                 .unwrap();
         assert_eq!(config.body_read_timeout_ms, 250);
         assert_eq!(config.connections_max, CONNECTIONS_MAX);
+        assert_eq!(
+            config.enrollment_connections_max,
+            ENROLLMENT_CONNECTIONS_MAX
+        );
         assert!(serde_json::from_str::<ServerConfig>(r#"{"body_limit": 1}"#).is_err());
     }
 

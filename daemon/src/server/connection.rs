@@ -2,15 +2,16 @@
 //! cap, the TLS handshake with its timeout, the header and keep-alive timeouts, and draining on
 //! shutdown.
 //!
-//! # The connection cap
+//! # The connection caps
 //!
-//! A permit of a [`Semaphore`] with `connections_max` permits is taken *before* `accept` (as
-//! in mini-redis), by one accept loop that serves both HTTPS listeners: when all permits are
-//! in use the daemon stops accepting on both, further clients wait in the kernel's listen
-//! backlogs (their TCP handshake completes, their TLS handshake does not start), and each is
-//! accepted as soon as an open connection closes, the listeners taking turns. Once a backlog
-//! is full the kernel drops new SYNs and clients retry. Nothing is allocated for a waiting
-//! client.
+//! Each HTTPS listener has its own cap (`connections_max` for terminals,
+//! `enrollment_connections_max` for enrollment) and its own accept loop: whoever can reach only
+//! the enrollment port, unauthenticated, can fill that cap and no other. A permit of the
+//! listener's [`Semaphore`] is taken *before* `accept` (as in mini-redis): when all permits are
+//! in use the daemon stops accepting on that listener, further clients wait in the kernel's
+//! listen backlog (their TCP handshake completes, their TLS handshake does not start), and each
+//! is accepted as soon as an open connection closes. Once a backlog is full the kernel drops
+//! new SYNs and clients retry. Nothing is allocated for a waiting client.
 //!
 //! # Timeouts (all configurable)
 //!
@@ -207,7 +208,8 @@ impl Caller {
     }
 }
 
-/// Serves the terminal and enrollment listeners until stopped, under one connection cap.
+/// Serves the terminal and enrollment listeners until stopped, each under its own connection
+/// cap.
 pub(super) async fn serve_https<A: Api>(
     terminals: TcpListener,
     enrollment: TcpListener,
@@ -215,7 +217,7 @@ pub(super) async fn serve_https<A: Api>(
     stopped: watch::Receiver<bool>,
 ) {
     let config = &shared.config;
-    let (connections_max, drain_timeout) = (config.connections_max, config.drain_timeout());
+    let drain_timeout = config.drain_timeout();
     let serve = |kind, stream, peer, permit| {
         https_connection(
             Arc::clone(&shared),
@@ -226,17 +228,22 @@ pub(super) async fn serve_https<A: Api>(
             permit,
         )
     };
-    accept_loop(
-        vec![
-            (terminals, Listener::Terminals),
-            (enrollment, Listener::Enrollment),
-        ],
-        connections_max,
-        drain_timeout,
-        stopped.clone(),
-        serve,
-    )
-    .await;
+    tokio::join!(
+        accept_loop(
+            vec![(terminals, Listener::Terminals)],
+            config.connections_max,
+            drain_timeout,
+            stopped.clone(),
+            serve,
+        ),
+        accept_loop(
+            vec![(enrollment, Listener::Enrollment)],
+            config.enrollment_connections_max,
+            drain_timeout,
+            stopped.clone(),
+            serve,
+        ),
+    );
 }
 
 /// What the routes know about the connection a request came on.
@@ -245,6 +252,9 @@ pub(crate) struct ConnectionContext {
     pub(crate) peer: SocketAddr,
     pub(crate) caller: Caller,
     pub(crate) activity: Arc<Activity>,
+    /// Whether the connection may carry another request after this one's answer: terminals
+    /// only. When it may not, every answer says `Connection: close`.
+    pub(crate) keep_alive: bool,
 }
 
 async fn https_connection<A: Api>(
@@ -299,6 +309,7 @@ async fn https_connection<A: Api>(
         peer,
         caller,
         activity: Arc::clone(&activity),
+        keep_alive,
     });
     let service_shared = Arc::clone(&shared);
     let service = service_fn(move |request| {

@@ -211,8 +211,8 @@ impl<A: Api> Server<A> {
 
     /// Serves terminals, enrollment and operators on `listeners` until `shutdown` completes;
     /// then stops accepting on all three, lets in-flight requests finish (at most
-    /// `drain_timeout_ms`), closes the rest and returns. The two HTTPS listeners share one cap
-    /// of `connections_max` open connections.
+    /// `drain_timeout_ms`), closes the rest and returns. Each HTTPS listener has its own cap of
+    /// open connections (`connections_max`, `enrollment_connections_max`).
     pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
         let (stop, stopped) = watch::channel(false);
         let https = connection::serve_https(

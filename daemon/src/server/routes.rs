@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use nfcpay_protocol::TxnId;
 use nfcpay_protocol::api::{
     ENROLL_PATH, HALF_A_PATH, HALF_B_PATH, TRANSACTIONS_PATH_PREFIX, WAIT_QUERY_PARAMETER,
@@ -134,7 +134,21 @@ impl Refusal {
     }
 }
 
+/// What answering a request learnt besides the answer.
+#[derive(Debug)]
+struct Progress {
+    /// The route, once known.
+    label: RouteLabel,
+    /// Whether the body was read to its end.
+    body_read: bool,
+}
+
 /// Answers one request on a terminal or enrollment connection.
+///
+/// An answer after which the connection closes says `Connection: close`: every answer on a
+/// connection that is not kept alive (enrollment), and every answer given before the request's
+/// body was read to its end (a refusal before the body, a route that takes none), since the
+/// rest of that body may still be on its way and the connection cannot carry another request.
 pub(super) async fn handle<A: Api>(
     shared: Arc<Shared<A>>,
     context: Arc<ConnectionContext>,
@@ -142,11 +156,21 @@ pub(super) async fn handle<A: Api>(
 ) -> Result<Answer, Infallible> {
     let started = Instant::now();
     context.activity.request_started();
-    let mut label = RouteLabel::Other;
-    let answer = match respond(&shared, &context, request, &mut label).await {
+    let has_body = !request.body().is_end_stream();
+    let mut progress = Progress {
+        label: RouteLabel::Other,
+        body_read: false,
+    };
+    let mut answer = match respond(&shared, &context, request, &mut progress).await {
         Ok(answer) => answer,
         Err(refusal) => refusal.into_answer(),
     };
+    if !context.keep_alive || (has_body && !progress.body_read) {
+        answer
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    let label = progress.label;
     let status = answer.status().as_u16();
     shared.metrics.request(label, status, started.elapsed());
     if answer.status().is_server_error() {
@@ -158,16 +182,17 @@ pub(super) async fn handle<A: Api>(
     Ok(answer)
 }
 
-/// Runs the checks in order and calls the service; sets `label` once the route is known.
+/// Runs the checks in order and calls the service; records the route and whether the body
+/// was read in `progress`.
 async fn respond<A: Api>(
     shared: &Shared<A>,
     context: &ConnectionContext,
     request: Request<Incoming>,
-    label: &mut RouteLabel,
+    progress: &mut Progress,
 ) -> Result<Answer, Refusal> {
     let route = Route::parse(context.caller.listener(), request.uri().path())?
         .ok_or_else(|| Problem::new(ProblemCode::NotFound, "no such route on this listener"))?;
-    *label = route.label();
+    progress.label = route.label();
     if request.method() != route.method() {
         let allow = if route.method() == Method::GET {
             "GET"
@@ -195,22 +220,32 @@ async fn respond<A: Api>(
         );
         return Err(Refusal::with(problem, Extra::RetryAfter(seconds.max(1))));
     }
-    dispatch(shared, route, &context.caller, wait, request).await
+    dispatch(
+        shared,
+        route,
+        &context.caller,
+        wait,
+        request,
+        &mut progress.body_read,
+    )
+    .await
 }
 
-/// Reads the body and calls the service.
+/// Reads the body (setting `body_read` once it is read to its end) and calls the service.
 async fn dispatch<A: Api>(
     shared: &Shared<A>,
     route: Route,
     caller: &Caller,
     wait: Duration,
     request: Request<Incoming>,
+    body_read: &mut bool,
 ) -> Result<Answer, Refusal> {
     let api = &shared.api;
     match (route, caller) {
         (Route::Half(kind), Caller::Terminal(client)) => {
             let client = client.clone();
             let body = read_body(shared, request).await?;
+            *body_read = true;
             let answer = api.submit_half(kind, client, body, wait).await?;
             let status = if answer.settled {
                 StatusCode::OK
@@ -225,6 +260,7 @@ async fn dispatch<A: Api>(
         }
         (Route::Enroll, Caller::Enrollee) => {
             let body = read_body(shared, request).await?;
+            *body_read = true;
             let answer = api.enroll(body).await?;
             Ok(bytes_answer(StatusCode::OK, JSON, answer))
         }

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use super::{Inner, TERMINAL_CERTIFICATE_VALIDITY, now_ms, problems};
 use crate::pki;
 use crate::server::problem::{Problem, ProblemCode};
-use crate::storage::TerminalState;
+use crate::storage::StorageError;
 
 /// Label of the platform's ephemeral ECDH key (transient: never stored).
 const EPHEMERAL_KEY_LABEL: &str = "nfcpay-enrollment-ecdh";
@@ -25,7 +25,13 @@ fn refused() -> Problem {
     )
 }
 
-/// Enrolls a terminal. Blocking.
+/// [`now_ms`] as the ledger stores it.
+fn now_ms_signed() -> i64 {
+    i64::try_from(now_ms()).unwrap_or(i64::MAX)
+}
+
+/// Enrolls a terminal: the one-time code is checked first, then the certificate issued and
+/// the initial key wrapped, then the code redeemed. Blocking.
 pub(super) fn enroll(inner: &Inner, body: &[u8]) -> Result<bytes::Bytes, Problem> {
     let request: EnrollmentRequest = serde_json::from_slice(body)
         .map_err(|_| Problem::new(ProblemCode::Malformed, "not an enrollment request"))?;
@@ -42,12 +48,19 @@ pub(super) fn enroll(inner: &Inner, body: &[u8]) -> Result<bytes::Bytes, Problem
                 "ecdh_public_key is not a P-256 point",
             )
         })?;
+    // First the code, checked without redeeming it: a stranger who only knows a pending
+    // terminal's ID costs a database read, never HSM work.
+    let code_sha256: [u8; 32] = Sha256::digest(request.code.as_bytes()).into();
     let terminal = inner
         .storage
-        .terminal(&terminal_id)
-        .map_err(problems::storage)?
-        .filter(|terminal| terminal.state == TerminalState::Pending)
-        .ok_or_else(refused)?;
+        .check_enrollment_code(&terminal_id, &code_sha256, now_ms_signed())
+        .map_err(|error| match error {
+            StorageError::EnrollmentRefused(_) | StorageError::UnknownTerminal(_) => {
+                tracing::info!(terminal = %terminal_id, %error, "enrollment code refused");
+                refused()
+            }
+            other => problems::storage(other),
+        })?;
     let certificate = pki::issue_terminal_certificate(
         &inner.keystore,
         &inner.pki_dir,
@@ -90,14 +103,14 @@ pub(super) fn enroll(inner: &Inner, body: &[u8]) -> Result<bytes::Bytes, Problem
     }
     let (wrapped, kcv, algorithm) = transported.map_err(problems::keystore)?;
 
-    // Last: the code, once only. Until here nothing was recorded.
-    let code_sha256: [u8; 32] = Sha256::digest(request.code.as_bytes()).into();
+    // Last: the code redeemed, once only, atomically (another enrollment may have redeemed it
+    // since the check). Until here nothing was recorded.
     inner
         .storage
         .redeem_enrollment_code(
             &terminal_id,
             code_sha256,
-            i64::try_from(now_ms()).unwrap_or(i64::MAX),
+            now_ms_signed(),
             &certificate.serial_hex,
         )
         .map_err(|error| {
@@ -119,4 +132,169 @@ pub(super) fn enroll(inner: &Inner, body: &[u8]) -> Result<bytes::Bytes, Problem
     serde_json::to_vec(&answer)
         .map(bytes::Bytes::from)
         .map_err(|_| problems::internal("enrollment answer"))
+}
+
+#[cfg(test)]
+mod tests {
+    // A panic is how a test fails.
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use nfcpay_keystore::Keystore;
+    use nfcpay_keystore::software::SoftwareKeystore;
+    use nfcpay_protocol::dukpt::KeyAlgorithm;
+    use nfcpay_protocol::{AccountId, BdkId, DerivationId, InitialKeyId};
+    use prometheus_client::encoding::text::encode;
+    use prometheus_client::registry::Registry;
+    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
+    use tempfile::TempDir;
+    use zeroize::Zeroizing;
+
+    use super::*;
+    use crate::service::Platform;
+    use crate::service::metered::MeteredKeystore;
+    use crate::storage::{NewTerminal, Storage, TerminalState};
+
+    const CODE: &str = "0123-4567-89AB";
+    const TERMINAL: &str = "shop-1";
+
+    /// A platform over a counted software keystore and an SQLite ledger, with one pending
+    /// terminal whose code is [`CODE`].
+    struct Fixture {
+        metered: Arc<MeteredKeystore>,
+        platform: Platform,
+        _dir: TempDir,
+    }
+
+    impl Fixture {
+        fn new(code_expires_at_ms: i64) -> Self {
+            let dir = TempDir::new().unwrap();
+            let metered = Arc::new(MeteredKeystore::new(
+                Arc::new(SoftwareKeystore::in_memory()),
+            ));
+            let keystore: Arc<dyn Keystore> = metered.clone();
+            let bdk_id = BdkId::from([0x0B, 0xD1, 0x00, 0x01]);
+            keystore.generate_bdk(bdk_id, KeyAlgorithm::Aes128).unwrap();
+            pki::init_ca(&keystore, dir.path(), Duration::from_secs(86_400)).unwrap();
+            let storage = Storage::open(dir.path().join("ledger.db").to_str().unwrap()).unwrap();
+            let account: AccountId = "shop".parse().unwrap();
+            storage
+                .create_account(&account, "EUR".parse().unwrap(), 0)
+                .unwrap();
+            storage
+                .add_terminal(NewTerminal {
+                    id: TERMINAL.parse().unwrap(),
+                    account_id: account,
+                    initial_key_id: InitialKeyId::new(bdk_id, DerivationId::from([0, 0, 0, 7])),
+                    code_sha256: Sha256::digest(CODE.as_bytes()).into(),
+                    code_expires_at_ms,
+                })
+                .unwrap();
+            let platform = Platform::new(keystore, storage, dir.path().to_owned(), 16).unwrap();
+            Self {
+                metered,
+                platform,
+                _dir: dir,
+            }
+        }
+
+        /// Every HSM operation asked of the keystore so far.
+        fn hsm_operations(&self) -> u64 {
+            let mut registry = Registry::default();
+            registry.register("hsm_operations", "", self.metered.operations());
+            let mut text = String::new();
+            encode(&mut text, &registry).unwrap();
+            text.lines()
+                .filter(|line| !line.starts_with('#'))
+                .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum()
+        }
+
+        /// An enrollment request for `terminal` with `code`, a valid CSR and ECDH key.
+        fn request(terminal: &str, code: &str) -> Vec<u8> {
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let mut params = CertificateParams::default();
+            params.distinguished_name = DistinguishedName::new();
+            params.distinguished_name.push(DnType::CommonName, terminal);
+            let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+            let terminal_store = SoftwareKeystore::in_memory();
+            let (_, ecdh_public) = terminal_store
+                .generate_ec_p256(&"terminal-ecdh".parse().unwrap(), false)
+                .unwrap();
+            serde_json::to_vec(&EnrollmentRequest {
+                terminal_id: terminal.to_owned(),
+                code: Zeroizing::new(code.to_owned()),
+                csr,
+                ecdh_public_key: hex::encode_upper(ecdh_public.as_bytes()),
+            })
+            .unwrap()
+        }
+
+        fn enroll(&self, terminal: &str, code: &str) -> Result<bytes::Bytes, Problem> {
+            enroll(&self.platform.inner, &Self::request(terminal, code))
+        }
+
+        fn state(&self) -> TerminalState {
+            self.platform
+                .storage()
+                .terminal(&TERMINAL.parse().unwrap())
+                .unwrap()
+                .unwrap()
+                .state
+        }
+    }
+
+    fn far_future_ms() -> i64 {
+        now_ms_signed() + 3_600_000
+    }
+
+    /// Refused with the one problem code every refusal has, and no HSM operation asked for.
+    fn assert_refused_without_hsm_work(fixture: &Fixture, terminal: &str, code: &str) {
+        let before = fixture.hsm_operations();
+        let problem = fixture.enroll(terminal, code).unwrap_err();
+        assert_eq!(problem.code(), ProblemCode::EnrollmentRefused);
+        assert_eq!(
+            fixture.hsm_operations(),
+            before,
+            "an enrollment refused for its code ({terminal}) made the HSM work"
+        );
+    }
+
+    #[test]
+    fn a_wrong_code_is_refused_before_any_hsm_work() {
+        let fixture = Fixture::new(far_future_ms());
+        assert_refused_without_hsm_work(&fixture, TERMINAL, "0123-4567-89AC");
+        assert_refused_without_hsm_work(&fixture, TERMINAL, "");
+        assert_eq!(fixture.state(), TerminalState::Pending);
+        // The code was checked, not spent: the right one still enrolls, with HSM work.
+        let before = fixture.hsm_operations();
+        fixture.enroll(TERMINAL, CODE).unwrap();
+        assert!(fixture.hsm_operations() > before);
+        assert_eq!(fixture.state(), TerminalState::Active);
+    }
+
+    #[test]
+    fn an_unknown_terminal_an_expired_or_used_code_are_refused_before_any_hsm_work() {
+        let fixture = Fixture::new(far_future_ms());
+        assert_refused_without_hsm_work(&fixture, "shop-2", CODE);
+        fixture.enroll(TERMINAL, CODE).unwrap();
+        assert_refused_without_hsm_work(&fixture, TERMINAL, CODE);
+
+        let expired = Fixture::new(now_ms_signed() - 1);
+        assert_refused_without_hsm_work(&expired, TERMINAL, CODE);
+        assert_eq!(expired.state(), TerminalState::Pending);
+    }
+
+    #[test]
+    fn a_suspended_terminal_is_refused_before_any_hsm_work() {
+        let fixture = Fixture::new(far_future_ms());
+        fixture
+            .platform
+            .storage()
+            .set_terminal_state(&TERMINAL.parse().unwrap(), TerminalState::Suspended)
+            .unwrap();
+        assert_refused_without_hsm_work(&fixture, TERMINAL, CODE);
+    }
 }

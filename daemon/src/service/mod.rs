@@ -156,6 +156,11 @@ impl Platform {
             "Batches rolled back and run again after a lost race with another writer",
             writer.batch_retries.clone(),
         );
+        metrics.register(
+            "ledger_batch_panics",
+            "Ledger writer batches that panicked, were rolled back and answered unavailable",
+            writer.batch_panics.clone(),
+        );
     }
 
     /// The ledger.
@@ -345,5 +350,46 @@ impl Platform {
         }
         let inner = Arc::clone(&self.inner);
         blocking(move || receipts::answer(&inner, &outcome)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // A panic is how a test fails.
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use nfcpay_keystore::software::SoftwareKeystore;
+
+    use super::*;
+    use crate::storage::WriterFault;
+
+    /// A stopped ledger writer turns readiness to "database: the ledger's writer has stopped".
+    #[tokio::test]
+    async fn readiness_fails_once_the_ledger_writer_has_stopped() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let storage = Storage::open(dir.path().join("ledger.db").to_str().unwrap()).unwrap();
+        let keystore: Arc<dyn Keystore> = Arc::new(SoftwareKeystore::in_memory());
+        let platform = Platform::new(keystore, storage.clone(), dir.path().to_owned(), 16).unwrap();
+        platform.ready().await.unwrap();
+
+        storage.inject_writer_fault(WriterFault::StopThread);
+        let created = tokio::task::spawn_blocking(move || {
+            storage.create_account(&"acct".parse().unwrap(), "EUR".parse().unwrap(), 0)
+        })
+        .await
+        .unwrap();
+        assert!(created.is_err());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let not_ready = loop {
+            match platform.ready().await {
+                Err(not_ready) => break not_ready,
+                Ok(()) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Ok(()) => panic!("still ready with the ledger writer stopped"),
+            }
+        };
+        assert_eq!(not_ready.component, "database");
+        assert_eq!(not_ready.reason, "the ledger's writer has stopped");
     }
 }

@@ -71,7 +71,8 @@ pub(crate) fn storage(error: StorageError) -> Problem {
         | StorageError::Unavailable(_)
         | StorageError::Pool(_)
         | StorageError::Connect(_)
-        | StorageError::WriterStopped => {
+        | StorageError::WriterStopped
+        | StorageError::BatchPanicked => {
             tracing::error!(%error, "database unavailable");
             (
                 Code::Unavailable,

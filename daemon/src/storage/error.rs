@@ -42,6 +42,9 @@ pub enum StorageError {
     /// The writer thread is gone (it panicked or the storage is shutting down).
     #[error("the ledger's writer has stopped")]
     WriterStopped,
+    /// A batch panicked in the writer: it was rolled back, and the writer carries on.
+    #[error("a ledger writer batch panicked and was rolled back")]
+    BatchPanicked,
     /// A stored value does not parse: the database was changed behind our back.
     #[error("corrupt row: {what}")]
     Corrupt {

@@ -49,7 +49,7 @@ pub use model::{
     TransactionView,
 };
 pub use settlement::REPLAY_WINDOW;
-pub use writer::{CommitHold, GROUP_COMMIT_MAX, WRITE_QUEUE_MAX, WriterMetrics};
+pub use writer::{CommitHold, GROUP_COMMIT_MAX, WRITE_QUEUE_MAX, WriterFault, WriterMetrics};
 
 /// The `[database]` section of the configuration. Its `Debug` hides the URL's password.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -230,6 +230,13 @@ impl Storage {
         self.inner.writer.hold_next_commit()
     }
 
+    /// Test hook: the writer's next batch suffers `fault` (a panic inside the batch, or the
+    /// writer thread stopping), to show what callers and readiness see.
+    #[doc(hidden)]
+    pub fn inject_writer_fault(&self, fault: WriterFault) {
+        self.inner.writer.inject_fault(fault);
+    }
+
     /// The ledger writer's figures (statements and halves per batch, retries), for `/metrics`.
     pub fn writer_metrics(&self) -> &WriterMetrics {
         self.inner.writer.metrics()
@@ -295,6 +302,19 @@ impl Storage {
         self.write(move |connection, audit| {
             terminals::set_state(connection, audit, &id, state, now)
         })
+    }
+
+    /// Checks a terminal's one-time enrollment code (compared in constant time) as
+    /// [`Storage::redeem_enrollment_code`] would, without redeeming it: a read, nothing
+    /// written. Returns the pending terminal; refuses with [`StorageError::EnrollmentRefused`]
+    /// or [`StorageError::UnknownTerminal`].
+    pub fn check_enrollment_code(
+        &self,
+        id: &TerminalId,
+        code_sha256: &[u8; 32],
+        now_ms: i64,
+    ) -> Result<TerminalView, StorageError> {
+        self.read(|connection| terminals::check_code(connection, id, code_sha256, now_ms))
     }
 
     /// Redeems a terminal's one-time enrollment code (compared in constant time): once only,
@@ -378,8 +398,12 @@ impl Storage {
         })
     }
 
-    /// `SELECT 1` on a pooled connection (for `/readyz`).
+    /// For `/readyz`: the writer thread still runs ([`StorageError::WriterStopped`] if not:
+    /// every write would fail), and `SELECT 1` works on a pooled connection.
     pub fn check_health(&self) -> Result<(), StorageError> {
+        if !self.inner.writer.is_running() {
+            return Err(StorageError::WriterStopped);
+        }
         self.read(|connection| {
             diesel::select(1_i32.into_sql::<diesel::sql_types::Integer>())
                 .get_result::<i32>(connection)?;

@@ -235,6 +235,45 @@ fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
     std::hint::black_box(difference) == 0
 }
 
+/// Why `terminal` may not redeem `code_sha256` at `now_ms`, if it may not. The hashes are
+/// compared in constant time.
+fn code_refusal(
+    terminal: &TerminalRecord,
+    code_sha256: &[u8; 32],
+    now_ms: i64,
+) -> Option<EnrollmentRefusal> {
+    match terminal.view.state {
+        TerminalState::Pending => {}
+        _ if terminal.view.enrolled_at_ms.is_some() => return Some(EnrollmentRefusal::AlreadyUsed),
+        _ => return Some(EnrollmentRefusal::NotPending),
+    }
+    let Some(stored) = &terminal.code_sha256 else {
+        return Some(EnrollmentRefusal::AlreadyUsed);
+    };
+    if !constant_time_eq(stored, code_sha256) {
+        return Some(EnrollmentRefusal::WrongCode);
+    }
+    if now_ms > terminal.view.code_expires_at_ms {
+        return Some(EnrollmentRefusal::Expired);
+    }
+    None
+}
+
+/// Checks the one-time enrollment code as [`redeem`] would, without redeeming it or writing
+/// anything: lets enrollment refuse a stranger before it asks the HSM for any work.
+pub(crate) fn check_code(
+    connection: &mut AnyConnection,
+    id: &TerminalId,
+    code_sha256: &[u8; 32],
+    now_ms: i64,
+) -> Result<TerminalView, StorageError> {
+    let terminal = load_existing(connection, id)?;
+    match code_refusal(&terminal, code_sha256, now_ms) {
+        Some(why) => Err(StorageError::EnrollmentRefused(why)),
+        None => Ok(terminal.view),
+    }
+}
+
 /// Redeems the one-time enrollment code: pending → active, the code's hash erased.
 pub(crate) fn redeem(
     connection: &mut AnyConnection,
@@ -246,22 +285,8 @@ pub(crate) fn redeem(
 ) -> Result<TerminalView, StorageError> {
     lock(connection, id)?;
     let terminal = load_existing(connection, id)?;
-    let refuse = |why| Err(StorageError::EnrollmentRefused(why));
-    match terminal.view.state {
-        TerminalState::Pending => {}
-        _ if terminal.view.enrolled_at_ms.is_some() => {
-            return refuse(EnrollmentRefusal::AlreadyUsed);
-        }
-        _ => return refuse(EnrollmentRefusal::NotPending),
-    }
-    let Some(stored) = terminal.code_sha256 else {
-        return refuse(EnrollmentRefusal::AlreadyUsed);
-    };
-    if !constant_time_eq(&stored, &code_sha256) {
-        return refuse(EnrollmentRefusal::WrongCode);
-    }
-    if now_ms > terminal.view.code_expires_at_ms {
-        return refuse(EnrollmentRefusal::Expired);
+    if let Some(why) = code_refusal(&terminal, &code_sha256, now_ms) {
+        return Err(StorageError::EnrollmentRefused(why));
     }
     diesel::update(terminals::table.find(id.as_str()))
         .set((

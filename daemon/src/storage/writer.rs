@@ -16,7 +16,14 @@
 //! meanwhile, a unique key taken, a deadlock, its chain taken over) is rolled back and run
 //! again, at most [`JOB_ATTEMPTS_MAX`] times. A batch of halves that fails for another reason is
 //! split and each half run alone, so one half the database refuses cannot fail the others.
+//!
+//! A batch that panics (a bug) is caught: its transaction is rolled back, its callers are
+//! answered [`StorageError::BatchPanicked`] (wrapped in [`StorageError::Unavailable`]), and the
+//! writer goes on with the next batch. Should the thread stop anyway, `Storage::check_health`
+//! fails with [`StorageError::WriterStopped`] and so does `/readyz`.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -52,6 +59,8 @@ pub struct WriterMetrics {
     pub halves_per_batch: Histogram,
     /// Batches rolled back and run again after a lost race.
     pub batch_retries: Counter,
+    /// Batches that panicked (a bug), rolled back and answered as unavailable.
+    pub batch_panics: Counter,
 }
 
 impl Default for WriterMetrics {
@@ -60,6 +69,7 @@ impl Default for WriterMetrics {
             statements_per_batch: Histogram::new([4.0, 8.0, 12.0, 16.0, 20.0, 32.0, 64.0, 128.0]),
             halves_per_batch: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
             batch_retries: Counter::default(),
+            batch_panics: Counter::default(),
         }
     }
 }
@@ -123,6 +133,35 @@ fn hold_if_armed(state: &HoldState) {
     let _released = changed
         .wait_while(guard, |phase| *phase == HoldPhase::Holding)
         .unwrap_or_else(|poisoned| poisoned.into_inner());
+}
+
+/// Test hook: a fault the writer's next batch suffers, to show how the writer and readiness
+/// respond to a bug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[doc(hidden)]
+#[repr(u8)]
+pub enum WriterFault {
+    /// None (the normal case).
+    None = 0,
+    /// The next batch panics after writing, before its commit: caught, rolled back.
+    PanicInBatch = 1,
+    /// The thread panics when it takes the next item, outside any batch: the writer stops.
+    StopThread = 2,
+}
+
+/// Where [`WriterFault`] is armed; shared by the handle and the thread.
+type FaultState = Arc<AtomicU8>;
+
+/// Takes the armed fault, if it is `fault`, and disarms it.
+fn take_fault(state: &FaultState, fault: WriterFault) -> bool {
+    state
+        .compare_exchange(
+            fault as u8,
+            WriterFault::None as u8,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        )
+        .is_ok()
 }
 
 /// A closure job, run in a savepoint.
@@ -191,6 +230,7 @@ pub(crate) struct Writer {
     thread: Option<JoinHandle<()>>,
     metrics: WriterMetrics,
     hold: HoldState,
+    fault: FaultState,
 }
 
 impl Writer {
@@ -199,6 +239,7 @@ impl Writer {
         let (queue, items) = mpsc::sync_channel(WRITE_QUEUE_MAX);
         let metrics = WriterMetrics::default();
         let hold: HoldState = Arc::new((Mutex::new(HoldPhase::Off), Condvar::new()));
+        let fault: FaultState = Arc::new(AtomicU8::new(WriterFault::None as u8));
         let mut state = WriterState {
             pool,
             chain: None,
@@ -206,6 +247,7 @@ impl Writer {
             renewed_at: Instant::now(),
             metrics: metrics.clone(),
             hold: Arc::clone(&hold),
+            fault: Arc::clone(&fault),
         };
         let thread = std::thread::Builder::new()
             .name("nfcpay-ledger-writer".into())
@@ -215,7 +257,21 @@ impl Writer {
             thread: Some(thread),
             metrics,
             hold,
+            fault,
         })
+    }
+
+    /// Whether the writer thread still runs: `false` once it has stopped (panicked outside a
+    /// batch), after which every write fails [`StorageError::WriterStopped`].
+    pub(crate) fn is_running(&self) -> bool {
+        self.thread
+            .as_ref()
+            .is_some_and(|thread| !thread.is_finished())
+    }
+
+    /// Arms the test hook [`WriterFault`] for the next batch.
+    pub(crate) fn inject_fault(&self, fault: WriterFault) {
+        self.fault.store(fault as u8, Ordering::SeqCst);
     }
 
     /// Arms the test hook [`CommitHold`].
@@ -304,13 +360,23 @@ struct WriterState {
     renewed_at: Instant,
     metrics: WriterMetrics,
     hold: HoldState,
+    fault: FaultState,
 }
 
 impl WriterState {
     fn run(&mut self, items: &Receiver<Item>) {
         loop {
             let first = match items.recv_timeout(LEASE_RENEW_INTERVAL) {
-                Ok(item) => item,
+                Ok(item) => {
+                    if take_fault(&self.fault, WriterFault::StopThread) {
+                        tracing::error!("test hook: the ledger writer thread stops");
+                        #[allow(clippy::panic)] // the test hook's whole purpose
+                        {
+                            panic!("test hook: the ledger writer thread stops");
+                        }
+                    }
+                    item
+                }
                 Err(RecvTimeoutError::Timeout) => {
                     self.renew_lease();
                     continue;
@@ -464,11 +530,31 @@ impl WriterState {
             None => claim(connection, &self.owner)?,
         };
         begin(connection)?;
-        let outcome = work(connection, &chain);
+        // A panic in the work (a bug) fails this batch only: caught, rolled back, answered.
+        // Nothing the work touched outlives it except the connection, rolled back below, and
+        // the chain, dropped (claimed again from the database before the next batch).
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            let outcome = work(connection, &chain);
+            if take_fault(&self.fault, WriterFault::PanicInBatch) {
+                #[allow(clippy::panic)] // the test hook's whole purpose
+                {
+                    panic!("test hook: a ledger writer batch panics");
+                }
+            }
+            outcome
+        }))
+        .unwrap_or_else(|_| {
+            self.metrics.batch_panics.inc();
+            tracing::error!(
+                "a ledger writer batch panicked: rolled back, its callers answered unavailable; \
+                 the writer carries on"
+            );
+            Err(StorageError::BatchPanicked)
+        });
         let value = match outcome {
             Ok(value) => value,
             Err(error) => {
-                let _ = AnyConnection::rollback_transaction(connection);
+                roll_back_all(connection);
                 return Err(error);
             }
         };
@@ -560,6 +646,26 @@ fn claim(connection: &mut AnyConnection, owner: &str) -> Result<Chain, StorageEr
         }
     }
 }
+
+/// Rolls back every open transaction level: after a panic a job's savepoint may still be open
+/// above the batch's transaction. A connection left inside a transaction is one the pool
+/// discards instead of handing out again.
+fn roll_back_all(connection: &mut AnyConnection) {
+    type Manager = <AnyConnection as diesel::Connection>::TransactionManager;
+    // Each round closes one level or stops; a transaction is never this deep.
+    for _ in 0..TRANSACTION_DEPTH_MAX {
+        let open = matches!(
+            Manager::transaction_manager_status_mut(connection).transaction_depth(),
+            Ok(Some(_))
+        );
+        if !open || Manager::rollback_transaction(connection).is_err() {
+            return;
+        }
+    }
+}
+
+/// Deepest transaction nesting [`roll_back_all`] unwinds: the batch and a job's savepoint.
+const TRANSACTION_DEPTH_MAX: usize = 4;
 
 /// Opens a transaction; on SQLite it takes the database's write lock at once, so the reads of
 /// a batch see what it will write over.
