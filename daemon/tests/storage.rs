@@ -155,6 +155,7 @@ suite!(
     audit_chain_verifies_and_detects_tampering,
     signed_checkpoints_catch_a_cut_chain_and_a_wrong_key,
     group_commit_settles_200_concurrent_payments,
+    both_halves_in_one_batch_answer_pending_then_settled,
     two_storages_racing_the_halves_settle_exactly_once,
     accounts_refuse_bad_input,
     a_panicking_batch_fails_alone_and_the_writer_carries_on,
@@ -1060,6 +1061,39 @@ fn group_commit_settles_200_concurrent_payments(db: &Db) {
         PAYMENTS as usize
     );
     assert!(w.storage.audit_verify().unwrap().is_intact());
+}
+
+/// Both halves of a payment decided in one batch: each is answered with the payment as it
+/// stood when it was decided, so exactly one of them settles it.
+fn both_halves_in_one_batch_answer_pending_then_settled(db: &Db) {
+    let w = Arc::new(world(db));
+    let hold = w.storage.hold_next_commit();
+    let blocker = {
+        let w = Arc::clone(&w);
+        std::thread::spawn(move || w.storage.create_account(&account("held"), eur(), 0))
+    };
+    assert!(hold.wait_until_holding(Duration::from_secs(10)));
+    // Both halves queue behind the held batch, so the writer takes them together.
+    let halves: Vec<_> = [
+        half_a(&w, txn(90), 1, eur_amount(3_00)),
+        half_b(&w, txn(90), 1, eur_amount(3_00)),
+    ]
+    .into_iter()
+    .map(|half| {
+        let w = Arc::clone(&w);
+        std::thread::spawn(move || w.storage.accept_half(half, NOW_MS).unwrap())
+    })
+    .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    drop(hold);
+    blocker.join().unwrap().unwrap();
+    let answers: Vec<_> = halves.into_iter().map(|t| t.join().unwrap()).collect();
+    let settled: Vec<_> = answers.iter().filter(|a| a.settled_now).collect();
+    assert_eq!(settled.len(), 1, "{answers:?}");
+    assert_eq!(settled[0].view.status, TransactionStatus::Settled);
+    let other = answers.iter().find(|a| !a.settled_now).unwrap();
+    assert_eq!(other.view.status, TransactionStatus::Pending, "{answers:?}");
+    assert_eq!(balance(&w, &w.payee.account), 3_00);
 }
 
 fn two_storages_racing_the_halves_settle_exactly_once(db: &Db) {

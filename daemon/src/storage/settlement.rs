@@ -444,22 +444,27 @@ pub(crate) struct Booking {
     pub(crate) settlement_id: Option<i64>,
 }
 
-/// What a batch decided for one half that was not refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a batch decided for one half that was not refused. A half is answered with the
+/// payment as it stood when the half was decided — as if the batch's halves had been committed
+/// one by one: of two halves of one payment in one batch, the first finds it pending and only
+/// the second settles it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Verdict {
-    /// A byte-identical re-send: the payment as it stands.
-    Again(TxnKey),
+    /// A byte-identical re-send: the payment as it stands (its view if it was pending then;
+    /// a settled or expired payment does not change again within the batch).
+    Again(TxnKey, Option<TransactionView>),
     /// The first half of its payment: stored, pending.
-    Pending(TxnKey),
-    /// The second half: the payment settled.
+    Pending(TransactionView),
+    /// The second half: the payment settled (its settlement ID is known once written).
     Settled(TxnKey),
 }
 
-impl Verdict {
-    fn key(self) -> TxnKey {
-        match self {
-            Self::Again(key) | Self::Pending(key) | Self::Settled(key) => key,
-        }
+/// The view of `row` if it is pending (what a re-send of one of its halves is answered).
+fn pending_view(row: &TransactionRow) -> Result<Option<TransactionView>, StorageError> {
+    if row.status == TransactionStatus::Pending.as_str() {
+        row.view().map(Some)
+    } else {
+        Ok(None)
     }
 }
 
@@ -508,7 +513,7 @@ impl Batch {
                 && used.kind == kind
                 && used.envelope_sha256 == half.envelope_sha256;
             return match (same, existing) {
-                (true, Some(_)) => Ok(Verdict::Again(key)),
+                (true, Some(existing)) => Ok(Verdict::Again(key, pending_view(&existing.row)?)),
                 _ => Err(StorageError::ReplayedKsn),
             };
         }
@@ -525,7 +530,7 @@ impl Batch {
         };
         if existing.row.has(kind) {
             return if existing.row.envelope(kind) == Some(half.envelope_sha256.as_slice()) {
-                Ok(Verdict::Again(key))
+                Ok(Verdict::Again(key, pending_view(&existing.row)?))
             } else {
                 Err(StorageError::Conflict)
             };
@@ -618,9 +623,9 @@ impl Batch {
         if now_ms > row.expires_at_ms {
             return Err(StorageError::Expired);
         }
-        let key = half.txn_id.to_bytes();
+        let view = row.view()?;
         self.transactions.insert(
-            key,
+            half.txn_id.to_bytes(),
             BatchTransaction {
                 row,
                 stored: false,
@@ -628,7 +633,7 @@ impl Batch {
             },
         );
         self.use_counter(half, counter, now_ms);
-        Ok(Verdict::Pending(key))
+        Ok(Verdict::Pending(view))
     }
 
     /// The halves must describe the same payment (the transaction ID is the row's key).
@@ -687,13 +692,23 @@ impl Batch {
 
     /// The answer to a half the batch did not refuse, once its rows are written.
     pub(crate) fn submitted(&self, verdict: Verdict) -> Result<Submitted, StorageError> {
+        let (key, settled_now) = match verdict {
+            Verdict::Pending(view) | Verdict::Again(_, Some(view)) => {
+                return Ok(Submitted {
+                    view,
+                    settled_now: false,
+                });
+            }
+            Verdict::Again(key, None) => (key, false),
+            Verdict::Settled(key) => (key, true),
+        };
         let row = self
             .transactions
-            .get(&verdict.key())
+            .get(&key)
             .ok_or_else(|| StorageError::corrupt("a decided transaction left the batch"))?;
         Ok(Submitted {
             view: row.row.view()?,
-            settled_now: matches!(verdict, Verdict::Settled(_)),
+            settled_now,
         })
     }
 
