@@ -480,6 +480,31 @@ async fn tampered_halves(ledger: Ledger) {
             .await;
         eprintln!("flipped {field}: {} {}", problem.code, problem.detail);
     }
+    // Each refusal is logged with its problem code and the sender (the log is written as the
+    // answer leaves; allow it a moment to reach the file).
+    let logged = |code: &str| {
+        market.platform.daemon_log().lines().any(|line| {
+            line.contains("half refused")
+                && line.contains("terminal=shop-1")
+                && line.contains(&format!("code={code}"))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(logged("authentication-failed") && logged("wrong-half-type"))
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        logged("authentication-failed"),
+        "{}",
+        market.platform.daemon_log()
+    );
+    assert!(
+        logged("wrong-half-type"),
+        "{}",
+        market.platform.daemon_log()
+    );
     // Correctly sealed under the same KSN, but sent_at ten minutes ago: the clock check.
     let late = keys
         .seal_half(HalfKind::A, market.payee.id(), &request, now_ms() - 600_000)

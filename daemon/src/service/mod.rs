@@ -237,6 +237,7 @@ impl Api for Platform {
                 .get_or_create(&HalfLabels { half, outcome })
                 .inc();
         };
+        let sender = client.clone();
         let Ok(Ok(place)) = tokio::time::timeout(
             HALF_ADMISSION_WAIT,
             Arc::clone(&self.inner.in_flight).acquire_owned(),
@@ -264,6 +265,15 @@ impl Api for Platform {
             Ok(accepted) => accepted,
             Err(problem) => {
                 count(problem.code().as_str());
+                // Refusals are what tells an attack from a broken terminal: logged with their
+                // stable code (the detail never names a key).
+                tracing::info!(
+                    terminal = %sender,
+                    half,
+                    code = %problem.code().as_str(),
+                    detail = problem.detail(),
+                    "half refused"
+                );
                 return Err(problem);
             }
         };
