@@ -27,6 +27,8 @@ pub mod error;
 pub mod key_pair;
 pub mod pkcs11;
 pub mod software;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod types;
 pub mod uri;
 

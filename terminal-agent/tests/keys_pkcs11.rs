@@ -15,7 +15,6 @@ use nfcpay_protocol::test_vectors as x9_24_3_vectors;
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use cryptoki::context::Pkcs11;
@@ -25,13 +24,11 @@ use nfcpay_keystore::components::clear_key_kcv;
 use nfcpay_keystore::dukpt::{TransientKey, initial_key, working_key, working_key_from};
 use nfcpay_keystore::pkcs11::Pkcs11Keystore;
 use nfcpay_keystore::software::SoftwareKeystore;
+use nfcpay_keystore::testing::FailingKeystore;
 use nfcpay_keystore::uri::Pkcs11Uri;
-use nfcpay_keystore::{
-    BdkInfo, CMAC_BYTES, DeriveBase, ECDSA_P256_SIGNATURE_BYTES, EcPublicKey, GCM_NONCE_BYTES, Kcv,
-    KeyHandle, KeyLabel, KeyPurpose, Keystore, KeystoreError, PrivateKeyHandle,
-};
-use nfcpay_protocol::dukpt::{DerivationData, KeyAlgorithm, WorkingKeyUsage};
-use nfcpay_protocol::{BdkId, InitialKeyId, Ksn};
+use nfcpay_keystore::{Kcv, KeyHandle, KeyPurpose, Keystore, KeystoreError};
+use nfcpay_protocol::dukpt::{KeyAlgorithm, WorkingKeyUsage};
+use nfcpay_protocol::{InitialKeyId, Ksn};
 use nfcpay_terminal_agent::keys::{STATE_FILE_NAME, TerminalKeyState, register_label};
 use x9_24_3_vectors::{AES128_BDK, AES128_TERMINAL_KSN_SEQUENCE};
 use zeroize::Zeroizing;
@@ -203,14 +200,9 @@ fn crash_at_every_step(label: &str) {
                 handed_out.push(state.next_transaction().unwrap().0);
             }
             drop(state);
-            let failing = Arc::new(FailingKeystore {
-                inner: Arc::clone(&token),
-                armed: AtomicBool::new(false),
-                calls: AtomicUsize::new(0),
-                fail_at,
-            });
+            let failing = Arc::new(FailingKeystore::new(Arc::clone(&token), fail_at));
             let mut state = TerminalKeyState::open(Arc::clone(&failing) as _, dir.path()).unwrap();
-            failing.armed.store(true, Ordering::SeqCst);
+            failing.arm();
             assert!(state.next_transaction().is_err());
             if let Ok((ksn, _)) = state.next_transaction() {
                 handed_out.push(ksn);
@@ -297,142 +289,4 @@ fn registers_stay_in_the_token(label: &str) {
         );
     }
     drop(state);
-}
-
-/// A keystore that, once armed, fails the `fail_at`-th call (counting from 0) to
-/// `derive`, `persist_key` or `delete_key`, like a crash at that point.
-struct FailingKeystore {
-    inner: Arc<dyn Keystore>,
-    armed: AtomicBool,
-    calls: AtomicUsize,
-    fail_at: usize,
-}
-
-impl FailingKeystore {
-    fn step(&self) -> Result<(), KeystoreError> {
-        if self.armed.load(Ordering::SeqCst)
-            && self.calls.fetch_add(1, Ordering::SeqCst) == self.fail_at
-        {
-            return Err(KeystoreError::Io {
-                path: "injected".to_owned(),
-                message: "a crash".to_owned(),
-            });
-        }
-        Ok(())
-    }
-}
-
-impl Keystore for FailingKeystore {
-    fn generate_bdk(&self, id: BdkId, a: KeyAlgorithm) -> Result<BdkInfo, KeystoreError> {
-        self.inner.generate_bdk(id, a)
-    }
-    fn import_bdk(&self, id: BdkId, k: &Zeroizing<Vec<u8>>) -> Result<BdkInfo, KeystoreError> {
-        self.inner.import_bdk(id, k)
-    }
-    fn bdk_info(&self, id: BdkId) -> Result<BdkInfo, KeystoreError> {
-        self.inner.bdk_info(id)
-    }
-    fn list_bdks(&self) -> Result<Vec<BdkInfo>, KeystoreError> {
-        self.inner.list_bdks()
-    }
-    fn derive(
-        &self,
-        base: DeriveBase<'_>,
-        data: &DerivationData,
-        purpose: KeyPurpose,
-    ) -> Result<KeyHandle, KeystoreError> {
-        self.step()?;
-        self.inner.derive(base, data, purpose)
-    }
-    fn gcm_encrypt(
-        &self,
-        key: &KeyHandle,
-        nonce: &[u8; GCM_NONCE_BYTES],
-        aad: &[u8],
-        plaintext: &[u8],
-    ) -> Result<Vec<u8>, KeystoreError> {
-        self.inner.gcm_encrypt(key, nonce, aad, plaintext)
-    }
-    fn gcm_decrypt(
-        &self,
-        key: &KeyHandle,
-        nonce: &[u8; GCM_NONCE_BYTES],
-        aad: &[u8],
-        sealed: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, KeystoreError> {
-        self.inner.gcm_decrypt(key, nonce, aad, sealed)
-    }
-    fn cmac_generate(
-        &self,
-        key: &KeyHandle,
-        data: &[u8],
-    ) -> Result<[u8; CMAC_BYTES], KeystoreError> {
-        self.inner.cmac_generate(key, data)
-    }
-    fn cmac_verify(&self, key: &KeyHandle, data: &[u8], mac: &[u8]) -> Result<(), KeystoreError> {
-        self.inner.cmac_verify(key, data, mac)
-    }
-    fn kcv(&self, key: &KeyHandle) -> Result<Kcv, KeystoreError> {
-        self.inner.kcv(key)
-    }
-    fn generate_ec_p256(
-        &self,
-        label: &KeyLabel,
-        persistent: bool,
-    ) -> Result<(PrivateKeyHandle, EcPublicKey), KeystoreError> {
-        self.inner.generate_ec_p256(label, persistent)
-    }
-    fn find_ec_p256(
-        &self,
-        label: &KeyLabel,
-    ) -> Result<Option<(PrivateKeyHandle, EcPublicKey)>, KeystoreError> {
-        self.inner.find_ec_p256(label)
-    }
-    fn sign_p256_sha256(
-        &self,
-        key: &PrivateKeyHandle,
-        message: &[u8],
-    ) -> Result<[u8; ECDSA_P256_SIGNATURE_BYTES], KeystoreError> {
-        self.inner.sign_p256_sha256(key, message)
-    }
-    fn ecdh_kek(
-        &self,
-        key: &PrivateKeyHandle,
-        peer: &EcPublicKey,
-        context: &[u8],
-    ) -> Result<KeyHandle, KeystoreError> {
-        self.inner.ecdh_kek(key, peer, context)
-    }
-    fn wrap_key(&self, kek: &KeyHandle, key: &KeyHandle) -> Result<Vec<u8>, KeystoreError> {
-        self.inner.wrap_key(kek, key)
-    }
-    fn unwrap_key(
-        &self,
-        kek: &KeyHandle,
-        wrapped: &[u8],
-        algorithm: KeyAlgorithm,
-        purpose: KeyPurpose,
-    ) -> Result<KeyHandle, KeystoreError> {
-        self.inner.unwrap_key(kek, wrapped, algorithm, purpose)
-    }
-    fn destroy(&self, key: KeyHandle) -> Result<(), KeystoreError> {
-        self.inner.destroy(key)
-    }
-    fn persist_key(&self, key: &KeyHandle, label: &KeyLabel) -> Result<(), KeystoreError> {
-        self.step()?;
-        self.inner.persist_key(key, label)
-    }
-    fn load_key(&self, label: &KeyLabel) -> Result<Option<KeyHandle>, KeystoreError> {
-        self.inner.load_key(label)
-    }
-    fn delete_key(&self, label: &KeyLabel) -> Result<bool, KeystoreError> {
-        self.step()?;
-        self.inner.delete_key(label)
-    }
-    fn destroy_ec(&self, key: PrivateKeyHandle) -> Result<(), KeystoreError> {
-        self.inner.destroy_ec(key)
-    }
-    fn check_health(&self) -> Result<(), KeystoreError> {
-        self.inner.check_health()
-    }
 }

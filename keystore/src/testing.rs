@@ -1,0 +1,168 @@
+//! Test doubles over a real keystore, for the crates that build on this one (feature
+//! `testing`; never enabled in a shipped binary).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use nfcpay_protocol::BdkId;
+use nfcpay_protocol::dukpt::{DerivationData, KeyAlgorithm};
+use zeroize::Zeroizing;
+
+use crate::{
+    BdkInfo, CMAC_BYTES, DeriveBase, ECDSA_P256_SIGNATURE_BYTES, EcPublicKey, GCM_NONCE_BYTES, Kcv,
+    KeyHandle, KeyLabel, KeyPurpose, Keystore, KeystoreError, PrivateKeyHandle,
+};
+
+/// A keystore that, once [armed](Self::arm), fails the `fail_at`-th call (counting from 0) to
+/// the calls that change a terminal's key state (`derive`, `persist_key`, `delete_key`), like
+/// a crash at that point; every other call goes to the keystore it wraps.
+pub struct FailingKeystore {
+    inner: Arc<dyn Keystore>,
+    armed: AtomicBool,
+    calls: AtomicUsize,
+    fail_at: usize,
+}
+
+impl FailingKeystore {
+    /// Wraps `inner`, disarmed, to fail the `fail_at`-th state-changing call once armed.
+    pub fn new(inner: Arc<dyn Keystore>, fail_at: usize) -> Self {
+        Self {
+            inner,
+            armed: AtomicBool::new(false),
+            calls: AtomicUsize::new(0),
+            fail_at,
+        }
+    }
+
+    /// From now on, state-changing calls count towards `fail_at`.
+    pub fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    fn step(&self) -> Result<(), KeystoreError> {
+        if self.armed.load(Ordering::SeqCst)
+            && self.calls.fetch_add(1, Ordering::SeqCst) == self.fail_at
+        {
+            return Err(KeystoreError::Io {
+                path: "injected".to_owned(),
+                message: "a crash".to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Keystore for FailingKeystore {
+    fn generate_bdk(&self, id: BdkId, a: KeyAlgorithm) -> Result<BdkInfo, KeystoreError> {
+        self.inner.generate_bdk(id, a)
+    }
+    fn import_bdk(&self, id: BdkId, k: &Zeroizing<Vec<u8>>) -> Result<BdkInfo, KeystoreError> {
+        self.inner.import_bdk(id, k)
+    }
+    fn bdk_info(&self, id: BdkId) -> Result<BdkInfo, KeystoreError> {
+        self.inner.bdk_info(id)
+    }
+    fn list_bdks(&self) -> Result<Vec<BdkInfo>, KeystoreError> {
+        self.inner.list_bdks()
+    }
+    fn derive(
+        &self,
+        base: DeriveBase<'_>,
+        data: &DerivationData,
+        purpose: KeyPurpose,
+    ) -> Result<KeyHandle, KeystoreError> {
+        self.step()?;
+        self.inner.derive(base, data, purpose)
+    }
+    fn gcm_encrypt(
+        &self,
+        key: &KeyHandle,
+        nonce: &[u8; GCM_NONCE_BYTES],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, KeystoreError> {
+        self.inner.gcm_encrypt(key, nonce, aad, plaintext)
+    }
+    fn gcm_decrypt(
+        &self,
+        key: &KeyHandle,
+        nonce: &[u8; GCM_NONCE_BYTES],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeystoreError> {
+        self.inner.gcm_decrypt(key, nonce, aad, sealed)
+    }
+    fn cmac_generate(
+        &self,
+        key: &KeyHandle,
+        data: &[u8],
+    ) -> Result<[u8; CMAC_BYTES], KeystoreError> {
+        self.inner.cmac_generate(key, data)
+    }
+    fn cmac_verify(&self, key: &KeyHandle, data: &[u8], mac: &[u8]) -> Result<(), KeystoreError> {
+        self.inner.cmac_verify(key, data, mac)
+    }
+    fn kcv(&self, key: &KeyHandle) -> Result<Kcv, KeystoreError> {
+        self.inner.kcv(key)
+    }
+    fn generate_ec_p256(
+        &self,
+        label: &KeyLabel,
+        persistent: bool,
+    ) -> Result<(PrivateKeyHandle, EcPublicKey), KeystoreError> {
+        self.inner.generate_ec_p256(label, persistent)
+    }
+    fn find_ec_p256(
+        &self,
+        label: &KeyLabel,
+    ) -> Result<Option<(PrivateKeyHandle, EcPublicKey)>, KeystoreError> {
+        self.inner.find_ec_p256(label)
+    }
+    fn sign_p256_sha256(
+        &self,
+        key: &PrivateKeyHandle,
+        message: &[u8],
+    ) -> Result<[u8; ECDSA_P256_SIGNATURE_BYTES], KeystoreError> {
+        self.inner.sign_p256_sha256(key, message)
+    }
+    fn ecdh_kek(
+        &self,
+        key: &PrivateKeyHandle,
+        peer: &EcPublicKey,
+        context: &[u8],
+    ) -> Result<KeyHandle, KeystoreError> {
+        self.inner.ecdh_kek(key, peer, context)
+    }
+    fn wrap_key(&self, kek: &KeyHandle, key: &KeyHandle) -> Result<Vec<u8>, KeystoreError> {
+        self.inner.wrap_key(kek, key)
+    }
+    fn unwrap_key(
+        &self,
+        kek: &KeyHandle,
+        wrapped: &[u8],
+        algorithm: KeyAlgorithm,
+        purpose: KeyPurpose,
+    ) -> Result<KeyHandle, KeystoreError> {
+        self.inner.unwrap_key(kek, wrapped, algorithm, purpose)
+    }
+    fn destroy(&self, key: KeyHandle) -> Result<(), KeystoreError> {
+        self.inner.destroy(key)
+    }
+    fn persist_key(&self, key: &KeyHandle, label: &KeyLabel) -> Result<(), KeystoreError> {
+        self.step()?;
+        self.inner.persist_key(key, label)
+    }
+    fn load_key(&self, label: &KeyLabel) -> Result<Option<KeyHandle>, KeystoreError> {
+        self.inner.load_key(label)
+    }
+    fn delete_key(&self, label: &KeyLabel) -> Result<bool, KeystoreError> {
+        self.step()?;
+        self.inner.delete_key(label)
+    }
+    fn destroy_ec(&self, key: PrivateKeyHandle) -> Result<(), KeystoreError> {
+        self.inner.destroy_ec(key)
+    }
+    fn check_health(&self) -> Result<(), KeystoreError> {
+        self.inner.check_health()
+    }
+}
