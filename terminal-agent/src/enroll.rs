@@ -257,12 +257,7 @@ fn load_answer(
 
 /// Opens an enrolled terminal from its directory and keystore.
 pub fn open(store: Arc<dyn Keystore>, dir: &Path) -> Result<Terminal, EnrollError> {
-    let path = dir.join(TERMINAL_FILE);
-    let text = std::fs::read(&path).map_err(|error| io_error(&path, &error))?;
-    let file: TerminalFile = serde_json::from_slice(&text).map_err(|error| EnrollError::Io {
-        path: path.clone(),
-        message: format!("not a terminal file: {error}"),
-    })?;
+    let file = read_terminal_file(dir)?;
     let terminal_id: TerminalId = file
         .terminal_id
         .parse()
@@ -271,9 +266,7 @@ pub fn open(store: Arc<dyn Keystore>, dir: &Path) -> Result<Terminal, EnrollErro
         .ok()
         .and_then(|bytes| EcPublicKey::try_from(&bytes[..]).ok())
         .ok_or_else(|| EnrollError::Answer("receipt key".into()))?;
-    let tls_key = HsmKeyPair::find(&store, &label(TLS_KEY_LABEL)?)?
-        .ok_or_else(|| EnrollError::Answer("no TLS key in the keystore: enroll again".into()))?;
-    let platform = client(&file, dir, &tls_key)?;
+    let platform = authenticated_client(&store, dir, &file)?;
     let keys = TerminalKeyState::open(store, dir)?;
     Ok(Terminal {
         terminal_id,
@@ -282,6 +275,36 @@ pub fn open(store: Arc<dyn Keystore>, dir: &Path) -> Result<Terminal, EnrollErro
         platform,
         file,
     })
+}
+
+/// Another client of the platform for the terminal enrolled in `dir` with its keys in
+/// `store`, on a connection of its own; the terminal's DUKPT state is not opened. For load
+/// tests that hold many connections as one terminal.
+pub fn platform_client(
+    store: &Arc<dyn Keystore>,
+    dir: &Path,
+) -> Result<PlatformClient, EnrollError> {
+    authenticated_client(store, dir, &read_terminal_file(dir)?)
+}
+
+fn read_terminal_file(dir: &Path) -> Result<TerminalFile, EnrollError> {
+    let path = dir.join(TERMINAL_FILE);
+    let text = std::fs::read(&path).map_err(|error| io_error(&path, &error))?;
+    serde_json::from_slice(&text).map_err(|error| EnrollError::Io {
+        path: path.clone(),
+        message: format!("not a terminal file: {error}"),
+    })
+}
+
+/// The terminal's client of the platform, authenticated with its certificate and TLS key.
+fn authenticated_client(
+    store: &Arc<dyn Keystore>,
+    dir: &Path,
+    file: &TerminalFile,
+) -> Result<PlatformClient, EnrollError> {
+    let tls_key = HsmKeyPair::find(store, &label(TLS_KEY_LABEL)?)?
+        .ok_or_else(|| EnrollError::Answer("no TLS key in the keystore: enroll again".into()))?;
+    client(file, dir, &tls_key)
 }
 
 fn client(

@@ -786,6 +786,15 @@ impl TestTerminal {
         self._dir.path()
     }
 
+    /// Another client of the platform as this terminal, on a connection of its own (the
+    /// DUKPT state is not opened): for holding many connections.
+    pub fn another_client(&self) -> Result<nfcpay_terminal_agent::platform::PlatformClient> {
+        Ok(nfcpay_terminal_agent::enroll::platform_client(
+            &self.store,
+            self.dir(),
+        )?)
+    }
+
     /// From now on keeps the DUKPT state in memory only: [`Self::seal`] no longer saves it
     /// before each key, so a crash could hand out a KSN again. For the load generator, so
     /// that its figure measures the platform rather than the simulated terminals' fsyncs;

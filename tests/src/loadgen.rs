@@ -63,13 +63,36 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// The sum of [`HSM_OPERATIONS_METRICS`] over their labels on the daemon whose operations
-/// listener is `ops_address`; `None` when the daemon exports neither.
-pub fn hsm_operations(ops_address: &str) -> Result<Option<f64>> {
+/// The resident set size of process `pid`, in KiB (`VmRSS` of `/proc/PID/status`).
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// The value of gauge or counter `name` (summed over its labels) on the daemon whose
+/// operations listener is `ops_address`; `None` when it does not export it.
+pub fn daemon_metric(ops_address: &str, name: &str) -> Result<Option<f64>> {
+    Ok(sum_metric(&metrics_text(ops_address)?, name))
+}
+
+/// The `/metrics` text of the daemon whose operations listener is `ops_address`.
+fn metrics_text(ops_address: &str) -> Result<String> {
     let (status, body) = http_get(ops_address, "/metrics")?;
     if status != 200 {
         bail!("GET http://{ops_address}/metrics answered {status}");
     }
+    Ok(body)
+}
+
+/// The sum of [`HSM_OPERATIONS_METRICS`] over their labels on the daemon whose operations
+/// listener is `ops_address`; `None` when the daemon exports neither.
+pub fn hsm_operations(ops_address: &str) -> Result<Option<f64>> {
+    let body = metrics_text(ops_address)?;
     Ok(HSM_OPERATIONS_METRICS
         .iter()
         .filter_map(|name| sum_metric(&body, name))

@@ -32,10 +32,11 @@ use nfcpay_keystore::pkcs11::Pkcs11Keystore;
 use nfcpay_keystore::{DeriveBase, KeyLabel, KeyPurpose, Keystore};
 use nfcpay_protocol::dukpt::{DerivationData, KeyAlgorithm};
 use nfcpay_protocol::messages::HalfKind;
-use nfcpay_protocol::{AccountId, Currency, InitialKeyId};
+use nfcpay_protocol::{AccountId, Currency, InitialKeyId, TxnId};
+use nfcpay_terminal_agent::platform::PlatformError;
 use nfcpay_tests::loadgen::{
-    LedgerVerdict, SettledPayment, check_ledger, cpu_time_ms, hsm_operations, own_cpu_time_ms,
-    quantile, register_idle_terminals, register_idle_terminals_postgres,
+    LedgerVerdict, SettledPayment, check_ledger, cpu_time_ms, daemon_metric, hsm_operations,
+    own_cpu_time_ms, quantile, register_idle_terminals, register_idle_terminals_postgres, rss_kib,
 };
 use nfcpay_tests::{
     DaemonEndpoints, FIXTURE_BDK_ID, Ledger, PlatformFixture, SOFTHSM_MODULE, TestTerminal,
@@ -67,6 +68,11 @@ struct Args {
     /// measures the platform.
     #[arg(long, value_enum, default_value_t = TerminalStateKeeping::Durable)]
     terminal_state: TerminalStateKeeping,
+    /// Before paying, hold this many more mTLS connections to the first daemon as one
+    /// terminal (each makes one request, then idles) and report the daemon's RSS growth
+    /// per connection; they are closed before the paying window.
+    #[arg(long, default_value_t = 0)]
+    idle_connections: usize,
     /// Print one JSON object on stdout (progress goes to stderr).
     #[arg(long)]
     json: bool,
@@ -239,6 +245,24 @@ struct Run {
     /// HSM operations the daemons counted in the window; `None` when they do not export the
     /// counter.
     hsm_operations: Option<f64>,
+    /// What `--idle-connections` measured.
+    idle: Option<IdleConnections>,
+}
+
+/// The first daemon's memory before and after `--idle-connections` more connections.
+#[derive(Debug, Clone, Copy)]
+struct IdleConnections {
+    held: usize,
+    /// The daemon's `nfcpayd_open_connections` while they were held.
+    open_in_daemon: Option<f64>,
+    rss_before_kib: u64,
+    rss_after_kib: u64,
+}
+
+impl IdleConnections {
+    fn kib_per_connection(self) -> f64 {
+        (self.rss_after_kib as f64 - self.rss_before_kib as f64) / self.held as f64
+    }
 }
 
 /// Enrolls the terminals (pair `p`: one at daemon `p mod N`, the other at `p+1 mod N`),
@@ -254,6 +278,12 @@ async fn load(args: &Args, platform: &PlatformFixture) -> Result<Run> {
         let second = enroll(args, platform, 2 * pair + 1, second_at).await?;
         pairs.push((first, second));
     }
+    let idle = match pairs.first() {
+        Some((first, _)) if args.idle_connections > 0 => {
+            Some(hold_idle_connections(args, platform, first).await?)
+        }
+        _ => None,
+    };
     progress!(
         json,
         "paying for {} s ({} pairs, terminal state {})…",
@@ -302,6 +332,44 @@ async fn load(args: &Args, platform: &PlatformFixture) -> Result<Run> {
         hsm_operations: hsm_before
             .zip(hsm_after)
             .map(|(before, after)| after - before),
+        idle,
+    })
+}
+
+/// Opens `--idle-connections` connections to the first daemon as `terminal` (enrolled
+/// there), each answered once (a lookup of an unknown payment: 404, kept alive), holds
+/// them a second and measures the daemon's RSS; closes them.
+async fn hold_idle_connections(
+    args: &Args,
+    platform: &PlatformFixture,
+    terminal: &TestTerminal,
+) -> Result<IdleConnections> {
+    let held = args.idle_connections;
+    progress!(args.json, "holding {held} idle connections…");
+    let pid = platform.daemon_pids()[0];
+    let ops_address = platform.endpoints().ops_address;
+    let rss_before_kib = rss_kib(pid)?;
+    let mut clients = Vec::with_capacity(held);
+    for _ in 0..held {
+        let client = terminal.another_client()?;
+        let mut txn_id = [0u8; 16];
+        getrandom::fill(&mut txn_id)?;
+        match client.transaction(TxnId::try_from(txn_id)?).await {
+            Err(PlatformError::Refused(problem)) if problem.status == 404 => {}
+            Err(other) => return Err(other.into()),
+            Ok(_) => bail!("a random transaction ID was found"),
+        }
+        clients.push(client);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_after_kib = rss_kib(pid)?;
+    let open_in_daemon = daemon_metric(&ops_address, "nfcpayd_open_connections")?;
+    drop(clients);
+    Ok(IdleConnections {
+        held,
+        open_in_daemon,
+        rss_before_kib,
+        rss_after_kib,
     })
 }
 
@@ -533,6 +601,10 @@ impl Report<'_> {
             "postings_balanced": self.verdict.postings_balanced,
             "ledger_settlements": self.verdict.ledger_settlements,
             "audit_ok": self.audit_ok,
+            "idle_connections": self.run.idle.map(|idle| idle.held),
+            "idle_connections_open_in_daemon": self.run.idle.and_then(|idle| idle.open_in_daemon),
+            "rss_kib_per_idle_connection":
+                round(self.run.idle.map(IdleConnections::kib_per_connection), 1),
         })
     }
 
@@ -591,6 +663,17 @@ impl Report<'_> {
             println!(
                 "HSM-bound payments/s: {bound:.0} (load reached {:.1}% of it)",
                 100.0 * self.payments_per_s() / bound
+            );
+        }
+        if let Some(idle) = self.run.idle {
+            println!(
+                "idle connections:     {} held ({} open in nfcpayd): RSS {} -> {} KiB, {:.1} KiB each",
+                idle.held,
+                idle.open_in_daemon
+                    .map_or_else(|| "-".to_owned(), |open| format!("{open:.0}")),
+                idle.rss_before_kib,
+                idle.rss_after_kib,
+                idle.kib_per_connection()
             );
         }
         println!(
