@@ -4,7 +4,7 @@
 //! a slow service on purpose.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,7 +27,7 @@ use rustls::client::ResolvesClientCert;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
@@ -166,7 +166,20 @@ impl Client {
     }
 
     async fn tls(&self, address: SocketAddr) -> std::io::Result<TlsStream<TcpStream>> {
-        let tcp = TcpStream::connect(address).await?;
+        self.tls_from(None, address).await
+    }
+
+    /// A TLS connection from `source` (any loopback address on Linux), or from the default
+    /// address with `None`.
+    async fn tls_from(
+        &self,
+        source: Option<IpAddr>,
+        address: SocketAddr,
+    ) -> std::io::Result<TlsStream<TcpStream>> {
+        let tcp = match source {
+            Some(source) => connect_from(source, address).await?,
+            None => TcpStream::connect(address).await?,
+        };
         let name = ServerName::try_from("localhost").unwrap();
         TlsConnector::from(Arc::clone(&self.config))
             .connect(name, tcp)
@@ -181,6 +194,13 @@ impl Client {
         let tls = self.tls(address).await?;
         http_over(tls).await
     }
+}
+
+/// A TCP connection to `address` from `source`.
+async fn connect_from(source: IpAddr, address: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(address).await
 }
 
 /// Offers one client certificate, and remembers whether a server asked for one.
@@ -1026,6 +1046,126 @@ async fn an_idle_flood_on_the_enrollment_listener_leaves_terminals_their_capacit
     assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 1);
     drop(terminal);
     terminal_driver.abort();
+    running.stop().await;
+}
+
+/// One address (an IPv4 address, an IPv6 /64) gets at most its share of a listener: a
+/// connection beyond it is closed at once, before any TLS work, while another address is
+/// served.
+#[tokio::test]
+async fn an_address_over_its_share_is_closed_at_once_and_others_are_served() {
+    let running = Running::start(|config| {
+        config.enrollment_connections_max = 16;
+        config.enrollment_connections_per_address_max = 2;
+    })
+    .await;
+    let crowd: IpAddr = "127.0.0.3".parse().unwrap();
+    // Two idle connections from one address hold its share.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(connect_from(crowd, running.enroll_address).await.unwrap());
+    }
+    // Its third is closed without a byte.
+    let mut third = connect_from(crowd, running.enroll_address).await.unwrap();
+    let mut buffer = [0u8; 16];
+    let read = tokio::time::timeout(PATIENCE, third.read(&mut buffer))
+        .await
+        .expect("the connection over the share is closed at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // Another address enrolls as usual.
+    let tls = running
+        .enrollee()
+        .tls_from(Some("127.0.0.4".parse().unwrap()), running.enroll_address)
+        .await
+        .unwrap();
+    let (mut sender, _driver) = http_over(tls).await.unwrap();
+    let answer = send(&mut sender, Method::POST, "/v1/enroll", r#"{"code":"c7"}"#)
+        .await
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    let metrics = running.ops_get("/metrics").await;
+    assert!(
+        metrics
+            .text()
+            .contains(r#"nfcpayd_connections_refused_per_address_total{listener="enrollment"} 1"#),
+        "{}",
+        metrics.text()
+    );
+    // The share comes back when a held connection closes.
+    drop(held.pop());
+    eventually("the address gets its share back", || async {
+        let mut again = connect_from(crowd, running.enroll_address).await.unwrap();
+        let mut buffer = [0u8; 1];
+        // Served: the server waits for a TLS ClientHello instead of closing.
+        tokio::time::timeout(Duration::from_millis(200), again.read(&mut buffer))
+            .await
+            .is_err()
+    })
+    .await;
+    running.stop().await;
+}
+
+/// When fewer than an eighth of a listener's slots are free, connections idle between
+/// requests get the header timeout instead of the keep-alive one, so that idle terminals
+/// cannot keep the listener full.
+#[tokio::test]
+async fn idle_connections_get_the_short_timeout_when_the_listener_is_crowded() {
+    let running = Running::start(|config| {
+        config.connections_max = 8;
+        config.header_read_timeout_ms = 300;
+        config.keep_alive_idle_timeout_ms = 60_000;
+    })
+    .await;
+    let client = running.terminal("shop-1");
+    let mut open = Vec::new();
+    for body in ["1", "2", "3", "4", "5", "6", "7"] {
+        let (mut sender, driver) = client.http(running.address).await.unwrap();
+        let answer = send(&mut sender, Method::POST, "/v1/halves/a", body)
+            .await
+            .unwrap();
+        assert_eq!(answer.status, StatusCode::ACCEPTED);
+        open.push((sender, driver));
+    }
+    // Seven of eight slots in use, one free: not crowded, so an idle connection outlives the
+    // header timeout (deliberately waiting past it).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (first, _) = &mut open[0];
+    let answer = send(first, Method::POST, "/v1/halves/a", "again")
+        .await
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+
+    // The eighth connection crowds the listener: an idle one (idle longer than the header
+    // timeout) is closed, which leaves a free slot again; so does the ninth.
+    let mut newcomers = Vec::new();
+    for (round, body) in [(1, "8"), (2, "9")] {
+        let (mut sender, driver) = client.http(running.address).await.unwrap();
+        let answer = send(&mut sender, Method::POST, "/v1/halves/a", body)
+            .await
+            .unwrap();
+        assert_eq!(answer.status, StatusCode::ACCEPTED);
+        newcomers.push((sender, driver));
+        let closed =
+            format!(r#"nfcpayd_connection_timeouts_total{{phase="idle_crowded"}} {round}"#);
+        eventually("an idle connection is closed for the newcomer", || async {
+            running.ops_get("/metrics").await.text().contains(&closed)
+        })
+        .await;
+        eventually("seven connections are open again", || async {
+            running
+                .ops_get("/metrics")
+                .await
+                .text()
+                .contains("nfcpayd_open_connections 7\n")
+        })
+        .await;
+    }
+    // Exactly the two: the others keep their keep-alive time.
+    let finished = open
+        .iter()
+        .filter(|(_, driver)| driver.is_finished())
+        .count();
+    assert_eq!(finished, 2);
     running.stop().await;
 }
 

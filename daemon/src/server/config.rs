@@ -34,6 +34,11 @@ pub const CONNECTIONS_MAX: usize = 1024;
 /// Most open TLS connections on the enrollment listener; further enrollees wait in its listen
 /// backlog. Enrollment is rare (once per terminal) and each connection carries one request.
 pub const ENROLLMENT_CONNECTIONS_MAX: usize = 64;
+/// Most open connections on the terminal listener from one address (an IPv4 address, an IPv6
+/// /64): the terminals of one shop behind one NAT fit, one host cannot take the listener.
+pub const CONNECTIONS_PER_ADDRESS_MAX: usize = 256;
+/// Most open connections on the enrollment listener from one address (IPv4, IPv6 /64).
+pub const ENROLLMENT_CONNECTIONS_PER_ADDRESS_MAX: usize = 8;
 /// Most open connections on the operations listener.
 pub const OPS_CONNECTIONS_MAX: usize = 16;
 /// Sustained requests per second allowed to one terminal.
@@ -89,6 +94,10 @@ pub struct ServerConfig {
     pub connections_max: usize,
     /// See [`ENROLLMENT_CONNECTIONS_MAX`].
     pub enrollment_connections_max: usize,
+    /// See [`CONNECTIONS_PER_ADDRESS_MAX`].
+    pub connections_per_address_max: usize,
+    /// See [`ENROLLMENT_CONNECTIONS_PER_ADDRESS_MAX`].
+    pub enrollment_connections_per_address_max: usize,
     /// See [`TERMINAL_REQUESTS_PER_SECOND`].
     pub terminal_requests_per_second: u32,
     /// See [`TERMINAL_REQUEST_BURST`].
@@ -119,6 +128,8 @@ impl Default for ServerConfig {
             drain_timeout_ms: DRAIN_TIMEOUT_MS,
             connections_max: CONNECTIONS_MAX,
             enrollment_connections_max: ENROLLMENT_CONNECTIONS_MAX,
+            connections_per_address_max: CONNECTIONS_PER_ADDRESS_MAX,
+            enrollment_connections_per_address_max: ENROLLMENT_CONNECTIONS_PER_ADDRESS_MAX,
             terminal_requests_per_second: TERMINAL_REQUESTS_PER_SECOND,
             terminal_request_burst: TERMINAL_REQUEST_BURST,
             enrollment_requests_per_second: ENROLLMENT_REQUESTS_PER_SECOND,
@@ -187,6 +198,14 @@ impl ServerConfig {
             (
                 "enrollment_connections_max",
                 self.enrollment_connections_max,
+            ),
+            (
+                "connections_per_address_max",
+                self.connections_per_address_max,
+            ),
+            (
+                "enrollment_connections_per_address_max",
+                self.enrollment_connections_per_address_max,
             ),
         ] {
             if !(1..=CONNECTIONS_CEILING).contains(&value) {
@@ -266,7 +285,7 @@ mod tests {
     #[test]
     fn refuses_each_bad_setting_by_name() {
         type Change = fn(&mut ServerConfig);
-        let cases: [(&str, Change); 13] = [
+        let cases: [(&str, Change); 15] = [
             ("ops_listen", |c| {
                 c.ops_listen = "0.0.0.0:9443".parse().unwrap()
             }),
@@ -293,6 +312,12 @@ mod tests {
             }),
             ("enrollment_connections_max", |c| {
                 c.enrollment_connections_max = CONNECTIONS_CEILING + 1
+            }),
+            ("connections_per_address_max", |c| {
+                c.connections_per_address_max = 0
+            }),
+            ("enrollment_connections_per_address_max", |c| {
+                c.enrollment_connections_per_address_max = CONNECTIONS_CEILING + 1
             }),
             ("terminal_request_burst", |c| c.terminal_request_burst = 0),
             ("wait_ms_max", |c| c.wait_ms_max = WAIT_MS_MAX + 1),

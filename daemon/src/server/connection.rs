@@ -13,6 +13,14 @@
 //! is accepted as soon as an open connection closes. Once a backlog is full the kernel drops
 //! new SYNs and clients retry. Nothing is allocated for a waiting client.
 //!
+//! Within a cap, one client address ([`ClientAddress`]: an IPv4 address, an IPv6 /64) may hold
+//! at most its share (`connections_per_address_max`, `enrollment_connections_per_address_max`);
+//! a connection beyond it is closed at accept, before any TLS work. And when fewer than an
+//! eighth of a listener's connections are free, the listener is *crowded*: a connection idle
+//! between requests then gets the header timeout instead of the keep-alive one, and the
+//! connection that tips a listener over wakes the idle ones, so those idle longer than that
+//! close and free slots for newcomers.
+//!
 //! # Timeouts (all configurable)
 //!
 //! - TLS handshake: from accept to a completed handshake.
@@ -38,6 +46,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -53,6 +62,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
+use super::address::{AddressShare, AddressShares, ClientAddress};
 use super::config::{HEAD_BYTES_MAX, HEADERS_MAX, ServerConfig};
 use super::metrics::TimeoutLabel;
 use super::tls::{self, TlsReloader};
@@ -61,26 +71,107 @@ use super::{Api, Shared, routes};
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_PAUSE_MS: u64 = 100;
 
-/// Accepts on `listeners` while `stopped` is false, at most `connections_max` connections at
-/// a time across all of them, and runs `serve` for each connection in its own task, told which
-/// listener it came on. Once stopped, closes the listeners and waits for the tasks until
-/// `drain_timeout`, then aborts those left.
+/// The limits of one accept loop.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Most open connections across the loop's listeners.
+    pub(crate) connections_max: usize,
+    /// Most open connections from one [`ClientAddress`] (an IPv4 address, an IPv6 /64).
+    pub(crate) per_address_max: usize,
+}
+
+/// What an open connection holds of its listener's capacity: a slot of the cap and a part of
+/// its address's share (both given back when dropped), and a view of how crowded the listener
+/// is.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    _permit: OwnedSemaphorePermit,
+    _share: AddressShare,
+    /// Whether the listener is short of free slots.
+    pub(crate) crowding: Crowding,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.crowding.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether a listener is crowded: fewer than an eighth of its slots free. Then a connection
+/// idle between requests gets the (short) header timeout instead of the keep-alive one, so
+/// that idle connections cannot keep the listener full.
+///
+/// Open connections are counted here rather than read off the semaphore, which always has one
+/// more permit taken while the accept loop waits for the next client.
+#[derive(Debug, Clone)]
+pub(crate) struct Crowding {
+    open: Arc<AtomicUsize>,
+    connections_max: usize,
+    spare_min: usize,
+    became_crowded: watch::Receiver<()>,
+}
+
+impl Crowding {
+    fn new(connections_max: usize) -> (Self, watch::Sender<()>) {
+        let (sender, became_crowded) = watch::channel(());
+        let crowding = Self {
+            open: Arc::new(AtomicUsize::new(0)),
+            connections_max,
+            spare_min: (connections_max / 8).max(1),
+            became_crowded,
+        };
+        (crowding, sender)
+    }
+
+    /// A slot for one more open connection, counted until dropped.
+    fn slot(&self, permit: OwnedSemaphorePermit, share: AddressShare) -> Slot {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Slot {
+            _permit: permit,
+            _share: share,
+            crowding: self.clone(),
+        }
+    }
+
+    /// Whether fewer than an eighth of the listener's slots are free now.
+    pub(crate) fn is_crowded(&self) -> bool {
+        let open = self.open.load(Ordering::Relaxed);
+        self.connections_max.saturating_sub(open) < self.spare_min
+    }
+
+    /// Completes when the listener has just become crowded.
+    pub(crate) async fn became_crowded(&mut self) {
+        if self.became_crowded.changed().await.is_err() {
+            // The accept loop is gone (draining): nothing will change any more.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Accepts on `listeners` while `stopped` is false, within `limits`, and runs `serve` for each
+/// connection in its own task, told which listener it came on. A connection from an address
+/// that has its share open already is closed at once, and `refused` is told. Once stopped,
+/// closes the listeners and waits for the tasks until `drain_timeout`, then aborts those left.
 ///
 /// One loop serves every listener that shares a cap: the permit is taken before `accept`, and
 /// a loop per listener would sit on a permit while its own listener is quiet.
-pub(crate) async fn accept_loop<K, F, Fut>(
+pub(crate) async fn accept_loop<K, F, Fut, R>(
     listeners: Vec<(TcpListener, K)>,
-    connections_max: usize,
+    limits: Limits,
     drain_timeout: Duration,
     mut stopped: watch::Receiver<bool>,
     mut serve: F,
+    refused: R,
 ) where
     K: Copy + fmt::Display,
-    F: FnMut(K, TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
+    F: FnMut(K, TcpStream, SocketAddr, Slot) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
+    R: Fn(K, ClientAddress),
 {
     assert!(!listeners.is_empty(), "an accept loop needs a listener");
-    let permits = Arc::new(Semaphore::new(connections_max));
+    let permits = Arc::new(Semaphore::new(limits.connections_max));
+    let shares = AddressShares::new(limits.per_address_max);
+    let (crowding, crowded_signal) = Crowding::new(limits.connections_max);
     let mut connections = JoinSet::new();
     let mut first = 0;
     loop {
@@ -103,7 +194,20 @@ pub(crate) async fn accept_loop<K, F, Fut>(
         };
         match accepted {
             Ok((stream, peer)) => {
-                connections.spawn(serve(kind, stream, peer, permit));
+                let address = ClientAddress::from(peer.ip());
+                let Some(share) = shares.claim(address) else {
+                    // Closed before any TLS work; the permit goes back at once.
+                    refused(kind, address);
+                    continue;
+                };
+                let was_crowded = crowding.is_crowded();
+                connections.spawn(serve(kind, stream, peer, crowding.slot(permit, share)));
+                if crowding.is_crowded() && !was_crowded {
+                    // This connection tipped the listener over: the idle connections wake
+                    // and get the short timeout; those idle longer than it close, and free
+                    // slots again.
+                    crowded_signal.send_replace(());
+                }
             }
             Err(error) => {
                 tracing::warn!(listener = %kind, %error, "accept failed");
@@ -218,30 +322,42 @@ pub(super) async fn serve_https<A: Api>(
 ) {
     let config = &shared.config;
     let drain_timeout = config.drain_timeout();
-    let serve = |kind, stream, peer, permit| {
+    let serve = |kind, stream, peer, slot| {
         https_connection(
             Arc::clone(&shared),
             kind,
             stream,
             peer,
             stopped.clone(),
-            permit,
+            slot,
         )
+    };
+    let refused = |kind: Listener, address: ClientAddress| {
+        shared.metrics.refused_per_address(kind.name());
+        tracing::debug!(listener = kind.name(), %address, "connection refused: its address has its share of the listener open");
     };
     tokio::join!(
         accept_loop(
             vec![(terminals, Listener::Terminals)],
-            config.connections_max,
+            Limits {
+                connections_max: config.connections_max,
+                per_address_max: config.connections_per_address_max,
+            },
             drain_timeout,
             stopped.clone(),
             serve,
+            refused,
         ),
         accept_loop(
             vec![(enrollment, Listener::Enrollment)],
-            config.enrollment_connections_max,
+            Limits {
+                connections_max: config.enrollment_connections_max,
+                per_address_max: config.enrollment_connections_per_address_max,
+            },
             drain_timeout,
             stopped.clone(),
             serve,
+            refused,
         ),
     );
 }
@@ -263,9 +379,10 @@ async fn https_connection<A: Api>(
     stream: TcpStream,
     peer: SocketAddr,
     mut stopped: watch::Receiver<bool>,
-    _permit: OwnedSemaphorePermit,
+    slot: Slot,
 ) {
     let _open = shared.metrics.connection_opened();
+    let mut crowding = slot.crowding.clone();
     // Small answers go out at once; a failure here only costs latency.
     let _ = stream.set_nodelay(true);
     let handshake = tokio::time::timeout(
@@ -329,7 +446,7 @@ async fn https_connection<A: Api>(
     tokio::pin!(connection);
     let mut draining = false;
     loop {
-        let (check_at, _) = activity.deadline(&shared.config);
+        let (check_at, _) = activity.deadline(&shared.config, crowding.is_crowded());
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(error) = result {
@@ -338,8 +455,9 @@ async fn https_connection<A: Api>(
                 break;
             }
             () = activity.changed.notified() => {}
+            () = crowding.became_crowded() => {}
             () = tokio::time::sleep_until(check_at) => {
-                let (deadline, phase) = activity.deadline(&shared.config);
+                let (deadline, phase) = activity.deadline(&shared.config, crowding.is_crowded());
                 if let Some(phase) = phase.filter(|_| deadline <= Instant::now()) {
                     shared.metrics.timed_out(phase);
                     tracing::debug!(%peer, ?phase, "connection too slow; closing");
@@ -422,13 +540,21 @@ impl Activity {
     }
 
     /// When the current phase runs out and which timeout that is; while busy, no timeout
-    /// applies and the answer is merely a time to look again.
-    fn deadline(&self, config: &ServerConfig) -> (Instant, Option<TimeoutLabel>) {
+    /// applies and the answer is merely a time to look again. On a `crowded` listener an idle
+    /// connection gets the header timeout when that is the shorter.
+    fn deadline(&self, config: &ServerConfig, crowded: bool) -> (Instant, Option<TimeoutLabel>) {
         let phase = *self.phase.lock().unwrap_or_else(PoisonError::into_inner);
         match phase {
             Phase::Idle { since, first: true } | Phase::Head { since } => (
                 since + config.header_read_timeout(),
                 Some(TimeoutLabel::Header),
+            ),
+            Phase::Idle {
+                since,
+                first: false,
+            } if crowded && config.header_read_timeout() < config.keep_alive_idle_timeout() => (
+                since + config.header_read_timeout(),
+                Some(TimeoutLabel::IdleCrowded),
             ),
             Phase::Idle {
                 since,
@@ -508,25 +634,35 @@ mod tests {
         let activity = Activity::new(start);
         let ms = Duration::from_millis;
         assert_eq!(
-            activity.deadline(&config),
+            activity.deadline(&config, false),
             (start + ms(5), Some(TimeoutLabel::Header))
         );
         // The first head is held to the handshake's end, not to its first byte.
         activity.bytes_arrived(start + ms(3));
         assert_eq!(
-            activity.deadline(&config),
+            activity.deadline(&config, false),
+            (start + ms(5), Some(TimeoutLabel::Header))
+        );
+        // Crowding changes nothing but the idle timeout.
+        assert_eq!(
+            activity.deadline(&config, true),
             (start + ms(5), Some(TimeoutLabel::Header))
         );
         activity.request_started();
-        assert_eq!(activity.deadline(&config).1, None);
+        assert_eq!(activity.deadline(&config, false).1, None);
         activity.request_finished(start + ms(10));
         assert_eq!(
-            activity.deadline(&config),
+            activity.deadline(&config, false),
             (start + ms(70), Some(TimeoutLabel::Idle))
+        );
+        // On a crowded listener an idle connection gets the shorter header timeout.
+        assert_eq!(
+            activity.deadline(&config, true),
+            (start + ms(15), Some(TimeoutLabel::IdleCrowded))
         );
         activity.bytes_arrived(start + ms(20));
         assert_eq!(
-            activity.deadline(&config),
+            activity.deadline(&config, false),
             (start + ms(25), Some(TimeoutLabel::Header))
         );
     }

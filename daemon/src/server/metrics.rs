@@ -63,6 +63,8 @@ pub(crate) enum TimeoutLabel {
     Handshake,
     Header,
     Idle,
+    /// Idle on a crowded listener, where the header timeout applies.
+    IdleCrowded,
 }
 
 impl EncodeLabelValue for TimeoutLabel {
@@ -71,6 +73,7 @@ impl EncodeLabelValue for TimeoutLabel {
             Self::Handshake => "handshake",
             Self::Header => "header",
             Self::Idle => "idle",
+            Self::IdleCrowded => "idle_crowded",
         };
         fmt::Write::write_str(encoder, text)
     }
@@ -79,6 +82,11 @@ impl EncodeLabelValue for TimeoutLabel {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TimeoutLabels {
     phase: TimeoutLabel,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
 }
 
 type LatencyFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
@@ -96,6 +104,7 @@ struct Inner {
     handshake_failures: Counter,
     rate_limited: Counter,
     timeouts: Family<TimeoutLabels, Counter>,
+    refused_per_address: Family<ListenerLabels, Counter>,
 }
 
 /// A cheap, cloneable handle on the metrics registry.
@@ -126,6 +135,7 @@ impl Metrics {
         let handshake_failures = Counter::default();
         let rate_limited = Counter::default();
         let timeouts = Family::<TimeoutLabels, Counter>::default();
+        let refused_per_address = Family::<ListenerLabels, Counter>::default();
         registry.register(
             "http_requests",
             "Requests answered on the terminal listener, by route and status",
@@ -156,6 +166,11 @@ impl Metrics {
             "Terminal connections closed for being too slow, by phase",
             timeouts.clone(),
         );
+        registry.register(
+            "connections_refused_per_address",
+            "Connections closed at accept because their address (IPv4, IPv6 /64) had its share of the listener open, by listener",
+            refused_per_address.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry: Mutex::new(registry),
@@ -165,6 +180,7 @@ impl Metrics {
                 handshake_failures,
                 rate_limited,
                 timeouts,
+                refused_per_address,
             }),
         }
     }
@@ -213,6 +229,13 @@ impl Metrics {
 
     pub(crate) fn rate_limited(&self) {
         self.inner.rate_limited.inc();
+    }
+
+    pub(crate) fn refused_per_address(&self, listener: &'static str) {
+        self.inner
+            .refused_per_address
+            .get_or_create(&ListenerLabels { listener })
+            .inc();
     }
 
     pub(crate) fn timed_out(&self, phase: TimeoutLabel) {

@@ -35,7 +35,8 @@
 //! in-flight requests finish until the drain deadline, closes what is left and returns.
 //! [`serve`] strings these together with signals and systemd for the `nfcpayd` binary.
 
-pub mod api;
+pub mod address;
+mod api;
 pub mod config;
 mod connection;
 pub mod metrics;
@@ -48,7 +49,7 @@ pub mod systemd;
 pub mod tls;
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -136,7 +137,7 @@ struct Shared<A> {
     tls: Arc<TlsReloader>,
     metrics: Metrics,
     terminal_rate: rate::RateLimiter<TerminalId>,
-    enrollment_rate: rate::RateLimiter<IpAddr>,
+    enrollment_rate: rate::RateLimiter<address::ClientAddress>,
 }
 
 /// The three listeners, bound; from [`Server::bind`], for [`Server::run`].

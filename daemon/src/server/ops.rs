@@ -16,7 +16,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, watch};
+use tokio::sync::watch;
 
 use super::config::{HEAD_BYTES_MAX, HEADERS_MAX, OPS_CONNECTIONS_MAX};
 use super::metrics::METRICS_CONTENT_TYPE;
@@ -37,15 +37,21 @@ pub(super) async fn serve<A: Api>(
     stopped: watch::Receiver<bool>,
 ) {
     let drain_timeout = shared.config.drain_timeout();
-    let serve = |_, stream, peer, permit| {
-        ops_connection(Arc::clone(&shared), stream, peer, stopped.clone(), permit)
+    let serve = |_, stream, peer, slot| {
+        ops_connection(Arc::clone(&shared), stream, peer, stopped.clone(), slot)
+    };
+    // Loopback only: every client is the same address, so the share is the whole cap.
+    let limits = connection::Limits {
+        connections_max: OPS_CONNECTIONS_MAX,
+        per_address_max: OPS_CONNECTIONS_MAX,
     };
     connection::accept_loop(
         vec![(listener, "operations")],
-        OPS_CONNECTIONS_MAX,
+        limits,
         drain_timeout,
         stopped.clone(),
         serve,
+        |_, _| {},
     )
     .await;
 }
@@ -55,7 +61,7 @@ async fn ops_connection<A: Api>(
     stream: TcpStream,
     peer: SocketAddr,
     mut stopped: watch::Receiver<bool>,
-    _permit: OwnedSemaphorePermit,
+    _slot: connection::Slot,
 ) {
     let service_stopped = stopped.clone();
     let service_shared = Arc::clone(&shared);

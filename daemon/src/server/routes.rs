@@ -209,7 +209,7 @@ async fn respond<A: Api>(
     let now = std::time::Instant::now();
     let allowed = match &context.caller {
         Caller::Terminal(terminal) => shared.terminal_rate.check(terminal, now),
-        Caller::Enrollee => shared.enrollment_rate.check(&context.peer.ip(), now),
+        Caller::Enrollee => shared.enrollment_rate.check(&context.peer.ip().into(), now),
     };
     if let Err(retry_after) = allowed {
         shared.metrics.rate_limited();
