@@ -5,6 +5,7 @@
 //! - [`demo`]: `cargo xtask demo`, the key ceremony on a fresh SoftHSM2 token, then a payment
 //!   between two terminals over emulated NFC through the real daemon ([`payment`]).
 //! - [`test`]: `cargo xtask test`, the whole test suite as CI runs it.
+//! - [`fuzz`]: `cargo xtask fuzz`, every cargo-fuzz target built and run for a while.
 //! - [`postgres`]: a throwaway PostgreSQL cluster for tests (`cargo xtask pg-check`).
 //! - [`packages`]: installs the Debian packages a task needs.
 //! - [`steps`]: named, timed steps that stop at the first failure.
@@ -14,6 +15,7 @@
 mod clock;
 mod command;
 mod demo;
+mod fuzz;
 mod packages;
 mod payment;
 mod postgres;
@@ -47,8 +49,15 @@ enum Task {
         #[arg(long)]
         serve: bool,
     },
-    /// Run the whole test suite: packages, fmt, clippy, softhsm-setup, cargo tests.
+    /// Run the whole test suite: packages, fmt, clippy, softhsm-setup, cargo tests, fuzzing.
     Test,
+    /// Build every cargo-fuzz target (protocol/fuzz, keystore/fuzz) and run each for a while
+    /// (needs the nightly toolchain; installs cargo-fuzz if missing).
+    Fuzz {
+        /// Seconds each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Start a throwaway PostgreSQL cluster, run `select 1` against it, stop it.
     PgCheck,
 }
@@ -58,6 +67,7 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Demo { dir, serve } => demo::run(&root, dir, serve),
         Task::Test => test::run(&root),
+        Task::Fuzz { seconds } => fuzz::run(&root, seconds),
         Task::PgCheck => postgres::check(),
     }
 }

@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use crate::postgres::{self, DATABASE_URL_VARIABLE, REQUIRE_VARIABLE};
 use crate::steps::Steps;
-use crate::{command, packages};
+use crate::{command, fuzz, packages};
 
 /// Runs every step in order and stops at the first failure.
 pub fn run(root: &Path) -> Result<()> {
@@ -40,6 +40,9 @@ pub fn run(root: &Path) -> Result<()> {
     })?;
     steps.run("cargo tests (with a throwaway PostgreSQL)", || {
         postgres::with_postgres(|cluster| cargo_tests(root, &cluster.url()))
+    })?;
+    steps.run("fuzz targets, a few seconds each", || {
+        fuzz::run(root, fuzz::CI_SECONDS)
     })?;
     steps.finish();
     Ok(())
