@@ -3,10 +3,12 @@
 //! [`CI_SECONDS`] per target, so a target that no longer builds, or an input that panics
 //! within those seconds, fails CI.
 //!
-//! Needs the nightly toolchain (libFuzzer's instrumentation) and `cargo-fuzz`, which it
-//! installs with `cargo install` when missing. Corpora and the build live under
-//! `target/fuzz/`, never in the source tree; a crashing input is kept in
-//! `target/fuzz/artifacts/<target>/` and named in the failure.
+//! Builds with the machine's one toolchain, not a nightly: libFuzzer's instrumentation and
+//! AddressSanitizer are unstable flags (`-Z`), which `RUSTC_BOOTSTRAP=1` allows on a stable
+//! compiler (CI machines have no other toolchain and cannot fetch one). Installs `cargo-fuzz`
+//! with `cargo install` when missing. Corpora and the build live under `target/fuzz/`, never
+//! in the source tree; a crashing input is kept in `target/fuzz/artifacts/<target>/` and named
+//! in the failure.
 
 use std::path::Path;
 use std::process::Command;
@@ -19,8 +21,6 @@ use crate::command;
 pub const CI_SECONDS: u64 = 5;
 /// The cargo-fuzz projects, relative to the workspace root.
 const PROJECTS: [&str; 2] = ["protocol/fuzz", "keystore/fuzz"];
-/// The toolchain the targets are built with.
-const TOOLCHAIN: &str = "nightly";
 /// Lines of a failed run's report shown.
 const FAILURE_LINES: usize = 60;
 /// Memory a target may use before libFuzzer calls it a leak or a blow-up, MiB.
@@ -28,12 +28,11 @@ const RSS_LIMIT_MB: u32 = 2048;
 
 /// Builds and runs every target for `seconds`.
 pub fn run(root: &Path, seconds: u64) -> Result<()> {
-    ensure_toolchain()?;
     ensure_cargo_fuzz()?;
     let target_dir = root.join("target/fuzz");
     for project in PROJECTS {
         let dir = root.join(project);
-        let list = command::stdout_of(nightly_cargo(&dir).args(["fuzz", "list"]))?;
+        let list = command::stdout_of(fuzz_cargo(&dir).args(["fuzz", "list"]))?;
         let targets: Vec<&str> = list
             .lines()
             .map(str::trim)
@@ -43,7 +42,7 @@ pub fn run(root: &Path, seconds: u64) -> Result<()> {
             bail!("{project} lists no fuzz target");
         }
         command::run(
-            nightly_cargo(&dir)
+            fuzz_cargo(&dir)
                 .args(["fuzz", "build", "--target-dir"])
                 .arg(&target_dir),
         )?;
@@ -56,7 +55,7 @@ pub fn run(root: &Path, seconds: u64) -> Result<()> {
             }
             println!("fuzz: {project} {target} for {seconds} s");
             let output = command::capture(
-                nightly_cargo(&dir)
+                fuzz_cargo(&dir)
                     .args(["fuzz", "run", "--target-dir"])
                     .arg(&target_dir)
                     .arg(target)
@@ -91,18 +90,6 @@ pub fn run(root: &Path, seconds: u64) -> Result<()> {
     Ok(())
 }
 
-fn ensure_toolchain() -> Result<()> {
-    let mut rustc = Command::new("rustup");
-    rustc.args(["run", TOOLCHAIN, "rustc", "--version"]);
-    if !command::succeeds(&mut rustc) {
-        bail!(
-            "the fuzz targets need the {TOOLCHAIN} toolchain (libFuzzer instrumentation): \
-             rustup toolchain install {TOOLCHAIN}"
-        );
-    }
-    Ok(())
-}
-
 fn ensure_cargo_fuzz() -> Result<()> {
     if command::succeeds(Command::new("cargo-fuzz").arg("--version")) {
         return Ok(());
@@ -111,15 +98,9 @@ fn ensure_cargo_fuzz() -> Result<()> {
     command::run(command::cargo().args(["install", "cargo-fuzz", "--locked"]))
 }
 
-/// `cargo` of the nightly toolchain in `dir`, whatever toolchain runs this task.
-fn nightly_cargo(dir: &Path) -> Command {
-    let mut cargo = Command::new("rustup");
-    cargo
-        .args(["run", TOOLCHAIN, "cargo"])
-        .current_dir(dir)
-        // Set by the rustup proxy that started `cargo xtask`; it would pin stable.
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .env_remove("CARGO")
-        .env_remove("RUSTC");
+/// `cargo` in `dir`, allowed the unstable flags that cargo-fuzz passes to rustc.
+fn fuzz_cargo(dir: &Path) -> Command {
+    let mut cargo = command::cargo();
+    cargo.current_dir(dir).env("RUSTC_BOOTSTRAP", "1");
     cargo
 }

@@ -52,7 +52,7 @@ enum Task {
     /// Run the whole test suite: packages, fmt, clippy, softhsm-setup, cargo tests, fuzzing.
     Test,
     /// Build every cargo-fuzz target (protocol/fuzz, keystore/fuzz) and run each for a while
-    /// (needs the nightly toolchain; installs cargo-fuzz if missing).
+    /// (with the stable toolchain and RUSTC_BOOTSTRAP=1; installs cargo-fuzz if missing).
     Fuzz {
         /// Seconds each target runs.
         #[arg(long, default_value_t = 60)]
