@@ -32,7 +32,8 @@ pub mod writer;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use diesel::prelude::*;
 use nfcpay_protocol::{AccountId, Amount, Currency, TerminalId, TxnId};
@@ -68,6 +69,19 @@ pub struct DatabaseConfig {
     /// SQLite: how long to wait for another process's write lock (ms).
     #[serde(default = "DatabaseConfig::default_busy_timeout_ms")]
     pub busy_timeout_ms: u64,
+    /// How long a write (a half, an operator action) waits for its group commit before it is
+    /// answered [`StorageError::Timeout`] (`503 unavailable`), both databases (ms). Queued work
+    /// whose caller has given up is dropped unrun.
+    #[serde(default = "DatabaseConfig::default_write_timeout_ms")]
+    pub write_timeout_ms: u64,
+    /// PostgreSQL: the server cancels a statement running longer than this
+    /// (`statement_timeout`, ms; 0: never).
+    #[serde(default = "DatabaseConfig::default_statement_timeout_ms")]
+    pub statement_timeout_ms: u64,
+    /// PostgreSQL: the server cancels a statement waiting longer than this for a row lock
+    /// (`lock_timeout`, ms; 0: never).
+    #[serde(default = "DatabaseConfig::default_lock_timeout_ms")]
+    pub lock_timeout_ms: u64,
 }
 
 impl DatabaseConfig {
@@ -79,6 +93,12 @@ impl DatabaseConfig {
     pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
     /// The default SQLite busy timeout (ms).
     pub const DEFAULT_BUSY_TIMEOUT_MS: u64 = 5_000;
+    /// The default wait of a write for its group commit (ms).
+    pub const DEFAULT_WRITE_TIMEOUT_MS: u64 = 5_000;
+    /// The default PostgreSQL `statement_timeout` (ms).
+    pub const DEFAULT_STATEMENT_TIMEOUT_MS: u64 = 5_000;
+    /// The default PostgreSQL `lock_timeout` (ms).
+    pub const DEFAULT_LOCK_TIMEOUT_MS: u64 = 2_000;
 
     /// The defaults with another URL.
     pub fn with_url(url: impl Into<String>) -> Self {
@@ -103,6 +123,18 @@ impl DatabaseConfig {
     fn default_busy_timeout_ms() -> u64 {
         Self::DEFAULT_BUSY_TIMEOUT_MS
     }
+
+    fn default_write_timeout_ms() -> u64 {
+        Self::DEFAULT_WRITE_TIMEOUT_MS
+    }
+
+    fn default_statement_timeout_ms() -> u64 {
+        Self::DEFAULT_STATEMENT_TIMEOUT_MS
+    }
+
+    fn default_lock_timeout_ms() -> u64 {
+        Self::DEFAULT_LOCK_TIMEOUT_MS
+    }
 }
 
 impl std::fmt::Debug for DatabaseConfig {
@@ -112,6 +144,9 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("pool_size", &self.pool_size)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("busy_timeout_ms", &self.busy_timeout_ms)
+            .field("write_timeout_ms", &self.write_timeout_ms)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .field("lock_timeout_ms", &self.lock_timeout_ms)
             .finish()
     }
 }
@@ -137,6 +172,9 @@ impl Default for DatabaseConfig {
             pool_size: Self::DEFAULT_POOL_SIZE,
             connect_timeout_ms: Self::DEFAULT_CONNECT_TIMEOUT_MS,
             busy_timeout_ms: Self::DEFAULT_BUSY_TIMEOUT_MS,
+            write_timeout_ms: Self::DEFAULT_WRITE_TIMEOUT_MS,
+            statement_timeout_ms: Self::DEFAULT_STATEMENT_TIMEOUT_MS,
+            lock_timeout_ms: Self::DEFAULT_LOCK_TIMEOUT_MS,
         }
     }
 }
@@ -151,7 +189,14 @@ struct Inner {
     pool: ConnectionPool,
     writer: Writer,
     postgres: bool,
+    /// Whether a health check's `SELECT 1` is still out (at most one is: on a frozen server
+    /// it waits until the server answers again).
+    health_probe: Arc<AtomicBool>,
 }
+
+/// How long `/readyz` waits for the database's `SELECT 1`: within the ops listener's own
+/// `READY_TIMEOUT_MS`, so the answer names the database.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_millis(1_500);
 
 impl std::fmt::Debug for Storage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -192,15 +237,22 @@ impl Storage {
             connection::Target::Postgres(_)
         );
         let pool = connection::open_pool(config)?;
-        let writer = Writer::start(pool.clone())
+        let writer = Writer::start(pool.clone(), Duration::from_millis(config.write_timeout_ms))
             .map_err(|error| StorageError::Migration(Box::new(error)))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
                 writer,
                 postgres,
+                health_probe: Arc::new(AtomicBool::new(false)),
             }),
         })
+    }
+
+    /// Whether the ledger writer still runs; once it has stopped, every write fails
+    /// [`StorageError::WriterStopped`] and only a restart helps.
+    pub fn writer_is_running(&self) -> bool {
+        self.inner.writer.is_running()
     }
 
     /// Whether this is PostgreSQL (else SQLite).
@@ -208,12 +260,25 @@ impl Storage {
         self.inner.postgres
     }
 
+    /// Runs `work` on a pooled connection; when that connection turns out broken (the server
+    /// restarted since it was last used), once more on a fresh one.
     fn read<T>(
         &self,
-        work: impl FnOnce(&mut AnyConnection) -> Result<T, StorageError>,
+        mut work: impl FnMut(&mut AnyConnection) -> Result<T, StorageError>,
     ) -> Result<T, StorageError> {
         let mut connection = self.inner.pool.get().map_err(StorageError::Pool)?;
-        work(&mut connection)
+        match work(&mut connection) {
+            Err(error) if error.is_connection_lost() => {
+                tracing::warn!(
+                    error = crate::server::signals::error_chain(&error),
+                    "a pooled database connection broke; reading again on a new one"
+                );
+                drop(connection);
+                let mut connection = self.inner.pool.get().map_err(StorageError::Pool)?;
+                work(&mut connection)
+            }
+            outcome => outcome,
+        }
     }
 
     fn write<T: Send + 'static>(
@@ -400,14 +465,67 @@ impl Storage {
 
     /// For `/readyz`: the writer thread still runs ([`StorageError::WriterStopped`] if not:
     /// every write would fail), and `SELECT 1` works on a pooled connection.
+    ///
+    /// Bounded in time: a writer inside one batch for longer than a write may wait fails it
+    /// ([`StorageError::WriterStalled`]) at once, and `SELECT 1` runs on a thread of its own
+    /// for at most [`HEALTH_TIMEOUT`] ([`StorageError::Timeout`]); while one is still out, the
+    /// next check fails at once instead of sending another.
     pub fn check_health(&self) -> Result<(), StorageError> {
         if !self.inner.writer.is_running() {
             return Err(StorageError::WriterStopped);
         }
+        let busy = self.inner.writer.busy_for();
+        if busy > self.inner.writer.write_timeout() {
+            return Err(StorageError::WriterStalled {
+                busy_ms: u64::try_from(busy.as_millis()).unwrap_or(u64::MAX),
+            });
+        }
+        let timeout = StorageError::Timeout {
+            what: "health check",
+            waited_ms: u64::try_from(HEALTH_TIMEOUT.as_millis()).unwrap_or(u64::MAX),
+        };
+        if self.inner.health_probe.swap(true, Ordering::SeqCst) {
+            return Err(timeout);
+        }
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let storage = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("nfcpay-db-health".into())
+            .spawn(move || {
+                let answered = storage.read(|connection| {
+                    diesel::select(1_i32.into_sql::<diesel::sql_types::Integer>())
+                        .get_result::<i32>(connection)?;
+                    Ok(())
+                });
+                storage.inner.health_probe.store(false, Ordering::SeqCst);
+                // The check may have given up waiting; then nobody needs the answer.
+                let _ = reply.send(answered);
+            });
+        if let Err(error) = spawned {
+            self.inner.health_probe.store(false, Ordering::SeqCst);
+            return Err(StorageError::Unavailable(Arc::new(
+                StorageError::Migration(Box::new(error)),
+            )));
+        }
+        answer.recv_timeout(HEALTH_TIMEOUT).unwrap_or(Err(timeout))
+    }
+
+    /// Diagnostics: the deadlines of a pooled PostgreSQL session, as
+    /// `statement_timeout=… lock_timeout=…` (empty on SQLite).
+    #[doc(hidden)]
+    pub fn session_settings(&self) -> Result<String, StorageError> {
+        use diesel::dsl::sql;
+        use diesel::sql_types::Text;
         self.read(|connection| {
-            diesel::select(1_i32.into_sql::<diesel::sql_types::Integer>())
-                .get_result::<i32>(connection)?;
-            Ok(())
+            if !matches!(connection, AnyConnection::Postgresql(_)) {
+                return Ok(String::new());
+            }
+            let (statement, lock) = diesel::select((
+                sql::<Text>("current_setting('statement_timeout')"),
+                sql::<Text>("current_setting('lock_timeout')"),
+            ))
+            .get_result::<(String, String)>(connection)?;
+            Ok(format!("statement_timeout={statement} lock_timeout={lock}"))
         })
     }
 
