@@ -1367,6 +1367,41 @@ fn postgres_a_batch_whose_connection_breaks_before_its_commit_runs_again() {
     assert!(report.is_intact(), "{report:?}");
 }
 
+/// A read on a request's path that the database does not answer (here: waiting on a table
+/// lock held by another session; a frozen server is the same to the caller) is answered
+/// `Timeout` after `read_timeout_ms`, which the API answers `503 unavailable`; once the
+/// database answers again, reads work.
+#[test]
+fn postgres_a_read_the_database_does_not_answer_is_answered_in_time() {
+    let Some(db) = Db::postgres() else {
+        return;
+    };
+    let config = DatabaseConfig {
+        read_timeout_ms: 300,
+        ..DatabaseConfig::with_url(&db.url)
+    };
+    let storage = Storage::open_with(&config).unwrap();
+    assert!(storage.terminal(&terminal("term-x")).unwrap().is_none());
+    let mut locker = diesel::PgConnection::establish(&db.url).unwrap();
+    locker
+        .batch_execute("BEGIN; LOCK TABLE terminals IN ACCESS EXCLUSIVE MODE;")
+        .unwrap();
+    let read = storage.terminal(&terminal("term-x"));
+    assert!(
+        matches!(
+            read,
+            Err(StorageError::Timeout {
+                what: "read",
+                waited_ms: 300
+            })
+        ),
+        "{read:?}"
+    );
+    assert!(read.unwrap_err().is_unavailable());
+    locker.batch_execute("ROLLBACK").unwrap();
+    assert!(storage.terminal(&terminal("term-x")).unwrap().is_none());
+}
+
 /// The PostgreSQL session of every pooled connection carries the configured deadlines.
 #[test]
 fn postgres_connections_carry_statement_and_lock_timeouts() {

@@ -24,6 +24,7 @@ mod connection;
 pub mod error;
 pub mod ledger;
 pub mod model;
+mod readers;
 mod schema;
 pub mod settlement;
 mod sql;
@@ -41,6 +42,7 @@ use serde::Deserialize;
 
 use audit::AuditLog;
 use connection::{AnyConnection, ConnectionPool};
+use readers::Readers;
 use writer::Writer;
 
 pub use error::{EnrollmentRefusal, StorageError};
@@ -74,6 +76,11 @@ pub struct DatabaseConfig {
     /// whose caller has given up is dropped unrun.
     #[serde(default = "DatabaseConfig::default_write_timeout_ms")]
     pub write_timeout_ms: u64,
+    /// How long a read on a request's path (a terminal's state, a payment, an enrollment
+    /// code) waits before it is answered [`StorageError::Timeout`] (`503 unavailable`), both
+    /// databases (ms).
+    #[serde(default = "DatabaseConfig::default_read_timeout_ms")]
+    pub read_timeout_ms: u64,
     /// PostgreSQL: the server cancels a statement running longer than this
     /// (`statement_timeout`, ms; 0: never).
     #[serde(default = "DatabaseConfig::default_statement_timeout_ms")]
@@ -95,6 +102,8 @@ impl DatabaseConfig {
     pub const DEFAULT_BUSY_TIMEOUT_MS: u64 = 5_000;
     /// The default wait of a write for its group commit (ms).
     pub const DEFAULT_WRITE_TIMEOUT_MS: u64 = 5_000;
+    /// The default wait of a read on a request's path (ms).
+    pub const DEFAULT_READ_TIMEOUT_MS: u64 = 5_000;
     /// The default PostgreSQL `statement_timeout` (ms).
     pub const DEFAULT_STATEMENT_TIMEOUT_MS: u64 = 5_000;
     /// The default PostgreSQL `lock_timeout` (ms).
@@ -128,6 +137,10 @@ impl DatabaseConfig {
         Self::DEFAULT_WRITE_TIMEOUT_MS
     }
 
+    fn default_read_timeout_ms() -> u64 {
+        Self::DEFAULT_READ_TIMEOUT_MS
+    }
+
     fn default_statement_timeout_ms() -> u64 {
         Self::DEFAULT_STATEMENT_TIMEOUT_MS
     }
@@ -145,6 +158,7 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("busy_timeout_ms", &self.busy_timeout_ms)
             .field("write_timeout_ms", &self.write_timeout_ms)
+            .field("read_timeout_ms", &self.read_timeout_ms)
             .field("statement_timeout_ms", &self.statement_timeout_ms)
             .field("lock_timeout_ms", &self.lock_timeout_ms)
             .finish()
@@ -173,6 +187,7 @@ impl Default for DatabaseConfig {
             connect_timeout_ms: Self::DEFAULT_CONNECT_TIMEOUT_MS,
             busy_timeout_ms: Self::DEFAULT_BUSY_TIMEOUT_MS,
             write_timeout_ms: Self::DEFAULT_WRITE_TIMEOUT_MS,
+            read_timeout_ms: Self::DEFAULT_READ_TIMEOUT_MS,
             statement_timeout_ms: Self::DEFAULT_STATEMENT_TIMEOUT_MS,
             lock_timeout_ms: Self::DEFAULT_LOCK_TIMEOUT_MS,
         }
@@ -188,6 +203,8 @@ pub struct Storage {
 struct Inner {
     pool: ConnectionPool,
     writer: Writer,
+    /// The reads on a request's path, each with a deadline.
+    readers: Readers,
     postgres: bool,
     /// Whether a health check's `SELECT 1` is still out (at most one is: on a frozen server
     /// it waits until the server answers again).
@@ -239,10 +256,17 @@ impl Storage {
         let pool = connection::open_pool(config)?;
         let writer = Writer::start(pool.clone(), Duration::from_millis(config.write_timeout_ms))
             .map_err(|error| StorageError::Migration(Box::new(error)))?;
+        let readers = Readers::start(
+            &pool,
+            config.pool_size,
+            Duration::from_millis(config.read_timeout_ms),
+        )
+        .map_err(|error| StorageError::Migration(Box::new(error)))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
                 writer,
+                readers,
                 postgres,
                 health_probe: Arc::new(AtomicBool::new(false)),
             }),
@@ -260,25 +284,23 @@ impl Storage {
         self.inner.postgres
     }
 
-    /// Runs `work` on a pooled connection; when that connection turns out broken (the server
-    /// restarted since it was last used), once more on a fresh one.
+    /// Runs `work` on a pooled connection, in the caller's thread (operator tools; the pool's
+    /// wait and PostgreSQL's `statement_timeout` bound it), once more on a fresh connection
+    /// when the first turns out broken.
     fn read<T>(
         &self,
-        mut work: impl FnMut(&mut AnyConnection) -> Result<T, StorageError>,
+        work: impl FnMut(&mut AnyConnection) -> Result<T, StorageError>,
     ) -> Result<T, StorageError> {
-        let mut connection = self.inner.pool.get().map_err(StorageError::Pool)?;
-        match work(&mut connection) {
-            Err(error) if error.is_connection_lost() => {
-                tracing::warn!(
-                    error = crate::server::signals::error_chain(&error),
-                    "a pooled database connection broke; reading again on a new one"
-                );
-                drop(connection);
-                let mut connection = self.inner.pool.get().map_err(StorageError::Pool)?;
-                work(&mut connection)
-            }
-            outcome => outcome,
-        }
+        readers::read_on(&self.inner.pool, work)
+    }
+
+    /// [`Storage::read`] on a reader thread, waiting at most `read_timeout_ms`: for the reads
+    /// on a request's path.
+    fn bounded_read<T: Send + 'static>(
+        &self,
+        work: impl FnMut(&mut AnyConnection) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        self.inner.readers.read(work)
     }
 
     fn write<T: Send + 'static>(
@@ -347,7 +369,10 @@ impl Storage {
 
     /// A terminal, if it exists.
     pub fn terminal(&self, id: &TerminalId) -> Result<Option<TerminalView>, StorageError> {
-        self.read(|connection| Ok(terminals::load(connection, id)?.map(|record| record.view)))
+        let id = id.clone();
+        self.bounded_read(move |connection| {
+            Ok(terminals::load(connection, &id)?.map(|record| record.view))
+        })
     }
 
     /// Every terminal, by identifier.
@@ -379,7 +404,11 @@ impl Storage {
         code_sha256: &[u8; 32],
         now_ms: i64,
     ) -> Result<TerminalView, StorageError> {
-        self.read(|connection| terminals::check_code(connection, id, code_sha256, now_ms))
+        let id = id.clone();
+        let code_sha256 = *code_sha256;
+        self.bounded_read(move |connection| {
+            terminals::check_code(connection, &id, &code_sha256, now_ms)
+        })
     }
 
     /// Redeems a terminal's one-time enrollment code (compared in constant time): once only,
@@ -420,7 +449,8 @@ impl Storage {
 
     /// A payment, if it exists.
     pub fn transaction(&self, txn_id: &TxnId) -> Result<Option<TransactionView>, StorageError> {
-        self.read(|connection| settlement::view(connection, txn_id))
+        let txn_id = *txn_id;
+        self.bounded_read(move |connection| settlement::view(connection, &txn_id))
     }
 
     /// Marks pending payments whose time has passed as expired, each with an audit record;
