@@ -1402,6 +1402,34 @@ fn postgres_a_read_the_database_does_not_answer_is_answered_in_time() {
     assert!(storage.terminal(&terminal("term-x")).unwrap().is_none());
 }
 
+/// A database that cannot be opened is reported with the database's own words: libpq's for
+/// a PostgreSQL server that refuses connections, SQLite's for a file that cannot be made.
+#[test]
+fn an_unreachable_database_is_reported_with_its_cause() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let error = Storage::open(&format!("postgres://nobody@127.0.0.1:{port}/ledger")).unwrap_err();
+    assert!(matches!(error, StorageError::Connect(_)), "{error:?}");
+    let chain = nfcpay_daemon::server::signals::error_chain(&error);
+    assert!(
+        chain.starts_with("could not connect to the database: "),
+        "{chain}"
+    );
+    assert!(chain.contains(&port.to_string()), "{chain}");
+
+    let directory = tempfile::tempdir().unwrap();
+    let missing = directory.path().join("no-such-directory/ledger.db");
+    let error = Storage::open(missing.to_str().unwrap()).unwrap_err();
+    let chain = nfcpay_daemon::server::signals::error_chain(&error);
+    assert!(
+        chain
+            .to_lowercase()
+            .contains("unable to open the database file"),
+        "{chain}"
+    );
+}
+
 /// The PostgreSQL session of every pooled connection carries the configured deadlines.
 #[test]
 fn postgres_connections_carry_statement_and_lock_timeouts() {

@@ -96,17 +96,23 @@ async fn postgres_restarted_and_crashed_under_load_costs_no_500_and_no_payment()
 
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let cluster = Arc::new(cluster);
-    let restarted = tokio::task::spawn_blocking({
+    let ops = platform.ops_address.clone();
+    let (readiness, restarted) = tokio::task::spawn_blocking({
         let cluster = Arc::clone(&cluster);
         move || {
             cluster.stop()?;
+            let readiness = http_get(&ops, "/readyz");
             cluster.start_server()?;
-            anyhow::Ok(Instant::now())
+            anyhow::Ok((readiness, Instant::now()))
         }
     })
     .await
     .unwrap()
     .expect("PostgreSQL restarted");
+    let (status, body) = readiness.expect("/readyz answers while the database is down");
+    println!("postgres stopped: /readyz {status} {body:?}");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("not ready: database: "), "{body}");
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let recovered = tokio::task::spawn_blocking({
         let cluster = Arc::clone(&cluster);

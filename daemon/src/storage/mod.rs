@@ -214,6 +214,8 @@ struct Inner {
 /// How long `/readyz` waits for the database's `SELECT 1`: within the ops listener's own
 /// `READY_TIMEOUT_MS`, so the answer names the database.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_millis(1_500);
+/// How long the health check waits for a pooled connection, within [`HEALTH_TIMEOUT`].
+const HEALTH_CONNECTION_WAIT: Duration = Duration::from_millis(1_000);
 
 impl std::fmt::Debug for Storage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -522,11 +524,18 @@ impl Storage {
         let spawned = std::thread::Builder::new()
             .name("nfcpay-db-health".into())
             .spawn(move || {
-                let answered = storage.read(|connection| {
-                    diesel::select(1_i32.into_sql::<diesel::sql_types::Integer>())
-                        .get_result::<i32>(connection)?;
-                    Ok(())
-                });
+                // Shorter than the probe's own wait, so that a server refusing connections is
+                // reported with libpq's words rather than as silence.
+                let answered = storage
+                    .inner
+                    .pool
+                    .get_timeout(HEALTH_CONNECTION_WAIT)
+                    .map_err(StorageError::Pool)
+                    .and_then(|mut connection| {
+                        diesel::select(1_i32.into_sql::<diesel::sql_types::Integer>())
+                            .get_result::<i32>(&mut connection)?;
+                        Ok(())
+                    });
                 storage.inner.health_probe.store(false, Ordering::SeqCst);
                 // The check may have given up waiting; then nobody needs the answer.
                 let _ = reply.send(answered);
