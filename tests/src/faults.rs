@@ -96,7 +96,8 @@ impl Tally {
 }
 
 /// Creates and funds `pairs` × 2 accounts and enrolls a terminal for each (`term-<n>`,
-/// `acct-<n>`); returns the pairs and every account ID.
+/// `acct-<n>`), terminal `n` at the fixture's daemon `n mod daemons` (so with two daemons
+/// the halves of a payment go to different ones); returns the pairs and every account ID.
 pub async fn enroll_pairs(
     platform: &PlatformFixture,
     pairs: usize,
@@ -106,10 +107,14 @@ pub async fn enroll_pairs(
 )> {
     let mut terminals = Vec::new();
     let mut accounts = Vec::new();
+    let daemons = platform.all_endpoints();
     for index in 0..pairs * 2 {
         let account = format!("acct-{index}");
         platform.account(&account, CURRENCY, Some(ACCOUNT_FUNDS))?;
-        let mut terminal = platform.enroll(&format!("term-{index}"), &account).await?;
+        let daemon = &daemons[index % daemons.len()];
+        let mut terminal = platform
+            .enroll_at(&format!("term-{index}"), &account, daemon)
+            .await?;
         // The KSN state in memory: sealing does not fsync (the platform is under test).
         terminal.danger_keep_keys_in_memory()?;
         accounts.push(account.parse()?);

@@ -50,30 +50,16 @@ pub struct Cluster {
     bin_dir: PathBuf,
     as_server_user: bool,
     port: u16,
+    /// Set once [`Self::kill`] has killed the server: its process IDs are then stale and
+    /// must not be signalled again.
+    killed: std::sync::atomic::AtomicBool,
 }
 
 impl Cluster {
     /// Makes and starts a cluster with the programs in `bin_dir` (see [`bin_dir`]).
     pub fn start(bin_dir: &Path) -> Result<Self> {
-        let directory = tempfile::Builder::new()
-            .prefix("nfcpay-pg-fault")
-            .tempdir()?;
-        let [port] = crate::free_ports()?;
-        let cluster = Self {
-            directory,
-            bin_dir: bin_dir.to_owned(),
-            as_server_user: rustix::process::geteuid().is_root(),
-            port,
-        };
-        if cluster.as_server_user {
-            let status = Command::new("chown")
-                .arg(format!("{SERVER_USER}:"))
-                .arg(cluster.directory.path())
-                .status()?;
-            if !status.success() {
-                bail!("could not hand the cluster directory to {SERVER_USER}");
-            }
-        }
+        let cluster = Self::new(bin_dir)?;
+        let port = cluster.port;
         cluster.run(
             "initdb",
             &[
@@ -111,6 +97,110 @@ impl Cluster {
             ],
         )?;
         Ok(cluster)
+    }
+
+    /// An empty cluster directory, its server not started.
+    fn new(bin_dir: &Path) -> Result<Self> {
+        let directory = tempfile::Builder::new()
+            .prefix("nfcpay-pg-fault")
+            .tempdir()?;
+        let [port] = crate::free_ports()?;
+        let cluster = Self {
+            directory,
+            bin_dir: bin_dir.to_owned(),
+            as_server_user: rustix::process::geteuid().is_root(),
+            port,
+            killed: std::sync::atomic::AtomicBool::new(false),
+        };
+        if cluster.as_server_user {
+            let status = Command::new("chown")
+                .arg(format!("{SERVER_USER}:"))
+                .arg(cluster.directory.path())
+                .status()?;
+            if !status.success() {
+                bail!("could not hand the cluster directory to {SERVER_USER}");
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// A streaming-replication standby of `primary` (a real `pg_basebackup -R`), started,
+    /// on a port of its own; `primary` then waits for it at every commit
+    /// (`synchronous_standby_names = '*'`, `synchronous_commit = on`), once it streams.
+    pub fn start_synchronous_standby(primary: &Self) -> Result<Self> {
+        let standby = Self::new(&primary.bin_dir)?;
+        standby.run(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "postgres",
+                "-D",
+                &standby.data_dir(),
+                "-R",
+                "-X",
+                "stream",
+                "--checkpoint=fast",
+                "--no-sync",
+            ],
+        )?;
+        let conf = standby.directory.path().join("data/postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf)?;
+        text.push_str(&format!(
+            "\nport = {}\nunix_socket_directories = '{}'\n",
+            standby.port,
+            standby.directory.path().display()
+        ));
+        std::fs::write(&conf, text)?;
+        standby.start_server()?;
+        primary.psql("ALTER SYSTEM SET synchronous_standby_names = '*'")?;
+        primary.psql("SELECT pg_reload_conf()")?;
+        let streaming = wait_until(Duration::from_secs(30), || {
+            primary
+                .psql_value("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'")
+                .is_ok_and(|count| count == "1")
+        });
+        if streaming.is_none() {
+            bail!(
+                "the standby is not streaming synchronously:\n{}",
+                standby.log()
+            );
+        }
+        Ok(standby)
+    }
+
+    /// Promotes a standby to primary (`pg_ctl promote`, waiting until it accepts writes).
+    pub fn promote(&self) -> Result<()> {
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data_dir(),
+                "-w",
+                "-t",
+                PG_CTL_TIMEOUT_SECONDS,
+                "promote",
+            ],
+        )
+    }
+
+    /// Kills every process of the server with SIGKILL (the machine dying, as far as the
+    /// database can tell); the cluster is not signalled again.
+    pub fn kill(&self) -> Result<()> {
+        let pids = self.pids()?;
+        self.killed.store(true, std::sync::atomic::Ordering::SeqCst);
+        for pid in pids {
+            signal(pid, rustix::process::Signal::KILL)?;
+        }
+        Ok(())
+    }
+
+    /// `host:port` of the server, for multi-host URLs.
+    pub fn host_port(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
     }
 
     /// `postgres://postgres@127.0.0.1:PORT/nfcpay`.
@@ -193,6 +283,24 @@ impl Cluster {
         Ok(pids)
     }
 
+    /// Runs `sql` as the superuser in [`DATABASE`].
+    pub fn psql(&self, sql: &str) -> Result<()> {
+        self.psql_value(sql).map(drop)
+    }
+
+    /// Runs `sql` as the superuser in [`DATABASE`]; its output, trimmed.
+    pub fn psql_value(&self, sql: &str) -> Result<String> {
+        let output = Command::new(self.bin_dir.join("psql"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", "postgres", "-d", DATABASE, "-X", "-A", "-t", "-q"])
+            .args(["-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()?;
+        if !output.status.success() {
+            bail!("psql {sql:?}: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.directory.path().join("server.log")).unwrap_or_default()
@@ -247,6 +355,9 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if self.killed.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         // A frozen server would not stop: let it go on first.
         if let Ok(pids) = self.pids() {
             let _ = self.thaw(&pids);

@@ -257,3 +257,71 @@ async fn nfcpayd_killed_under_load_keeps_every_acknowledged_payment_once() {
     );
     check_run("nfcpayd kill -9", &platform, &tally, &accounts);
 }
+
+/// A primary with a synchronous standby (streaming replication from a real
+/// `pg_basebackup`), two daemons on a libpq multi-host URL with
+/// `target_session_attrs=read-write`, the halves of each payment split between them. The
+/// primary is killed with SIGKILL under load and the standby promoted (`pg_ctl promote`): the
+/// daemons carry on without a restart, and every payment acknowledged as settled is in the
+/// promoted database exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_failover_to_a_synchronous_standby_loses_no_acknowledged_payment() {
+    let Some(primary) = own_cluster() else {
+        return;
+    };
+    let setup = Instant::now();
+    let standby = Cluster::start_synchronous_standby(&primary).expect("a synchronous standby");
+    println!("postgres failover: standby streaming after {:?}", setup.elapsed());
+    let url = format!(
+        "postgres://postgres@{},{}/{}?target_session_attrs=read-write",
+        primary.host_port(),
+        standby.host_port(),
+        postgres::DATABASE
+    );
+    let mut platform = PlatformFixture::start(&Ledger::Postgres(url)).expect("platform");
+    platform.start_extra_daemon().expect("a second daemon");
+    let daemons = platform.daemon_pids();
+    let (pairs, accounts) = faults::enroll_pairs(&platform, PAIRS)
+        .await
+        .expect("terminals");
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let started = Instant::now();
+    let payers = faults::start_paying(pairs, started + Duration::from_secs(8), &tally);
+
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let (primary, standby, promoted) = tokio::task::spawn_blocking(move || {
+        primary.kill()?;
+        standby.promote()?;
+        anyhow::Ok((primary, standby, Instant::now()))
+    })
+    .await
+    .unwrap()
+    .expect("primary killed, standby promoted");
+    for payer in payers {
+        payer.await.unwrap();
+    }
+
+    let tally = tally.lock().unwrap();
+    println!(
+        "postgres failover: first payment settled {:?} after the standby was promoted",
+        tally.first_settled_after(promoted)
+    );
+    assert!(
+        tally.first_settled_after(promoted).is_some(),
+        "no payment settled after the failover"
+    );
+    assert_eq!(platform.daemon_pids(), daemons);
+    for pid in daemons {
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "nfcpayd {pid} did not survive the failover"
+        );
+    }
+    assert_eq!(
+        standby.psql_value("SELECT pg_is_in_recovery()").unwrap(),
+        "f",
+        "the standby is not the primary now"
+    );
+    check_run("postgres failover", &platform, &tally, &accounts);
+    drop(primary);
+}
