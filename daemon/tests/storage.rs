@@ -1430,6 +1430,50 @@ fn an_unreachable_database_is_reported_with_its_cause() {
     );
 }
 
+/// `statement_timeout` cancels a slow statement of a batch (answered unavailable, nothing
+/// written), but not the work of its `COMMIT` (here a deferred trigger; in production the wait
+/// for a synchronous standby): PostgreSQL disarms the timeout before committing. Were it cut
+/// short, a synchronous commit would be reported done with a mere warning, durable on the
+/// primary alone, which a failover could lose.
+#[test]
+fn postgres_statement_timeout_cancels_a_slow_statement_but_not_the_commit() {
+    let Some(db) = Db::postgres() else {
+        return;
+    };
+    let config = DatabaseConfig {
+        statement_timeout_ms: 300,
+        ..DatabaseConfig::with_url(&db.url)
+    };
+    let storage = Storage::open_with(&config).unwrap();
+    db.execute(
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(0.6); RETURN NULL; END $$; \
+         CREATE TRIGGER slow_insert AFTER INSERT ON accounts \
+         FOR EACH ROW EXECUTE FUNCTION slow();",
+    )
+    .unwrap();
+    let slow = storage.create_account(&account("acct-slow"), eur(), 0);
+    assert!(
+        slow.as_ref().is_err_and(StorageError::is_unavailable),
+        "{slow:?}"
+    );
+    assert!(matches!(
+        storage.account(&account("acct-slow")),
+        Err(StorageError::UnknownAccount(_))
+    ));
+
+    db.execute(
+        "DROP TRIGGER slow_insert ON accounts; \
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON accounts \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow();",
+    )
+    .unwrap();
+    storage
+        .create_account(&account("acct-commit"), eur(), 0)
+        .unwrap();
+    storage.account(&account("acct-commit")).unwrap();
+}
+
 /// The PostgreSQL session of every pooled connection carries the configured deadlines.
 #[test]
 fn postgres_connections_carry_statement_and_lock_timeouts() {

@@ -271,7 +271,10 @@ async fn postgres_failover_to_a_synchronous_standby_loses_no_acknowledged_paymen
     };
     let setup = Instant::now();
     let standby = Cluster::start_synchronous_standby(&primary).expect("a synchronous standby");
-    println!("postgres failover: standby streaming after {:?}", setup.elapsed());
+    println!(
+        "postgres failover: standby streaming after {:?}",
+        setup.elapsed()
+    );
     let url = format!(
         "postgres://postgres@{},{}/{}?target_session_attrs=read-write",
         primary.host_port(),
