@@ -18,6 +18,12 @@ pub enum StorageError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A `[database]` setting is out of range.
+    #[error("database setting: {reason}")]
+    InvalidSetting {
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// No connection could be made.
     #[error("could not connect to the database")]
     Connect(#[source] diesel::ConnectionError),

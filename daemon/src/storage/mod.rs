@@ -117,6 +117,23 @@ impl DatabaseConfig {
         }
     }
 
+    /// Checks what deserialization cannot: a URL naming a known database, and limits that
+    /// are positive (a zero wait would fail every request).
+    pub fn validate(&self) -> Result<(), StorageError> {
+        connection::Target::parse(&self.url)?;
+        if self.pool_size == 0
+            || self.connect_timeout_ms == 0
+            || self.write_timeout_ms == 0
+            || self.read_timeout_ms == 0
+        {
+            return Err(StorageError::InvalidSetting {
+                reason: "pool_size, connect_timeout_ms, write_timeout_ms and read_timeout_ms \
+                         must be positive",
+            });
+        }
+        Ok(())
+    }
+
     fn default_url() -> String {
         Self::DEFAULT_URL.to_owned()
     }

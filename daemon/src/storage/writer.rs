@@ -497,7 +497,9 @@ impl WriterState {
                     item
                 }
                 Err(RecvTimeoutError::Timeout) => {
+                    self.busy.enter();
                     self.renew_lease();
+                    self.busy.leave();
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break, // every Storage handle is gone
