@@ -7,6 +7,7 @@
 //! - [`connection`]: one diesel connection type over both databases, URLs, the pool, settings
 //!   and the embedded migrations (`daemon/migrations/{sqlite,postgres}`).
 //! - [`writer`]: group commit — every write runs on one writer thread, many jobs per commit.
+//! - `readers`: the reads on a request's path, on reader threads, each with a deadline.
 //! - [`settlement`]: deciding a half — replay state, match, settlement — exactly once.
 //! - `batch`: a group commit's halves read and written as sets (constant statements per
 //!   batch), and the lock order that lets daemons share PostgreSQL; `sql`: its statements.
@@ -15,8 +16,9 @@
 //! - [`audit`]: the hash-chained audit log, one chain per writer.
 //! - [`model`]: what goes in and what comes out; [`error`]: [`StorageError`].
 //!
-//! Writes ([`Storage::submit_half`], …) block until their group commit is durable; reads use
-//! the pool. From async code, call both through `tokio::task::spawn_blocking`.
+//! Writes ([`Storage::submit_half`], …) block until their group commit is durable, at most
+//! `write_timeout_ms`; reads use the pool (those on a request's path at most
+//! `read_timeout_ms`). From async code, call both through `tokio::task::spawn_blocking`.
 
 pub mod audit;
 mod batch;
