@@ -297,7 +297,9 @@ impl StorageError {
     pub(crate) fn is_statement_refused(&self) -> bool {
         match self {
             Self::Database(diesel::result::Error::DatabaseError(..)) => {
-                !self.is_connection_lost() && !self.is_server_timeout()
+                !self.is_connection_lost()
+                    && !self.is_server_timeout()
+                    && !self.is_database_resource_fault()
             }
             Self::Corrupt { .. } => true,
             _ => false,
@@ -347,7 +349,7 @@ mod tests {
             assert!(!slow.is_connection_lost() && !slow.is_statement_refused());
         }
         let full = database(DatabaseErrorKind::Unknown, "database or disk is full");
-        assert!(full.is_unavailable());
+        assert!(full.is_unavailable() && !full.is_statement_refused());
     }
 
     #[test]
