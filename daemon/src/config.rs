@@ -140,6 +140,9 @@ impl Config {
     /// Checks what deserialization cannot: every section's own rules.
     fn validate(&self) -> Result<(), String> {
         self.server.validate().map_err(|error| error.to_string())?;
+        self.database
+            .validate()
+            .map_err(|error| format!("[database] {error}"))?;
         self.platform
             .enrollment_bdk_id()
             .map_err(|error| error.to_string())?;
@@ -161,6 +164,24 @@ mod tests {
         let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
         file.write_all(text.as_bytes()).unwrap();
         file
+    }
+
+    #[test]
+    fn refuses_an_unknown_database_and_a_zero_database_wait() {
+        let keystore = "[keystore]\nbackend = \"software\"\npath = \"/tmp/ks.json\"\n";
+        for database in [
+            "url = \"mysql://h/db\"",
+            "write_timeout_ms = 0",
+            "read_timeout_ms = 0",
+        ] {
+            let file = write(&format!("{keystore}[database]\n{database}\n"));
+            let refused = Config::load_with_environment(file.path(), []);
+            assert!(
+                matches!(&refused, Err(ConfigError::Invalid { message, .. }) if message.starts_with("[database]")),
+                "{database}: {:?}",
+                refused.err()
+            );
+        }
     }
 
     #[test]

@@ -24,6 +24,11 @@ use crate::storage::Storage;
 pub const EXIT_USAGE: u8 = 64;
 /// Exit code when a service the daemon needs (HSM, database) is unavailable (`EX_UNAVAILABLE`).
 pub const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit code when a part of the daemon failed while it ran (`EX_SOFTWARE`): the ledger
+/// writer stopped. systemd restarts it (`Restart=on-failure`).
+pub const EXIT_SOFTWARE: u8 = 70;
+/// How often the daemon checks that its ledger writer still runs.
+pub const WRITER_WATCH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +44,12 @@ pub enum DaemonError {
     #[error("keystore: {0}")]
     Keystore(#[from] nfcpay_keystore::KeystoreError),
     /// The ledger could not be opened.
-    #[error("database: {0}")]
+    #[error("database: {}", crate::server::signals::error_chain(.0))]
     Storage(#[from] crate::storage::StorageError),
+    /// The ledger writer stopped while serving: the daemon drained and stopped, for systemd
+    /// to start it again.
+    #[error("the ledger writer stopped; exiting for a restart")]
+    WriterStopped,
     /// Certificates or platform keys are missing (run `nfcpay-admin init`).
     #[error("PKI: {0} (has `nfcpay-admin init` been run?)")]
     Pki(#[from] crate::pki::PkiError),
@@ -55,6 +64,7 @@ impl DaemonError {
         match self {
             Self::Config(_) | Self::Root => EXIT_USAGE,
             Self::Server(error) => error.exit_code(),
+            Self::WriterStopped => EXIT_SOFTWARE,
             _ => EXIT_UNAVAILABLE,
         }
     }
@@ -100,9 +110,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         AUDIT_CHECKPOINT_INTERVAL,
     ));
     let server = Server::new(config.server, Arc::clone(&platform), tls, metrics)?;
-    let served = crate::server::serve(server).await;
+    let served = crate::server::serve_until(server, writer_stopped(Arc::clone(&platform))).await;
     sweeper.abort();
     checkpoints.abort();
+    if !platform.storage().writer_is_running() {
+        // Nothing more can be written, not even the checkpoint below.
+        return Err(DaemonError::WriterStopped);
+    }
     // The last word on the chains this daemon wrote: a checkpoint of every head.
     if let Err(problem) = platform.checkpoint_audit().await {
         tracing::warn!(
@@ -111,6 +125,23 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         );
     }
     Ok(served?)
+}
+
+/// Completes once the ledger writer has stopped: every write would fail from then on, and a
+/// restart is the way out.
+async fn writer_stopped(platform: Arc<Platform>) {
+    let mut ticks = tokio::time::interval(WRITER_WATCH_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if !platform.storage().writer_is_running() {
+            tracing::error!(
+                "the ledger writer has stopped: draining, then exiting with status {EXIT_SOFTWARE} \
+                 for systemd to restart the daemon"
+            );
+            return;
+        }
+    }
 }
 
 /// TLS material from the PKI directory and the keystore, re-read on every SIGHUP.
@@ -160,5 +191,47 @@ async fn sweep_expired(platform: Arc<Platform>, interval: Duration) {
             Ok(expired) => tracing::info!(expired, "unmatched payments expired"),
             Err(problem) => tracing::warn!(detail = problem.detail(), "expiry sweep failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // A panic is how a test fails.
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use nfcpay_keystore::software::SoftwareKeystore;
+
+    use super::*;
+    use crate::storage::WriterFault;
+
+    /// The watch that makes the daemon drain and exit completes once the ledger writer stops,
+    /// and not before; the daemon then exits with `EX_SOFTWARE` for systemd to restart it.
+    #[tokio::test]
+    async fn a_stopped_ledger_writer_ends_the_daemon_with_a_restartable_status() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let storage = Storage::open(dir.path().join("ledger.db").to_str().unwrap()).unwrap();
+        let keystore: Arc<dyn Keystore> = Arc::new(SoftwareKeystore::in_memory());
+        let platform =
+            Arc::new(Platform::new(keystore, storage.clone(), dir.path().to_owned(), 16).unwrap());
+        let watch = tokio::spawn(writer_stopped(Arc::clone(&platform)));
+        tokio::time::sleep(WRITER_WATCH_INTERVAL * 3).await;
+        assert!(
+            !watch.is_finished(),
+            "the watch fired with the writer running"
+        );
+
+        storage.inject_writer_fault(WriterFault::StopThread);
+        let created = tokio::task::spawn_blocking(move || {
+            storage.create_account(&"acct".parse().unwrap(), "EUR".parse().unwrap(), 0)
+        })
+        .await
+        .unwrap();
+        assert!(created.is_err());
+        tokio::time::timeout(Duration::from_secs(10), watch)
+            .await
+            .expect("the watch did not see the stopped writer")
+            .unwrap();
+        assert_eq!(DaemonError::WriterStopped.exit_code(), EXIT_SOFTWARE);
+        assert_ne!(EXIT_SOFTWARE, EXIT_USAGE);
     }
 }

@@ -11,8 +11,8 @@ use std::time::Duration;
 use diesel::Connection as _;
 use diesel::connection::SimpleConnection as _;
 use nfcpay_daemon::storage::{
-    AcceptedHalf, EnrollmentRefusal, HalfContent, NewTerminal, Storage, StorageError,
-    TerminalState, TransactionStatus, TransactionView, WriterFault,
+    AcceptedHalf, DatabaseConfig, EnrollmentRefusal, HalfContent, NewTerminal, Storage,
+    StorageError, TerminalState, TransactionStatus, TransactionView, WriterFault,
 };
 use nfcpay_protocol::{AccountId, Amount, Currency, InitialKeyId, Ksn, TerminalId, TxnId};
 use sha2::{Digest as _, Sha256};
@@ -160,6 +160,8 @@ suite!(
     accounts_refuse_bad_input,
     a_panicking_batch_fails_alone_and_the_writer_carries_on,
     a_stopped_writer_fails_the_health_check,
+    a_write_not_committed_in_time_is_answered_unavailable_and_later_work_goes_on,
+    a_broken_pooled_connection_is_replaced_without_an_error,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -241,7 +243,10 @@ fn add_party(storage: &Storage, name: &str, n: u8, currency: Currency, funds: u6
 }
 
 fn world(db: &Db) -> World {
-    let storage = db.open();
+    world_on(db.open())
+}
+
+fn world_on(storage: Storage) -> World {
     World {
         payee: add_party(&storage, "payee", 1, eur(), 0),
         payer: add_party(&storage, "payer", 2, eur(), 100_00),
@@ -1239,6 +1244,252 @@ fn a_stopped_writer_fails_the_health_check(db: &Db) {
         storage.fund(&account("acct-s"), eur_amount(1)),
         Err(StorageError::WriterStopped)
     ));
+}
+
+/// A write whose group commit does not come within `write_timeout_ms` (here: the writer held
+/// before its commit, as by a frozen database) is answered `Timeout`, which the API answers
+/// `503 unavailable`; readiness says the writer is stalled. A write queued meanwhile is
+/// dropped unrun once its caller has given up. When the database answers again, the held
+/// batch commits (a re-sent half would find it) and the writer carries on.
+fn a_write_not_committed_in_time_is_answered_unavailable_and_later_work_goes_on(db: &Db) {
+    let config = DatabaseConfig {
+        write_timeout_ms: 300,
+        ..DatabaseConfig::with_url(&db.url)
+    };
+    let storage = Storage::open_with(&config).unwrap();
+    let hold = storage.hold_next_commit();
+    let held = {
+        let storage = storage.clone();
+        std::thread::spawn(move || storage.create_account(&account("acct-held"), eur(), 0))
+    };
+    assert!(hold.wait_until_holding(Duration::from_secs(10)));
+    let answered = held.join().unwrap();
+    assert!(
+        matches!(
+            answered,
+            Err(StorageError::Timeout {
+                what: "write",
+                waited_ms: 300
+            })
+        ),
+        "{answered:?}"
+    );
+    assert!(answered.unwrap_err().is_unavailable());
+    let queued = storage.create_account(&account("acct-queued"), eur(), 0);
+    assert!(
+        matches!(queued, Err(StorageError::Timeout { .. })),
+        "{queued:?}"
+    );
+    let health = storage.check_health();
+    assert!(
+        matches!(health, Err(StorageError::WriterStalled { busy_ms }) if busy_ms > 300),
+        "{health:?}"
+    );
+
+    drop(hold);
+    storage
+        .create_account(&account("acct-after"), eur(), 0)
+        .unwrap();
+    storage.check_health().unwrap();
+    storage.account(&account("acct-held")).unwrap();
+    assert!(matches!(
+        storage.account(&account("acct-queued")),
+        Err(StorageError::UnknownAccount(_))
+    ));
+}
+
+/// A pooled connection the server has closed (PostgreSQL: the backend terminated, as by a
+/// restart; SQLite has no server, so the case only checks that work goes on) is found broken,
+/// replaced, and the read or the write run again on a new one: nobody sees an error.
+fn a_broken_pooled_connection_is_replaced_without_an_error(db: &Db) {
+    let name = format!("nfcpay_{}", unique());
+    let url = if db.postgres.is_some() {
+        format!("{}&application_name={name}", db.url)
+    } else {
+        db.url.clone()
+    };
+    let storage = Storage::open(&url).unwrap();
+    storage
+        .create_account(&account("acct-1"), eur(), 0)
+        .unwrap();
+    storage.account(&account("acct-1")).unwrap();
+    if db.postgres.is_some() {
+        let terminated = format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = '{name}'"
+        );
+        db.execute(&terminated).unwrap();
+    }
+    storage.account(&account("acct-1")).unwrap();
+    storage
+        .create_account(&account("acct-2"), eur(), 0)
+        .unwrap();
+    storage.fund(&account("acct-2"), eur_amount(5)).unwrap();
+    storage.check_health().unwrap();
+}
+
+/// The writer's connection breaks (its backend terminated, as in a server restart) while a
+/// batch with a settling half B is written and not yet committed: the commit fails, the batch
+/// runs again on a new connection, and the payer is answered "settled" — debited once.
+#[test]
+fn postgres_a_batch_whose_connection_breaks_before_its_commit_runs_again() {
+    let Some(db) = Db::postgres() else {
+        return;
+    };
+    let name = format!("nfcpay_{}", unique());
+    let storage = Storage::open(&format!("{}&application_name={name}", db.url)).unwrap();
+    let w = world_on(storage);
+    let txn_id = prefixed_txn(0x7b, 1);
+    let pending = w
+        .storage
+        .submit_half(half_a(&w, txn_id, 1, eur_amount(7_00)), NOW_MS)
+        .unwrap();
+    assert_eq!(pending.status, TransactionStatus::Pending);
+    let before = balance(&w, &w.payer.account);
+
+    let hold = w.storage.hold_next_commit();
+    let settling = {
+        let storage = w.storage.clone();
+        let half = half_b(&w, txn_id, 1, eur_amount(7_00));
+        std::thread::spawn(move || storage.submit_half(half, NOW_MS))
+    };
+    assert!(hold.wait_until_holding(Duration::from_secs(10)));
+    db.execute(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{name}'"
+    ))
+    .unwrap();
+    drop(hold);
+    let settled = settling.join().unwrap().unwrap();
+    assert_eq!(settled.status, TransactionStatus::Settled);
+    assert_eq!(balance(&w, &w.payer.account), before - 7_00);
+    assert!(w.storage.writer_metrics().batch_retries.get() >= 1);
+    let report = w.storage.audit_verify().unwrap();
+    assert!(report.is_intact(), "{report:?}");
+}
+
+/// A read on a request's path that the database does not answer (here: waiting on a table
+/// lock held by another session; a frozen server is the same to the caller) is answered
+/// `Timeout` after `read_timeout_ms`, which the API answers `503 unavailable`; once the
+/// database answers again, reads work.
+#[test]
+fn postgres_a_read_the_database_does_not_answer_is_answered_in_time() {
+    let Some(db) = Db::postgres() else {
+        return;
+    };
+    let config = DatabaseConfig {
+        read_timeout_ms: 300,
+        ..DatabaseConfig::with_url(&db.url)
+    };
+    let storage = Storage::open_with(&config).unwrap();
+    assert!(storage.terminal(&terminal("term-x")).unwrap().is_none());
+    let mut locker = diesel::PgConnection::establish(&db.url).unwrap();
+    locker
+        .batch_execute("BEGIN; LOCK TABLE terminals IN ACCESS EXCLUSIVE MODE;")
+        .unwrap();
+    let read = storage.terminal(&terminal("term-x"));
+    assert!(
+        matches!(
+            read,
+            Err(StorageError::Timeout {
+                what: "read",
+                waited_ms: 300
+            })
+        ),
+        "{read:?}"
+    );
+    assert!(read.unwrap_err().is_unavailable());
+    locker.batch_execute("ROLLBACK").unwrap();
+    assert!(storage.terminal(&terminal("term-x")).unwrap().is_none());
+}
+
+/// A database that cannot be opened is reported with the database's own words: libpq's for
+/// a PostgreSQL server that refuses connections, SQLite's for a file that cannot be made.
+#[test]
+fn an_unreachable_database_is_reported_with_its_cause() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let error = Storage::open(&format!("postgres://nobody@127.0.0.1:{port}/ledger")).unwrap_err();
+    assert!(matches!(error, StorageError::Connect(_)), "{error:?}");
+    let chain = nfcpay_daemon::server::signals::error_chain(&error);
+    assert!(
+        chain.starts_with("could not connect to the database: "),
+        "{chain}"
+    );
+    assert!(chain.contains(&port.to_string()), "{chain}");
+
+    let directory = tempfile::tempdir().unwrap();
+    let missing = directory.path().join("no-such-directory/ledger.db");
+    let error = Storage::open(missing.to_str().unwrap()).unwrap_err();
+    let chain = nfcpay_daemon::server::signals::error_chain(&error);
+    assert!(
+        chain
+            .to_lowercase()
+            .contains("unable to open the database file"),
+        "{chain}"
+    );
+}
+
+/// `statement_timeout` cancels a slow statement of a batch (answered unavailable, nothing
+/// written), but not the work of its `COMMIT` (here a deferred trigger; in production the wait
+/// for a synchronous standby): PostgreSQL disarms the timeout before committing. Were it cut
+/// short, a synchronous commit would be reported done with a mere warning, durable on the
+/// primary alone, which a failover could lose.
+#[test]
+fn postgres_statement_timeout_cancels_a_slow_statement_but_not_the_commit() {
+    let Some(db) = Db::postgres() else {
+        return;
+    };
+    let config = DatabaseConfig {
+        statement_timeout_ms: 300,
+        ..DatabaseConfig::with_url(&db.url)
+    };
+    let storage = Storage::open_with(&config).unwrap();
+    db.execute(
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(0.6); RETURN NULL; END $$; \
+         CREATE TRIGGER slow_insert AFTER INSERT ON accounts \
+         FOR EACH ROW EXECUTE FUNCTION slow();",
+    )
+    .unwrap();
+    let slow = storage.create_account(&account("acct-slow"), eur(), 0);
+    assert!(
+        slow.as_ref().is_err_and(StorageError::is_unavailable),
+        "{slow:?}"
+    );
+    assert!(matches!(
+        storage.account(&account("acct-slow")),
+        Err(StorageError::UnknownAccount(_))
+    ));
+
+    db.execute(
+        "DROP TRIGGER slow_insert ON accounts; \
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON accounts \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow();",
+    )
+    .unwrap();
+    storage
+        .create_account(&account("acct-commit"), eur(), 0)
+        .unwrap();
+    storage.account(&account("acct-commit")).unwrap();
+}
+
+/// The PostgreSQL session of every pooled connection carries the configured deadlines.
+#[test]
+fn postgres_connections_carry_statement_and_lock_timeouts() {
+    let Some(db) = Db::postgres() else {
+        return;
+    };
+    let config = DatabaseConfig {
+        statement_timeout_ms: 1_234,
+        lock_timeout_ms: 567,
+        ..DatabaseConfig::with_url(&db.url)
+    };
+    let storage = Storage::open_with(&config).unwrap();
+    storage.check_health().unwrap();
+    let settings = storage.session_settings().unwrap();
+    assert!(settings.contains("statement_timeout=1234ms"), "{settings}");
+    assert!(settings.contains("lock_timeout=567ms"), "{settings}");
 }
 
 /// A transaction ID whose first byte is `prefix`: payments of the tests above share their

@@ -16,7 +16,9 @@
 //! halves can meet only in the database. [`loadgen`] holds what the load generator measures.
 #![forbid(unsafe_code)]
 
+pub mod faults;
 pub mod loadgen;
+pub mod postgres;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -143,11 +145,18 @@ pub struct PlatformFixture {
     pub ops_address: String,
     /// The database URL the daemon uses.
     pub database_url: String,
+    /// Extra lines of the daemon's `[database]` section (e.g. `write_timeout_ms = 1000`).
+    database_settings: String,
 }
 
 impl PlatformFixture {
     /// Makes a token, a BDK, the ledger and the PKI, and starts `nfcpayd`.
     pub fn start(ledger: &Ledger) -> Result<Self> {
+        Self::start_with_database_settings(ledger, "")
+    }
+
+    /// [`Self::start`], with `settings` (TOML lines) added to the daemon's `[database]`.
+    pub fn start_with_database_settings(ledger: &Ledger, settings: &str) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("nfcpay-fixture")
             .tempdir()?;
@@ -161,6 +170,7 @@ impl PlatformFixture {
             enroll_address: format!("127.0.0.1:{enroll_port}"),
             ops_address: format!("127.0.0.1:{ops_port}"),
             database_url,
+            database_settings: settings.to_owned(),
             daemon: None,
             extra_daemons: Vec::new(),
             dir,
@@ -252,6 +262,7 @@ uri = "pkcs11:token=nfcpay-e2e?module-path={SOFTHSM_MODULE}&pin-source=file:{dir
 
 [database]
 url = "{database}"
+{database_settings}
 
 [server]
 listen = "{address}"
@@ -270,6 +281,7 @@ pki_dir = "{dir}/pki"
 allow_root = true
 "#,
             database = self.database_url,
+            database_settings = self.database_settings,
             address = endpoints.address,
             enroll = endpoints.enroll_address,
             ops = endpoints.ops_address,
@@ -715,6 +727,16 @@ impl PlatformFixture {
     /// The SoftHSM2 token directory (`tokens/` beside `softhsm2.conf`).
     pub fn token_dir(&self) -> PathBuf {
         self.dir().join("tokens")
+    }
+
+    /// Kills the daemon with SIGKILL (a crash: nothing is drained or flushed beyond what was
+    /// committed) and starts it again on the same ports, with the same configuration.
+    pub fn kill_and_restart(&mut self) -> Result<()> {
+        if let Some(mut child) = self.daemon.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        self.start_daemon()
     }
 
     /// Stops the daemon (SIGTERM) and starts it again on the same ports, with the same

@@ -84,8 +84,8 @@ pub enum AdminError {
     /// Operator input was malformed.
     #[error("{0}")]
     Input(String),
-    /// The ledger refused or failed.
-    #[error(transparent)]
+    /// The ledger refused or failed (with the database's own words, when it failed).
+    #[error("{}", crate::server::signals::error_chain(.0))]
     Storage(#[from] crate::storage::StorageError),
     /// Certificates or platform keys could not be made.
     #[error(transparent)]

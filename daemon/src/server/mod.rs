@@ -238,6 +238,15 @@ impl<A: Api> Server<A> {
 /// ready, reloads TLS on SIGHUP, pings the watchdog, and on SIGTERM or SIGINT tells systemd it
 /// is stopping and drains.
 pub async fn serve<A: Api>(server: Server<A>) -> Result<(), ServerError> {
+    serve_until(server, std::future::pending()).await
+}
+
+/// [`serve`], also stopping (and draining) when `fault` completes: a part the daemon cannot
+/// go on without has failed, and the caller exits for systemd to restart it.
+pub async fn serve_until<A: Api>(
+    server: Server<A>,
+    fault: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     let shutdown = signals::shutdown_signal()?;
     let hangups = signals::hangups()?;
     let listeners = server.bind().await?;
@@ -257,7 +266,10 @@ pub async fn serve<A: Api>(server: Server<A>) -> Result<(), ServerError> {
     systemd::ready("serving");
     server
         .run(listeners, async move {
-            shutdown.await;
+            tokio::select! {
+                () = shutdown => {}
+                () = fault => {}
+            }
             systemd::stopping();
         })
         .await;

@@ -63,13 +63,14 @@ pub async fn reload_on_hangup(mut hangups: Hangups, tls: Arc<TlsReloader>) {
     }
 }
 
-/// `error` and its causes, joined by ": ".
+/// `error` and its causes, joined by ": ", on one line (libpq's messages span several).
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
+    let one_line = |text: String| text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut text = one_line(error.to_string());
     let mut source = error.source();
     while let Some(cause) = source {
         text.push_str(": ");
-        text.push_str(&cause.to_string());
+        text.push_str(&one_line(cause.to_string()));
         source = cause.source();
     }
     text

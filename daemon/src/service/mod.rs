@@ -310,7 +310,7 @@ impl Api for Platform {
             })?;
             inner.storage.check_health().map_err(|error| NotReady {
                 component: "database",
-                reason: error.to_string(),
+                reason: crate::server::signals::error_chain(&error),
             })
         })
         .await

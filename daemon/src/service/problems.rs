@@ -8,6 +8,7 @@ use nfcpay_keystore::KeystoreError;
 use nfcpay_protocol::ProtocolError;
 
 use crate::server::problem::{Problem, ProblemCode};
+use crate::server::signals::error_chain;
 use crate::storage::{StorageError, TerminalState};
 
 /// A message that does not decode.
@@ -67,20 +68,16 @@ pub(crate) fn storage(error: StorageError) -> Problem {
         }
         StorageError::TerminalNotActive(_) => (Code::TerminalMismatch, error.to_string()),
         StorageError::EnrollmentRefused(_) => (Code::EnrollmentRefused, enrollment_detail()),
-        StorageError::Overloaded
-        | StorageError::Unavailable(_)
-        | StorageError::Pool(_)
-        | StorageError::Connect(_)
-        | StorageError::WriterStopped
-        | StorageError::BatchPanicked => {
-            tracing::error!(%error, "database unavailable");
+        _ if error.is_unavailable() => {
+            // The cause (PostgreSQL's or SQLite's own words) goes to the log, not the peer.
+            tracing::error!(error = error_chain(&error), "database unavailable");
             (
                 Code::Unavailable,
                 "the ledger is unavailable; try again".to_owned(),
             )
         }
         _ => {
-            tracing::error!(%error, "storage fault");
+            tracing::error!(error = error_chain(&error), "storage fault");
             (Code::Internal, "internal error".to_owned())
         }
     };

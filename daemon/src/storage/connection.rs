@@ -27,7 +27,8 @@ pub enum AnyConnection {
 /// Which database a URL names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Target {
-    /// A `postgres://` or `postgresql://` URL, handed to libpq as is.
+    /// A `postgres://` or `postgresql://` URL, handed to libpq as is (multi-host URLs and
+    /// `target_session_attrs` included), with a `connect_timeout` added if it has none.
     Postgres(String),
     /// An SQLite database file.
     Sqlite(String),
@@ -57,6 +58,20 @@ impl Target {
             });
         }
         Ok(Self::Sqlite(path.to_owned()))
+    }
+
+    /// With libpq's `connect_timeout` (whole seconds, at least 2, as libpq takes it) set to
+    /// `connect_timeout_ms` unless the URL sets it: a server that accepts the TCP connection
+    /// but does not answer (frozen) costs that long, not forever.
+    fn with_connect_timeout(self, connect_timeout_ms: u64) -> Self {
+        match self {
+            Self::Postgres(url) if !url.contains("connect_timeout=") => {
+                let seconds = connect_timeout_ms.div_ceil(1000).max(2);
+                let separator = if url.contains('?') { '&' } else { '?' };
+                Self::Postgres(format!("{url}{separator}connect_timeout={seconds}"))
+            }
+            other => other,
+        }
     }
 
     fn establish(&self) -> Result<AnyConnection, diesel::ConnectionError> {
@@ -93,35 +108,50 @@ impl ManageConnection for Manager {
     }
 }
 
-/// Applies the per-connection settings every pooled connection needs.
-#[derive(Debug)]
+/// The per-connection settings every pooled connection gets.
+#[derive(Debug, Clone, Copy)]
 struct SessionSettings {
     busy_timeout_ms: u64,
+    /// PostgreSQL `statement_timeout`; `None` on the migrating connection (migrations and
+    /// the wait for another daemon's migrations take what they take).
+    statement_timeout_ms: Option<u64>,
+    /// PostgreSQL `lock_timeout`; `None` on the migrating connection.
+    lock_timeout_ms: Option<u64>,
 }
 
 impl CustomizeConnection<AnyConnection, diesel::r2d2::Error> for SessionSettings {
     fn on_acquire(&self, connection: &mut AnyConnection) -> Result<(), diesel::r2d2::Error> {
-        apply_session_settings(connection, self.busy_timeout_ms)
+        self.apply(connection)
             .map_err(diesel::r2d2::Error::QueryError)
     }
 }
 
-/// SQLite: full fsync at every commit, foreign keys, wait for a busy file instead of failing.
-/// PostgreSQL: a commit returns only once it is flushed (whatever the server's default).
-fn apply_session_settings(
-    connection: &mut AnyConnection,
-    busy_timeout_ms: u64,
-) -> diesel::QueryResult<()> {
-    match connection {
-        AnyConnection::Sqlite(sqlite) => sqlite.batch_execute(&format!(
-            "PRAGMA busy_timeout = {busy_timeout_ms}; \
-             PRAGMA synchronous = FULL; \
-             PRAGMA foreign_keys = ON;"
-        )),
-        AnyConnection::Postgresql(postgres) => postgres.batch_execute(
-            "SET synchronous_commit = on; \
-             SET default_transaction_isolation = 'read committed';",
-        ),
+impl SessionSettings {
+    /// SQLite: full fsync at every commit, foreign keys, wait for a busy file instead of
+    /// failing. PostgreSQL: a commit returns only once it is flushed (whatever the server's
+    /// default), and the server cancels a statement that runs or waits for a lock too long.
+    fn apply(&self, connection: &mut AnyConnection) -> diesel::QueryResult<()> {
+        match connection {
+            AnyConnection::Sqlite(sqlite) => sqlite.batch_execute(&format!(
+                "PRAGMA busy_timeout = {}; \
+                 PRAGMA synchronous = FULL; \
+                 PRAGMA foreign_keys = ON;",
+                self.busy_timeout_ms
+            )),
+            AnyConnection::Postgresql(postgres) => {
+                let mut settings = String::from(
+                    "SET synchronous_commit = on; \
+                     SET default_transaction_isolation = 'read committed';",
+                );
+                if let Some(ms) = self.statement_timeout_ms {
+                    settings.push_str(&format!(" SET statement_timeout = {ms};"));
+                }
+                if let Some(ms) = self.lock_timeout_ms {
+                    settings.push_str(&format!(" SET lock_timeout = {ms};"));
+                }
+                postgres.batch_execute(&settings)
+            }
+        }
     }
 }
 
@@ -129,18 +159,26 @@ pub(crate) type ConnectionPool = Pool<Manager>;
 
 /// Prepares the database (WAL, migrations) and builds the pool.
 pub(crate) fn open_pool(config: &DatabaseConfig) -> Result<ConnectionPool, StorageError> {
-    let target = Target::parse(&config.url)?;
+    let target = Target::parse(&config.url)?.with_connect_timeout(config.connect_timeout_ms);
     let mut first = target.establish().map_err(StorageError::Connect)?;
-    apply_session_settings(&mut first, config.busy_timeout_ms)?;
+    let settings = SessionSettings {
+        busy_timeout_ms: config.busy_timeout_ms,
+        statement_timeout_ms: Some(config.statement_timeout_ms),
+        lock_timeout_ms: Some(config.lock_timeout_ms),
+    };
+    SessionSettings {
+        statement_timeout_ms: None,
+        lock_timeout_ms: None,
+        ..settings
+    }
+    .apply(&mut first)?;
     migrate(&mut first)?;
     drop(first);
 
     Pool::builder()
         .max_size(config.pool_size)
         .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
-        .connection_customizer(Box::new(SessionSettings {
-            busy_timeout_ms: config.busy_timeout_ms,
-        }))
+        .connection_customizer(Box::new(settings))
         .build(Manager { target })
         .map_err(StorageError::PoolBuild)
 }
@@ -197,5 +235,25 @@ mod tests {
         for bad in ["", "sqlite://", ":memory:", "mysql://h/db"] {
             assert!(Target::parse(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn postgres_urls_get_a_connect_timeout_unless_they_have_one() {
+        let with = |url: &str, ms| Target::parse(url).unwrap().with_connect_timeout(ms);
+        assert_eq!(
+            with("postgres://u@h/db", 5_000),
+            Target::Postgres("postgres://u@h/db?connect_timeout=5".into())
+        );
+        assert_eq!(
+            with("postgres://u@h1,h2/db?target_session_attrs=read-write", 500),
+            Target::Postgres(
+                "postgres://u@h1,h2/db?target_session_attrs=read-write&connect_timeout=2".into()
+            )
+        );
+        assert_eq!(
+            with("postgres://u@h/db?connect_timeout=30", 5_000),
+            Target::Postgres("postgres://u@h/db?connect_timeout=30".into())
+        );
+        assert_eq!(with("ledger.db", 5_000), Target::Sqlite("ledger.db".into()));
     }
 }

@@ -18,6 +18,12 @@ pub enum StorageError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A `[database]` setting is out of range.
+    #[error("database setting: {reason}")]
+    InvalidSetting {
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// No connection could be made.
     #[error("could not connect to the database")]
     Connect(#[source] diesel::ConnectionError),
@@ -33,6 +39,11 @@ pub enum StorageError {
     /// The database refused a statement or the connection broke.
     #[error("database error")]
     Database(#[from] diesel::result::Error),
+    /// The connection broke while a commit was under way: the database may or may not have
+    /// made it durable. Halves are run again (they are idempotent: a half already recorded is
+    /// answered as it stands); other jobs are answered unavailable.
+    #[error("the database connection broke during a commit")]
+    CommitInDoubt(#[source] diesel::result::Error),
     /// The database could not take a group commit this request was part of.
     #[error("the database is unavailable")]
     Unavailable(#[source] std::sync::Arc<StorageError>),
@@ -42,6 +53,23 @@ pub enum StorageError {
     /// The writer thread is gone (it panicked or the storage is shutting down).
     #[error("the ledger's writer has stopped")]
     WriterStopped,
+    /// The database did not answer in time: a write's group commit (`write_timeout_ms`), a
+    /// read, or a health check. A write answered so may still commit later, when the database
+    /// answers again: re-sending the same half is safe and returns the payment as it stands.
+    #[error("no answer from the database within {waited_ms} ms ({what})")]
+    Timeout {
+        /// What waited.
+        what: &'static str,
+        /// How long.
+        waited_ms: u64,
+    },
+    /// The writer has been inside one batch longer than a write may wait: the database does
+    /// not answer it.
+    #[error("the ledger's writer has waited {busy_ms} ms for the database")]
+    WriterStalled {
+        /// For how long so far.
+        busy_ms: u64,
+    },
     /// A batch panicked in the writer: it was rolled back, and the writer carries on.
     #[error("a ledger writer batch panicked and was rolled back")]
     BatchPanicked,
@@ -134,6 +162,30 @@ pub enum StorageError {
     InsufficientFunds,
 }
 
+/// What libpq and PostgreSQL say when the connection is gone, where diesel reports no
+/// `ClosedConnection` (the server's shutdown notice arrives as an ordinary error first).
+const CONNECTION_LOST_MESSAGES: [&str; 5] = [
+    "terminating connection",
+    "server closed the connection",
+    "no connection to the server",
+    "could not receive data from server",
+    "connection to server",
+];
+
+/// What PostgreSQL says when `statement_timeout` or `lock_timeout` cancelled a statement.
+const SERVER_TIMEOUT_MESSAGES: [&str; 2] = [
+    "canceling statement due to statement timeout",
+    "canceling statement due to lock timeout",
+];
+
+/// What SQLite says when it lacks a resource rather than refusing a statement.
+const SQLITE_RESOURCE_MESSAGES: [&str; 4] = [
+    "database is locked",
+    "database or disk is full",
+    "disk I/O error",
+    "unable to open database file",
+];
+
 /// Why an enrollment code was refused; the API answers all of them alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -178,15 +230,77 @@ impl StorageError {
         }
     }
 
+    /// Whether the connection itself failed (the server went away, restarted, or closed it):
+    /// the same work on a fresh connection may succeed.
+    pub(crate) fn is_connection_lost(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind, Error};
+        match self {
+            Self::Database(Error::DatabaseError(kind, info)) => {
+                matches!(
+                    kind,
+                    DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand
+                ) || CONNECTION_LOST_MESSAGES
+                    .iter()
+                    .any(|lost| info.message().contains(lost))
+            }
+            Self::Database(Error::BrokenTransactionManager) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the server cancelled a statement for running or waiting on a lock too long
+    /// (`statement_timeout`, `lock_timeout`).
+    pub(crate) fn is_server_timeout(&self) -> bool {
+        use diesel::result::Error;
+        match self {
+            Self::Database(Error::DatabaseError(_, info)) => SERVER_TIMEOUT_MESSAGES
+                .iter()
+                .any(|timeout| info.message().contains(timeout)),
+            _ => false,
+        }
+    }
+
+    /// Whether this is the database being unavailable (unreachable, too slow, overloaded,
+    /// its writer gone) rather than a refusal of the request or corrupt data: answered
+    /// `503 unavailable`, and trying again later may succeed.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Self::Connect(_)
+                | Self::Pool(_)
+                | Self::Unavailable(_)
+                | Self::Overloaded
+                | Self::WriterStopped
+                | Self::WriterStalled { .. }
+                | Self::BatchPanicked
+                | Self::Timeout { .. }
+                | Self::CommitInDoubt(_)
+        ) || self.is_connection_lost()
+            || self.is_server_timeout()
+            || self.is_database_resource_fault()
+    }
+
+    /// Whether SQLite failed for want of a resource (the file locked too long, the disk full
+    /// or failing, the file not openable), not because of the request.
+    fn is_database_resource_fault(&self) -> bool {
+        use diesel::result::Error;
+        match self {
+            Self::Database(Error::DatabaseError(_, info)) => SQLITE_RESOURCE_MESSAGES
+                .iter()
+                .any(|fault| info.message().contains(fault)),
+            _ => false,
+        }
+    }
+
     /// Whether the database refused a statement (a constraint, a bad value) while the
     /// connection is fine: another batch without the offending row may succeed.
     pub(crate) fn is_statement_refused(&self) -> bool {
-        use diesel::result::{DatabaseErrorKind, Error};
         match self {
-            Self::Database(Error::DatabaseError(kind, _)) => !matches!(
-                kind,
-                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand
-            ),
+            Self::Database(diesel::result::Error::DatabaseError(..)) => {
+                !self.is_connection_lost()
+                    && !self.is_server_timeout()
+                    && !self.is_database_resource_fault()
+            }
             Self::Corrupt { .. } => true,
             _ => false,
         }
@@ -194,5 +308,59 @@ impl StorageError {
 
     pub(crate) fn corrupt(what: impl Into<String>) -> Self {
         Self::Corrupt { what: what.into() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use diesel::result::{DatabaseErrorKind, Error};
+
+    use super::*;
+
+    fn database(kind: DatabaseErrorKind, message: &str) -> StorageError {
+        StorageError::Database(Error::DatabaseError(kind, Box::new(message.to_owned())))
+    }
+
+    #[test]
+    fn a_broken_connection_or_a_server_timeout_is_unavailable_not_a_refusal() {
+        for lost in [
+            database(
+                DatabaseErrorKind::ClosedConnection,
+                "server closed the connection unexpectedly",
+            ),
+            database(
+                DatabaseErrorKind::Unknown,
+                "terminating connection due to administrator command",
+            ),
+        ] {
+            assert!(lost.is_connection_lost(), "{lost:?}");
+            assert!(lost.is_unavailable(), "{lost:?}");
+            assert!(!lost.is_statement_refused(), "{lost:?}");
+        }
+        for slow in [
+            "canceling statement due to statement timeout",
+            "canceling statement due to lock timeout",
+        ] {
+            let slow = database(DatabaseErrorKind::Unknown, slow);
+            assert!(
+                slow.is_server_timeout() && slow.is_unavailable(),
+                "{slow:?}"
+            );
+            assert!(!slow.is_connection_lost() && !slow.is_statement_refused());
+        }
+        let full = database(DatabaseErrorKind::Unknown, "database or disk is full");
+        assert!(full.is_unavailable() && !full.is_statement_refused());
+    }
+
+    #[test]
+    fn a_refused_statement_is_not_unavailable() {
+        let refused = database(
+            DatabaseErrorKind::CheckViolation,
+            "new row violates check constraint",
+        );
+        assert!(!refused.is_unavailable());
+        assert!(!refused.is_connection_lost());
+        assert!(refused.is_statement_refused());
+        assert!(!StorageError::Conflict.is_unavailable());
     }
 }

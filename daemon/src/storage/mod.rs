@@ -7,6 +7,7 @@
 //! - [`connection`]: one diesel connection type over both databases, URLs, the pool, settings
 //!   and the embedded migrations (`daemon/migrations/{sqlite,postgres}`).
 //! - [`writer`]: group commit — every write runs on one writer thread, many jobs per commit.
+//! - `readers`: the reads on a request's path, on reader threads, each with a deadline.
 //! - [`settlement`]: deciding a half — replay state, match, settlement — exactly once.
 //! - `batch`: a group commit's halves read and written as sets (constant statements per
 //!   batch), and the lock order that lets daemons share PostgreSQL; `sql`: its statements.
@@ -15,8 +16,9 @@
 //! - [`audit`]: the hash-chained audit log, one chain per writer.
 //! - [`model`]: what goes in and what comes out; [`error`]: [`StorageError`].
 //!
-//! Writes ([`Storage::submit_half`], …) block until their group commit is durable; reads use
-//! the pool. From async code, call both through `tokio::task::spawn_blocking`.
+//! Writes ([`Storage::submit_half`], …) block until their group commit is durable, at most
+//! `write_timeout_ms`; reads use the pool (those on a request's path at most
+//! `read_timeout_ms`). From async code, call both through `tokio::task::spawn_blocking`.
 
 pub mod audit;
 mod batch;
@@ -24,6 +26,7 @@ mod connection;
 pub mod error;
 pub mod ledger;
 pub mod model;
+mod readers;
 mod schema;
 pub mod settlement;
 mod sql;
@@ -32,7 +35,8 @@ pub mod writer;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use diesel::prelude::*;
 use nfcpay_protocol::{AccountId, Amount, Currency, TerminalId, TxnId};
@@ -40,6 +44,7 @@ use serde::Deserialize;
 
 use audit::AuditLog;
 use connection::{AnyConnection, ConnectionPool};
+use readers::Readers;
 use writer::Writer;
 
 pub use error::{EnrollmentRefusal, StorageError};
@@ -68,6 +73,24 @@ pub struct DatabaseConfig {
     /// SQLite: how long to wait for another process's write lock (ms).
     #[serde(default = "DatabaseConfig::default_busy_timeout_ms")]
     pub busy_timeout_ms: u64,
+    /// How long a write (a half, an operator action) waits for its group commit before it is
+    /// answered [`StorageError::Timeout`] (`503 unavailable`), both databases (ms). Queued work
+    /// whose caller has given up is dropped unrun.
+    #[serde(default = "DatabaseConfig::default_write_timeout_ms")]
+    pub write_timeout_ms: u64,
+    /// How long a read on a request's path (a terminal's state, a payment, an enrollment
+    /// code) waits before it is answered [`StorageError::Timeout`] (`503 unavailable`), both
+    /// databases (ms).
+    #[serde(default = "DatabaseConfig::default_read_timeout_ms")]
+    pub read_timeout_ms: u64,
+    /// PostgreSQL: the server cancels a statement running longer than this
+    /// (`statement_timeout`, ms; 0: never).
+    #[serde(default = "DatabaseConfig::default_statement_timeout_ms")]
+    pub statement_timeout_ms: u64,
+    /// PostgreSQL: the server cancels a statement waiting longer than this for a row lock
+    /// (`lock_timeout`, ms; 0: never).
+    #[serde(default = "DatabaseConfig::default_lock_timeout_ms")]
+    pub lock_timeout_ms: u64,
 }
 
 impl DatabaseConfig {
@@ -79,6 +102,14 @@ impl DatabaseConfig {
     pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
     /// The default SQLite busy timeout (ms).
     pub const DEFAULT_BUSY_TIMEOUT_MS: u64 = 5_000;
+    /// The default wait of a write for its group commit (ms).
+    pub const DEFAULT_WRITE_TIMEOUT_MS: u64 = 5_000;
+    /// The default wait of a read on a request's path (ms).
+    pub const DEFAULT_READ_TIMEOUT_MS: u64 = 5_000;
+    /// The default PostgreSQL `statement_timeout` (ms).
+    pub const DEFAULT_STATEMENT_TIMEOUT_MS: u64 = 5_000;
+    /// The default PostgreSQL `lock_timeout` (ms).
+    pub const DEFAULT_LOCK_TIMEOUT_MS: u64 = 2_000;
 
     /// The defaults with another URL.
     pub fn with_url(url: impl Into<String>) -> Self {
@@ -86,6 +117,23 @@ impl DatabaseConfig {
             url: url.into(),
             ..Self::default()
         }
+    }
+
+    /// Checks what deserialization cannot: a URL naming a known database, and limits that
+    /// are positive (a zero wait would fail every request).
+    pub fn validate(&self) -> Result<(), StorageError> {
+        connection::Target::parse(&self.url)?;
+        if self.pool_size == 0
+            || self.connect_timeout_ms == 0
+            || self.write_timeout_ms == 0
+            || self.read_timeout_ms == 0
+        {
+            return Err(StorageError::InvalidSetting {
+                reason: "pool_size, connect_timeout_ms, write_timeout_ms and read_timeout_ms \
+                         must be positive",
+            });
+        }
+        Ok(())
     }
 
     fn default_url() -> String {
@@ -103,6 +151,22 @@ impl DatabaseConfig {
     fn default_busy_timeout_ms() -> u64 {
         Self::DEFAULT_BUSY_TIMEOUT_MS
     }
+
+    fn default_write_timeout_ms() -> u64 {
+        Self::DEFAULT_WRITE_TIMEOUT_MS
+    }
+
+    fn default_read_timeout_ms() -> u64 {
+        Self::DEFAULT_READ_TIMEOUT_MS
+    }
+
+    fn default_statement_timeout_ms() -> u64 {
+        Self::DEFAULT_STATEMENT_TIMEOUT_MS
+    }
+
+    fn default_lock_timeout_ms() -> u64 {
+        Self::DEFAULT_LOCK_TIMEOUT_MS
+    }
 }
 
 impl std::fmt::Debug for DatabaseConfig {
@@ -112,6 +176,10 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("pool_size", &self.pool_size)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("busy_timeout_ms", &self.busy_timeout_ms)
+            .field("write_timeout_ms", &self.write_timeout_ms)
+            .field("read_timeout_ms", &self.read_timeout_ms)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .field("lock_timeout_ms", &self.lock_timeout_ms)
             .finish()
     }
 }
@@ -137,6 +205,10 @@ impl Default for DatabaseConfig {
             pool_size: Self::DEFAULT_POOL_SIZE,
             connect_timeout_ms: Self::DEFAULT_CONNECT_TIMEOUT_MS,
             busy_timeout_ms: Self::DEFAULT_BUSY_TIMEOUT_MS,
+            write_timeout_ms: Self::DEFAULT_WRITE_TIMEOUT_MS,
+            read_timeout_ms: Self::DEFAULT_READ_TIMEOUT_MS,
+            statement_timeout_ms: Self::DEFAULT_STATEMENT_TIMEOUT_MS,
+            lock_timeout_ms: Self::DEFAULT_LOCK_TIMEOUT_MS,
         }
     }
 }
@@ -150,8 +222,19 @@ pub struct Storage {
 struct Inner {
     pool: ConnectionPool,
     writer: Writer,
+    /// The reads on a request's path, each with a deadline.
+    readers: Readers,
     postgres: bool,
+    /// Whether a health check's `SELECT 1` is still out (at most one is: on a frozen server
+    /// it waits until the server answers again).
+    health_probe: Arc<AtomicBool>,
 }
+
+/// How long `/readyz` waits for the database's `SELECT 1`: within the ops listener's own
+/// `READY_TIMEOUT_MS`, so the answer names the database.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_millis(1_500);
+/// How long the health check waits for a pooled connection, within [`HEALTH_TIMEOUT`].
+const HEALTH_CONNECTION_WAIT: Duration = Duration::from_millis(1_000);
 
 impl std::fmt::Debug for Storage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -192,15 +275,29 @@ impl Storage {
             connection::Target::Postgres(_)
         );
         let pool = connection::open_pool(config)?;
-        let writer = Writer::start(pool.clone())
+        let writer = Writer::start(pool.clone(), Duration::from_millis(config.write_timeout_ms))
             .map_err(|error| StorageError::Migration(Box::new(error)))?;
+        let readers = Readers::start(
+            &pool,
+            config.pool_size,
+            Duration::from_millis(config.read_timeout_ms),
+        )
+        .map_err(|error| StorageError::Migration(Box::new(error)))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
                 writer,
+                readers,
                 postgres,
+                health_probe: Arc::new(AtomicBool::new(false)),
             }),
         })
+    }
+
+    /// Whether the ledger writer still runs; once it has stopped, every write fails
+    /// [`StorageError::WriterStopped`] and only a restart helps.
+    pub fn writer_is_running(&self) -> bool {
+        self.inner.writer.is_running()
     }
 
     /// Whether this is PostgreSQL (else SQLite).
@@ -208,12 +305,23 @@ impl Storage {
         self.inner.postgres
     }
 
+    /// Runs `work` on a pooled connection, in the caller's thread (operator tools; the pool's
+    /// wait and PostgreSQL's `statement_timeout` bound it), once more on a fresh connection
+    /// when the first turns out broken.
     fn read<T>(
         &self,
-        work: impl FnOnce(&mut AnyConnection) -> Result<T, StorageError>,
+        work: impl FnMut(&mut AnyConnection) -> Result<T, StorageError>,
     ) -> Result<T, StorageError> {
-        let mut connection = self.inner.pool.get().map_err(StorageError::Pool)?;
-        work(&mut connection)
+        readers::read_on(&self.inner.pool, work)
+    }
+
+    /// [`Storage::read`] on a reader thread, waiting at most `read_timeout_ms`: for the reads
+    /// on a request's path.
+    fn bounded_read<T: Send + 'static>(
+        &self,
+        work: impl FnMut(&mut AnyConnection) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        self.inner.readers.read(work)
     }
 
     fn write<T: Send + 'static>(
@@ -282,7 +390,10 @@ impl Storage {
 
     /// A terminal, if it exists.
     pub fn terminal(&self, id: &TerminalId) -> Result<Option<TerminalView>, StorageError> {
-        self.read(|connection| Ok(terminals::load(connection, id)?.map(|record| record.view)))
+        let id = id.clone();
+        self.bounded_read(move |connection| {
+            Ok(terminals::load(connection, &id)?.map(|record| record.view))
+        })
     }
 
     /// Every terminal, by identifier.
@@ -314,7 +425,11 @@ impl Storage {
         code_sha256: &[u8; 32],
         now_ms: i64,
     ) -> Result<TerminalView, StorageError> {
-        self.read(|connection| terminals::check_code(connection, id, code_sha256, now_ms))
+        let id = id.clone();
+        let code_sha256 = *code_sha256;
+        self.bounded_read(move |connection| {
+            terminals::check_code(connection, &id, &code_sha256, now_ms)
+        })
     }
 
     /// Redeems a terminal's one-time enrollment code (compared in constant time): once only,
@@ -355,7 +470,8 @@ impl Storage {
 
     /// A payment, if it exists.
     pub fn transaction(&self, txn_id: &TxnId) -> Result<Option<TransactionView>, StorageError> {
-        self.read(|connection| settlement::view(connection, txn_id))
+        let txn_id = *txn_id;
+        self.bounded_read(move |connection| settlement::view(connection, &txn_id))
     }
 
     /// Marks pending payments whose time has passed as expired, each with an audit record;
@@ -400,14 +516,74 @@ impl Storage {
 
     /// For `/readyz`: the writer thread still runs ([`StorageError::WriterStopped`] if not:
     /// every write would fail), and `SELECT 1` works on a pooled connection.
+    ///
+    /// Bounded in time: a writer inside one batch for longer than a write may wait fails it
+    /// ([`StorageError::WriterStalled`]) at once, and `SELECT 1` runs on a thread of its own
+    /// for at most [`HEALTH_TIMEOUT`] ([`StorageError::Timeout`]); while one is still out, the
+    /// next check fails at once instead of sending another.
     pub fn check_health(&self) -> Result<(), StorageError> {
         if !self.inner.writer.is_running() {
             return Err(StorageError::WriterStopped);
         }
+        let busy = self.inner.writer.busy_for();
+        if busy > self.inner.writer.write_timeout() {
+            return Err(StorageError::WriterStalled {
+                busy_ms: u64::try_from(busy.as_millis()).unwrap_or(u64::MAX),
+            });
+        }
+        let timeout = StorageError::Timeout {
+            what: "health check",
+            waited_ms: u64::try_from(HEALTH_TIMEOUT.as_millis()).unwrap_or(u64::MAX),
+        };
+        if self.inner.health_probe.swap(true, Ordering::SeqCst) {
+            return Err(timeout);
+        }
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let storage = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("nfcpay-db-health".into())
+            .spawn(move || {
+                // Shorter than the probe's own wait, so that a server refusing connections is
+                // reported with libpq's words rather than as silence.
+                let answered = storage
+                    .inner
+                    .pool
+                    .get_timeout(HEALTH_CONNECTION_WAIT)
+                    .map_err(StorageError::Pool)
+                    .and_then(|mut connection| {
+                        diesel::select(1_i32.into_sql::<diesel::sql_types::Integer>())
+                            .get_result::<i32>(&mut connection)?;
+                        Ok(())
+                    });
+                storage.inner.health_probe.store(false, Ordering::SeqCst);
+                // The check may have given up waiting; then nobody needs the answer.
+                let _ = reply.send(answered);
+            });
+        if let Err(error) = spawned {
+            self.inner.health_probe.store(false, Ordering::SeqCst);
+            return Err(StorageError::Unavailable(Arc::new(
+                StorageError::Migration(Box::new(error)),
+            )));
+        }
+        answer.recv_timeout(HEALTH_TIMEOUT).unwrap_or(Err(timeout))
+    }
+
+    /// Diagnostics: the deadlines of a pooled PostgreSQL session, as
+    /// `statement_timeout=… lock_timeout=…` (empty on SQLite).
+    #[doc(hidden)]
+    pub fn session_settings(&self) -> Result<String, StorageError> {
+        use diesel::dsl::sql;
+        use diesel::sql_types::Text;
         self.read(|connection| {
-            diesel::select(1_i32.into_sql::<diesel::sql_types::Integer>())
-                .get_result::<i32>(connection)?;
-            Ok(())
+            if !matches!(connection, AnyConnection::Postgresql(_)) {
+                return Ok(String::new());
+            }
+            let (statement, lock) = diesel::select((
+                sql::<Text>("current_setting('statement_timeout')"),
+                sql::<Text>("current_setting('lock_timeout')"),
+            ))
+            .get_result::<(String, String)>(connection)?;
+            Ok(format!("statement_timeout={statement} lock_timeout={lock}"))
         })
     }
 

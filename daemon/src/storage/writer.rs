@@ -17,13 +17,22 @@
 //! again, at most [`JOB_ATTEMPTS_MAX`] times. A batch of halves that fails for another reason is
 //! split and each half run alone, so one half the database refuses cannot fail the others.
 //!
+//! Every wait has a deadline. A caller waits for its commit at most the write timeout
+//! (`[database] write_timeout_ms`) and is then answered [`StorageError::Timeout`]; the writer
+//! drops unrun what it takes from the queue after its caller's deadline. A batch that fails
+//! because its connection broke (the server restarted, crashed, or closed it) is run again on
+//! a fresh connection, within the same bound of attempts and its callers' deadline. While one
+//! batch waits on the database longer than the write timeout (a frozen server), readiness
+//! fails with [`StorageError::WriterStalled`]; when the database answers again the writer
+//! carries on where it was.
+//!
 //! A batch that panics (a bug) is caught: its transaction is rolled back, its callers are
 //! answered [`StorageError::BatchPanicked`] (wrapped in [`StorageError::Unavailable`]), and the
 //! writer goes on with the next batch. Should the thread stop anyway, `Storage::check_health`
 //! fails with [`StorageError::WriterStopped`] and so does `/readyz`.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -46,6 +55,9 @@ pub const WRITE_QUEUE_MAX: usize = 4096;
 pub const GROUP_COMMIT_MAX: usize = 64;
 /// How many times a batch that lost a race with another writer is run.
 pub const JOB_ATTEMPTS_MAX: u32 = 8;
+/// Pause before running again a batch whose connection broke, times the attempt: the server
+/// may be restarting.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
 /// An idle writer renews its chain's lease this often.
 const LEASE_RENEW_INTERVAL: Duration =
     Duration::from_millis(audit::CHAIN_LEASE_MS.unsigned_abs() / 3);
@@ -210,6 +222,8 @@ where
 struct HalfItem {
     queued: QueuedHalf,
     reply: SyncSender<Result<Submitted, StorageError>>,
+    /// When its caller stops waiting.
+    deadline: Instant,
 }
 
 impl HalfItem {
@@ -220,8 +234,69 @@ impl HalfItem {
 }
 
 enum Item {
-    Job(Box<dyn Job>),
+    /// A closure job and when its caller stops waiting.
+    Job(Box<dyn Job>, Instant),
     Half(HalfItem),
+}
+
+impl Item {
+    fn deadline(&self) -> Instant {
+        match self {
+            Self::Job(_, deadline) => *deadline,
+            Self::Half(half) => half.deadline,
+        }
+    }
+
+    /// Answers a caller who has stopped waiting, without running its work.
+    fn expire(self, waited_ms: u64) {
+        let error = || StorageError::Timeout {
+            what: "write",
+            waited_ms,
+        };
+        match self {
+            Self::Job(job, _) => job.answer(Err(error())),
+            Self::Half(half) => half.answer(Err(error())),
+        }
+    }
+}
+
+/// Since when the writer has been inside one batch, for readiness: milliseconds since the
+/// writer started, plus one; 0 while it waits for work.
+#[derive(Clone)]
+struct Busy {
+    started: Instant,
+    since: Arc<AtomicU64>,
+}
+
+impl Busy {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            since: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1)
+    }
+
+    fn enter(&self) {
+        self.since.store(self.now(), Ordering::SeqCst);
+    }
+
+    fn leave(&self) {
+        self.since.store(0, Ordering::SeqCst);
+    }
+
+    /// How long the current batch has run; zero while idle.
+    fn elapsed(&self) -> Duration {
+        match self.since.load(Ordering::SeqCst) {
+            0 => Duration::ZERO,
+            since => Duration::from_millis(self.now().saturating_sub(since)),
+        }
+    }
 }
 
 /// The handle callers use; dropping it lets the thread finish the queue and stop.
@@ -231,16 +306,21 @@ pub(crate) struct Writer {
     metrics: WriterMetrics,
     hold: HoldState,
     fault: FaultState,
+    busy: Busy,
+    write_timeout: Duration,
 }
 
 impl Writer {
-    /// Starts the writer thread.
-    pub(crate) fn start(pool: ConnectionPool) -> std::io::Result<Self> {
+    /// Starts the writer thread; each write waits at most `write_timeout` for its commit.
+    pub(crate) fn start(pool: ConnectionPool, write_timeout: Duration) -> std::io::Result<Self> {
         let (queue, items) = mpsc::sync_channel(WRITE_QUEUE_MAX);
         let metrics = WriterMetrics::default();
         let hold: HoldState = Arc::new((Mutex::new(HoldPhase::Off), Condvar::new()));
         let fault: FaultState = Arc::new(AtomicU8::new(WriterFault::None as u8));
+        let busy = Busy::new();
         let mut state = WriterState {
+            busy: busy.clone(),
+            write_timeout,
             pool,
             chain: None,
             owner: chain_owner(),
@@ -258,7 +338,19 @@ impl Writer {
             metrics,
             hold,
             fault,
+            busy,
+            write_timeout,
         })
+    }
+
+    /// How long the writer has been inside its current batch (zero while idle).
+    pub(crate) fn busy_for(&self) -> Duration {
+        self.busy.elapsed()
+    }
+
+    /// How long a write waits for its commit.
+    pub(crate) fn write_timeout(&self) -> Duration {
+        self.write_timeout
     }
 
     /// Whether the writer thread still runs: `false` once it has stopped (panicked outside a
@@ -300,19 +392,44 @@ impl Writer {
         F: FnMut(&mut AnyConnection, &mut AuditLog) -> Result<T, StorageError> + Send + 'static,
     {
         let (reply, answer) = mpsc::sync_channel(1);
-        self.enqueue(Item::Job(Box::new(TypedJob {
-            work,
-            value: None,
-            reply,
-        })))?;
-        answer.recv().map_err(|_| StorageError::WriterStopped)?
+        let deadline = Instant::now() + self.write_timeout;
+        self.enqueue(Item::Job(
+            Box::new(TypedJob {
+                work,
+                value: None,
+                reply,
+            }),
+            deadline,
+        ))?;
+        self.wait(&answer, deadline)
     }
 
     /// Decides `half` in the next group commit and waits until that commit is durable.
     pub(crate) fn submit_half(&self, queued: QueuedHalf) -> Result<Submitted, StorageError> {
         let (reply, answer) = mpsc::sync_channel(1);
-        self.enqueue(Item::Half(HalfItem { queued, reply }))?;
-        answer.recv().map_err(|_| StorageError::WriterStopped)?
+        let deadline = Instant::now() + self.write_timeout;
+        self.enqueue(Item::Half(HalfItem {
+            queued,
+            reply,
+            deadline,
+        }))?;
+        self.wait(&answer, deadline)
+    }
+
+    /// Waits for the writer's answer until `deadline`.
+    fn wait<T>(
+        &self,
+        answer: &Receiver<Result<T, StorageError>>,
+        deadline: Instant,
+    ) -> Result<T, StorageError> {
+        match answer.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(answer) => answer,
+            Err(RecvTimeoutError::Timeout) => Err(StorageError::Timeout {
+                what: "write",
+                waited_ms: millis(self.write_timeout),
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(StorageError::WriterStopped),
+        }
     }
 
     fn enqueue(&self, item: Item) -> Result<(), StorageError> {
@@ -352,6 +469,8 @@ fn chain_owner() -> String {
 }
 
 struct WriterState {
+    busy: Busy,
+    write_timeout: Duration,
     pool: ConnectionPool,
     /// The chain this writer appends to, as of its last commit; `None` until claimed, and
     /// after a failed batch (the next claim resumes it from the database).
@@ -378,16 +497,27 @@ impl WriterState {
                     item
                 }
                 Err(RecvTimeoutError::Timeout) => {
+                    self.busy.enter();
                     self.renew_lease();
+                    self.busy.leave();
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break, // every Storage handle is gone
             };
             let mut jobs = Vec::new();
             let mut halves = Vec::new();
-            let mut take = |item| match item {
-                Item::Job(job) => jobs.push(job),
-                Item::Half(half) => halves.push(half),
+            let now = Instant::now();
+            let waited_ms = millis(self.write_timeout);
+            let mut take = |item: Item| {
+                if item.deadline() <= now {
+                    // Its caller has been answered `Timeout` already: running it now would
+                    // only commit what nobody waits for.
+                    return item.expire(waited_ms);
+                }
+                match item {
+                    Item::Job(job, deadline) => jobs.push((job, deadline)),
+                    Item::Half(half) => halves.push(half),
+                }
             };
             take(first);
             for _ in 1..GROUP_COMMIT_MAX {
@@ -396,6 +526,7 @@ impl WriterState {
                     Err(_) => break,
                 }
             }
+            self.busy.enter();
             if !jobs.is_empty() {
                 self.run_jobs(jobs);
             }
@@ -405,12 +536,49 @@ impl WriterState {
             if self.renewed_at.elapsed() >= LEASE_RENEW_INTERVAL {
                 self.renew_lease();
             }
+            self.busy.leave();
         }
         self.release_chain();
     }
 
+    /// Whether a batch that failed with `error` on its `attempt` is run again: after a lost
+    /// race, or a broken connection while a caller still waits (after a pause that grows with
+    /// the attempt). A commit in doubt is run again only for `idempotent` work (halves).
+    fn run_again(
+        &self,
+        error: &StorageError,
+        attempt: u32,
+        deadline: Instant,
+        idempotent: bool,
+    ) -> bool {
+        if attempt >= JOB_ATTEMPTS_MAX {
+            return false;
+        }
+        if error.is_retryable() {
+            return true;
+        }
+        let broken = error.is_connection_lost()
+            || (idempotent && matches!(error, StorageError::CommitInDoubt(_)));
+        if !broken || Instant::now() >= deadline {
+            return false;
+        }
+        tracing::warn!(
+            error = crate::server::signals::error_chain(error),
+            attempt,
+            "the ledger writer's database connection broke; running the batch again on a new one"
+        );
+        std::thread::sleep(RECONNECT_PAUSE * attempt);
+        true
+    }
+
     /// One transaction for the closure jobs, one savepoint each.
-    fn run_jobs(&mut self, mut jobs: Vec<Box<dyn Job>>) {
+    fn run_jobs(&mut self, jobs: Vec<(Box<dyn Job>, Instant)>) {
+        let deadline = jobs
+            .iter()
+            .map(|(_, deadline)| *deadline)
+            .max()
+            .unwrap_or_else(Instant::now);
+        let mut jobs: Vec<Box<dyn Job>> = jobs.into_iter().map(|(job, _)| job).collect();
         let mut attempt = 1;
         loop {
             let mut outcomes = Vec::with_capacity(jobs.len());
@@ -422,7 +590,14 @@ impl WriterState {
                     let outcome =
                         connection.transaction(|savepoint| job.run(savepoint, &mut records));
                     match outcome {
-                        Err(error) if error.is_retryable() => return Err(error),
+                        // Not the job's fault: the whole batch fails (and may run again).
+                        Err(error)
+                            if error.is_retryable()
+                                || error.is_connection_lost()
+                                || error.is_server_timeout() =>
+                        {
+                            return Err(error);
+                        }
                         Ok(()) => audit.append(&mut records),
                         Err(_) => {}
                     }
@@ -438,7 +613,7 @@ impl WriterState {
                     }
                     return;
                 }
-                Err(error) if error.is_retryable() && attempt < JOB_ATTEMPTS_MAX => {
+                Err(error) if self.run_again(&error, attempt, deadline, false) => {
                     self.metrics.batch_retries.inc();
                     attempt += 1;
                 }
@@ -461,6 +636,11 @@ impl WriterState {
     /// The halves as one set: read, decide, write, append the audit records, commit.
     fn run_halves(&mut self, halves: Vec<HalfItem>) {
         let queued: Vec<QueuedHalf> = halves.iter().map(|item| item.queued.clone()).collect();
+        let deadline = halves
+            .iter()
+            .map(|item| item.deadline)
+            .max()
+            .unwrap_or_else(Instant::now);
         let mut attempt = 1;
         let result = loop {
             let mut statements = 2; // BEGIN, COMMIT
@@ -485,7 +665,7 @@ impl WriterState {
                     self.metrics.halves_per_batch.observe(queued.len() as f64);
                     break Ok(answers);
                 }
-                Err(error) if error.is_retryable() && attempt < JOB_ATTEMPTS_MAX => {
+                Err(error) if self.run_again(&error, attempt, deadline, true) => {
                     self.metrics.batch_retries.inc();
                     attempt += 1;
                 }
@@ -559,7 +739,7 @@ impl WriterState {
             }
         };
         hold_if_armed(&self.hold);
-        AnyConnection::commit_transaction(connection)?;
+        AnyConnection::commit_transaction(connection).map_err(commit_failed)?;
         let (value, head) = value.split();
         self.chain = Some(chain.advanced(head));
         self.renewed_at = Instant::now();
@@ -679,6 +859,20 @@ fn begin(connection: &mut AnyConnection) -> Result<(), StorageError> {
         }
     }
     Ok(())
+}
+
+/// A commit's error: [`StorageError::CommitInDoubt`] when the connection broke.
+fn commit_failed(error: diesel::result::Error) -> StorageError {
+    match StorageError::from(error) {
+        error if !error.is_connection_lost() => error,
+        StorageError::Database(cause) => StorageError::CommitInDoubt(cause),
+        other => other,
+    }
+}
+
+/// A duration in whole milliseconds, for messages.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Milliseconds since the Unix epoch (lease times).

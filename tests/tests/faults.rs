@@ -1,0 +1,330 @@
+//! Database faults under load, against the real daemon: each PostgreSQL test starts a cluster
+//! of its own (`nfcpay_tests::postgres`) and restarts, crashes or freezes only that one.
+//!
+//! - PostgreSQL restarted and crashed under load: no half is answered `500`; every payment
+//!   acknowledged as settled is in the ledger exactly once; payments settle again after.
+//! - PostgreSQL frozen (SIGSTOP): halves are answered `503` while it is still frozen (after
+//!   the daemon's `write_timeout_ms`/`read_timeout_ms`, not the freeze); `/readyz` names the database; after
+//!   SIGCONT payments settle again, exactly once.
+//! - `nfcpayd` killed with SIGKILL under load on SQLite: after the restart every acknowledged
+//!   payment is in the ledger exactly once.
+//!
+//! The figures (answers by kind, time to `503`, recovery time) are printed, not asserted:
+//! `cargo test -p nfcpay-tests --test faults -- --nocapture` shows them. The PostgreSQL tests
+//! skip only where PostgreSQL is not installed and not required (`CI`,
+//! `NFCPAY_REQUIRE_POSTGRES`).
+// A panic is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nfcpay_tests::faults::{self, Tally};
+use nfcpay_tests::loadgen::check_ledger;
+use nfcpay_tests::postgres::{self, Cluster};
+use nfcpay_tests::{Ledger, PlatformFixture, http_get, postgres_required};
+
+/// Terminal pairs paying during a fault.
+const PAIRS: usize = 3;
+/// The daemon's write and read timeouts in the freeze test (ms), below the freeze.
+const TIMEOUT_MS: u64 = 1_000;
+
+/// A cluster of the test's own, or `None` (skip) where PostgreSQL is not installed and not
+/// required.
+fn own_cluster() -> Option<Cluster> {
+    let Some(bin_dir) = postgres::bin_dir() else {
+        assert!(
+            !postgres_required(),
+            "PostgreSQL is not installed, but it is required here (CI or \
+             NFCPAY_REQUIRE_POSTGRES): refusing to skip"
+        );
+        eprintln!("PostgreSQL not installed: test skipped");
+        return None;
+    };
+    Some(Cluster::start(&bin_dir).expect("a PostgreSQL cluster of the test's own"))
+}
+
+/// Checks what every fault test must hold, and prints the figures.
+fn check_run(
+    name: &str,
+    platform: &PlatformFixture,
+    tally: &Tally,
+    accounts: &[nfcpay_protocol::AccountId],
+) {
+    let storage = platform.storage().expect("the ledger");
+    let currency = faults::CURRENCY.parse().expect("a currency");
+    let verdict = check_ledger(
+        &storage,
+        &tally.payments(),
+        accounts,
+        currency,
+        tally.failed,
+    )
+    .expect("the ledger check runs");
+    println!(
+        "{name}: {} payments settled, {} given up, answers {:?}; ledger: {} settlements, \
+         exactly once {}, balanced {}",
+        tally.settled.len(),
+        tally.failed,
+        tally.counts(),
+        verdict.ledger_settlements,
+        verdict.exactly_once,
+        verdict.postings_balanced
+    );
+    assert!(verdict.is_ok(), "{name}: {:?}", verdict.problems);
+    let wrong = tally.wrong_answers();
+    assert!(
+        wrong.is_empty(),
+        "{name}: answers a fault must not cause: {wrong:?}"
+    );
+    assert_eq!(tally.failed, 0, "{name}: payments given up");
+}
+
+/// Restart (clean) and crash (immediate stop, WAL recovery) of PostgreSQL under load.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_restarted_and_crashed_under_load_costs_no_500_and_no_payment() {
+    let Some(cluster) = own_cluster() else {
+        return;
+    };
+    let platform = PlatformFixture::start(&Ledger::Postgres(cluster.url())).expect("platform");
+    let (pairs, accounts) = faults::enroll_pairs(&platform, PAIRS)
+        .await
+        .expect("terminals");
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let started = Instant::now();
+    let payers = faults::start_paying(pairs, started + Duration::from_secs(8), &tally);
+
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let cluster = Arc::new(cluster);
+    let ops = platform.ops_address.clone();
+    let (readiness, restarted) = tokio::task::spawn_blocking({
+        let cluster = Arc::clone(&cluster);
+        move || {
+            cluster.stop()?;
+            let readiness = http_get(&ops, "/readyz");
+            cluster.start_server()?;
+            anyhow::Ok((readiness, Instant::now()))
+        }
+    })
+    .await
+    .unwrap()
+    .expect("PostgreSQL restarted");
+    let (status, body) = readiness.expect("/readyz answers while the database is down");
+    println!("postgres stopped: /readyz {status} {body:?}");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("not ready: database: "), "{body}");
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let recovered = tokio::task::spawn_blocking({
+        let cluster = Arc::clone(&cluster);
+        move || {
+            cluster.crash()?;
+            std::thread::sleep(Duration::from_millis(500));
+            cluster.start_server()?;
+            anyhow::Ok(Instant::now())
+        }
+    })
+    .await
+    .unwrap()
+    .expect("PostgreSQL recovered after a crash");
+    for payer in payers {
+        payer.await.unwrap();
+    }
+
+    let tally = tally.lock().unwrap();
+    for (what, back) in [("restart", restarted), ("crash", recovered)] {
+        println!(
+            "postgres {what}: first payment settled {:?} after the server was back",
+            tally.first_settled_after(back)
+        );
+    }
+    assert!(
+        tally.first_settled_after(recovered).is_some(),
+        "no payment settled after the crash"
+    );
+    check_run("postgres restart and crash", &platform, &tally, &accounts);
+    let log = platform.daemon_log();
+    let causes = log
+        .lines()
+        .filter(|line| line.contains("database unavailable"))
+        .count();
+    println!("postgres restart and crash: {causes} 'database unavailable' log lines");
+}
+
+/// PostgreSQL frozen with SIGSTOP for 4 s under load, the daemon's write and read timeouts 1 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_frozen_costs_503_within_the_timeouts_then_payments_go_on() {
+    let Some(cluster) = own_cluster() else {
+        return;
+    };
+    let platform = PlatformFixture::start_with_database_settings(
+        &Ledger::Postgres(cluster.url()),
+        &format!("write_timeout_ms = {TIMEOUT_MS}\nread_timeout_ms = {TIMEOUT_MS}"),
+    )
+    .expect("platform");
+    let (pairs, accounts) = faults::enroll_pairs(&platform, PAIRS)
+        .await
+        .expect("terminals");
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let started = Instant::now();
+    let payers = faults::start_paying(pairs, started + Duration::from_secs(9), &tally);
+
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let frozen_pids = cluster.freeze().expect("PostgreSQL frozen");
+    let frozen = Instant::now();
+    let ops = platform.ops_address.clone();
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let readiness = tokio::task::spawn_blocking(move || http_get(&ops, "/readyz"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    cluster.thaw(&frozen_pids).expect("PostgreSQL thawed");
+    let thawed = Instant::now();
+    for payer in payers {
+        payer.await.unwrap();
+    }
+
+    let (status, body) = readiness.expect("/readyz answers while the database is frozen");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("not ready: database: "), "{body}");
+    let tally = tally.lock().unwrap();
+    let during_freeze: Vec<_> = tally
+        .answers
+        .iter()
+        .filter(|answer| answer.kind == "503 unavailable" && answer.sent + answer.took < thawed)
+        .collect();
+    let mut took_ms: Vec<u64> = during_freeze
+        .iter()
+        .map(|answer| u64::try_from(answer.took.as_millis()).unwrap_or(u64::MAX))
+        .collect();
+    took_ms.sort_unstable();
+    println!(
+        "postgres frozen {:?}: {} halves answered 503 while frozen, each after {:?} ms \
+         (min, median, max); readiness {status} {body:?}; first payment settled {:?} after \
+         SIGCONT",
+        thawed - frozen,
+        during_freeze.len(),
+        (
+            took_ms.first(),
+            took_ms.get(took_ms.len() / 2),
+            took_ms.last()
+        ),
+        tally.first_settled_after(thawed)
+    );
+    assert!(
+        !during_freeze.is_empty(),
+        "no half was answered 503 while the database was frozen: {:?}",
+        tally.counts()
+    );
+    assert!(
+        tally.first_settled_after(thawed).is_some(),
+        "no payment settled after the database thawed"
+    );
+    check_run("postgres frozen", &platform, &tally, &accounts);
+}
+
+/// `nfcpayd` killed with SIGKILL under load on SQLite, then started again.
+#[tokio::test(flavor = "multi_thread")]
+async fn nfcpayd_killed_under_load_keeps_every_acknowledged_payment_once() {
+    let mut platform = PlatformFixture::start(&Ledger::Sqlite).expect("platform");
+    let (pairs, accounts) = faults::enroll_pairs(&platform, PAIRS)
+        .await
+        .expect("terminals");
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let started = Instant::now();
+    let payers = faults::start_paying(pairs, started + Duration::from_secs(6), &tally);
+
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let platform = tokio::task::spawn_blocking(move || {
+        platform
+            .kill_and_restart()
+            .map(|()| (platform, Instant::now()))
+    })
+    .await
+    .unwrap();
+    let (platform, restarted) = platform.expect("nfcpayd restarted");
+    for payer in payers {
+        payer.await.unwrap();
+    }
+
+    let tally = tally.lock().unwrap();
+    println!(
+        "nfcpayd kill -9: first payment settled {:?} after the restarted daemon was ready",
+        tally.first_settled_after(restarted)
+    );
+    assert!(
+        tally.first_settled_after(restarted).is_some(),
+        "no payment settled after the restart"
+    );
+    check_run("nfcpayd kill -9", &platform, &tally, &accounts);
+}
+
+/// A primary with a synchronous standby (streaming replication from a real
+/// `pg_basebackup`), two daemons on a libpq multi-host URL with
+/// `target_session_attrs=read-write`, the halves of each payment split between them. The
+/// primary is killed with SIGKILL under load and the standby promoted (`pg_ctl promote`): the
+/// daemons carry on without a restart, and every payment acknowledged as settled is in the
+/// promoted database exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_failover_to_a_synchronous_standby_loses_no_acknowledged_payment() {
+    let Some(primary) = own_cluster() else {
+        return;
+    };
+    let setup = Instant::now();
+    let standby = Cluster::start_synchronous_standby(&primary).expect("a synchronous standby");
+    println!(
+        "postgres failover: standby streaming after {:?}",
+        setup.elapsed()
+    );
+    let url = format!(
+        "postgres://postgres@{},{}/{}?target_session_attrs=read-write",
+        primary.host_port(),
+        standby.host_port(),
+        postgres::DATABASE
+    );
+    let mut platform = PlatformFixture::start(&Ledger::Postgres(url)).expect("platform");
+    platform.start_extra_daemon().expect("a second daemon");
+    let daemons = platform.daemon_pids();
+    let (pairs, accounts) = faults::enroll_pairs(&platform, PAIRS)
+        .await
+        .expect("terminals");
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let started = Instant::now();
+    let payers = faults::start_paying(pairs, started + Duration::from_secs(8), &tally);
+
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let (primary, standby, promoted) = tokio::task::spawn_blocking(move || {
+        primary.kill()?;
+        standby.promote()?;
+        anyhow::Ok((primary, standby, Instant::now()))
+    })
+    .await
+    .unwrap()
+    .expect("primary killed, standby promoted");
+    for payer in payers {
+        payer.await.unwrap();
+    }
+
+    let tally = tally.lock().unwrap();
+    println!(
+        "postgres failover: first payment settled {:?} after the standby was promoted",
+        tally.first_settled_after(promoted)
+    );
+    assert!(
+        tally.first_settled_after(promoted).is_some(),
+        "no payment settled after the failover"
+    );
+    assert_eq!(platform.daemon_pids(), daemons);
+    for pid in daemons {
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "nfcpayd {pid} did not survive the failover"
+        );
+    }
+    assert_eq!(
+        standby.psql_value("SELECT pg_is_in_recovery()").unwrap(),
+        "f",
+        "the standby is not the primary now"
+    );
+    check_run("postgres failover", &platform, &tally, &accounts);
+    drop(primary);
+}
