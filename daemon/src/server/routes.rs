@@ -2,7 +2,8 @@
 //! half and transaction routes, the enrollment listener only `POST /v1/enroll`; a route of one
 //! is `404 not-found` on the other. Checks run cheapest first, and nothing reaches the [`Api`]
 //! before all pass: route and method, query, rate limit (per terminal, or per address for
-//! enrollment), declared length, then the body under its cap and timeout. Who the caller is
+//! enrollment), a half's `Content-Type`, declared length, then the body under its cap and
+//! timeout. Who the caller is
 //! was settled in the TLS handshake, before any of this (see `connection`).
 
 use std::convert::Infallible;
@@ -27,7 +28,7 @@ use super::problem::{PROBLEM_CONTENT_TYPE, Problem, ProblemCode};
 use super::{Api, HalfKind, Shared};
 
 /// Media type of halves and receipts.
-const OCTET_STREAM: &str = "application/octet-stream";
+const OCTET_STREAM: &str = nfcpay_protocol::api::HALF_CONTENT_TYPE;
 /// Media type of enrollment answers.
 const JSON: &str = "application/json";
 /// Longest `wait_ms` value accepted as text (`u64::MAX` has 20 digits).
@@ -244,6 +245,7 @@ async fn dispatch<A: Api>(
     match (route, caller) {
         (Route::Half(kind), Caller::Terminal(client)) => {
             let client = client.clone();
+            check_content_type(request.headers(), OCTET_STREAM)?;
             let body = read_body(shared, request).await?;
             *body_read = true;
             let answer = api.submit_half(kind, client, body, wait).await?;
@@ -302,6 +304,28 @@ fn parse_query(route: Route, query: Option<&str>, wait_ms_max: u64) -> Result<Du
         wait_ms = Some(value.min(wait_ms_max));
     }
     Ok(Duration::from_millis(wait_ms.unwrap_or(0)))
+}
+
+/// Refuses a body that does not say it is of media type `expected` (parameters aside, case
+/// insensitive), or says so more than once: `415 unsupported-media-type`.
+fn check_content_type(headers: &http::HeaderMap, expected: &str) -> Result<(), Problem> {
+    let mut values = headers.get_all(header::CONTENT_TYPE).iter();
+    let media_type = match (values.next(), values.next()) {
+        (Some(value), None) => value.to_str().ok().map(|value| {
+            value
+                .split_once(';')
+                .map_or(value, |(essence, _)| essence)
+                .trim()
+        }),
+        _ => None,
+    };
+    if media_type.is_some_and(|media_type| media_type.eq_ignore_ascii_case(expected)) {
+        return Ok(());
+    }
+    Err(Problem::new(
+        ProblemCode::UnsupportedMediaType,
+        format!("the body must be sent as Content-Type: {expected}"),
+    ))
 }
 
 /// Collects the body: refused without reading if its declared length is over the cap,
@@ -412,6 +436,40 @@ mod tests {
             "/v1/enroll/",
         ] {
             assert_eq!(enrollment(path).unwrap(), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn a_half_must_be_octet_stream() {
+        let check = |values: &[&str]| {
+            let mut headers = http::HeaderMap::new();
+            for value in values {
+                headers.append(header::CONTENT_TYPE, HeaderValue::from_str(value).unwrap());
+            }
+            check_content_type(&headers, OCTET_STREAM).map_err(|problem| problem.code())
+        };
+        for good in [
+            "application/octet-stream",
+            "Application/Octet-Stream",
+            "application/octet-stream; charset=binary",
+            " application/octet-stream ",
+        ] {
+            assert_eq!(check(&[good]), Ok(()), "{good}");
+        }
+        for bad in [
+            &[][..],
+            &["text/plain"],
+            &["application/json"],
+            &["application/octet-streamx"],
+            &["application/octet"],
+            &[""],
+            &["application/octet-stream", "application/octet-stream"],
+        ] {
+            assert_eq!(
+                check(bad),
+                Err(ProblemCode::UnsupportedMediaType),
+                "{bad:?}"
+            );
         }
     }
 
