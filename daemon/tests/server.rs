@@ -850,7 +850,13 @@ async fn a_half_of_another_media_type_is_refused_with_415() {
     assert_eq!(answer.status, StatusCode::ACCEPTED, "{answer:?}");
     assert_eq!(running.api.half_calls(), 1);
     let metrics = running.ops_get("/metrics").await;
-    assert!(metrics.text().contains("415"), "{}", metrics.text());
+    assert!(
+        metrics
+            .text()
+            .contains(r#"nfcpayd_refusals_total{route="half_a",code="unsupported-media-type"} 4"#),
+        "{}",
+        metrics.text()
+    );
     running.stop().await;
 }
 
@@ -1595,4 +1601,42 @@ fn pem_encode(bytes: &[u8]) -> String {
         wrapped.push('\n');
     }
     wrapped
+}
+
+/// `nfcpayd --log-format json` writes each log line as one JSON object (for journald or ELK
+/// pipelines); text stays the default.
+#[test]
+fn nfcpayd_logs_json_lines_when_asked() {
+    let run = |format: Option<&str>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_nfcpayd"));
+        command.args(["--config", "/nonexistent/nfcpay.toml"]);
+        if let Some(format) = format {
+            command.args(["--log-format", format]);
+        }
+        let output = command.env_remove("NFCPAY_LOG").output().unwrap();
+        assert_eq!(output.status.code(), Some(64), "{output:?}");
+        String::from_utf8(output.stderr).unwrap()
+    };
+    let json = run(Some("json"));
+    let line = json
+        .lines()
+        .find(|line| line.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line: {json}"));
+    let event: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(event["level"], "ERROR", "{event}");
+    assert!(
+        event["fields"]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("nfcpay.toml")),
+        "{event}"
+    );
+    assert!(event["timestamp"].is_string(), "{event}");
+    let text = run(None);
+    assert!(text.lines().any(|line| line.contains(" ERROR ")), "{text}");
+    assert!(!text.lines().any(|line| line.starts_with('{')), "{text}");
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_nfcpayd"))
+        .args(["--log-format", "xml"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
 }

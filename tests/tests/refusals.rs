@@ -487,6 +487,8 @@ async fn tampered_halves(ledger: Ledger) {
             line.contains("half refused")
                 && line.contains("terminal=shop-1")
                 && line.contains(&format!("code={code}"))
+                && line.contains("peer=127.0.0.1:")
+                && line.contains(&format!("ksn={}", keys.ksn()))
         })
     };
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -1630,6 +1632,26 @@ async fn enrollment_refusals(ledger: Ledger) {
 
     let audit = platform.admin_ok(&["audit", "verify"]).unwrap();
     assert!(audit.contains("intact"), "{audit}");
+
+    // Each refusal is logged once, at info, with its code, the terminal it claimed, the client
+    // address and the reason — never the code it sent.
+    let log = platform.daemon_log();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("enrollment refused"))
+        .collect();
+    assert_eq!(refusals.len(), 3, "{log}");
+    for line in &refusals {
+        assert!(line.contains(" INFO "), "{line}");
+        assert!(line.contains("code=enrollment-refused"), "{line}");
+        assert!(line.contains("peer=127.0.0.1:"), "{line}");
+        assert!(line.contains("reason="), "{line}");
+    }
+    assert!(refusals.iter().any(|line| line.contains("terminal=shop-1")));
+    assert!(refusals.iter().any(|line| line.contains("terminal=shop-2")));
+    for secret in [code.as_str(), wrong.as_str(), expired.as_str()] {
+        assert!(!log.contains(secret), "an enrollment code was logged");
+    }
 }
 
 /// Enrolls `terminal_id` with `code` and checks that the platform refuses it, records nothing,

@@ -21,6 +21,7 @@ use nfcpay_protocol::api::{
     ENROLL_PATH, HALF_A_PATH, HALF_B_PATH, TRANSACTIONS_PATH_PREFIX, WAIT_QUERY_PARAMETER,
 };
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use super::connection::{Caller, ConnectionContext, Listener};
 use super::metrics::RouteLabel;
@@ -162,9 +163,30 @@ pub(super) async fn handle<A: Api>(
         label: RouteLabel::Other,
         body_read: false,
     };
-    let mut answer = match respond(&shared, &context, request, &mut progress).await {
+    // Every line logged while answering carries who asked; the service adds the KSN of a
+    // half once decoded, and the reason of a refused enrollment.
+    let span = tracing::info_span!(
+        "request",
+        peer = %context.peer,
+        terminal = tracing::field::Empty,
+        ksn = tracing::field::Empty,
+        reason = tracing::field::Empty,
+    );
+    if let Caller::Terminal(terminal) = &context.caller {
+        span.record("terminal", tracing::field::display(terminal));
+    }
+    let answered = respond(&shared, &context, request, &mut progress)
+        .instrument(span.clone())
+        .await;
+    let mut answer = match answered {
         Ok(answer) => answer,
-        Err(refusal) => refusal.into_answer(),
+        Err(refusal) => {
+            shared
+                .metrics
+                .refused(progress.label, refusal.problem.code());
+            span.in_scope(|| log_refusal(progress.label, &refusal.problem));
+            refusal.into_answer()
+        }
     };
     if !context.keep_alive || (has_body && !progress.body_read) {
         answer
@@ -181,6 +203,29 @@ pub(super) async fn handle<A: Api>(
     }
     context.activity.request_finished(Instant::now());
     Ok(answer)
+}
+
+/// Logs a refusal once, at `info`: what tells an attack from a broken terminal. The request's
+/// span adds the peer address, the terminal, the KSN and a refused enrollment's reason; the
+/// detail never names a key or a code.
+fn log_refusal(route: RouteLabel, problem: &Problem) {
+    let (route_name, code, status) = (
+        route.as_str(),
+        problem.code().as_str(),
+        problem.code().status(),
+    );
+    let detail = problem.detail();
+    match route {
+        RouteLabel::HalfA | RouteLabel::HalfB => {
+            tracing::info!(route = %route_name, code = %code, status, detail, "half refused");
+        }
+        RouteLabel::Enroll => {
+            tracing::info!(route = %route_name, code = %code, status, detail, "enrollment refused");
+        }
+        RouteLabel::Transaction | RouteLabel::Other => {
+            tracing::info!(route = %route_name, code = %code, status, detail, "request refused");
+        }
+    }
 }
 
 /// Runs the checks in order and calls the service; records the route and whether the body
