@@ -105,6 +105,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         "Calls into the keystore (the HSM), by operation",
         metered.operations(),
     );
+    metrics.register(
+        "hsm_operation_duration_seconds",
+        "Time of each call into the keystore (the HSM), by operation, failures included",
+        metered.durations(),
+    );
     let checkpoints = tokio::spawn(checkpoint_audit(
         Arc::clone(&platform),
         AUDIT_CHECKPOINT_INTERVAL,

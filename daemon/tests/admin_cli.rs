@@ -388,3 +388,475 @@ fn configuration_errors_exit_with_usage() {
         "{error}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// `--format json`: a script's view of the ledger commands, on SQLite and PostgreSQL.
+
+mod scripted {
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::process::{Command, Output, Stdio};
+
+    use diesel::Connection as _;
+    use diesel::connection::SimpleConnection as _;
+    use nfcpay_daemon::storage::{AcceptedHalf, HalfContent, Storage};
+    use nfcpay_protocol::{Amount, InitialKeyId, Ksn, TxnId};
+    use serde_json::Value;
+    use sha2::{Digest as _, Sha256};
+
+    /// A software keystore and a ledger (SQLite, or a fresh PostgreSQL schema), removed on
+    /// drop.
+    struct Platform {
+        dir: tempfile::TempDir,
+        url: String,
+        postgres: Option<(String, String)>,
+    }
+
+    impl Platform {
+        fn new(postgres: bool) -> Option<Self> {
+            let dir = tempfile::tempdir().unwrap();
+            let (url, postgres) = if postgres {
+                let Ok(base) = std::env::var("NFCPAY_TEST_DATABASE_URL") else {
+                    assert!(
+                        !postgres_required(),
+                        "NFCPAY_TEST_DATABASE_URL is not set, but PostgreSQL is required here \
+                         (NFCPAY_REQUIRE_POSTGRES or CI is set): refusing to skip"
+                    );
+                    eprintln!("NFCPAY_TEST_DATABASE_URL not set: PostgreSQL case skipped");
+                    return None;
+                };
+                let schema = format!(
+                    "admin_{}_{}",
+                    std::process::id(),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .subsec_nanos()
+                );
+                diesel::PgConnection::establish(&base)
+                    .unwrap()
+                    .batch_execute(&format!("CREATE SCHEMA {schema}"))
+                    .unwrap();
+                let separator = if base.contains('?') { '&' } else { '?' };
+                (
+                    format!("{base}{separator}options=-csearch_path%3D{schema}"),
+                    Some((base, schema)),
+                )
+            } else {
+                (
+                    format!("sqlite://{}", dir.path().join("ledger.db").display()),
+                    None,
+                )
+            };
+            std::fs::write(
+                dir.path().join("nfcpay.toml"),
+                format!(
+                    "[keystore]\nbackend = \"software\"\npath = \"{}\"\n\n[database]\nurl = \"{url}\"\n",
+                    dir.path().join("keystore.json").display()
+                ),
+            )
+            .unwrap();
+            Some(Self { dir, url, postgres })
+        }
+
+        fn command(&self, args: &[&str]) -> Command {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_nfcpay-admin"));
+            command
+                .arg("--config")
+                .arg(self.dir.path().join("nfcpay.toml"))
+                .args(args)
+                .stdin(Stdio::null());
+            command
+        }
+
+        fn run(&self, args: &[&str]) -> Output {
+            self.command(args).output().unwrap()
+        }
+
+        /// Runs `args --format json`, which must succeed, and parses its one document.
+        fn json(&self, args: &[&str]) -> Value {
+            let mut args = args.to_vec();
+            args.extend(["--format", "json"]);
+            let output = self.run(&args);
+            assert!(
+                output.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            serde_json::from_slice(&output.stdout)
+                .unwrap_or_else(|error| panic!("{args:?}: not one JSON document: {error}"))
+        }
+
+        /// Runs `args --format json`, which must fail with `code`; returns its JSON error.
+        fn json_error(&self, args: &[&str], code: i32) -> Value {
+            let mut args = args.to_vec();
+            args.extend(["--format", "json"]);
+            let output = self.run(&args);
+            assert_eq!(output.status.code(), Some(code), "{args:?}: {output:?}");
+            assert!(output.stdout.is_empty(), "{args:?}: {output:?}");
+            let error: Value = serde_json::from_slice(&output.stderr)
+                .unwrap_or_else(|e| panic!("{args:?}: stderr is not JSON ({e}): {output:?}"));
+            assert_eq!(error["error"]["exit_code"], code, "{error}");
+            assert!(error["error"]["message"].is_string(), "{error}");
+            error
+        }
+    }
+
+    impl Drop for Platform {
+        fn drop(&mut self) {
+            if let Some((base, schema)) = &self.postgres
+                && let Ok(mut connection) = diesel::PgConnection::establish(base)
+            {
+                let _ = connection.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"));
+            }
+        }
+    }
+
+    fn postgres_required() -> bool {
+        let set = |name: &str| {
+            std::env::var(name)
+                .is_ok_and(|value| !matches!(value.trim(), "" | "0" | "false" | "FALSE" | "False"))
+        };
+        set("NFCPAY_REQUIRE_POSTGRES") || set("CI")
+    }
+
+    fn now_ms() -> i64 {
+        i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap()
+    }
+
+    fn txn(n: u8) -> TxnId {
+        TxnId::try_from([n; 16]).unwrap()
+    }
+
+    /// Makes a terminal active as enrollment would, with the code the CLI handed out.
+    fn enroll(storage: &Storage, terminal: &str, code: &str) -> InitialKeyId {
+        let code_sha256: [u8; 32] = Sha256::digest(code.trim().as_bytes()).into();
+        storage
+            .redeem_enrollment_code(&terminal.parse().unwrap(), code_sha256, now_ms(), "01")
+            .unwrap()
+            .initial_key_id
+    }
+
+    fn half(
+        txn_id: TxnId,
+        terminal: &str,
+        key: InitialKeyId,
+        counter: u32,
+        content: HalfContent,
+    ) -> AcceptedHalf {
+        AcceptedHalf {
+            txn_id,
+            terminal_id: terminal.parse().unwrap(),
+            ksn: Ksn::new(key, counter.try_into().unwrap()),
+            envelope_sha256: Sha256::digest(format!("{txn_id}{terminal}{counter}")).into(),
+            received_at_ms: now_ms(),
+            content,
+        }
+    }
+
+    /// An operator's script: accounts, terminals (one code to a 0600 file), two payments made
+    /// through the ledger, then every lookup, all through `--format json`.
+    fn operator_script(platform: &Platform) {
+        let bdk = platform.json(&["bdk", "generate", "--bdk-id", "0123ABCD"]);
+        assert_eq!(bdk["bdk"]["bdk_id"], "0123ABCD");
+        assert_eq!(bdk["bdk"]["kcv"].as_str().unwrap().len(), 6, "{bdk}");
+
+        for id in ["acct-payee", "acct-payer"] {
+            let created = platform.json(&["accounts", "create", "--id", id, "--currency", "EUR"]);
+            assert_eq!(created["account"]["id"], id);
+            assert_eq!(created["account"]["balance_minor"], 0);
+            assert_eq!(created["account"]["limit_minor"], 0);
+        }
+        let funded = platform.json(&[
+            "accounts",
+            "fund",
+            "--id",
+            "acct-payer",
+            "--amount",
+            "100.00",
+        ]);
+        assert_eq!(funded["funded_minor"], 10_000, "{funded}");
+        assert_eq!(funded["account"]["balance_minor"], 10_000);
+        assert_eq!(funded["account"]["balance"], "100.00");
+
+        // One code to a file (0600, never printed), one printed.
+        let code_file = platform.dir.path().join("payee.code");
+        let added = platform.json(&[
+            "terminals",
+            "add",
+            "--id",
+            "term-payee",
+            "--account",
+            "acct-payee",
+            "--code-file",
+            code_file.to_str().unwrap(),
+        ]);
+        let payee_code = std::fs::read_to_string(&code_file).unwrap();
+        assert_eq!(payee_code.trim().len(), 20, "{payee_code:?}");
+        assert_eq!(
+            std::fs::metadata(&code_file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(added["code_file"], code_file.to_str().unwrap());
+        assert!(added.get("enrollment_code").is_none(), "{added}");
+        assert!(
+            !added.to_string().contains(payee_code.trim()),
+            "the code was echoed"
+        );
+        assert_eq!(added["terminal"]["state"], "pending");
+        let added = platform.json(&[
+            "terminals",
+            "add",
+            "--id",
+            "term-payer",
+            "--account",
+            "acct-payer",
+        ]);
+        let payer_code = added["enrollment_code"].as_str().unwrap().to_owned();
+
+        // A code file that exists already is refused, and nothing is registered.
+        let refused = platform.json_error(
+            &[
+                "terminals",
+                "add",
+                "--id",
+                "term-third",
+                "--account",
+                "acct-payee",
+                "--code-file",
+                code_file.to_str().unwrap(),
+            ],
+            64,
+        );
+        assert_eq!(refused["error"]["kind"], "input", "{refused}");
+        assert_eq!(std::fs::read_to_string(&code_file).unwrap(), payee_code);
+        let missing = platform.json_error(&["terminals", "show", "term-third"], 1);
+        assert_eq!(missing["error"]["kind"], "not-found", "{missing}");
+
+        // Payments, through the ledger as the daemon would record them.
+        let storage = Storage::open(&platform.url).unwrap();
+        let payee_key = enroll(&storage, "term-payee", &payee_code);
+        let payer_key = enroll(&storage, "term-payer", &payer_code);
+        let eur = "EUR".parse().unwrap();
+        let amount = Amount::new(1250, eur).unwrap();
+        let digest = |txn_id: TxnId| -> [u8; 32] { Sha256::digest(txn_id.to_bytes()).into() };
+        let request = |txn_id| HalfContent::A {
+            request_digest: digest(txn_id),
+            payee_account: "acct-payee".parse().unwrap(),
+            amount,
+            expires_at_ms: now_ms() + 60_000,
+        };
+        storage
+            .accept_half(
+                half(txn(1), "term-payee", payee_key, 1, request(txn(1))),
+                now_ms(),
+            )
+            .unwrap();
+        let instruction = HalfContent::B {
+            request_digest: digest(txn(1)),
+            payer_account: "acct-payer".parse().unwrap(),
+            payee_terminal: "term-payee".parse().unwrap(),
+            amount,
+        };
+        let settled = storage
+            .accept_half(
+                half(txn(1), "term-payer", payer_key, 1, instruction),
+                now_ms(),
+            )
+            .unwrap();
+        assert!(settled.settled_now);
+        storage
+            .accept_half(
+                half(txn(2), "term-payee", payee_key, 2, request(txn(2))),
+                now_ms(),
+            )
+            .unwrap();
+        drop(storage);
+
+        let shown = platform.json(&["transactions", "show", &txn(1).to_string()]);
+        let payment = &shown["transaction"];
+        assert_eq!(payment["txn_id"], txn(1).to_string());
+        assert_eq!(payment["status"], "settled", "{shown}");
+        assert_eq!(payment["amount_minor"], 1250);
+        assert_eq!(payment["amount"], "12.50");
+        assert_eq!(payment["currency"], "EUR");
+        assert_eq!(payment["half_a"]["terminal"], "term-payee");
+        assert_eq!(
+            payment["half_a"]["ksn"],
+            Ksn::new(payee_key, 1.try_into().unwrap()).to_string()
+        );
+        assert_eq!(payment["half_b"]["terminal"], "term-payer");
+        assert_eq!(payment["half_b"]["account"], "acct-payer");
+        assert_eq!(payment["half_b"]["payee_terminal"], "term-payee");
+        let settlement_id = payment["settlement_id"].as_i64().unwrap();
+        let postings = payment["postings"].as_array().unwrap();
+        assert_eq!(postings.len(), 2, "{shown}");
+        let amounts: Vec<i64> = postings
+            .iter()
+            .map(|p| p["amount_minor"].as_i64().unwrap())
+            .collect();
+        assert_eq!(amounts.iter().sum::<i64>(), 0, "{shown}");
+        assert!(postings.iter().all(|p| p["transfer_id"] == settlement_id));
+        let audit = payment["audit"].as_array().unwrap();
+        assert_eq!(audit.len(), 1, "{shown}");
+        assert_eq!(audit[0]["kind"], "transaction.settled");
+        assert_eq!(audit[0]["details"]["settlement_id"], settlement_id);
+        assert_eq!(audit[0]["details"]["amount_minor"], 1250);
+
+        let pending = platform.json(&["transactions", "show", &txn(2).to_string()]);
+        assert_eq!(pending["transaction"]["status"], "pending");
+        assert!(pending["transaction"]["half_b"].is_null());
+        assert_eq!(pending["transaction"]["postings"], serde_json::json!([]));
+
+        let ids = |document: &Value| -> Vec<String> {
+            document["transactions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["txn_id"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let all = platform.json(&["transactions", "list"]);
+        assert_eq!(ids(&all).len(), 2, "{all}");
+        let settled = platform.json(&["transactions", "list", "--status", "settled"]);
+        assert_eq!(ids(&settled), [txn(1).to_string()]);
+        let by_payer = platform.json(&["transactions", "list", "--terminal", "term-payer"]);
+        assert_eq!(ids(&by_payer), [txn(1).to_string()]);
+        let one = platform.json(&["transactions", "list", "--limit", "1"]);
+        assert_eq!(ids(&one).len(), 1);
+        let future = (now_ms() + 3_600_000).to_string();
+        let none = platform.json(&["transactions", "list", "--since", &future]);
+        assert!(ids(&none).is_empty(), "{none}");
+        let since = platform.json(&["transactions", "list", "--since", "2000-01-01T00:00:00Z"]);
+        assert_eq!(ids(&since).len(), 2);
+
+        // Balances, accounts, terminals.
+        let accounts = platform.json(&["accounts", "list"]);
+        let accounts = accounts["accounts"].as_array().unwrap();
+        let balance = |id: &str| {
+            accounts
+                .iter()
+                .find(|a| a["id"] == id)
+                .unwrap_or_else(|| panic!("no {id}"))["balance_minor"]
+                .as_i64()
+                .unwrap()
+        };
+        assert_eq!(balance("acct-payee"), 1250);
+        assert_eq!(balance("acct-payer"), 10_000 - 1250);
+        assert_eq!(balance("__funding-EUR"), -10_000);
+        let account = platform.json(&["accounts", "show", "--id", "acct-payee"]);
+        assert_eq!(
+            account["postings"].as_array().unwrap().len(),
+            1,
+            "{account}"
+        );
+        let terminal = platform.json(&["terminals", "show", "term-payer"]);
+        assert_eq!(terminal["terminal"]["state"], "active");
+        assert_eq!(terminal["terminal"]["highest_counter"], 1);
+        assert_eq!(
+            terminal["terminal"]["initial_key_id"],
+            payer_key.to_string()
+        );
+        let suspended = platform.json(&["terminals", "suspend", "--id", "term-payer"]);
+        assert_eq!(suspended["terminal"]["state"], "suspended");
+        let terminals = platform.json(&["terminals", "list"]);
+        assert_eq!(terminals["terminals"].as_array().unwrap().len(), 2);
+        let audit = platform.json(&["audit", "verify"]);
+        assert_eq!(audit["intact"], true, "{audit}");
+
+        // Errors a script can tell apart.
+        let unknown = platform.json_error(&["transactions", "show", &txn(3).to_string()], 1);
+        assert_eq!(unknown["error"]["kind"], "not-found");
+        let malformed = platform.json_error(&["transactions", "show", "not-hex"], 2);
+        assert_eq!(malformed["error"]["kind"], "arguments");
+        let bad_status = platform.json_error(&["transactions", "list", "--status", "done"], 2);
+        assert_eq!(bad_status["error"]["kind"], "arguments");
+        let bad_since = platform.json_error(&["transactions", "list", "--since", "yesterday"], 2);
+        assert_eq!(bad_since["error"]["kind"], "arguments");
+        let zero_limit = platform.json_error(&["transactions", "list", "--limit", "0"], 2);
+        assert_eq!(zero_limit["error"]["kind"], "arguments");
+        let bad_amount = platform.json_error(
+            &[
+                "accounts",
+                "fund",
+                "--id",
+                "acct-payer",
+                "--amount",
+                "1.234",
+            ],
+            64,
+        );
+        assert_eq!(bad_amount["error"]["kind"], "input");
+        let unknown_account = platform.json_error(&["accounts", "show", "--id", "nobody"], 1);
+        assert_eq!(unknown_account["error"]["kind"], "storage");
+        assert_eq!(balance("acct-payer"), 10_000 - 1250, "state changed");
+    }
+
+    #[test]
+    fn operator_script_sqlite() {
+        operator_script(&Platform::new(false).unwrap());
+    }
+
+    #[test]
+    fn operator_script_postgres() {
+        if let Some(platform) = Platform::new(true) {
+            operator_script(&platform);
+        }
+    }
+
+    /// `nfcpay-admin … | head`: a reader that goes away is not an error.
+    #[test]
+    fn closed_standard_output_is_quiet_success() {
+        let platform = Platform::new(false).unwrap();
+        for id in ["a", "b", "c"] {
+            platform.json(&["accounts", "create", "--id", id, "--currency", "EUR"]);
+        }
+        for format in ["human", "json"] {
+            let mut child = platform
+                .command(&["accounts", "list", "--format", format])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            // Closed before the command has opened its ledger, so its first write meets EPIPE.
+            drop(child.stdout.take());
+            let output = child.wait_with_output().unwrap();
+            assert_eq!(output.status.code(), Some(0), "{format}: {output:?}");
+            assert!(output.stderr.is_empty(), "{format}: {output:?}");
+        }
+    }
+
+    /// Amount flags say their unit; the human output stays the default.
+    #[test]
+    fn help_names_units_and_human_output_is_the_default() {
+        let platform = Platform::new(false).unwrap();
+        let help = platform.run(&["accounts", "fund", "--help"]);
+        let help = String::from_utf8(help.stdout).unwrap();
+        assert!(
+            help.contains("MAJOR units") && help.contains("minor units"),
+            "{help}"
+        );
+        let help = platform.run(&["accounts", "create", "--help"]);
+        assert!(
+            String::from_utf8(help.stdout)
+                .unwrap()
+                .contains("MAJOR units")
+        );
+        let created = platform.run(&["accounts", "create", "--id", "x", "--currency", "EUR"]);
+        let text = String::from_utf8(created.stdout).unwrap();
+        assert!(text.starts_with("created account x"), "{text}");
+        assert!(serde_json::from_str::<Value>(&text).is_err());
+        let error = platform.run(&["accounts", "show", "--id", "nobody"]);
+        assert_eq!(error.status.code(), Some(1));
+        let error = String::from_utf8(error.stderr).unwrap();
+        assert!(
+            error.starts_with("nfcpay-admin: unknown account nobody"),
+            "{error}"
+        );
+    }
+}

@@ -279,19 +279,36 @@ impl Answer {
     }
 }
 
+/// Sends a request as a terminal would: a half as `application/octet-stream`.
 async fn send(
     sender: &mut SendRequest<Full<Bytes>>,
     method: Method,
     path: &str,
     body: impl Into<Bytes>,
 ) -> hyper::Result<Answer> {
+    let content_type = path
+        .starts_with("/v1/halves/")
+        .then_some("application/octet-stream");
+    send_as(sender, method, path, content_type, body).await
+}
+
+/// Sends a request with this `Content-Type` (none for `None`).
+async fn send_as(
+    sender: &mut SendRequest<Full<Bytes>>,
+    method: Method,
+    path: &str,
+    content_type: Option<&str>,
+    body: impl Into<Bytes>,
+) -> hyper::Result<Answer> {
     sender.ready().await?;
-    let request = Request::builder()
+    let mut request = Request::builder()
         .method(method)
         .uri(path)
-        .header(http::header::HOST, "localhost")
-        .body(Full::new(body.into()))
-        .unwrap();
+        .header(http::header::HOST, "localhost");
+    if let Some(content_type) = content_type {
+        request = request.header(http::header::CONTENT_TYPE, content_type);
+    }
+    let request = request.body(Full::new(body.into())).unwrap();
     let response = sender.send_request(request).await?;
     let (parts, body) = response.into_parts();
     let body = body.collect().await?.to_bytes();
@@ -808,6 +825,61 @@ async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
     running.stop().await;
 }
 
+/// A half must say it is `application/octet-stream`: anything else, or nothing, is `415` before
+/// the body is read (so the connection closes), and the service never sees it.
+#[tokio::test]
+async fn a_half_of_another_media_type_is_refused_with_415() {
+    let running = Running::start(|_| {}).await;
+    let client = running.terminal("shop-1");
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/json"),
+        Some("application/octet-streams"),
+    ] {
+        let (mut sender, _driver) = client.http(running.address).await.unwrap();
+        let answer = send_as(
+            &mut sender,
+            Method::POST,
+            "/v1/halves/a",
+            content_type,
+            "half",
+        )
+        .await
+        .unwrap();
+        answer.assert_problem(ProblemCode::UnsupportedMediaType);
+        assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(
+            answer.headers.get(http::header::CONNECTION).unwrap(),
+            "close",
+            "{content_type:?}"
+        );
+    }
+    assert_eq!(running.api.half_calls(), 0);
+    // Parameters and letter case do not matter.
+    let (mut sender, _driver) = client.http(running.address).await.unwrap();
+    let answer = send_as(
+        &mut sender,
+        Method::POST,
+        "/v1/halves/a",
+        Some("Application/Octet-Stream; x=1"),
+        "half",
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{answer:?}");
+    assert_eq!(running.api.half_calls(), 1);
+    let metrics = running.ops_get("/metrics").await;
+    assert!(
+        metrics
+            .text()
+            .contains(r#"nfcpayd_refusals_total{route="half_a",code="unsupported-media-type"} 4"#),
+        "{}",
+        metrics.text()
+    );
+    running.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Limits
 
@@ -835,7 +907,8 @@ async fn a_body_over_the_limit_is_refused_before_the_service_sees_it() {
     let mut stream = client.tls(running.address).await.unwrap();
     let chunk = "x".repeat(3000);
     let request = format!(
-        "POST /v1/halves/b HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n\
+        "POST /v1/halves/b HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/octet-stream\r\n\
+         Transfer-Encoding: chunked\r\n\r\n\
          BB8\r\n{chunk}\r\nBB8\r\n{chunk}\r\n0\r\n\r\n"
     );
     let answer = raw_exchange(&mut stream, request.as_bytes()).await;
@@ -855,8 +928,8 @@ async fn a_slow_body_gets_408_timeout() {
         .await
         .unwrap();
     // The head says 100 bytes; 10 come, then nothing.
-    let request =
-        "POST /v1/halves/a HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n0123456789";
+    let request = "POST /v1/halves/a HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: 100\r\n\r\n0123456789";
     let answer = raw_exchange(&mut stream, request.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
     assert!(answer.contains("\"code\":\"timeout\""), "{answer}");
@@ -1668,4 +1741,42 @@ fn pem_encode(bytes: &[u8]) -> String {
         wrapped.push('\n');
     }
     wrapped
+}
+
+/// `nfcpayd --log-format json` writes each log line as one JSON object (for journald or ELK
+/// pipelines); text stays the default.
+#[test]
+fn nfcpayd_logs_json_lines_when_asked() {
+    let run = |format: Option<&str>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_nfcpayd"));
+        command.args(["--config", "/nonexistent/nfcpay.toml"]);
+        if let Some(format) = format {
+            command.args(["--log-format", format]);
+        }
+        let output = command.env_remove("NFCPAY_LOG").output().unwrap();
+        assert_eq!(output.status.code(), Some(64), "{output:?}");
+        String::from_utf8(output.stderr).unwrap()
+    };
+    let json = run(Some("json"));
+    let line = json
+        .lines()
+        .find(|line| line.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line: {json}"));
+    let event: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(event["level"], "ERROR", "{event}");
+    assert!(
+        event["fields"]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("nfcpay.toml")),
+        "{event}"
+    );
+    assert!(event["timestamp"].is_string(), "{event}");
+    let text = run(None);
+    assert!(text.lines().any(|line| line.contains(" ERROR ")), "{text}");
+    assert!(!text.lines().any(|line| line.starts_with('{')), "{text}");
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_nfcpayd"))
+        .args(["--log-format", "xml"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
 }

@@ -15,6 +15,8 @@ use crate::messages::HalfKind;
 pub const HALF_A_PATH: &str = "/v1/halves/a";
 /// `POST`: the payer's sealed payment instruction (half B).
 pub const HALF_B_PATH: &str = "/v1/halves/b";
+/// Media type of a half (the request body) and of a receipt (the answer's body).
+pub const HALF_CONTENT_TYPE: &str = "application/octet-stream";
 /// `GET`, followed by a transaction ID in hex: the latest receipt of a payment.
 pub const TRANSACTIONS_PATH_PREFIX: &str = "/v1/transactions/";
 /// `POST`: enrollment, on the enrollment listener (no client certificate).
@@ -89,7 +91,9 @@ problem_codes! {
     WrongHalfType = "wrong-half-type", 400, "Wrong half type for this route";
     /// The GCM tag does not verify.
     AuthenticationFailed = "authentication-failed", 400, "Message authentication failed";
-    /// The KSN names no BDK.
+    /// The KSN is the terminal's, but its BDK is no longer in the platform's keystore. (A KSN
+    /// whose initial key ID is not the terminal's is `terminal-mismatch`, whatever its BDK ID:
+    /// that check comes first.)
     UnknownBdk = "unknown-bdk", 400, "Unknown BDK";
     /// Envelope terminal differs from the certificate's, or the KSN is not the terminal's.
     TerminalMismatch = "terminal-mismatch", 403, "Terminal mismatch";
@@ -111,14 +115,23 @@ problem_codes! {
     StaleKsn = "stale-ksn", 409, "KSN counter too old";
     /// Another half already stands under this transaction ID.
     Conflict = "conflict", 409, "Conflicting half";
-    /// The halves disagree.
+    /// The halves disagree (payee terminal, amount, currency, or the same terminal on both
+    /// sides).
     Mismatch = "mismatch", 422, "Halves disagree";
+    /// The half names an account the ledger does not have.
+    UnknownAccount = "unknown-account", 422, "Unknown account";
+    /// The half names an existing account that is not its terminal's.
+    ForeignAccount = "foreign-account", 403, "Account not the terminal's";
+    /// The payee's or payer's account is in another currency than the payment.
+    AccountCurrency = "account-currency", 422, "Account in another currency";
     /// Half B's request digest differs from SHA-256 of half A's request.
     DigestMismatch = "digest-mismatch", 422, "Request digest mismatch";
     /// The payer's balance would go below its limit.
     InsufficientFunds = "insufficient-funds", 422, "Insufficient funds";
     /// The body is larger than the limit.
     BodyTooLarge = "body-too-large", 413, "Body too large";
+    /// A half's `Content-Type` is not `application/octet-stream`.
+    UnsupportedMediaType = "unsupported-media-type", 415, "Unsupported media type";
     /// Headers or body too slow.
     Timeout = "timeout", 408, "Request too slow";
     /// Per-terminal (or per-address, for enrollment) request rate exceeded.

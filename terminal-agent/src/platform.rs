@@ -130,13 +130,7 @@ impl PlatformClient {
     ) -> Result<HalfReply, PlatformError> {
         let path = api::half_target(kind, wait.as_millis());
         let (status, body) = self
-            .call(
-                Method::POST,
-                &path,
-                "application/octet-stream",
-                envelope,
-                wait,
-            )
+            .call(Method::POST, &path, api::HALF_CONTENT_TYPE, envelope, wait)
             .await?;
         match status {
             StatusCode::OK => Ok(HalfReply {
@@ -158,7 +152,7 @@ impl PlatformClient {
             .call(
                 Method::GET,
                 &path,
-                "application/octet-stream",
+                api::HALF_CONTENT_TYPE,
                 Vec::new(),
                 Duration::ZERO,
             )

@@ -487,6 +487,8 @@ async fn tampered_halves(ledger: Ledger) {
             line.contains("half refused")
                 && line.contains("terminal=shop-1")
                 && line.contains(&format!("code={code}"))
+                && line.contains("peer=127.0.0.1:")
+                && line.contains(&format!("ksn={}", keys.ksn()))
         })
     };
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -912,7 +914,8 @@ async fn mismatched_halves(ledger: Ledger) {
         )
         .await;
 
-    // A half A naming an account that is not its terminal's.
+    // A half A naming an account that is not its terminal's, one the ledger does not have,
+    // and a payment in another currency than the payee's account.
     let foreign_account = request_with(&market.payee, |request| {
         request.payee_account_id = "bob".parse().unwrap();
     });
@@ -920,8 +923,28 @@ async fn mismatched_halves(ledger: Ledger) {
     market
         .refused(
             market.payee.submit(HalfKind::A, half, NO_WAIT),
+            403,
+            "foreign-account",
+        )
+        .await;
+    let unknown_account = request_with(&market.payee, |request| {
+        request.payee_account_id = "nobody".parse().unwrap();
+    });
+    let (_, half) = market.payee.seal(HalfKind::A, &unknown_account).unwrap();
+    market
+        .refused(
+            market.payee.submit(HalfKind::A, half, NO_WAIT),
             422,
-            "mismatch",
+            "unknown-account",
+        )
+        .await;
+    let dollars = market.payee.request("12.50", "USD", "dollars").unwrap();
+    let (_, half) = market.payee.seal(HalfKind::A, &dollars).unwrap();
+    market
+        .refused(
+            market.payee.submit(HalfKind::A, half, NO_WAIT),
+            422,
+            "account-currency",
         )
         .await;
 
@@ -950,26 +973,36 @@ async fn mismatched_halves(ledger: Ledger) {
         .await;
 
     type Change = fn(&mut PaymentInstruction);
-    let cases: [(&str, Change, &str); 6] = [
-        ("amount", |i| i.amount = eur("12.49"), "mismatch"),
+    let cases: [(&str, Change, u16, &str); 7] = [
+        ("amount", |i| i.amount = eur("12.49"), 422, "mismatch"),
         (
             "currency",
             |i| i.amount = Amount::parse_decimal("12.50", "USD".parse().unwrap()).unwrap(),
+            422,
             "mismatch",
         ),
         (
             "payee",
             |i| i.payee_terminal_id = "shop-2".parse().unwrap(),
+            422,
             "mismatch",
         ),
         (
-            "payer account",
+            "payer account of no terminal",
             |i| i.payer_account_id = "bob".parse().unwrap(),
-            "mismatch",
+            403,
+            "foreign-account",
+        ),
+        (
+            "unknown payer account",
+            |i| i.payer_account_id = "nobody".parse().unwrap(),
+            422,
+            "unknown-account",
         ),
         (
             "request digest",
             |i| i.request_digest[31] ^= 1,
+            422,
             "digest-mismatch",
         ),
         // The request digest still matches: only the digest is checked against half A's bytes.
@@ -979,14 +1012,19 @@ async fn mismatched_halves(ledger: Ledger) {
                 i.amount = eur("1.00");
                 i.payee_terminal_id = "shop-2".parse().unwrap();
             },
+            422,
             "mismatch",
         ),
     ];
-    for (what, change, code) in cases {
+    for (what, change, status, code) in cases {
         let instruction = instruction_with(&market.payer, &request, change);
         let (_, half_b) = market.payer.seal(HalfKind::B, &instruction).unwrap();
         let problem = market
-            .refused(market.payer.submit(HalfKind::B, half_b, NO_WAIT), 422, code)
+            .refused(
+                market.payer.submit(HalfKind::B, half_b, NO_WAIT),
+                status,
+                code,
+            )
             .await;
         eprintln!("{what}: {}", problem.detail);
     }
@@ -1315,6 +1353,37 @@ async fn resent_halves(ledger: Ledger) {
         )
         .await;
     assert_eq!(again, first);
+    // Byte for byte: the same receipt body and CMAC, and a signature computed anew (SoftHSM2's
+    // ECDSA draws a random nonce, so its bytes differ) that verifies.
+    let sealed_first = market
+        .payee
+        .submit(HalfKind::A, half_a.clone(), NO_WAIT)
+        .await
+        .unwrap()
+        .receipt;
+    let sealed_again = market
+        .payee
+        .submit(HalfKind::A, half_a.clone(), NO_WAIT)
+        .await
+        .unwrap()
+        .receipt;
+    let (body_first, signature_first) = sealed_first.split_at(sealed_first.len() - 64);
+    let (body_again, signature_again) = sealed_again.split_at(sealed_again.len() - 64);
+    assert_eq!(
+        body_first, body_again,
+        "a re-send got another receipt body or CMAC"
+    );
+    assert_ne!(
+        signature_first, signature_again,
+        "the signature was not computed anew"
+    );
+    assert_eq!(
+        market
+            .payee
+            .open_receipt(&payee_keys, &sealed_again)
+            .unwrap(),
+        first
+    );
     assert_eq!(market.snapshot(), before, "a re-send changed the ledger");
 
     // Another half A from the same payee under the same transaction ID, other content.
@@ -1563,6 +1632,26 @@ async fn enrollment_refusals(ledger: Ledger) {
 
     let audit = platform.admin_ok(&["audit", "verify"]).unwrap();
     assert!(audit.contains("intact"), "{audit}");
+
+    // Each refusal is logged once, at info, with its code, the terminal it claimed, the client
+    // address and the reason — never the code it sent.
+    let log = platform.daemon_log();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("enrollment refused"))
+        .collect();
+    assert_eq!(refusals.len(), 3, "{log}");
+    for line in &refusals {
+        assert!(line.contains(" INFO "), "{line}");
+        assert!(line.contains("code=enrollment-refused"), "{line}");
+        assert!(line.contains("peer=127.0.0.1:"), "{line}");
+        assert!(line.contains("reason="), "{line}");
+    }
+    assert!(refusals.iter().any(|line| line.contains("terminal=shop-1")));
+    assert!(refusals.iter().any(|line| line.contains("terminal=shop-2")));
+    for secret in [code.as_str(), wrong.as_str(), expired.as_str()] {
+        assert!(!log.contains(secret), "an enrollment code was logged");
+    }
 }
 
 /// Enrolls `terminal_id` with `code` and checks that the platform refuses it, records nothing,

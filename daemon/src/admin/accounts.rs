@@ -1,12 +1,16 @@
-//! `nfcpay-admin accounts …`: create, fund and inspect ledger accounts.
+//! `nfcpay-admin accounts …`: create, fund, list and inspect ledger accounts.
+//!
+//! Amounts on the command line are in the currency's major units (`12.50` EUR); the wire and
+//! the JSON output's `*_minor` fields use minor units (`1250`).
 
 use std::io::Write;
 
 use clap::Subcommand;
 use nfcpay_protocol::{AccountId, Amount, Currency};
+use serde_json::{Value, json};
 
-use super::AdminError;
-use crate::storage::Storage;
+use super::{AdminError, decimal_minor};
+use crate::storage::{AccountView, PostingView, Storage};
 
 /// `accounts` subcommands.
 #[derive(Debug, Subcommand)]
@@ -19,7 +23,8 @@ pub enum AccountsCommand {
         /// ISO 4217 currency, e.g. EUR.
         #[arg(long)]
         currency: Currency,
-        /// Lowest balance allowed, in the currency's units (e.g. -100.00 for a credit line).
+        /// Lowest balance allowed, in MAJOR units of the currency (e.g. -100.00 EUR for a
+        /// credit line of 10000 minor units); 0 or negative.
         #[arg(long, default_value = "0", allow_hyphen_values = true)]
         limit: String,
     },
@@ -28,10 +33,13 @@ pub enum AccountsCommand {
         /// Account ID.
         #[arg(long)]
         id: AccountId,
-        /// Amount in the account's currency, e.g. 100.00.
+        /// Amount in MAJOR units of the account's currency, e.g. 100.00 (EUR: 10000 minor
+        /// units, as the wire carries it).
         #[arg(long)]
         amount: String,
     },
+    /// List every account (the ledger's `__funding-*` accounts too) with its balance.
+    List,
     /// Show an account's balance and postings.
     Show {
         /// Account ID.
@@ -45,7 +53,7 @@ pub fn run(
     command: AccountsCommand,
     storage: &Storage,
     out: &mut dyn Write,
-) -> Result<(), AdminError> {
+) -> Result<Value, AdminError> {
     match command {
         AccountsCommand::Create {
             id,
@@ -55,6 +63,7 @@ pub fn run(
             let limit_minor = signed_minor_units(&limit, currency)?;
             storage.create_account(&id, currency, limit_minor)?;
             writeln!(out, "created account {id} ({currency}, limit {limit})")?;
+            Ok(json!({ "account": account_json(&storage.account(&id)?) }))
         }
         AccountsCommand::Fund { id, amount } => {
             let currency = storage.account(&id)?.currency;
@@ -66,6 +75,31 @@ pub fn run(
                 "funded {id} with {amount}; balance {}",
                 format_minor(account.balance_minor, currency)
             )?;
+            Ok(json!({
+                "funded_minor": amount.minor_units(),
+                "account": account_json(&account),
+            }))
+        }
+        AccountsCommand::List => {
+            let accounts = storage.accounts_list()?;
+            writeln!(
+                out,
+                "{:<34} {:<8} {:>20} {:>20}",
+                "ACCOUNT", "CURRENCY", "BALANCE", "LIMIT"
+            )?;
+            for account in &accounts {
+                writeln!(
+                    out,
+                    "{:<34} {:<8} {:>20} {:>20}",
+                    account.id.as_str(),
+                    account.currency.code(),
+                    decimal_minor(account.balance_minor, account.currency),
+                    account.limit_minor.map_or("none".to_owned(), |limit| {
+                        decimal_minor(limit, account.currency)
+                    })
+                )?;
+            }
+            Ok(json!({ "accounts": accounts.iter().map(account_json).collect::<Vec<_>>() }))
         }
         AccountsCommand::Show { id } => {
             let account = storage.account(&id)?;
@@ -83,7 +117,8 @@ pub fn run(
                 "{:>10} {:>10} {:>16} {:>16}",
                 "POSTING", "TRANSFER", "AMOUNT", "BALANCE"
             )?;
-            for posting in storage.postings(&id)? {
+            let postings = storage.postings(&id)?;
+            for posting in &postings {
                 writeln!(
                     out,
                     "{:>10} {:>10} {:>16} {:>16}",
@@ -93,9 +128,40 @@ pub fn run(
                     format_minor(posting.balance_after_minor, currency)
                 )?;
             }
+            Ok(json!({
+                "account": account_json(&account),
+                "postings": postings
+                    .iter()
+                    .map(|posting| posting_json(posting, currency))
+                    .collect::<Vec<_>>(),
+            }))
         }
     }
-    Ok(())
+}
+
+/// An account in JSON (docs/admin-cli.md).
+pub fn account_json(account: &AccountView) -> Value {
+    json!({
+        "id": account.id.as_str(),
+        "currency": account.currency.code(),
+        "balance_minor": account.balance_minor,
+        "balance": decimal_minor(account.balance_minor, account.currency),
+        "limit_minor": account.limit_minor,
+        "created_at_ms": account.created_at_ms,
+    })
+}
+
+/// A posting in JSON (docs/admin-cli.md).
+pub fn posting_json(posting: &PostingView, currency: Currency) -> Value {
+    json!({
+        "id": posting.id,
+        "transfer_id": posting.transfer_id,
+        "account": posting.account_id.as_str(),
+        "amount_minor": posting.amount_minor,
+        "amount": decimal_minor(posting.amount_minor, currency),
+        "balance_after_minor": posting.balance_after_minor,
+        "created_at_ms": posting.created_at_ms,
+    })
 }
 
 /// Parses `-12.50` or `0` into signed minor units of `currency`.
@@ -120,19 +186,7 @@ fn signed_minor_units(text: &str, currency: Currency) -> Result<i64, AdminError>
 
 /// `-12.50 EUR` for −1250 minor units of EUR.
 pub fn format_minor(minor: i64, currency: Currency) -> String {
-    let exponent = u32::from(currency.exponent());
-    let sign = if minor < 0 { "-" } else { "" };
-    let magnitude = minor.unsigned_abs();
-    if exponent == 0 {
-        return format!("{sign}{magnitude} {currency}");
-    }
-    let scale = 10u64.pow(exponent);
-    format!(
-        "{sign}{}.{:0width$} {currency}",
-        magnitude / scale,
-        magnitude % scale,
-        width = exponent as usize
-    )
+    format!("{} {currency}", decimal_minor(minor, currency))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use clap::Subcommand;
 use nfcpay_keystore::{KeyLabel, Keystore};
 use p256::ecdsa::signature::Verifier as _;
 use p256::ecdsa::{Signature, VerifyingKey};
+use serde_json::{Value, json};
 
 use super::AdminError;
 use crate::pki::RECEIPT_KEY_LABEL;
@@ -27,11 +28,13 @@ pub fn run(
     storage: &Storage,
     keystore: &dyn Keystore,
     out: &mut dyn Write,
-) -> Result<(), AdminError> {
+) -> Result<Value, AdminError> {
     match command {
         AuditCommand::Verify => {
             let label: KeyLabel = RECEIPT_KEY_LABEL.parse()?;
-            let report = match keystore.find_ec_p256(&label)? {
+            let receipt_key = keystore.find_ec_p256(&label)?;
+            let signatures_checked = receipt_key.is_some();
+            let report = match receipt_key {
                 Some((_, public_key)) => {
                     let verifying_key = VerifyingKey::from_sec1_bytes(public_key.as_bytes())
                         .map_err(|_| {
@@ -72,7 +75,17 @@ pub fn run(
                             hex::encode_upper(head.hash)
                         )?;
                     }
-                    Ok(())
+                    Ok(json!({
+                        "intact": true,
+                        "records": report.records,
+                        "checkpoints": report.checkpoints,
+                        "checkpoint_signatures_checked": signatures_checked,
+                        "chains": report.chains.iter().map(|head| json!({
+                            "chain_id": head.chain_id,
+                            "records": head.seq,
+                            "head_hash": hex::encode_upper(head.hash),
+                        })).collect::<Vec<_>>(),
+                    }))
                 }
                 Some(broken) => Err(AdminError::AuditBroken(format!(
                     "audit log broken in chain {} at record {}: {}",

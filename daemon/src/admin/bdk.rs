@@ -7,6 +7,7 @@ use nfcpay_keystore::components::{self, COMPONENTS_MAX, COMPONENTS_MIN, KeyCompo
 use nfcpay_keystore::{BdkInfo, Keystore};
 use nfcpay_protocol::BdkId;
 use nfcpay_protocol::dukpt::KeyAlgorithm;
+use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use super::AdminError;
@@ -49,7 +50,7 @@ pub fn run(
     command: BdkCommand,
     keystore: &dyn Keystore,
     out: &mut dyn Write,
-) -> Result<(), AdminError> {
+) -> Result<Value, AdminError> {
     match command {
         BdkCommand::Generate { bdk_id, algorithm } => {
             let info = keystore.generate_bdk(bdk_id, algorithm)?;
@@ -58,7 +59,7 @@ pub fn run(
                 "generated BDK {} ({}) KCV {}",
                 info.bdk_id, info.algorithm, info.kcv
             )?;
-            Ok(())
+            Ok(json!({ "bdk": bdk_json(&info) }))
         }
         BdkCommand::Import {
             bdk_id,
@@ -83,13 +84,14 @@ pub(crate) fn import(
     keystore: &dyn Keystore,
     out: &mut dyn Write,
     mut next_component: impl FnMut() -> Result<Zeroizing<String>, AdminError>,
-) -> Result<(), AdminError> {
+) -> Result<Value, AdminError> {
     if !(COMPONENTS_MIN..=COMPONENTS_MAX).contains(&count) {
         return Err(AdminError::Input(format!(
             "--components must be {COMPONENTS_MIN} or {COMPONENTS_MAX}"
         )));
     }
     let mut parts = Vec::with_capacity(count);
+    let mut component_kcvs = Vec::with_capacity(count);
     for index in 1..=count {
         let text = next_component()?;
         let component = KeyComponent::from_hex(&text)
@@ -103,11 +105,9 @@ pub(crate) fn import(
                 algorithm.key_bytes()
             )));
         }
-        writeln!(
-            out,
-            "component {index} of {count}: KCV {}",
-            component.kcv()?
-        )?;
+        let kcv = component.kcv()?;
+        writeln!(out, "component {index} of {count}: KCV {kcv}")?;
+        component_kcvs.push(kcv.to_string());
         parts.push(component);
     }
     let key = components::combine(&parts)
@@ -129,7 +129,17 @@ pub(crate) fn import(
         "imported BDK {} ({}) KCV {}",
         info.bdk_id, info.algorithm, info.kcv
     )?;
-    Ok(())
+    Ok(json!({ "bdk": bdk_json(&info), "component_kcvs": component_kcvs }))
+}
+
+/// A BDK in JSON (docs/admin-cli.md): never the key, only its check value.
+fn bdk_json(info: &BdkInfo) -> Value {
+    json!({
+        "bdk_id": info.bdk_id.to_string(),
+        "algorithm": info.algorithm.to_string(),
+        "kcv": info.kcv.to_string(),
+        "created_unix_seconds": info.created_unix_seconds,
+    })
 }
 
 /// Reads one component: a prompt without echo on a terminal, else one line of input.
@@ -156,8 +166,9 @@ fn read_component(
     Ok(line)
 }
 
-fn list(keystore: &dyn Keystore, out: &mut dyn Write) -> Result<(), AdminError> {
+fn list(keystore: &dyn Keystore, out: &mut dyn Write) -> Result<Value, AdminError> {
     let bdks = keystore.list_bdks()?;
+    let document = json!({ "bdks": bdks.iter().map(bdk_json).collect::<Vec<_>>() });
     writeln!(
         out,
         "{:<10} {:<10} {:<8} CREATED (UTC)",
@@ -179,7 +190,7 @@ fn list(keystore: &dyn Keystore, out: &mut dyn Write) -> Result<(), AdminError> 
             format_utc(created_unix_seconds)
         )?;
     }
-    Ok(())
+    Ok(document)
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the epoch.

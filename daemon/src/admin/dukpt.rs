@@ -8,6 +8,8 @@ use nfcpay_keystore::{KeyPurpose, Keystore};
 use nfcpay_protocol::Ksn;
 use nfcpay_protocol::dukpt::{KeyAlgorithm, WorkingKeyUsage};
 
+use serde_json::{Value, json};
+
 use super::AdminError;
 
 /// `dukpt` subcommands.
@@ -34,7 +36,7 @@ pub fn run(
     command: DukptCommand,
     keystore: &dyn Keystore,
     out: &mut dyn Write,
-) -> Result<(), AdminError> {
+) -> Result<Value, AdminError> {
     match command {
         DukptCommand::Kcv {
             ksn,
@@ -58,7 +60,12 @@ pub fn run(
                 "KSN {ksn} {what} ({}) KCV {kcv}",
                 key.handle().algorithm()
             )?;
-            Ok(())
+            Ok(json!({
+                "ksn": ksn.to_string(),
+                "usage": usage.map_or("transaction-key".to_owned(), |usage| usage.to_string()),
+                "algorithm": key.handle().algorithm().to_string(),
+                "kcv": kcv.to_string(),
+            }))
         }
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 use nfcpay_keystore::Keystore;
+use serde_json::{Value, json};
 
 use super::AdminError;
 use crate::config::Config;
@@ -30,7 +31,7 @@ pub fn run(
     config: &Config,
     keystore: &Arc<dyn Keystore>,
     out: &mut dyn Write,
-) -> Result<(), AdminError> {
+) -> Result<Value, AdminError> {
     Storage::open_with(&config.database)?;
     writeln!(out, "ledger schema: up to date")?;
     let dir = &config.platform.pki_dir;
@@ -57,5 +58,18 @@ pub fn run(
         "receipt key: {}",
         hex::encode_upper(receipt.as_bytes())
     )?;
-    Ok(())
+    Ok(json!({
+        "ledger_schema": "up-to-date",
+        "terminal_ca": {
+            "certificate": dir.join(pki::CA_CERTIFICATE_FILE).display().to_string(),
+            "created": ca.created,
+            "fingerprint_sha256": ca.fingerprint_sha256_hex,
+        },
+        "server_certificate": {
+            "certificate": dir.join(pki::SERVER_CERTIFICATE_FILE).display().to_string(),
+            "names": args.server_names,
+            "serial": server.serial_hex,
+        },
+        "receipt_public_key": hex::encode_upper(receipt.as_bytes()),
+    }))
 }

@@ -381,7 +381,7 @@ async fn https_connection<A: Api>(
     mut stopped: watch::Receiver<bool>,
     slot: Slot,
 ) {
-    let _open = shared.metrics.connection_opened();
+    let _open = shared.metrics.connection_opened(kind.name());
     let mut crowding = slot.crowding.clone();
     // Small answers go out at once; a failure here only costs latency.
     let _ = stream.set_nodelay(true);
@@ -391,14 +391,19 @@ async fn https_connection<A: Api>(
     );
     let tls_stream = tokio::select! {
         result = handshake => match result {
-            Ok(Ok(tls_stream)) => tls_stream,
+            Ok(Ok(tls_stream)) => {
+                shared.metrics.handshake(kind.name(), "ok");
+                tls_stream
+            }
             Ok(Err(error)) => {
                 shared.metrics.handshake_failed();
+                shared.metrics.handshake(kind.name(), "failed");
                 tracing::debug!(%peer, listener = kind.name(), %error, "TLS handshake failed");
                 return;
             }
             Err(_) => {
                 shared.metrics.handshake_failed();
+                shared.metrics.handshake(kind.name(), "timeout");
                 shared.metrics.timed_out(TimeoutLabel::Handshake);
                 tracing::debug!(%peer, listener = kind.name(), "TLS handshake timed out");
                 return;

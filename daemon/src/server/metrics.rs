@@ -29,7 +29,7 @@ pub(crate) enum RouteLabel {
 }
 
 impl RouteLabel {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::HalfA => "half_a",
             Self::HalfB => "half_b",
@@ -55,6 +55,23 @@ struct RequestLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RouteLabels {
     route: RouteLabel,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusalLabels {
+    route: RouteLabel,
+    code: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HandshakeLabels {
+    listener: &'static str,
+    result: &'static str,
 }
 
 /// Why a connection was closed by the front end, as a metric label.
@@ -84,11 +101,6 @@ struct TimeoutLabels {
     phase: TimeoutLabel,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct ListenerLabels {
-    listener: &'static str,
-}
-
 type LatencyFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -104,6 +116,9 @@ struct Inner {
     handshake_failures: Counter,
     rate_limited: Counter,
     timeouts: Family<TimeoutLabels, Counter>,
+    refusals: Family<RefusalLabels, Counter>,
+    connections: Family<ListenerLabels, Counter>,
+    handshakes: Family<HandshakeLabels, Counter>,
     refused_per_address: Family<ListenerLabels, Counter>,
 }
 
@@ -135,6 +150,24 @@ impl Metrics {
         let handshake_failures = Counter::default();
         let rate_limited = Counter::default();
         let timeouts = Family::<TimeoutLabels, Counter>::default();
+        let refusals = Family::<RefusalLabels, Counter>::default();
+        let connections = Family::<ListenerLabels, Counter>::default();
+        let handshakes = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "refusals",
+            "Problem answers on both HTTPS listeners, by route and problem code",
+            refusals.clone(),
+        );
+        registry.register(
+            "connections",
+            "TCP connections accepted, by listener (terminals, enrollment)",
+            connections.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes, by listener and result (ok, failed, timeout)",
+            handshakes.clone(),
+        );
         let refused_per_address = Family::<ListenerLabels, Counter>::default();
         registry.register(
             "http_requests",
@@ -180,6 +213,9 @@ impl Metrics {
                 handshake_failures,
                 rate_limited,
                 timeouts,
+                refusals,
+                connections,
+                handshakes,
                 refused_per_address,
             }),
         }
@@ -216,7 +252,30 @@ impl Metrics {
             .observe(latency.as_secs_f64());
     }
 
-    pub(crate) fn connection_opened(&self) -> OpenConnection {
+    /// Counts a problem answer by its code.
+    pub(crate) fn refused(&self, route: RouteLabel, code: nfcpay_protocol::api::ProblemCode) {
+        self.inner
+            .refusals
+            .get_or_create(&RefusalLabels {
+                route,
+                code: code.as_str(),
+            })
+            .inc();
+    }
+
+    /// Counts a TLS handshake's result (`ok`, `failed`, `timeout`) on `listener`.
+    pub(crate) fn handshake(&self, listener: &'static str, result: &'static str) {
+        self.inner
+            .handshakes
+            .get_or_create(&HandshakeLabels { listener, result })
+            .inc();
+    }
+
+    pub(crate) fn connection_opened(&self, listener: &'static str) -> OpenConnection {
+        self.inner
+            .connections
+            .get_or_create(&ListenerLabels { listener })
+            .inc();
         self.inner.open_connections.inc();
         OpenConnection {
             gauge: self.inner.open_connections.clone(),
@@ -270,7 +329,7 @@ mod tests {
         metrics.register("settlements", "Settled payments", service_counter.clone());
         service_counter.inc();
         {
-            let _open = metrics.connection_opened();
+            let _open = metrics.connection_opened("terminals");
             assert!(
                 metrics
                     .encode()
@@ -285,6 +344,24 @@ mod tests {
         );
         assert!(text.contains("nfcpayd_settlements_total 1"), "{text}");
         assert!(text.contains("nfcpayd_open_connections 0"), "{text}");
+        assert!(
+            text.contains(r#"nfcpayd_connections_total{listener="terminals"} 1"#),
+            "{text}"
+        );
+        metrics.refused(
+            RouteLabel::HalfB,
+            nfcpay_protocol::api::ProblemCode::ReplayedKsn,
+        );
+        metrics.handshake("enrollment", "ok");
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains(r#"nfcpayd_refusals_total{route="half_b",code="replayed-ksn"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"nfcpayd_tls_handshakes_total{listener="enrollment",result="ok"} 1"#),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -2,7 +2,8 @@
 //! half and transaction routes, the enrollment listener only `POST /v1/enroll`; a route of one
 //! is `404 not-found` on the other. Checks run cheapest first, and nothing reaches the [`Api`]
 //! before all pass: route and method, query, rate limit (per terminal, or per address for
-//! enrollment), declared length, then the body under its cap and timeout. Who the caller is
+//! enrollment), a half's `Content-Type`, declared length, then the body under its cap and
+//! timeout. Who the caller is
 //! was settled in the TLS handshake, before any of this (see `connection`).
 
 use std::convert::Infallible;
@@ -20,6 +21,7 @@ use nfcpay_protocol::api::{
     ENROLL_PATH, HALF_A_PATH, HALF_B_PATH, TRANSACTIONS_PATH_PREFIX, WAIT_QUERY_PARAMETER,
 };
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use super::connection::{Caller, ConnectionContext, Listener};
 use super::metrics::RouteLabel;
@@ -27,7 +29,7 @@ use super::problem::{PROBLEM_CONTENT_TYPE, Problem, ProblemCode};
 use super::{Api, HalfKind, Shared};
 
 /// Media type of halves and receipts.
-const OCTET_STREAM: &str = "application/octet-stream";
+const OCTET_STREAM: &str = nfcpay_protocol::api::HALF_CONTENT_TYPE;
 /// Media type of enrollment answers.
 const JSON: &str = "application/json";
 /// Longest `wait_ms` value accepted as text (`u64::MAX` has 20 digits).
@@ -161,9 +163,30 @@ pub(super) async fn handle<A: Api>(
         label: RouteLabel::Other,
         body_read: false,
     };
-    let mut answer = match respond(&shared, &context, request, &mut progress).await {
+    // Every line logged while answering carries who asked; the service adds the KSN of a
+    // half once decoded, and the reason of a refused enrollment.
+    let span = tracing::info_span!(
+        "request",
+        peer = %context.peer,
+        terminal = tracing::field::Empty,
+        ksn = tracing::field::Empty,
+        reason = tracing::field::Empty,
+    );
+    if let Caller::Terminal(terminal) = &context.caller {
+        span.record("terminal", tracing::field::display(terminal));
+    }
+    let answered = respond(&shared, &context, request, &mut progress)
+        .instrument(span.clone())
+        .await;
+    let mut answer = match answered {
         Ok(answer) => answer,
-        Err(refusal) => refusal.into_answer(),
+        Err(refusal) => {
+            shared
+                .metrics
+                .refused(progress.label, refusal.problem.code());
+            span.in_scope(|| log_refusal(progress.label, &refusal.problem));
+            refusal.into_answer()
+        }
     };
     if !context.keep_alive || (has_body && !progress.body_read) {
         answer
@@ -180,6 +203,29 @@ pub(super) async fn handle<A: Api>(
     }
     context.activity.request_finished(Instant::now());
     Ok(answer)
+}
+
+/// Logs a refusal once, at `info`: what tells an attack from a broken terminal. The request's
+/// span adds the peer address, the terminal, the KSN and a refused enrollment's reason; the
+/// detail never names a key or a code.
+fn log_refusal(route: RouteLabel, problem: &Problem) {
+    let (route_name, code, status) = (
+        route.as_str(),
+        problem.code().as_str(),
+        problem.code().status(),
+    );
+    let detail = problem.detail();
+    match route {
+        RouteLabel::HalfA | RouteLabel::HalfB => {
+            tracing::info!(route = %route_name, code = %code, status, detail, "half refused");
+        }
+        RouteLabel::Enroll => {
+            tracing::info!(route = %route_name, code = %code, status, detail, "enrollment refused");
+        }
+        RouteLabel::Transaction | RouteLabel::Other => {
+            tracing::info!(route = %route_name, code = %code, status, detail, "request refused");
+        }
+    }
 }
 
 /// Runs the checks in order and calls the service; records the route and whether the body
@@ -244,6 +290,7 @@ async fn dispatch<A: Api>(
     match (route, caller) {
         (Route::Half(kind), Caller::Terminal(client)) => {
             let client = client.clone();
+            check_content_type(request.headers(), OCTET_STREAM)?;
             let body = read_body(shared, request).await?;
             *body_read = true;
             let answer = api.submit_half(kind, client, body, wait).await?;
@@ -302,6 +349,28 @@ fn parse_query(route: Route, query: Option<&str>, wait_ms_max: u64) -> Result<Du
         wait_ms = Some(value.min(wait_ms_max));
     }
     Ok(Duration::from_millis(wait_ms.unwrap_or(0)))
+}
+
+/// Refuses a body that does not say it is of media type `expected` (parameters aside, case
+/// insensitive), or says so more than once: `415 unsupported-media-type`.
+fn check_content_type(headers: &http::HeaderMap, expected: &str) -> Result<(), Problem> {
+    let mut values = headers.get_all(header::CONTENT_TYPE).iter();
+    let media_type = match (values.next(), values.next()) {
+        (Some(value), None) => value.to_str().ok().map(|value| {
+            value
+                .split_once(';')
+                .map_or(value, |(essence, _)| essence)
+                .trim()
+        }),
+        _ => None,
+    };
+    if media_type.is_some_and(|media_type| media_type.eq_ignore_ascii_case(expected)) {
+        return Ok(());
+    }
+    Err(Problem::new(
+        ProblemCode::UnsupportedMediaType,
+        format!("the body must be sent as Content-Type: {expected}"),
+    ))
 }
 
 /// Collects the body: refused without reading if its declared length is over the cap,
@@ -412,6 +481,40 @@ mod tests {
             "/v1/enroll/",
         ] {
             assert_eq!(enrollment(path).unwrap(), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn a_half_must_be_octet_stream() {
+        let check = |values: &[&str]| {
+            let mut headers = http::HeaderMap::new();
+            for value in values {
+                headers.append(header::CONTENT_TYPE, HeaderValue::from_str(value).unwrap());
+            }
+            check_content_type(&headers, OCTET_STREAM).map_err(|problem| problem.code())
+        };
+        for good in [
+            "application/octet-stream",
+            "Application/Octet-Stream",
+            "application/octet-stream; charset=binary",
+            " application/octet-stream ",
+        ] {
+            assert_eq!(check(&[good]), Ok(()), "{good}");
+        }
+        for bad in [
+            &[][..],
+            &["text/plain"],
+            &["application/json"],
+            &["application/octet-streamx"],
+            &["application/octet"],
+            &[""],
+            &["application/octet-stream", "application/octet-stream"],
+        ] {
+            assert_eq!(
+                check(bad),
+                Err(ProblemCode::UnsupportedMediaType),
+                "{bad:?}"
+            );
         }
     }
 

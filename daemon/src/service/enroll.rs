@@ -39,6 +39,9 @@ pub(super) fn enroll(inner: &Inner, body: &[u8]) -> Result<bytes::Bytes, Problem
         .terminal_id
         .parse()
         .map_err(|error: nfcpay_protocol::ProtocolError| problems::malformed(&error))?;
+    // The terminal it claims to be, for the log (`server::routes` logs a refusal once).
+    let span = tracing::Span::current();
+    span.record("terminal", tracing::field::display(&terminal_id));
     let peer = hex::decode(&request.ecdh_public_key)
         .ok()
         .and_then(|bytes| EcPublicKey::try_from(&bytes[..]).ok())
@@ -56,7 +59,8 @@ pub(super) fn enroll(inner: &Inner, body: &[u8]) -> Result<bytes::Bytes, Problem
         .check_enrollment_code(&terminal_id, &code_sha256, now_ms_signed())
         .map_err(|error| match error {
             StorageError::EnrollmentRefused(_) | StorageError::UnknownTerminal(_) => {
-                tracing::info!(terminal = %terminal_id, %error, "enrollment code refused");
+                // The reason goes to the log only (never the code): the answer is the same.
+                span.record("reason", tracing::field::display(&error));
                 refused()
             }
             other => problems::storage(other),
@@ -69,7 +73,7 @@ pub(super) fn enroll(inner: &Inner, body: &[u8]) -> Result<bytes::Bytes, Problem
         TERMINAL_CERTIFICATE_VALIDITY,
     )
     .map_err(|error| {
-        tracing::info!(terminal = %terminal_id, %error, "enrollment CSR refused");
+        span.record("reason", tracing::field::display(&error));
         refused()
     })?;
     let ca_certificate = std::fs::read_to_string(inner.pki_dir.join(pki::CA_CERTIFICATE_FILE))
@@ -114,7 +118,7 @@ pub(super) fn enroll(inner: &Inner, body: &[u8]) -> Result<bytes::Bytes, Problem
             &certificate.serial_hex,
         )
         .map_err(|error| {
-            tracing::info!(terminal = %terminal_id, %error, "enrollment code refused");
+            span.record("reason", tracing::field::display(&error));
             refused()
         })?;
     tracing::info!(terminal = %terminal_id, serial = %certificate.serial_hex, initial_key_kcv = %kcv, "terminal enrolled");

@@ -38,6 +38,7 @@ pub(super) fn accept(
     // 2. The envelope decodes and its type matches the route.
     let envelope = HalfEnvelope::decode(body).map_err(|error| problems::malformed(&error))?;
     let header = envelope.header();
+    tracing::Span::current().record("ksn", tracing::field::display(header.ksn));
     if header.kind != route {
         return Err(Problem::new(
             ProblemCode::WrongHalfType,

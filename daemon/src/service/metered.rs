@@ -1,6 +1,8 @@
-//! A [`Keystore`] that counts what it asks of the HSM, by operation, for `/metrics`
-//! (`nfcpayd_hsm_operations_total{operation="derive"}`, …): the figure that tells an operator
-//! how much HSM capacity each payment costs, and the load generator its HSM bound.
+//! A [`Keystore`] that counts and times what it asks of the HSM, by operation, for `/metrics`
+//! (`nfcpayd_hsm_operations_total{operation="derive"}`, …, and
+//! `nfcpayd_hsm_operation_duration_seconds`): the figures that tell an operator how much HSM
+//! capacity each payment costs and how fast the HSM answers, and the load generator its HSM
+//! bound.
 
 use std::sync::Arc;
 
@@ -13,6 +15,7 @@ use nfcpay_protocol::dukpt::{DerivationData, KeyAlgorithm};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use zeroize::Zeroizing;
 
 /// Labels of `nfcpayd_hsm_operations_total`.
@@ -21,10 +24,19 @@ pub struct OperationLabels {
     operation: &'static str,
 }
 
-/// Counts each call into the wrapped keystore, then makes it.
+/// Histograms of `nfcpayd_hsm_operation_duration_seconds`, by operation.
+pub type OperationDurations = Family<OperationLabels, Histogram, fn() -> Histogram>;
+
+fn duration_histogram() -> Histogram {
+    // 50 µs (a cached software operation) to about 1.6 s (a network HSM in trouble).
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+/// Counts and times each call into the wrapped keystore.
 pub struct MeteredKeystore {
     inner: Arc<dyn Keystore>,
     operations: Family<OperationLabels, Counter>,
+    durations: OperationDurations,
 }
 
 impl MeteredKeystore {
@@ -33,7 +45,13 @@ impl MeteredKeystore {
         Self {
             inner,
             operations: Family::default(),
+            durations: OperationDurations::new_with_constructor(duration_histogram),
         }
+    }
+
+    /// The duration histograms, to register with the front end's metrics.
+    pub fn durations(&self) -> OperationDurations {
+        self.durations.clone()
     }
 
     /// The counters, to register with the front end's metrics.
@@ -41,11 +59,17 @@ impl MeteredKeystore {
         self.operations.clone()
     }
 
-    fn count(&self, operation: &'static str) -> &dyn Keystore {
-        self.operations
-            .get_or_create(&OperationLabels { operation })
-            .inc();
-        self.inner.as_ref()
+    /// Counts `operation`, makes it, and records how long it took (failures too: a slow
+    /// failing HSM is what an operator needs to see).
+    fn timed<T>(&self, operation: &'static str, call: impl FnOnce(&dyn Keystore) -> T) -> T {
+        let labels = OperationLabels { operation };
+        self.operations.get_or_create(&labels).inc();
+        let started = std::time::Instant::now();
+        let result = call(self.inner.as_ref());
+        self.durations
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        result
     }
 }
 
@@ -55,7 +79,9 @@ impl Keystore for MeteredKeystore {
         bdk_id: BdkId,
         algorithm: KeyAlgorithm,
     ) -> Result<BdkInfo, KeystoreError> {
-        self.count("generate_bdk").generate_bdk(bdk_id, algorithm)
+        self.timed("generate_bdk", |keystore| {
+            keystore.generate_bdk(bdk_id, algorithm)
+        })
     }
 
     fn import_bdk(
@@ -63,7 +89,7 @@ impl Keystore for MeteredKeystore {
         bdk_id: BdkId,
         key: &Zeroizing<Vec<u8>>,
     ) -> Result<BdkInfo, KeystoreError> {
-        self.count("import_bdk").import_bdk(bdk_id, key)
+        self.timed("import_bdk", |keystore| keystore.import_bdk(bdk_id, key))
     }
 
     fn bdk_info(&self, bdk_id: BdkId) -> Result<BdkInfo, KeystoreError> {
@@ -72,7 +98,7 @@ impl Keystore for MeteredKeystore {
     }
 
     fn list_bdks(&self) -> Result<Vec<BdkInfo>, KeystoreError> {
-        self.count("list_bdks").list_bdks()
+        self.timed("list_bdks", |keystore| keystore.list_bdks())
     }
 
     fn derive(
@@ -81,7 +107,7 @@ impl Keystore for MeteredKeystore {
         data: &DerivationData,
         purpose: KeyPurpose,
     ) -> Result<KeyHandle, KeystoreError> {
-        self.count("derive").derive(base, data, purpose)
+        self.timed("derive", |keystore| keystore.derive(base, data, purpose))
     }
 
     fn gcm_encrypt(
@@ -91,8 +117,9 @@ impl Keystore for MeteredKeystore {
         aad: &[u8],
         plaintext: &[u8],
     ) -> Result<Vec<u8>, KeystoreError> {
-        self.count("gcm_encrypt")
-            .gcm_encrypt(key, nonce, aad, plaintext)
+        self.timed("gcm_encrypt", |keystore| {
+            keystore.gcm_encrypt(key, nonce, aad, plaintext)
+        })
     }
 
     fn gcm_decrypt(
@@ -102,8 +129,9 @@ impl Keystore for MeteredKeystore {
         aad: &[u8],
         ciphertext_and_tag: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, KeystoreError> {
-        self.count("gcm_decrypt")
-            .gcm_decrypt(key, nonce, aad, ciphertext_and_tag)
+        self.timed("gcm_decrypt", |keystore| {
+            keystore.gcm_decrypt(key, nonce, aad, ciphertext_and_tag)
+        })
     }
 
     fn cmac_generate(
@@ -111,15 +139,19 @@ impl Keystore for MeteredKeystore {
         key: &KeyHandle,
         data: &[u8],
     ) -> Result<[u8; CMAC_BYTES], KeystoreError> {
-        self.count("cmac_generate").cmac_generate(key, data)
+        self.timed("cmac_generate", |keystore| {
+            keystore.cmac_generate(key, data)
+        })
     }
 
     fn cmac_verify(&self, key: &KeyHandle, data: &[u8], mac: &[u8]) -> Result<(), KeystoreError> {
-        self.count("cmac_verify").cmac_verify(key, data, mac)
+        self.timed("cmac_verify", |keystore| {
+            keystore.cmac_verify(key, data, mac)
+        })
     }
 
     fn kcv(&self, key: &KeyHandle) -> Result<Kcv, KeystoreError> {
-        self.count("kcv").kcv(key)
+        self.timed("kcv", |keystore| keystore.kcv(key))
     }
 
     fn generate_ec_p256(
@@ -127,15 +159,16 @@ impl Keystore for MeteredKeystore {
         label: &KeyLabel,
         persistent: bool,
     ) -> Result<(PrivateKeyHandle, EcPublicKey), KeystoreError> {
-        self.count("generate_ec_p256")
-            .generate_ec_p256(label, persistent)
+        self.timed("generate_ec_p256", |keystore| {
+            keystore.generate_ec_p256(label, persistent)
+        })
     }
 
     fn find_ec_p256(
         &self,
         label: &KeyLabel,
     ) -> Result<Option<(PrivateKeyHandle, EcPublicKey)>, KeystoreError> {
-        self.count("find_ec_p256").find_ec_p256(label)
+        self.timed("find_ec_p256", |keystore| keystore.find_ec_p256(label))
     }
 
     fn sign_p256_sha256(
@@ -143,7 +176,7 @@ impl Keystore for MeteredKeystore {
         key: &PrivateKeyHandle,
         message: &[u8],
     ) -> Result<[u8; ECDSA_P256_SIGNATURE_BYTES], KeystoreError> {
-        self.count("sign").sign_p256_sha256(key, message)
+        self.timed("sign", |keystore| keystore.sign_p256_sha256(key, message))
     }
 
     fn ecdh_kek(
@@ -152,11 +185,11 @@ impl Keystore for MeteredKeystore {
         peer: &EcPublicKey,
         context: &[u8],
     ) -> Result<KeyHandle, KeystoreError> {
-        self.count("ecdh").ecdh_kek(key, peer, context)
+        self.timed("ecdh", |keystore| keystore.ecdh_kek(key, peer, context))
     }
 
     fn wrap_key(&self, kek: &KeyHandle, key: &KeyHandle) -> Result<Vec<u8>, KeystoreError> {
-        self.count("wrap").wrap_key(kek, key)
+        self.timed("wrap", |keystore| keystore.wrap_key(kek, key))
     }
 
     fn unwrap_key(
@@ -166,32 +199,33 @@ impl Keystore for MeteredKeystore {
         algorithm: KeyAlgorithm,
         purpose: KeyPurpose,
     ) -> Result<KeyHandle, KeystoreError> {
-        self.count("unwrap")
-            .unwrap_key(kek, wrapped, algorithm, purpose)
+        self.timed("unwrap", |keystore| {
+            keystore.unwrap_key(kek, wrapped, algorithm, purpose)
+        })
     }
 
     fn destroy(&self, key: KeyHandle) -> Result<(), KeystoreError> {
-        self.count("destroy").destroy(key)
+        self.timed("destroy", |keystore| keystore.destroy(key))
     }
 
     fn persist_key(&self, key: &KeyHandle, label: &KeyLabel) -> Result<(), KeystoreError> {
-        self.count("persist_key").persist_key(key, label)
+        self.timed("persist_key", |keystore| keystore.persist_key(key, label))
     }
 
     fn load_key(&self, label: &KeyLabel) -> Result<Option<KeyHandle>, KeystoreError> {
-        self.count("load_key").load_key(label)
+        self.timed("load_key", |keystore| keystore.load_key(label))
     }
 
     fn delete_key(&self, label: &KeyLabel) -> Result<bool, KeystoreError> {
-        self.count("delete_key").delete_key(label)
+        self.timed("delete_key", |keystore| keystore.delete_key(label))
     }
 
     fn destroy_ec(&self, key: PrivateKeyHandle) -> Result<(), KeystoreError> {
-        self.count("destroy_ec").destroy_ec(key)
+        self.timed("destroy_ec", |keystore| keystore.destroy_ec(key))
     }
 
     fn check_health(&self) -> Result<(), KeystoreError> {
-        self.count("check_health").check_health()
+        self.timed("check_health", |keystore| keystore.check_health())
     }
 }
 
@@ -222,5 +256,40 @@ mod tests {
             text.contains("hsm_operations_total{operation=\"generate_ec_p256\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn each_call_is_timed_by_operation_failures_too() {
+        let store = MeteredKeystore::new(Arc::new(SoftwareKeystore::in_memory()));
+        let label: KeyLabel = "metered".parse().unwrap();
+        let (key, _) = store.generate_ec_p256(&label, false).unwrap();
+        store.sign_p256_sha256(&key, b"one").unwrap();
+        store.destroy_ec(key).unwrap();
+        assert!(store.find_ec_p256(&label).unwrap().is_none());
+        assert!(store.list_bdks().unwrap().is_empty());
+        let short_key = Zeroizing::new(vec![0u8; 5]);
+        assert!(
+            store
+                .import_bdk("0A0B0C0D".parse().unwrap(), &short_key)
+                .is_err()
+        );
+        let mut registry = Registry::default();
+        registry.register("hsm_duration_seconds", "HSM time", store.durations());
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        for operation in [
+            "generate_ec_p256",
+            "sign",
+            "destroy_ec",
+            "find_ec_p256",
+            "list_bdks",
+        ] {
+            assert!(
+                text.contains(&format!(
+                    "hsm_duration_seconds_count{{operation=\"{operation}\"}} 1"
+                )),
+                "{operation}: {text}"
+            );
+        }
     }
 }

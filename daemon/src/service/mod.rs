@@ -157,6 +157,11 @@ impl Platform {
             writer.batch_retries.clone(),
         );
         metrics.register(
+            "ledger_batch_commit_seconds",
+            "Time from BEGIN to durable COMMIT of a batch of halves",
+            writer.batch_commit_seconds.clone(),
+        );
+        metrics.register(
             "ledger_batch_panics",
             "Ledger writer batches that panicked, were rolled back and answered unavailable",
             writer.batch_panics.clone(),
@@ -237,7 +242,6 @@ impl Api for Platform {
                 .get_or_create(&HalfLabels { half, outcome })
                 .inc();
         };
-        let sender = client.clone();
         let Ok(Ok(place)) = tokio::time::timeout(
             HALF_ADMISSION_WAIT,
             Arc::clone(&self.inner.in_flight).acquire_owned(),
@@ -253,7 +257,11 @@ impl Api for Platform {
         // One trip to the blocking pool: verify, record, and seal the receipt unless the
         // terminal asked to wait for a pending payment to settle.
         let seal_pending = wait.is_zero();
+        // The request's span (peer, terminal), so that the KSN recorded and every line logged
+        // on the blocking thread belong to it.
+        let span = tracing::Span::current();
         let accepted = blocking(move || {
+            let _in_span = span.enter();
             let _place = place;
             let outcome = halves::accept(&inner, kind, &client, &body)?;
             let sealed = (seal_pending || outcome.view.status != TransactionStatus::Pending)
@@ -264,16 +272,9 @@ impl Api for Platform {
         let (outcome, sealed) = match accepted {
             Ok(accepted) => accepted,
             Err(problem) => {
+                // Logged once, with the request's peer, terminal and KSN, as the answer leaves
+                // (`server::routes`).
                 count(problem.code().as_str());
-                // Refusals are what tells an attack from a broken terminal: logged with their
-                // stable code (the detail never names a key).
-                tracing::info!(
-                    terminal = %sender,
-                    half,
-                    code = %problem.code().as_str(),
-                    detail = problem.detail(),
-                    "half refused"
-                );
                 return Err(problem);
             }
         };
@@ -298,7 +299,12 @@ impl Api for Platform {
 
     async fn enroll(&self, body: Bytes) -> Result<Bytes, Problem> {
         let inner = Arc::clone(&self.inner);
-        blocking(move || enroll::enroll(&inner, &body)).await
+        let span = tracing::Span::current();
+        blocking(move || {
+            let _in_span = span.enter();
+            enroll::enroll(&inner, &body)
+        })
+        .await
     }
 
     async fn ready(&self) -> Result<(), NotReady> {

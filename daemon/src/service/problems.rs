@@ -51,9 +51,21 @@ pub(crate) fn storage(error: StorageError) -> Problem {
         StorageError::ReplayedKsn => (Code::ReplayedKsn, error.to_string()),
         StorageError::StaleKsn => (Code::StaleKsn, error.to_string()),
         StorageError::Conflict => (Code::Conflict, error.to_string()),
-        StorageError::Mismatch { .. } | StorageError::AccountMismatch => {
-            (Code::Mismatch, error.to_string())
-        }
+        StorageError::Mismatch {
+            field: "payee_account_currency",
+        } => (
+            Code::AccountCurrency,
+            "the payee's account is in another currency than the payment".to_owned(),
+        ),
+        StorageError::Mismatch {
+            field: "payer_account_currency",
+        } => (
+            Code::AccountCurrency,
+            "the payer's account is in another currency than the payment".to_owned(),
+        ),
+        StorageError::Mismatch { .. } => (Code::Mismatch, error.to_string()),
+        StorageError::AccountMismatch => (Code::ForeignAccount, error.to_string()),
+        StorageError::UnknownAccount(_) => (Code::UnknownAccount, error.to_string()),
         StorageError::DigestMismatch => (Code::DigestMismatch, error.to_string()),
         StorageError::Expired => (Code::Expired, error.to_string()),
         StorageError::InsufficientFunds => (Code::InsufficientFunds, error.to_string()),

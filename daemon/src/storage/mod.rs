@@ -14,6 +14,8 @@
 //! - [`ledger`]: accounts and double-entry transfers.
 //! - [`terminals`]: registration, enrollment codes, state rules.
 //! - [`audit`]: the hash-chained audit log, one chain per writer.
+//! - [`queries`]: the operator's read-only views (payments with their halves, postings and
+//!   audit records; lists).
 //! - [`model`]: what goes in and what comes out; [`error`]: [`StorageError`].
 //!
 //! Writes ([`Storage::submit_half`], …) block until their group commit is durable, at most
@@ -26,6 +28,7 @@ mod connection;
 pub mod error;
 pub mod ledger;
 pub mod model;
+pub mod queries;
 mod readers;
 mod schema;
 pub mod settlement;
@@ -52,6 +55,9 @@ pub use model::{
     AcceptedHalf, AccountView, AuditBreak, AuditReport, ChainHead, HalfContent, HalfKind,
     NewTerminal, PostingView, Submitted, TerminalState, TerminalView, TransactionStatus,
     TransactionView,
+};
+pub use queries::{
+    AuditRecordView, HalfRecord, TransactionDetail, TransactionFilter, TransactionSummary,
 };
 pub use settlement::REPLAY_WINDOW;
 pub use writer::{CommitHold, GROUP_COMMIT_MAX, WRITE_QUEUE_MAX, WriterFault, WriterMetrics};

@@ -521,7 +521,12 @@ impl Batch {
             return Err(StorageError::StaleKsn);
         }
         if half.own_account().as_str() != terminal.view.account_id.as_str() {
-            return Err(StorageError::AccountMismatch);
+            // The batch holds every half's own account that exists.
+            return Err(if self.accounts.contains_key(half.own_account().as_str()) {
+                StorageError::AccountMismatch
+            } else {
+                StorageError::UnknownAccount(half.own_account().clone())
+            });
         }
 
         // Step 8: the transaction row.

@@ -223,16 +223,10 @@ pub(crate) fn set_state(
     Ok(())
 }
 
-/// Compares two byte strings in time that depends only on their lengths.
+/// Compares two byte strings in time that depends only on their lengths (`subtle`).
 fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
-    if left.len() != right.len() {
-        return false;
-    }
-    let difference = left
-        .iter()
-        .zip(right)
-        .fold(0_u8, |difference, (l, r)| difference | (l ^ r));
-    std::hint::black_box(difference) == 0
+    use subtle::ConstantTimeEq as _;
+    left.ct_eq(right).into()
 }
 
 /// Why `terminal` may not redeem `code_sha256` at `now_ms`, if it may not. The hashes are

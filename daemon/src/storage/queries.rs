@@ -1,0 +1,339 @@
+//! Read-only queries for the operator (`nfcpay-admin accounts list`, `transactions show`,
+//! `transactions list`): what the ledger holds, as stored, through the pool. Nothing here
+//! writes; every list is bounded.
+
+use diesel::prelude::*;
+use nfcpay_protocol::{TerminalId, TxnId};
+
+use super::model::{AccountView, PostingView, TransactionStatus};
+use super::schema::{accounts, audit_log, postings, transactions};
+use super::{Storage, StorageError, ledger};
+
+/// [`Storage::accounts_list`] returns at most this many accounts.
+pub const ACCOUNTS_LIST_MAX: i64 = 10_000;
+/// [`Storage::transactions_list`] returns at most this many payments.
+pub const TRANSACTIONS_LIST_MAX: u32 = 10_000;
+/// [`TransactionDetail::audit`] holds at most this many records.
+const AUDIT_RECORDS_PER_TRANSACTION_MAX: i64 = 100;
+
+/// One half as the ledger recorded it (hashes and KSN in upper-case hex).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HalfRecord {
+    /// The terminal that sent it.
+    pub terminal_id: String,
+    /// The account it names (the payee's for half A, the payer's for half B).
+    pub account_id: String,
+    /// Its KSN.
+    pub ksn: String,
+    /// SHA-256 of its envelope, as received.
+    pub envelope_sha256: String,
+    /// The request digest it carries (or computes, for half A).
+    pub request_digest: String,
+    /// The amount it names, in minor units.
+    pub amount_minor: i64,
+    /// Its currency.
+    pub currency: String,
+    /// When the platform accepted it (ms since the epoch).
+    pub received_at_ms: i64,
+    /// Half B only: the payee terminal it names.
+    pub payee_terminal_id: Option<String>,
+}
+
+/// A payment as stored, without its postings and audit records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransactionSummary {
+    /// Its ID.
+    pub txn_id: TxnId,
+    /// Pending, settled or expired.
+    pub status: TransactionStatus,
+    /// When its first half was accepted (ms).
+    pub created_at_ms: i64,
+    /// After this (ms) it can no longer settle.
+    pub expires_at_ms: i64,
+    /// Half A (the payee's), once in.
+    pub half_a: Option<HalfRecord>,
+    /// Half B (the payer's), once in.
+    pub half_b: Option<HalfRecord>,
+    /// The settlement's transfer ID, once settled.
+    pub settlement_id: Option<i64>,
+    /// When it settled (ms).
+    pub settled_at_ms: Option<i64>,
+    /// When it was marked expired (ms).
+    pub expired_at_ms: Option<i64>,
+}
+
+/// One audit record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecordView {
+    /// Its chain.
+    pub chain_id: i64,
+    /// Its place in the chain.
+    pub seq: i64,
+    /// When (ms).
+    pub at_ms: i64,
+    /// What happened (`transaction.settled`, …).
+    pub kind: String,
+    /// What it is about (here the transaction ID in hex).
+    pub subject: String,
+    /// Its details: a JSON object, as hashed into the chain.
+    pub details: String,
+    /// Its hash (hex).
+    pub hash: String,
+}
+
+/// A payment with its settlement's postings and its audit records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransactionDetail {
+    /// The payment.
+    pub summary: TransactionSummary,
+    /// The settlement's two postings (none before it settles).
+    pub postings: Vec<PostingView>,
+    /// Its audit records, oldest first.
+    pub audit: Vec<AuditRecordView>,
+}
+
+/// What [`Storage::transactions_list`] selects.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TransactionFilter {
+    /// Only payments in this state.
+    pub status: Option<TransactionStatus>,
+    /// Only payments one of whose halves this terminal sent.
+    pub terminal: Option<TerminalId>,
+    /// Only payments whose first half came at or after this (ms).
+    pub since_ms: Option<i64>,
+    /// At most this many, newest first (capped at [`TRANSACTIONS_LIST_MAX`]).
+    pub limit: u32,
+}
+
+/// A `transactions` row, as the operator sees it.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = transactions)]
+struct Row {
+    txn_id: Vec<u8>,
+    status: String,
+    expires_at_ms: i64,
+    created_at_ms: i64,
+    a_terminal_id: Option<String>,
+    a_account_id: Option<String>,
+    a_ksn: Option<Vec<u8>>,
+    a_envelope_sha256: Option<Vec<u8>>,
+    a_request_digest: Option<Vec<u8>>,
+    a_amount_minor: Option<i64>,
+    a_currency: Option<String>,
+    a_received_at_ms: Option<i64>,
+    b_terminal_id: Option<String>,
+    b_account_id: Option<String>,
+    b_ksn: Option<Vec<u8>>,
+    b_envelope_sha256: Option<Vec<u8>>,
+    b_request_digest: Option<Vec<u8>>,
+    b_payee_terminal_id: Option<String>,
+    b_amount_minor: Option<i64>,
+    b_currency: Option<String>,
+    b_received_at_ms: Option<i64>,
+    settlement_id: Option<i64>,
+    settled_at_ms: Option<i64>,
+    expired_at_ms: Option<i64>,
+}
+
+impl Row {
+    fn summary(self) -> Result<TransactionSummary, StorageError> {
+        let txn_id = <[u8; 16]>::try_from(self.txn_id.as_slice())
+            .ok()
+            .and_then(|bytes| TxnId::try_from(bytes).ok())
+            .ok_or_else(|| StorageError::corrupt("transaction ID"))?;
+        let half = |terminal: Option<String>,
+                    account: Option<String>,
+                    ksn: Option<Vec<u8>>,
+                    envelope: Option<Vec<u8>>,
+                    digest: Option<Vec<u8>>,
+                    amount: Option<i64>,
+                    currency: Option<String>,
+                    received: Option<i64>,
+                    payee: Option<String>| {
+            Some(HalfRecord {
+                terminal_id: terminal?,
+                account_id: account?,
+                ksn: hex::encode_upper(ksn?),
+                envelope_sha256: hex::encode_upper(envelope?),
+                request_digest: hex::encode_upper(digest?),
+                amount_minor: amount?,
+                currency: currency?,
+                received_at_ms: received?,
+                payee_terminal_id: payee,
+            })
+        };
+        Ok(TransactionSummary {
+            txn_id,
+            status: self.status.parse()?,
+            created_at_ms: self.created_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            half_a: half(
+                self.a_terminal_id,
+                self.a_account_id,
+                self.a_ksn,
+                self.a_envelope_sha256,
+                self.a_request_digest,
+                self.a_amount_minor,
+                self.a_currency,
+                self.a_received_at_ms,
+                None,
+            ),
+            half_b: half(
+                self.b_terminal_id,
+                self.b_account_id,
+                self.b_ksn,
+                self.b_envelope_sha256,
+                self.b_request_digest,
+                self.b_amount_minor,
+                self.b_currency,
+                self.b_received_at_ms,
+                self.b_payee_terminal_id,
+            ),
+            settlement_id: self.settlement_id,
+            settled_at_ms: self.settled_at_ms,
+            expired_at_ms: self.expired_at_ms,
+        })
+    }
+}
+
+impl Storage {
+    /// Every account (the ledger's funding accounts too), by ID; at most [`ACCOUNTS_LIST_MAX`].
+    pub fn accounts_list(&self) -> Result<Vec<AccountView>, StorageError> {
+        self.read(|connection| {
+            accounts::table
+                .order(accounts::id.asc())
+                .limit(ACCOUNTS_LIST_MAX)
+                .select((
+                    accounts::id,
+                    accounts::currency,
+                    accounts::balance_minor,
+                    accounts::limit_minor,
+                    accounts::created_at_ms,
+                ))
+                .load::<ledger::AccountRow>(connection)?
+                .into_iter()
+                .map(ledger::account_view)
+                .collect()
+        })
+    }
+
+    /// A payment with its postings and audit records, if it exists.
+    pub fn transaction_detail(
+        &self,
+        txn_id: &TxnId,
+    ) -> Result<Option<TransactionDetail>, StorageError> {
+        let key = txn_id.to_bytes().to_vec();
+        self.read(|connection| {
+            let Some(row) = transactions::table
+                .find(key.clone())
+                .select(Row::as_select())
+                .first(connection)
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            let summary = row.summary()?;
+            let postings = match summary.settlement_id {
+                None => Vec::new(),
+                Some(transfer_id) => postings::table
+                    .filter(postings::transfer_id.eq(transfer_id))
+                    .order(postings::id.asc())
+                    .select((
+                        postings::id,
+                        postings::transfer_id,
+                        postings::account_id,
+                        postings::amount_minor,
+                        postings::balance_after_minor,
+                        postings::created_at_ms,
+                    ))
+                    .load::<(i64, i64, String, i64, i64, i64)>(connection)?
+                    .into_iter()
+                    .map(|(id, transfer_id, account, amount, balance, at)| {
+                        Ok(PostingView {
+                            id,
+                            transfer_id,
+                            account_id: account.parse().map_err(|_| {
+                                StorageError::corrupt(format!("account id {account:?}"))
+                            })?,
+                            amount_minor: amount,
+                            balance_after_minor: balance,
+                            created_at_ms: at,
+                        })
+                    })
+                    .collect::<Result<_, StorageError>>()?,
+            };
+            let audit = audit_log::table
+                .filter(audit_log::subject.eq(txn_id.to_string()))
+                .order((
+                    audit_log::at_ms.asc(),
+                    audit_log::chain_id.asc(),
+                    audit_log::seq.asc(),
+                ))
+                .limit(AUDIT_RECORDS_PER_TRANSACTION_MAX)
+                .select((
+                    audit_log::chain_id,
+                    audit_log::seq,
+                    audit_log::at_ms,
+                    audit_log::kind,
+                    audit_log::subject,
+                    audit_log::details,
+                    audit_log::hash,
+                ))
+                .load::<(i64, i64, i64, String, String, String, Vec<u8>)>(connection)?
+                .into_iter()
+                .map(
+                    |(chain_id, seq, at_ms, kind, subject, details, hash)| AuditRecordView {
+                        chain_id,
+                        seq,
+                        at_ms,
+                        kind,
+                        subject,
+                        details,
+                        hash: hex::encode_upper(hash),
+                    },
+                )
+                .collect();
+            Ok(Some(TransactionDetail {
+                summary,
+                postings,
+                audit,
+            }))
+        })
+    }
+
+    /// Payments that pass `filter`, newest first.
+    pub fn transactions_list(
+        &self,
+        filter: &TransactionFilter,
+    ) -> Result<Vec<TransactionSummary>, StorageError> {
+        let limit = i64::from(filter.limit.min(TRANSACTIONS_LIST_MAX));
+        // Built anew on each try: a read is run again on a fresh connection if its own broke.
+        self.read(|connection| {
+            let mut query = transactions::table.select(Row::as_select()).into_boxed();
+            if let Some(status) = filter.status {
+                query = query.filter(transactions::status.eq(status.as_str()));
+            }
+            if let Some(terminal) = &filter.terminal {
+                let terminal = terminal.as_str().to_owned();
+                query = query.filter(
+                    transactions::a_terminal_id
+                        .eq(terminal.clone())
+                        .or(transactions::b_terminal_id.eq(terminal)),
+                );
+            }
+            if let Some(since_ms) = filter.since_ms {
+                query = query.filter(transactions::created_at_ms.ge(since_ms));
+            }
+            query
+                .order((
+                    transactions::created_at_ms.desc(),
+                    transactions::txn_id.asc(),
+                ))
+                .limit(limit)
+                .load::<Row>(connection)?
+                .into_iter()
+                .map(Row::summary)
+                .collect()
+        })
+    }
+}
