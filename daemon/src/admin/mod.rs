@@ -115,6 +115,7 @@ impl AdminError {
 /// Runs one command, writing its report to `out`. Each command opens only what it needs.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), AdminError> {
     let config = Config::load(&cli.config)?;
+    config.check_not_root_in_service_directory("nfcpay-admin")?;
     let keystore = || nfcpay_keystore::open(&config.keystore).map_err(AdminError::from);
     let storage = || crate::storage::Storage::open_with(&config.database).map_err(AdminError::from);
     match cli.command {
