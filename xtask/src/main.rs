@@ -5,6 +5,8 @@
 //! - [`demo`]: `cargo xtask demo`, the key ceremony on a fresh SoftHSM2 token, then a payment
 //!   between two terminals over emulated NFC through the real daemon ([`payment`]).
 //! - [`test`]: `cargo xtask test`, the whole test suite as CI runs it.
+//! - [`deploy`]: `cargo xtask deploy-check`, docs/operations.md's production walk-through run
+//!   as root in private namespaces, with a `systemctl` stand-in.
 //! - [`postgres`]: a throwaway PostgreSQL cluster for tests (`cargo xtask pg-check`).
 //! - [`packages`]: installs the Debian packages a task needs.
 //! - [`steps`]: named, timed steps that stop at the first failure.
@@ -14,6 +16,7 @@
 mod clock;
 mod command;
 mod demo;
+mod deploy;
 mod packages;
 mod payment;
 mod postgres;
@@ -51,6 +54,22 @@ enum Task {
     Test,
     /// Start a throwaway PostgreSQL cluster, run `select 1` against it, stop it.
     PgCheck,
+    /// Run docs/operations.md's production walk-through (service user, token, ceremony,
+    /// nfcpayd as the unit runs it, a BDK added live, payments, backup and restore) on SQLite
+    /// and PostgreSQL, as root, in private mount and network namespaces.
+    DeployCheck,
+    /// One walk-through, inside the namespaces `deploy-check` made (internal).
+    #[command(hide = true)]
+    DeployCheckInside {
+        #[arg(long, value_enum)]
+        database: deploy::Database,
+    },
+    /// deploy-check's stand-in for `systemctl` (internal).
+    #[command(hide = true)]
+    SystemctlShim {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        arguments: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -59,6 +78,9 @@ fn main() -> Result<()> {
         Task::Demo { dir, serve } => demo::run(&root, dir, serve),
         Task::Test => test::run(&root),
         Task::PgCheck => postgres::check(),
+        Task::DeployCheck => deploy::run(&root),
+        Task::DeployCheckInside { database } => deploy::inside(&root, database),
+        Task::SystemctlShim { arguments } => deploy::systemctl(&arguments),
     }
 }
 
