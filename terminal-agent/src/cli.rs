@@ -29,9 +29,11 @@ Examples:
 
   # The operator ran `nfcpay-admin terminals add --id shop-1 --account shop` and gave the
   # code to the installer, who enrolls the terminal:
+  # (--enroll-address: the platform's enrollment listener, 8444 by default; --platform is
+  # the terminal listener, 8443, where halves go.)
   nfcpay-agent --dir /var/lib/nfcpay-terminal enroll --platform pay.example:8443 \\
-      --server-name pay.example --ca platform-ca.pem --terminal-id shop-1 \\
-      --account shop --code-file code.txt
+      --enroll-address pay.example:8444 --server-name pay.example --ca platform-ca.pem \\
+      --terminal-id shop-1 --account shop --code-file code.txt
 
   # Keys in a PKCS#11 token instead of the software keystore:
   nfcpay-agent --keystore 'pkcs11:token=terminal?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/nfcpay/pin' enroll ...
@@ -118,7 +120,9 @@ pub struct EnrollArgs {
     /// The platform's terminal listener, `host:port` (where halves go).
     #[arg(long, value_name = "HOST:PORT")]
     pub platform: String,
-    /// The platform's enrollment listener, `host:port`, when it is not `--platform`.
+    /// The platform's enrollment listener, `host:port` (`[server] enroll_listen`, port 8444
+    /// by default). Without it, enrollment goes to `--platform`, which a platform with a
+    /// separate enrollment listener (the default) does not answer.
     #[arg(long, value_name = "HOST:PORT")]
     pub enroll_address: Option<String>,
     /// The name the platform's certificate carries.
@@ -206,7 +210,8 @@ pub struct LinkArgs {
 /// `request` arguments.
 #[derive(Debug, Args)]
 pub struct RequestArgs {
-    /// Amount as a decimal in the currency's minor unit (`12.50`).
+    /// Amount as a decimal in the currency's major unit (`12.50` EUR: twelve euros fifty,
+    /// sent as 1250 minor units); at most the currency's number of decimals.
     #[arg(long)]
     pub amount: String,
     /// ISO 4217 currency code.
@@ -375,6 +380,32 @@ mod tests {
     fn the_command_line_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_help_shows_a_working_enroll_and_says_the_amount_unit() {
+        use clap::CommandFactory;
+        let enroll_example = LONG_ABOUT
+            .split("\n\n")
+            .find(|paragraph| paragraph.contains(" enroll "))
+            .expect("an enroll example");
+        assert!(
+            enroll_example.contains("--enroll-address"),
+            "{enroll_example}"
+        );
+        let mut cli = Cli::command();
+        let amount = cli
+            .find_subcommand_mut("request")
+            .and_then(|request| {
+                request
+                    .get_arguments()
+                    .find(|argument| argument.get_id() == "amount")
+                    .and_then(|argument| argument.get_help())
+                    .map(ToString::to_string)
+            })
+            .expect("request --amount has help");
+        assert!(amount.contains("major unit"), "{amount}");
+        assert!(!amount.contains("minor unit (`12.50`)"), "{amount}");
     }
 
     #[test]

@@ -353,13 +353,22 @@ pub(super) fn print_receipt(
         )?;
         line(
             out,
-            format_args!(
-                "  settled at:    {} ms since the Unix epoch",
-                fields.settled_at_ms
-            ),
+            format_args!("  settled at:    {}", utc_time(fields.settled_at_ms)),
         )?;
     }
     Ok(())
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 UTC (`2026-12-03T12:34:56.789Z`); a time
+/// beyond what RFC 3339 can show is printed as its milliseconds.
+pub(super) fn utc_time(milliseconds: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(milliseconds) * 1_000_000)
+        .ok()
+        .and_then(|time| {
+            time.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{milliseconds} ms since the Unix epoch"))
 }
 
 /// Reads a whole file of at most `bytes_max` bytes.
@@ -426,6 +435,16 @@ pub(super) fn status_name(status: ReceiptStatus) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settlement_times_print_as_utc() {
+        assert_eq!(utc_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_time(1_796_301_296_789), "2026-12-03T12:34:56.789Z");
+        assert_eq!(
+            utc_time(u64::MAX),
+            "18446744073709551615 ms since the Unix epoch"
+        );
+    }
 
     #[test]
     fn keystore_choices_parse() {
