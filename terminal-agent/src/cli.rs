@@ -33,7 +33,7 @@ Examples:
   # the terminal listener, 8443, where halves go.)
   nfcpay-agent --dir /var/lib/nfcpay-terminal enroll --platform pay.example:8443 \\
       --enroll-address pay.example:8444 --server-name pay.example --ca platform-ca.pem \\
-      --terminal-id shop-1 --account shop --code-file code.txt
+      --terminal-id shop-1 --code-file code.txt
 
   # Keys in a PKCS#11 token instead of the software keystore:
   nfcpay-agent --keystore 'pkcs11:token=terminal?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/nfcpay/pin' enroll ...
@@ -140,7 +140,9 @@ pub struct EnrollArgs {
     /// Read the one-time enrollment code from stdin.
     #[arg(long)]
     pub code_stdin: bool,
-    /// The account this terminal pays from or is paid into.
+    /// Not needed: the platform's answer names the account the operator registered the
+    /// terminal for. Given, it is checked against that (a mismatch is warned about, and the
+    /// platform's account kept); used only with an older platform that does not say it.
     #[arg(long, value_name = "ACCOUNT")]
     pub account: Option<AccountId>,
 }

@@ -186,8 +186,8 @@ pub fn inside(root: &Path, database: Database) -> Result<()> {
     steps.run(
         "enroll shop-1 and alice-phone (nfcpay-agent enroll)",
         || {
-            run.add_and_enroll("shop-1", "shop", None)?;
-            run.add_and_enroll("alice-phone", "alice", None)
+            run.add_and_enroll("shop-1", "shop", None, true)?;
+            run.add_and_enroll("alice-phone", "alice", None, true)
         },
     )?;
     steps.run("alice pays shop-1 12.50 EUR over NFC", || {
@@ -201,7 +201,8 @@ pub fn inside(root: &Path, database: Database) -> Result<()> {
         // TODO(issue 11 item 2): a running daemon looks a new BDK up by itself once that
         // work is merged; until then the new BDK takes a restart, done here.
         run.systemctl(&["restart", UNIT])?;
-        run.add_and_enroll("shop-2", "shop", Some(ROTATED_BDK_ID))?;
+        // Without --account: the platform's enrollment answer names it.
+        run.add_and_enroll("shop-2", "shop", Some(ROTATED_BDK_ID), false)?;
         run.pay("shop-2", "alice-phone")?;
         run.expect_balance("alice", "75.00 EUR")
     })?;
@@ -396,8 +397,15 @@ impl Run {
         Ok(())
     }
 
-    /// `terminals add` (the code into a 0600 file, never shown), then `nfcpay-agent enroll`.
-    fn add_and_enroll(&self, terminal: &str, account: &str, bdk_id: Option<&str>) -> Result<()> {
+    /// `terminals add` (the code into a 0600 file, never shown), then `nfcpay-agent enroll`
+    /// (with `--account`, checked against the platform's, when `give_account`).
+    fn add_and_enroll(
+        &self,
+        terminal: &str,
+        account: &str,
+        bdk_id: Option<&str>,
+        give_account: bool,
+    ) -> Result<()> {
         let mut arguments = vec!["terminals", "add", "--id", terminal, "--account", account];
         if let Some(bdk_id) = bdk_id {
             arguments.extend(["--bdk-id", bdk_id]);
@@ -412,31 +420,33 @@ impl Run {
             .write_all(code.as_bytes())?;
         let ca = CA_FILE.to_owned();
         let code_path = code_file.display().to_string();
-        let mut enroll = payment::agent(
-            &self.binaries,
-            &self.terminal_dir(terminal),
-            &[
-                "enroll",
-                "--platform",
-                TERMINAL_ADDRESS,
-                "--enroll-address",
-                ENROLL_ADDRESS,
-                "--server-name",
-                SERVER_NAME,
-                "--ca",
-                &ca,
-                "--terminal-id",
-                terminal,
-                "--account",
-                account,
-                "--code-file",
-                &code_path,
-            ],
-        );
+        let mut arguments = vec![
+            "enroll",
+            "--platform",
+            TERMINAL_ADDRESS,
+            "--enroll-address",
+            ENROLL_ADDRESS,
+            "--server-name",
+            SERVER_NAME,
+            "--ca",
+            &ca,
+            "--terminal-id",
+            terminal,
+            "--code-file",
+            &code_path,
+        ];
+        if give_account {
+            arguments.extend(["--account", account]);
+        }
+        let mut enroll = payment::agent(&self.binaries, &self.terminal_dir(terminal), &arguments);
         let output = payment::run_agent(terminal, &mut enroll)?;
         fs::remove_file(&code_file)?;
         if !output.status.success() {
             bail!("nfcpay-agent enroll {terminal} failed");
+        }
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if payment::field(&stdout, "account:") != Some(account) {
+            bail!("{terminal} was not enrolled for account {account}:\n{stdout}");
         }
         Ok(())
     }
