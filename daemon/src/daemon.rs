@@ -211,7 +211,10 @@ pub fn check_startup(config: &Config, out: &mut dyn Write) -> Result<(), DaemonE
     }
     let storage = Storage::open_with(&config.database)?;
     storage.check_health()?;
-    ok(out, "database reachable, schema up to date");
+    ok(
+        out,
+        "database reachable, schema current (pending migrations applied)",
+    );
     tls_reloader(Arc::clone(&keystore), config, pki_dir.clone())?;
     ok(
         out,

@@ -73,6 +73,10 @@ fn check_config_checks_what_start_up_would_and_names_each_failure_with_its_exit_
         ],
     );
     assert!(!text(&ok).contains("warn"), "{}", text(&ok));
+    // `init` on a database it has already set up does not claim to have found it up to date
+    // before it made it (as it did on a fresh one).
+    let init = platform.admin_ok(&["init"]).unwrap();
+    assert!(init.contains("ledger schema: current"), "{init}");
 
     // A PIN file others can read is warned about, not refused.
     std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o644)).unwrap();
