@@ -35,7 +35,8 @@ Examples:
       --enroll-address pay.example:8444 --server-name pay.example --ca platform-ca.pem \\
       --terminal-id shop-1 --code-file code.txt
 
-  # Keys in a PKCS#11 token instead of the software keystore:
+  # Keys in a PKCS#11 token instead of the software keystore (remembered: later commands
+  # in this --dir use it without --keystore):
   nfcpay-agent --keystore 'pkcs11:token=terminal?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/nfcpay/pin' enroll ...
 
   # Which readers are there?
@@ -71,14 +72,10 @@ pub struct Cli {
     )]
     pub dir: PathBuf,
     /// Where the terminal's keys are: `software` (DIR/keystore.json) or a `pkcs11:` URI
-    /// (RFC 7512, with module-path and pin-source).
-    #[arg(
-        long,
-        global = true,
-        default_value = "software",
-        value_name = "software|pkcs11:URI"
-    )]
-    pub keystore: KeystoreChoice,
+    /// (RFC 7512, with module-path and pin-source). Remembered at enrollment (DIR/keystore):
+    /// later commands need it only to override. Default: software.
+    #[arg(long, global = true, value_name = "software|pkcs11:URI")]
+    pub keystore: Option<KeystoreChoice>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

@@ -40,6 +40,7 @@ pub async fn run(
         64 * 1024,
         "read the platform CA certificate",
     )?;
+    let choice = place.keystore()?;
     let store = place.open_store()?;
     let target = EnrollmentTarget {
         address: &options.platform,
@@ -60,6 +61,7 @@ pub async fn run(
     .await?;
     terminal.file.account_id = account(terminal.file.account_id.take(), options.account.as_ref());
     write_terminal_file(&place.dir, &terminal)?;
+    place.remember_keystore(&choice)?;
     let status = terminal.keys.status();
     line(
         out,
