@@ -5,6 +5,7 @@
 //! - [`demo`]: `cargo xtask demo`, the key ceremony on a fresh SoftHSM2 token, then a payment
 //!   between two terminals over emulated NFC through the real daemon ([`payment`]).
 //! - [`test`]: `cargo xtask test`, the whole test suite as CI runs it.
+//! - [`package`]: `cargo xtask package`, the Debian package, checked by lintian.
 //! - [`deploy`]: `cargo xtask deploy-check`, docs/operations.md's production walk-through run
 //!   as root in private namespaces, with a `systemctl` stand-in.
 //! - [`postgres`]: a throwaway PostgreSQL cluster for tests (`cargo xtask pg-check`).
@@ -17,6 +18,7 @@ mod clock;
 mod command;
 mod demo;
 mod deploy;
+mod package;
 mod packages;
 mod payment;
 mod postgres;
@@ -58,6 +60,13 @@ enum Task {
     /// nfcpayd as the unit runs it, a BDK added live, payments, backup and restore) on SQLite
     /// and PostgreSQL, as root, in private mount and network namespaces.
     DeployCheck,
+    /// Build the Debian package (target/package/nfcpay_<version>_<arch>.deb) from a release
+    /// build; with --check, from the debug build, then lintian and systemd-analyze verify.
+    Package {
+        /// Use the debug binaries (as the tests do) and check the package.
+        #[arg(long)]
+        check: bool,
+    },
     /// One walk-through, inside the namespaces `deploy-check` made (internal).
     #[command(hide = true)]
     DeployCheckInside {
@@ -79,6 +88,8 @@ fn main() -> Result<()> {
         Task::Test => test::run(&root),
         Task::PgCheck => postgres::check(),
         Task::DeployCheck => deploy::run(&root),
+        Task::Package { check: false } => package::build(&root, true).map(drop),
+        Task::Package { check: true } => package::check(&root),
         Task::DeployCheckInside { database } => deploy::inside(&root, database),
         Task::SystemctlShim { arguments } => deploy::systemctl(&arguments),
     }

@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use crate::postgres::{self, DATABASE_URL_VARIABLE, REQUIRE_VARIABLE};
 use crate::steps::Steps;
-use crate::{command, deploy, packages};
+use crate::{command, deploy, package, packages};
 
 /// Runs every step in order and stops at the first failure.
 pub fn run(root: &Path) -> Result<()> {
@@ -43,6 +43,10 @@ pub fn run(root: &Path) -> Result<()> {
     })?;
     // The production walk-through of docs/operations.md, on the binaries built above.
     steps.run("cargo xtask deploy-check", || deploy::run(root))?;
+    steps.run(
+        "cargo xtask package --check (lintian, systemd-analyze)",
+        || package::check(root),
+    )?;
     steps.finish();
     Ok(())
 }
