@@ -2,6 +2,7 @@
 //! overrides (`NFCPAY_KEYSTORE__URI=…` overrides `[keystore] uri`), validated as a whole
 //! before anything else happens. See `daemon/nfcpay.sample.toml` for every setting.
 
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use nfcpay_keystore::KeystoreConfig;
@@ -29,6 +30,10 @@ pub struct Config {
     /// The platform service (`[platform]`).
     #[serde(default)]
     pub platform: PlatformConfig,
+    /// The file this was loaded from (none when built in code): SIGHUP reads it again to say
+    /// which changed settings take a restart.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// Number of DUKPT intermediate keys cached in the HSM by default.
@@ -97,6 +102,20 @@ pub enum ConfigError {
         /// What is wrong (from the parser; never contains a secret, as the file holds none).
         message: String,
     },
+    /// Run as root where the service's files belong to the service user: what root would
+    /// make there (token objects, the ledger, certificates) `nfcpayd` could not read.
+    #[error(
+        "running as root, but {directory} belongs to {owner}: files made as root would be \
+         unusable by nfcpayd; run as that user: runuser -u {owner} -- {program} …"
+    )]
+    WrongUser {
+        /// The service's state directory (the nearest existing one above `pki_dir`).
+        directory: String,
+        /// Its owner's name (or numeric ID).
+        owner: String,
+        /// The program to run as the owner.
+        program: &'static str,
+    },
 }
 
 impl Config {
@@ -121,8 +140,11 @@ impl Config {
                 name.starts_with(&format!("{ENVIRONMENT_PREFIX}_")) && name.contains("__")
             })
             .collect();
-        let config: Self = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        // Read here, not by `config`, which says "not found" for a file it may not read.
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| invalid(format!("cannot read the file: {error}")))?;
+        let mut config: Self = config::Config::builder()
+            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
             .add_source(
                 config::Environment::with_prefix(ENVIRONMENT_PREFIX)
                     .prefix_separator("_")
@@ -134,11 +156,80 @@ impl Config {
             .and_then(config::Config::try_deserialize)
             .map_err(|error| invalid(error.to_string()))?;
         config.validate().map_err(invalid)?;
+        config.source = Some(path.to_path_buf());
         Ok(config)
+    }
+
+    /// The settings whose values differ between `self` and `other`, as `[section] name`: what
+    /// a SIGHUP finds changed in the file (none of which it applies but the certificates'
+    /// content). A password changed inside the database URL is not seen (it is redacted).
+    pub fn changed_settings(&self, other: &Self) -> Vec<String> {
+        let mut changed = Vec::new();
+        let mut compare = |section: &str, old: String, new: String| {
+            let (old, new) = (top_level_fields(&old), top_level_fields(&new));
+            for (name, value) in &new {
+                if old
+                    .iter()
+                    .all(|(old_name, old_value)| old_name != name || old_value != value)
+                {
+                    changed.push(format!("[{section}] {name}"));
+                }
+            }
+        };
+        compare(
+            "keystore",
+            format!("{:#?}", self.keystore),
+            format!("{:#?}", other.keystore),
+        );
+        compare(
+            "database",
+            format!("{:#?}", self.database),
+            format!("{:#?}", other.database),
+        );
+        compare(
+            "server",
+            format!("{:#?}", self.server),
+            format!("{:#?}", other.server),
+        );
+        compare(
+            "platform",
+            format!("{:#?}", self.platform),
+            format!("{:#?}", other.platform),
+        );
+        changed
+    }
+
+    /// Refuses root when the service's state directory (the nearest existing directory at or
+    /// above `[platform] pki_dir`, `/var/lib/nfcpay` in the documented layout) belongs to
+    /// another user: `program` must then run as that user (docs/operations.md §2).
+    pub fn check_not_root_in_service_directory(
+        &self,
+        program: &'static str,
+    ) -> Result<(), ConfigError> {
+        if !rustix::process::geteuid().is_root() {
+            return Ok(());
+        }
+        let Some((directory, uid)) = self
+            .platform
+            .pki_dir
+            .ancestors()
+            .find_map(|directory| Some((directory, std::fs::metadata(directory).ok()?.uid())))
+        else {
+            return Ok(());
+        };
+        if uid == 0 {
+            return Ok(());
+        }
+        Err(ConfigError::WrongUser {
+            directory: directory.display().to_string(),
+            owner: user_name(uid).unwrap_or_else(|| uid.to_string()),
+            program,
+        })
     }
 
     /// Checks what deserialization cannot: every section's own rules.
     fn validate(&self) -> Result<(), String> {
+        crate::storage::check_url(&self.database.url).map_err(|error| error.to_string())?;
         self.server.validate().map_err(|error| error.to_string())?;
         self.database
             .validate()
@@ -153,6 +244,35 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A pretty `Debug` rendering split into its top-level fields: (name, the field's text).
+fn top_level_fields(debug: &str) -> Vec<(String, String)> {
+    let mut fields: Vec<(String, String)> = Vec::new();
+    for line in debug.lines().skip(1) {
+        let top_level = line
+            .strip_prefix("    ")
+            .filter(|rest| !rest.starts_with(' '));
+        match top_level.and_then(|rest| rest.split_once(": ")) {
+            Some((name, value)) => fields.push((name.to_owned(), value.to_owned())),
+            None => {
+                if let Some((_, text)) = fields.last_mut() {
+                    text.push_str(line);
+                }
+            }
+        }
+    }
+    fields
+}
+
+/// The name of user `uid` in `/etc/passwd` (system users of a service are local).
+fn user_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        (fields.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_owned())
+    })
 }
 
 #[cfg(test)]
@@ -203,6 +323,59 @@ mod tests {
                 uri: "pkcs11:token=t".into()
             }
         );
+    }
+
+    #[test]
+    fn changed_settings_are_named() {
+        let file = write(
+            "[keystore]\nbackend = \"software\"\npath = \"/x\"\n[server]\n\
+             terminal_requests_per_second = 50\n",
+        );
+        let old = Config::load_with_environment(file.path(), []).unwrap();
+        assert_eq!(old.source.as_deref(), Some(file.path()));
+        assert!(old.changed_settings(&old.clone()).is_empty());
+        let file = write(
+            "[keystore]\nbackend = \"software\"\npath = \"/y\"\n[server]\n\
+             terminal_requests_per_second = 7\n[platform]\nkey_cache_entries = 9\n",
+        );
+        let new = Config::load_with_environment(file.path(), []).unwrap();
+        assert_eq!(
+            old.changed_settings(&new),
+            [
+                "[keystore] path",
+                "[server] terminal_requests_per_second",
+                "[platform] key_cache_entries"
+            ]
+        );
+    }
+
+    #[test]
+    fn unreadable_files_and_unknown_database_schemes_are_named() {
+        let error = Config::load_with_environment(Path::new("/nonexistent/nfcpay.toml"), [])
+            .err()
+            .expect("a missing file is refused");
+        assert!(
+            error
+                .to_string()
+                .contains("cannot read the file: No such file"),
+            "{error}"
+        );
+        let directory = tempfile::tempdir().unwrap();
+        let error = Config::load_with_environment(directory.path(), [])
+            .err()
+            .expect("a directory is refused");
+        assert!(
+            error.to_string().contains("cannot read the file"),
+            "{error}"
+        );
+        let file = write(
+            "[keystore]\nbackend = \"software\"\npath = \"/x\"\n\
+             [database]\nurl = \"mysql://db/nfcpay\"\n",
+        );
+        let error = Config::load_with_environment(file.path(), [])
+            .err()
+            .expect("mysql:// is refused");
+        assert!(error.to_string().contains("unknown scheme"), "{error}");
     }
 
     #[test]

@@ -1,34 +1,44 @@
 //! `nfcpayd` from start to stop: configuration, keystore, ledger, service, front end.
 //!
-//! Everything that can be wrong with the configuration is found before a port is bound, and
-//! reported with exit code 64 (`EX_USAGE`); the HSM PIN comes from the `pin-source` file named
-//! in the keystore URI (a systemd credential under `$CREDENTIALS_DIRECTORY`, or a 0600 file),
-//! never from the command line.
+//! Everything that can be wrong with the configuration is found before a port is bound. Each
+//! failure exits with a `sysexits.h` code that tells systemd whether a restart can help
+//! ([`DaemonError::exit_code`], docs/operations.md §11); the HSM PIN comes from the
+//! `pin-source` file named in the keystore URI (a systemd credential under
+//! `$CREDENTIALS_DIRECTORY`, or a 0600 file), never from the command line.
+//! [`check_startup`] (`nfcpayd --check-config`) runs start-up's checks without serving.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nfcpay_keystore::Keystore;
+use nfcpay_keystore::{Keystore, KeystoreError};
 
 use crate::config::{Config, ConfigError};
-use crate::pki;
+use crate::pki::{self, PkiError};
 use crate::server::metrics::Metrics;
 use crate::server::tls::{ReloadTlsMaterial, TlsMaterial, TlsReloader};
 use crate::server::{Server, ServerError};
 use crate::service::Platform;
 use crate::service::metered::MeteredKeystore;
-use crate::storage::Storage;
+use crate::storage::{Storage, StorageError};
 
-/// Exit code for a usage or configuration error (`EX_USAGE` of sysexits.h).
+/// Exit code for a usage or configuration error (`EX_USAGE` of sysexits.h): fix the
+/// configuration; a restart cannot help.
 pub const EXIT_USAGE: u8 = 64;
-/// Exit code when a service the daemon needs (HSM, database) is unavailable (`EX_UNAVAILABLE`).
+/// Exit code when a service the daemon needs (HSM, database) is unavailable
+/// (`EX_UNAVAILABLE`): it may come back, so systemd restarts the daemon.
 pub const EXIT_UNAVAILABLE: u8 = 69;
 /// Exit code when a part of the daemon failed while it ran (`EX_SOFTWARE`): the ledger
 /// writer stopped. systemd restarts it (`Restart=on-failure`).
 pub const EXIT_SOFTWARE: u8 = 70;
 /// How often the daemon checks that its ledger writer still runs.
 pub const WRITER_WATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// Exit code when the operating system refused (a port in use, no runtime): `EX_OSERR`.
+pub const EXIT_OS_ERROR: u8 = crate::server::EXIT_OS_ERROR;
+/// Exit code when keys, certificates or the PIN named by the configuration are missing or
+/// refused (`EX_CONFIG`): a restart cannot help (and would spend PIN tries).
+pub const EXIT_CONFIG: u8 = crate::server::EXIT_CONFIG;
 
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -41,33 +51,72 @@ pub enum DaemonError {
     #[error("refusing to run as root: run as the nfcpay user, or set [platform] allow_root = true")]
     Root,
     /// The keystore could not be opened.
-    #[error("keystore: {0}")]
-    Keystore(#[from] nfcpay_keystore::KeystoreError),
+    #[error("keystore")]
+    Keystore(#[from] KeystoreError),
     /// The ledger could not be opened.
-    #[error("database: {}", crate::server::signals::error_chain(.0))]
-    Storage(#[from] crate::storage::StorageError),
+    #[error("database")]
+    Storage(#[from] StorageError),
     /// The ledger writer stopped while serving: the daemon drained and stopped, for systemd
     /// to start it again.
     #[error("the ledger writer stopped; exiting for a restart")]
     WriterStopped,
     /// Certificates or platform keys are missing (run `nfcpay-admin init`).
-    #[error("PKI: {0} (has `nfcpay-admin init` been run?)")]
-    Pki(#[from] crate::pki::PkiError),
+    #[error("PKI (has `nfcpay-admin init` been run?)")]
+    Pki(#[from] PkiError),
+    /// A key start-up does not need but terminals do is missing (`--check-config` only).
+    #[error("{0}")]
+    MissingKey(String),
     /// The front end failed.
     #[error(transparent)]
     Server(#[from] ServerError),
 }
 
 impl DaemonError {
-    /// The process exit code for this error.
+    /// The process exit code for this error: [`EXIT_USAGE`] and [`EXIT_CONFIG`] for what
+    /// only the operator can fix, [`EXIT_UNAVAILABLE`] and [`EXIT_OS_ERROR`] for what may pass.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) | Self::Root => EXIT_USAGE,
+            Self::Config(_) | Self::Root | Self::Storage(StorageError::InvalidUrl { .. }) => {
+                EXIT_USAGE
+            }
+            Self::Keystore(error) | Self::Pki(PkiError::Keystore(error)) => {
+                keystore_exit_code(error)
+            }
+            Self::Pki(_) | Self::MissingKey(_) => EXIT_CONFIG,
             Self::Server(error) => error.exit_code(),
             Self::WriterStopped => EXIT_SOFTWARE,
-            _ => EXIT_UNAVAILABLE,
+            Self::Storage(_) => EXIT_UNAVAILABLE,
         }
     }
+}
+
+/// A PIN refused, a PIN file or module missing: only the operator can fix it, and a restart
+/// loop would lock the token. A token or session that does not answer may come back.
+fn keystore_exit_code(error: &KeystoreError) -> u8 {
+    match error {
+        KeystoreError::Configuration(_)
+        | KeystoreError::PinRefused
+        | KeystoreError::Io { .. }
+        | KeystoreError::UnknownKey
+        | KeystoreError::KeyNotPermitted => EXIT_CONFIG,
+        _ => EXIT_UNAVAILABLE,
+    }
+}
+
+/// `error` and its causes, each once: `database: could not connect to the database: …`.
+/// A cause whose text the message already holds (a `{0}` in a parent) is not repeated.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut cause = error.source();
+    while let Some(source) = cause {
+        let text = source.to_string();
+        if !message.contains(text.trim_end()) {
+            message.push_str(": ");
+            message.push_str(text.trim_end());
+        }
+        cause = source.source();
+    }
+    message
 }
 
 /// Loads and checks the configuration, refusing root unless allowed.
@@ -77,6 +126,111 @@ pub fn load_config(path: &Path) -> Result<Config, DaemonError> {
         return Err(DaemonError::Root);
     }
     Ok(config)
+}
+
+/// What `nfcpayd --check-config` checks, in start-up's order and with start-up's code, each
+/// step reported on `out` as `ok  …`: the files the configuration names are readable, the
+/// keystore opens and logs in with the PIN, the platform's keys and certificates are there and
+/// match, the BDK terminals enroll under exists, the database answers (opened as start-up
+/// opens it, so pending migrations are applied). Stops at the first failure, which it returns.
+/// Binds no port.
+pub fn check_startup(config: &Config, out: &mut dyn Write) -> Result<(), DaemonError> {
+    // The report is best effort; the result is the exit code.
+    let ok = |out: &mut dyn Write, what: &str| {
+        let _ = writeln!(out, "ok    {what}");
+    };
+    let pki_dir = &config.platform.pki_dir;
+    let files = [
+        (
+            "[server] certificate_chain",
+            &config.server.certificate_chain,
+        ),
+        ("[server] client_ca", &config.server.client_ca),
+        (
+            "the server certificate",
+            &pki_dir.join(pki::SERVER_CERTIFICATE_FILE),
+        ),
+    ];
+    for (what, path) in files {
+        std::fs::File::open(path).map_err(|error| ServerError::Certificates {
+            path: path.clone(),
+            reason: format!("{what}: {error}"),
+        })?;
+    }
+    ok(out, "certificate files are readable");
+    if let nfcpay_keystore::KeystoreConfig::Pkcs11 { uri } = &config.keystore
+        && uri.contains("pin-source=file:/run/credentials/")
+        && std::env::var_os("CREDENTIALS_DIRECTORY").is_none()
+    {
+        let _ = writeln!(
+            out,
+            "note  the PIN is a systemd credential, which exists only while the service runs; \
+             to check it before, override the URI with pin-source=file:/etc/nfcpay/hsm-pin \
+             (NFCPAY_KEYSTORE__URI, docs/operations.md §4)"
+        );
+    }
+    if let nfcpay_keystore::KeystoreConfig::Pkcs11 { uri } = &config.keystore
+        && let Ok(uri) = uri.parse::<nfcpay_keystore::uri::Pkcs11Uri>()
+        && let Some(pin_file) = uri.pin_source()
+        && let Ok(metadata) = std::fs::metadata(pin_file)
+        && let Some(warning) = nfcpay_keystore::uri::pin_file_warning(
+            pin_file,
+            std::os::unix::fs::PermissionsExt::mode(&metadata.permissions()),
+        )
+    {
+        let _ = writeln!(out, "warn  {warning}");
+    }
+    let keystore: Arc<dyn Keystore> = Arc::from(nfcpay_keystore::open(&config.keystore)?);
+    ok(out, "keystore open, logged in");
+    for label in [
+        pki::CA_KEY_LABEL,
+        pki::SERVER_KEY_LABEL,
+        pki::RECEIPT_KEY_LABEL,
+    ] {
+        let found = label
+            .parse()
+            .and_then(|label| keystore.find_ec_p256(&label))
+            .map_err(PkiError::Keystore)?;
+        if found.is_none() {
+            return Err(DaemonError::MissingKey(format!(
+                "no key pair labelled {label} in the keystore: run `nfcpay-admin init`"
+            )));
+        }
+    }
+    ok(
+        out,
+        "platform keys (terminal CA, server, receipt) are in the keystore",
+    );
+    let bdks = keystore.list_bdks()?;
+    let enrollment_bdk = config.platform.enrollment_bdk_id()?;
+    match (enrollment_bdk, bdks.len()) {
+        (Some(bdk_id), _) if !bdks.iter().any(|bdk| bdk.bdk_id == bdk_id) => {
+            return Err(DaemonError::MissingKey(format!(
+                "[platform] enrollment_bdk_id {bdk_id}: no such BDK in the keystore \
+                 (nfcpay-admin bdk list); terminals could not enroll"
+            )));
+        }
+        (None, 0) => {
+            return Err(DaemonError::MissingKey(
+                "no BDK in the keystore: run `nfcpay-admin bdk generate` (or `bdk import`); \
+                 terminals could not enroll"
+                    .to_owned(),
+            ));
+        }
+        _ => ok(out, &format!("{} BDK(s) in the keystore", bdks.len())),
+    }
+    let storage = Storage::open_with(&config.database)?;
+    storage.check_health()?;
+    ok(
+        out,
+        "database reachable, schema current (pending migrations applied)",
+    );
+    tls_reloader(Arc::clone(&keystore), config, pki_dir.clone())?;
+    ok(
+        out,
+        "TLS: the server certificate matches the server key; the terminal CA loads",
+    );
+    Ok(())
 }
 
 /// Runs the daemon until SIGTERM or SIGINT, then drains and returns.
@@ -157,7 +311,12 @@ fn tls_reloader(
 ) -> Result<Arc<TlsReloader>, DaemonError> {
     let chain = config.server.certificate_chain.clone();
     let client_ca = config.server.client_ca.clone();
+    let running = config.clone();
+    let first_load = std::sync::atomic::AtomicBool::new(true);
     let load: ReloadTlsMaterial = Arc::new(move || {
+        if !first_load.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            log_settings_a_reload_ignores(&running);
+        }
         let server = pki::load_server_tls(&keystore, &pki_dir).map_err(|error| {
             ServerError::Certificates {
                 path: pki_dir.clone(),
@@ -170,7 +329,28 @@ fn tls_reloader(
     Ok(Arc::new(TlsReloader::new(material, load)?))
 }
 
-/// Marks unmatched payments past their expiry as expired, every `interval`.
+/// On SIGHUP: reads the configuration file again and logs each changed setting, none of
+/// which a reload applies (only the certificates' content is re-read).
+fn log_settings_a_reload_ignores(running: &Config) {
+    let Some(path) = &running.source else { return };
+    match Config::load(path) {
+        Ok(now) => {
+            for setting in running.changed_settings(&now) {
+                tracing::warn!(
+                    %setting,
+                    "SIGHUP: this setting changed in the configuration; a reload does not apply \
+                     it, restart nfcpayd to use it (still running with the old value)"
+                );
+            }
+        }
+        Err(error) => tracing::warn!(
+            error = %error_chain(&error),
+            "SIGHUP: the configuration file no longer loads; still running with the one \
+             loaded at start (a restart would fail)"
+        ),
+    }
+}
+
 /// How often a daemon signs a checkpoint of every audit chain's head (and once when it stops).
 pub const AUDIT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -186,6 +366,7 @@ async fn checkpoint_audit(platform: Arc<Platform>, interval: Duration) {
     }
 }
 
+/// Marks unmatched payments past their expiry as expired, every `interval`.
 async fn sweep_expired(platform: Arc<Platform>, interval: Duration) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

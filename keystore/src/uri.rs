@@ -15,6 +15,7 @@
 
 use std::fmt;
 use std::io::Read;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -166,6 +167,13 @@ impl Pkcs11Uri {
             message: format!("reading the PIN file: {error}"),
         };
         let file = std::fs::File::open(path).map_err(io_error)?;
+        if let Some(warning) = file
+            .metadata()
+            .ok()
+            .and_then(|metadata| pin_file_warning(path, metadata.permissions().mode()))
+        {
+            tracing::warn!("{warning}");
+        }
         let mut contents = Zeroizing::new(String::new());
         // One byte more than allowed, to tell a long file from one of exactly the limit.
         file.take(PIN_FILE_BYTES_MAX + 1)
@@ -189,6 +197,19 @@ impl Pkcs11Uri {
         }
         Ok(SecretString::from(pin.to_owned()))
     }
+}
+
+/// A warning when the PIN file at `path`, of permission bits `mode`, is open to users other
+/// than its owner and group (as `nfcpay-admin` and the service share it through the group).
+pub fn pin_file_warning(path: &Path, mode: u32) -> Option<String> {
+    (mode & 0o007 != 0).then(|| {
+        format!(
+            "the PIN file {} can be read or written by other users (mode {:04o}): \
+             chmod o-rwx it (docs/operations.md §4)",
+            path.display(),
+            mode & 0o7777
+        )
+    })
 }
 
 impl fmt::Debug for Pkcs11Uri {
@@ -415,6 +436,21 @@ mod tests {
     use secrecy::ExposeSecret;
 
     const EXAMPLE: &str = "pkcs11:token=nfcpay?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/nfcpay/pin";
+
+    #[test]
+    fn pin_files_open_to_others_are_warned_about() {
+        let path = Path::new("/etc/nfcpay/hsm-pin");
+        assert_eq!(pin_file_warning(path, 0o100600), None);
+        assert_eq!(pin_file_warning(path, 0o100640), None);
+        for mode in [0o100644, 0o100602, 0o100601] {
+            let warning = pin_file_warning(path, mode).expect("warned");
+            assert!(warning.contains("/etc/nfcpay/hsm-pin"), "{warning}");
+            assert!(
+                warning.contains(&format!("{:04o}", mode & 0o7777)),
+                "{warning}"
+            );
+        }
+    }
 
     fn error_of(text: &str) -> String {
         match text.parse::<Pkcs11Uri>() {

@@ -57,6 +57,11 @@ pub struct EnrollmentAnswer {
     pub initial_key_kcv: String,
     /// The receipt-signing public key, hex of a 65-byte point.
     pub receipt_public_key: String,
+    /// The account the operator registered the terminal for (the one its halves must name).
+    /// Optional on the wire: platforms before it was added send none, and terminals that do
+    /// not know it ignore it; absent, not `null`, when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<String>,
 }
 
 #[cfg(test)]
@@ -100,13 +105,27 @@ mod tests {
             wrapped_initial_key: "00".into(),
             initial_key_kcv: "ABCDEF".into(),
             receipt_public_key: "04".into(),
+            account_id: None,
         };
         let json = serde_json::to_string(&answer).unwrap();
         assert!(json.starts_with(r#"{"terminal_id":"T-0001","certificate":"cert","#));
+        assert!(!json.contains("account_id"), "absent, not null: {json}");
         let extra = json.replace('}', r#","more":1}"#);
         assert_eq!(
             serde_json::from_str::<EnrollmentAnswer>(&extra).unwrap(),
             answer
+        );
+        // The account, when the platform says it, is the last field; an answer without it
+        // (an older platform) reads as None, as above.
+        let with_account = EnrollmentAnswer {
+            account_id: Some("shop".into()),
+            ..answer
+        };
+        let json = serde_json::to_string(&with_account).unwrap();
+        assert!(json.ends_with(r#","account_id":"shop"}"#), "{json}");
+        assert_eq!(
+            serde_json::from_str::<EnrollmentAnswer>(&json).unwrap(),
+            with_account
         );
     }
 }

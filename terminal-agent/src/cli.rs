@@ -29,11 +29,14 @@ Examples:
 
   # The operator ran `nfcpay-admin terminals add --id shop-1 --account shop` and gave the
   # code to the installer, who enrolls the terminal:
+  # (--enroll-address: the platform's enrollment listener, 8444 by default; --platform is
+  # the terminal listener, 8443, where halves go.)
   nfcpay-agent --dir /var/lib/nfcpay-terminal enroll --platform pay.example:8443 \\
-      --server-name pay.example --ca platform-ca.pem --terminal-id shop-1 \\
-      --account shop --code-file code.txt
+      --enroll-address pay.example:8444 --server-name pay.example --ca platform-ca.pem \\
+      --terminal-id shop-1 --code-file code.txt
 
-  # Keys in a PKCS#11 token instead of the software keystore:
+  # Keys in a PKCS#11 token instead of the software keystore (remembered: later commands
+  # in this --dir use it without --keystore):
   nfcpay-agent --keystore 'pkcs11:token=terminal?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/nfcpay/pin' enroll ...
 
   # Which readers are there?
@@ -69,14 +72,10 @@ pub struct Cli {
     )]
     pub dir: PathBuf,
     /// Where the terminal's keys are: `software` (DIR/keystore.json) or a `pkcs11:` URI
-    /// (RFC 7512, with module-path and pin-source).
-    #[arg(
-        long,
-        global = true,
-        default_value = "software",
-        value_name = "software|pkcs11:URI"
-    )]
-    pub keystore: KeystoreChoice,
+    /// (RFC 7512, with module-path and pin-source). Remembered at enrollment (DIR/keystore):
+    /// later commands need it only to override. Default: software.
+    #[arg(long, global = true, value_name = "software|pkcs11:URI")]
+    pub keystore: Option<KeystoreChoice>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -118,7 +117,9 @@ pub struct EnrollArgs {
     /// The platform's terminal listener, `host:port` (where halves go).
     #[arg(long, value_name = "HOST:PORT")]
     pub platform: String,
-    /// The platform's enrollment listener, `host:port`, when it is not `--platform`.
+    /// The platform's enrollment listener, `host:port` (`[server] enroll_listen`, port 8444
+    /// by default). Without it, enrollment goes to `--platform`, which a platform with a
+    /// separate enrollment listener (the default) does not answer.
     #[arg(long, value_name = "HOST:PORT")]
     pub enroll_address: Option<String>,
     /// The name the platform's certificate carries.
@@ -136,7 +137,9 @@ pub struct EnrollArgs {
     /// Read the one-time enrollment code from stdin.
     #[arg(long)]
     pub code_stdin: bool,
-    /// The account this terminal pays from or is paid into.
+    /// Not needed: the platform's answer names the account the operator registered the
+    /// terminal for. Given, it is checked against that (a mismatch is warned about, and the
+    /// platform's account kept); used only with an older platform that does not say it.
     #[arg(long, value_name = "ACCOUNT")]
     pub account: Option<AccountId>,
 }
@@ -206,7 +209,8 @@ pub struct LinkArgs {
 /// `request` arguments.
 #[derive(Debug, Args)]
 pub struct RequestArgs {
-    /// Amount as a decimal in the currency's minor unit (`12.50`).
+    /// Amount as a decimal in the currency's major unit (`12.50` EUR: twelve euros fifty,
+    /// sent as 1250 minor units); at most the currency's number of decimals.
     #[arg(long)]
     pub amount: String,
     /// ISO 4217 currency code.
@@ -375,6 +379,32 @@ mod tests {
     fn the_command_line_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_help_shows_a_working_enroll_and_says_the_amount_unit() {
+        use clap::CommandFactory;
+        let enroll_example = LONG_ABOUT
+            .split("\n\n")
+            .find(|paragraph| paragraph.contains(" enroll "))
+            .expect("an enroll example");
+        assert!(
+            enroll_example.contains("--enroll-address"),
+            "{enroll_example}"
+        );
+        let mut cli = Cli::command();
+        let amount = cli
+            .find_subcommand_mut("request")
+            .and_then(|request| {
+                request
+                    .get_arguments()
+                    .find(|argument| argument.get_id() == "amount")
+                    .and_then(|argument| argument.get_help())
+                    .map(ToString::to_string)
+            })
+            .expect("request --amount has help");
+        assert!(amount.contains("major unit"), "{amount}");
+        assert!(!amount.contains("minor unit (`12.50`)"), "{amount}");
     }
 
     #[test]

@@ -202,6 +202,18 @@ fn load_answer(
         .parse()
         .map_err(|_| invalid("initial key algorithm"))?;
     let wrapped = hex::decode(&answer.wrapped_initial_key).map_err(|_| invalid("wrapped key"))?;
+    // The platform's word on the account, checked as an account ID (an older platform says
+    // nothing: the caller may supply it).
+    let account_id = answer
+        .account_id
+        .as_deref()
+        .map(|account| {
+            account
+                .parse::<nfcpay_protocol::AccountId>()
+                .map(|account| account.to_string())
+                .map_err(|_| invalid("account ID"))
+        })
+        .transpose()?;
     let store_ref = store.as_ref();
     let context = kek_context(terminal_id);
     let kek = TransientKey::new(
@@ -235,7 +247,7 @@ fn load_answer(
     write(dir, CA_FILE, answer.ca_certificate.as_bytes())?;
     let file = TerminalFile {
         terminal_id: terminal_id.to_string(),
-        account_id: None,
+        account_id,
         platform_address: target.address.to_owned(),
         platform_server_name: target.server_name.to_owned(),
         receipt_public_key: answer.receipt_public_key,

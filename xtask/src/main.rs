@@ -6,6 +6,9 @@
 //!   between two terminals over emulated NFC through the real daemon ([`payment`]).
 //! - [`test`]: `cargo xtask test`, the whole test suite as CI runs it.
 //! - [`fuzz`]: `cargo xtask fuzz`, every cargo-fuzz target built and run for a while.
+//! - [`package`]: `cargo xtask package`, the Debian package, checked by lintian.
+//! - [`deploy`]: `cargo xtask deploy-check`, docs/operations.md's production walk-through run
+//!   as root in private namespaces, with a `systemctl` stand-in.
 //! - [`postgres`]: a throwaway PostgreSQL cluster for tests (`cargo xtask pg-check`).
 //! - [`packages`]: installs the Debian packages a task needs.
 //! - [`steps`]: named, timed steps that stop at the first failure.
@@ -15,7 +18,9 @@
 mod clock;
 mod command;
 mod demo;
+mod deploy;
 mod fuzz;
+mod package;
 mod packages;
 mod payment;
 mod postgres;
@@ -60,6 +65,29 @@ enum Task {
     },
     /// Start a throwaway PostgreSQL cluster, run `select 1` against it, stop it.
     PgCheck,
+    /// Run docs/operations.md's production walk-through (service user, token, ceremony,
+    /// nfcpayd as the unit runs it, a BDK added live, payments, backup and restore) on SQLite
+    /// and PostgreSQL, as root, in private mount and network namespaces.
+    DeployCheck,
+    /// Build the Debian package (target/package/nfcpay_<version>_<arch>.deb) from a release
+    /// build; with --check, from the debug build, then lintian and systemd-analyze verify.
+    Package {
+        /// Use the debug binaries (as the tests do) and check the package.
+        #[arg(long)]
+        check: bool,
+    },
+    /// One walk-through, inside the namespaces `deploy-check` made (internal).
+    #[command(hide = true)]
+    DeployCheckInside {
+        #[arg(long, value_enum)]
+        database: deploy::Database,
+    },
+    /// deploy-check's stand-in for `systemctl` (internal).
+    #[command(hide = true)]
+    SystemctlShim {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        arguments: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -69,6 +97,11 @@ fn main() -> Result<()> {
         Task::Test => test::run(&root),
         Task::Fuzz { seconds } => fuzz::run(&root, seconds),
         Task::PgCheck => postgres::check(),
+        Task::DeployCheck => deploy::run(&root),
+        Task::Package { check: false } => package::build(&root, true).map(drop),
+        Task::Package { check: true } => package::check(&root),
+        Task::DeployCheckInside { database } => deploy::inside(&root, database),
+        Task::SystemctlShim { arguments } => deploy::systemctl(&arguments),
     }
 }
 

@@ -34,6 +34,16 @@ pub const LIBNFC_EXAMPLES: Package = Package::new(
 pub const LIBCLANG_DEV: Package = Package::new("libclang-dev", "bindgen for the nfc1 crate");
 pub const PKG_CONFIG: Package = Package::new("pkg-config", "locates libnfc at build time");
 pub const POSTGRESQL: Package = Package::new("postgresql", "server for the PostgreSQL test suite");
+pub const SQLITE3: Package = Package::new("sqlite3", "the documented SQLite backup (deploy-check)");
+pub const OPENSSL: Package =
+    Package::new("openssl", "the documented PIN generation (deploy-check)");
+pub const IPROUTE2: Package =
+    Package::new("iproute2", "loopback in deploy-check's network namespace");
+pub const LINTIAN: Package = Package::new("lintian", "checks the .deb (cargo xtask package)");
+pub const DPKG_DEV: Package =
+    Package::new("dpkg-dev", "dpkg-shlibdeps for the .deb's dependencies");
+pub const BINUTILS: Package = Package::new("binutils", "strip, for the .deb's binaries");
+pub const UTIL_LINUX: Package = Package::new("util-linux", "unshare and runuser for deploy-check");
 
 /// Everything `cargo xtask test` needs.
 pub const FOR_TEST: &[Package] = &[
@@ -45,7 +55,22 @@ pub const FOR_TEST: &[Package] = &[
     LIBCLANG_DEV,
     PKG_CONFIG,
     POSTGRESQL,
+    SQLITE3,
+    OPENSSL,
+    IPROUTE2,
+    UTIL_LINUX,
+    LINTIAN,
+    DPKG_DEV,
+    BINUTILS,
 ];
+
+/// Everything `cargo xtask deploy-check` needs.
+pub const FOR_DEPLOY_CHECK: &[Package] = &[
+    SOFTHSM2, OPENSC, POSTGRESQL, SQLITE3, OPENSSL, IPROUTE2, UTIL_LINUX,
+];
+
+/// Everything `cargo xtask package` needs.
+pub const FOR_PACKAGE: &[Package] = &[LINTIAN, DPKG_DEV, BINUTILS];
 
 /// Everything `cargo xtask demo` needs.
 pub const FOR_DEMO: &[Package] = &[SOFTHSM2, OPENSC, LIBNFC_DEV, LIBCLANG_DEV, PKG_CONFIG];
@@ -172,7 +197,7 @@ mod tests {
 
     #[test]
     fn demo_packages_are_part_of_the_test_packages() {
-        for package in FOR_DEMO {
+        for package in FOR_DEMO.iter().chain(FOR_DEPLOY_CHECK).chain(FOR_PACKAGE) {
             assert!(FOR_TEST.iter().any(|other| other.name == package.name));
         }
     }

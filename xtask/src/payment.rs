@@ -39,11 +39,21 @@ pub struct Binaries {
 
 impl Binaries {
     pub fn new(root: &Path) -> Self {
-        let target =
-            std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
         Self {
-            dir: target.join("debug"),
+            dir: Self::target(root).join("debug"),
         }
+    }
+
+    /// The release build's binaries.
+    pub fn release(root: &Path) -> Self {
+        Self {
+            dir: Self::target(root).join("release"),
+        }
+    }
+
+    /// The cargo target directory.
+    pub fn target(root: &Path) -> PathBuf {
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
     }
 
     pub fn path(&self, name: &str) -> PathBuf {

@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use crate::postgres::{self, DATABASE_URL_VARIABLE, REQUIRE_VARIABLE};
 use crate::steps::Steps;
-use crate::{command, fuzz, packages};
+use crate::{command, deploy, fuzz, package, packages};
 
 /// Runs every step in order and stops at the first failure.
 pub fn run(root: &Path) -> Result<()> {
@@ -41,6 +41,12 @@ pub fn run(root: &Path) -> Result<()> {
     steps.run("cargo tests (with a throwaway PostgreSQL)", || {
         postgres::with_postgres(|cluster| cargo_tests(root, &cluster.url()))
     })?;
+    // The production walk-through of docs/operations.md, on the binaries built above.
+    steps.run("cargo xtask deploy-check", || deploy::run(root))?;
+    steps.run(
+        "cargo xtask package --check (lintian, systemd-analyze)",
+        || package::check(root),
+    )?;
     steps.run("fuzz targets, a few seconds each", || {
         fuzz::run(root, fuzz::CI_SECONDS)
     })?;

@@ -33,7 +33,10 @@ pub fn run(
     out: &mut dyn Write,
 ) -> Result<Value, AdminError> {
     Storage::open_with(&config.database)?;
-    writeln!(out, "ledger schema: up to date")?;
+    writeln!(
+        out,
+        "ledger schema: current (created, or migrated, where it was not)"
+    )?;
     let dir = &config.platform.pki_dir;
     std::fs::create_dir_all(dir)?;
     let ca = pki::init_ca(keystore, dir, CA_VALIDITY)?;

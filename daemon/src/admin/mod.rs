@@ -275,6 +275,7 @@ pub fn format_utc_ms(at_ms: i64) -> String {
 /// only what it needs.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), AdminError> {
     let config = Config::load(&cli.config)?;
+    config.check_not_root_in_service_directory("nfcpay-admin")?;
     let keystore = || nfcpay_keystore::open(&config.keystore).map_err(AdminError::from);
     let storage = || crate::storage::Storage::open_with(&config.database).map_err(AdminError::from);
     let mut sink = std::io::sink();

@@ -1,10 +1,13 @@
 //! `nfcpayd`: the nfcpay platform daemon. See `nfcpay_daemon::daemon`.
 
+use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use nfcpay_daemon::daemon::{load_config, run};
+use nfcpay_daemon::daemon::{
+    DaemonError, EXIT_OS_ERROR, EXIT_USAGE, check_startup, error_chain, load_config, run,
+};
 
 /// mimalloc instead of glibc malloc: the request path allocates and frees many small buffers
 /// on many threads, where glibc spent a fifth of the daemon's CPU (docs/performance.md).
@@ -13,7 +16,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The nfcpay platform daemon: verifies, matches and settles what terminals send.
 #[derive(Debug, Parser)]
-#[command(name = "nfcpayd", version)]
+#[command(
+    name = "nfcpayd",
+    version,
+    after_help = "Exit codes: 64 configuration, 69 HSM or database unavailable, 71 operating \
+                  system (e.g. a port in use), 78 keys, certificates or PIN unusable \
+                  (docs/operations.md §11)."
+)]
 struct Args {
     /// Configuration file (TOML); `NFCPAY_*` environment variables override it.
     #[arg(
@@ -23,13 +32,18 @@ struct Args {
         default_value = "/etc/nfcpay/nfcpay.toml"
     )]
     config: PathBuf,
-    /// Check the configuration and exit.
+    /// Check what start-up would (configuration, files, HSM login and keys, database, TLS)
+    /// without serving, and exit with the code start-up would use.
     #[arg(long)]
     check_config: bool,
     /// Log lines as text (journald) or as one JSON object each (ELK, Loki, …); the level
     /// filter is `NFCPAY_LOG` (default `info`).
     #[arg(long, value_enum, env = "NFCPAY_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
+    /// With --check-config, run as root: check as this user (the service's, e.g. nfcpay),
+    /// with the same environment, through `runuser`.
+    #[arg(long, value_name = "USER", requires = "check_config")]
+    as_user: Option<String>,
 }
 
 /// How log lines are written to standard error.
@@ -53,29 +67,73 @@ fn main() -> ExitCode {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
+    if args.check_config {
+        return check_config(&args);
+    }
     let config = match load_config(&args.config) {
         Ok(config) => config,
-        Err(error) => return fail(&error, error.exit_code()),
+        Err(error) => return fail(&error),
     };
-    if args.check_config {
-        println!("configuration OK");
-        return ExitCode::SUCCESS;
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(runtime) => runtime,
-        Err(error) => return fail(&error, 71),
+        Err(error) => {
+            tracing::error!("cannot start the async runtime: {error}");
+            return ExitCode::from(EXIT_OS_ERROR);
+        }
     };
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => fail(&error, error.exit_code()),
+        Err(error) => fail(&error),
     }
 }
 
-fn fail(error: &dyn std::error::Error, code: u8) -> ExitCode {
-    tracing::error!("{error}");
-    eprintln!("nfcpayd: {error}");
-    ExitCode::from(code)
+/// Logs a fatal error once, with its causes, and exits with its code.
+fn fail(error: &DaemonError) -> ExitCode {
+    tracing::error!("{}", error_chain(error));
+    ExitCode::from(error.exit_code())
+}
+
+/// `--check-config`: the report on stdout, the failure (with the exit code it means) on
+/// stderr.
+fn check_config(args: &Args) -> ExitCode {
+    let root = rustix::process::geteuid().is_root();
+    if let Some(user) = &args.as_user {
+        if !root {
+            eprintln!("nfcpayd: --as-user needs root (or run the check as {user} directly)");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        // runuser keeps the environment (SOFTHSM2_CONF, NFCPAY_*) and sets the user's groups.
+        let error = std::process::Command::new("runuser")
+            .args(["-u", user, "--"])
+            .arg(std::env::current_exe().unwrap_or_else(|_| PathBuf::from("nfcpayd")))
+            .arg("--check-config")
+            .arg("--config")
+            .arg(&args.config)
+            .exec();
+        eprintln!("nfcpayd: cannot run runuser: {error}");
+        return ExitCode::from(EXIT_OS_ERROR);
+    }
+    let outcome = load_config(&args.config).and_then(|config| {
+        println!("ok    configuration {}", args.config.display());
+        check_startup(&config, &mut std::io::stdout())
+    });
+    match outcome {
+        Ok(()) => {
+            println!("configuration OK: start-up would succeed");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            let code = error.exit_code();
+            eprintln!("FAIL  {} (start-up would exit {code})", error_chain(&error));
+            if root && matches!(error, DaemonError::Root) {
+                eprintln!(
+                    "      check as the service user instead: nfcpayd --check-config --as-user nfcpay"
+                );
+            }
+            ExitCode::from(code)
+        }
+    }
 }

@@ -132,6 +132,7 @@ pub(super) fn enroll(inner: &Inner, body: &[u8]) -> Result<bytes::Bytes, Problem
         wrapped_initial_key: hex::encode_upper(&wrapped),
         initial_key_kcv: kcv.to_string(),
         receipt_public_key: hex::encode_upper(inner.receipt_public_key.as_bytes()),
+        account_id: Some(terminal.account_id.to_string()),
     };
     serde_json::to_vec(&answer)
         .map(bytes::Bytes::from)

@@ -301,7 +301,7 @@ fn devices_opens_the_connstrings_given() {
         assert_eq!(report.origin, DeviceOrigin::Given);
         match &report.probe {
             Probe::Opened { chip, .. } => {
-                assert_eq!(chip.as_deref(), Some("chip: PN532 v1.6"), "{report:?}");
+                assert_eq!(chip.as_deref(), Some("PN532 v1.6"), "{report:?}");
             }
             Probe::Failed { error } => panic!("{connstring} did not open: {error}"),
         }

@@ -40,6 +40,7 @@ pub async fn run(
         64 * 1024,
         "read the platform CA certificate",
     )?;
+    let choice = place.keystore()?;
     let store = place.open_store()?;
     let target = EnrollmentTarget {
         address: &options.platform,
@@ -58,8 +59,9 @@ pub async fn run(
         &options.code,
     )
     .await?;
-    terminal.file.account_id = options.account.as_ref().map(ToString::to_string);
+    terminal.file.account_id = account(terminal.file.account_id.take(), options.account.as_ref());
     write_terminal_file(&place.dir, &terminal)?;
+    place.remember_keystore(&choice)?;
     let status = terminal.keys.status();
     line(
         out,
@@ -149,9 +151,49 @@ pub fn read_code(from: Option<&Path>) -> Result<Zeroizing<String>, AgentError> {
     Ok(code)
 }
 
+/// The terminal's account: the platform's (from the enrollment answer) wins over `--account`,
+/// which is checked against it; an older platform says none, and then `--account` is used.
+fn account(platform: Option<String>, given: Option<&AccountId>) -> Option<String> {
+    match (platform, given) {
+        (Some(platform), Some(given)) if given.as_str() != platform => {
+            tracing::warn!(
+                "--account {given} is not the account the platform registered this terminal \
+                 for; using the platform's: {platform}"
+            );
+            Some(platform)
+        }
+        (Some(platform), _) => Some(platform),
+        (None, Some(given)) => Some(given.to_string()),
+        (None, None) => {
+            tracing::warn!(
+                "the platform did not say this terminal's account (an older platform) and no \
+                 --account was given: its payments will be refused until terminal.json names one"
+            );
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_platforms_account_wins_and_an_older_platforms_silence_takes_the_flag() {
+        let shop: AccountId = "shop".parse().unwrap();
+        let other: AccountId = "other".parse().unwrap();
+        assert_eq!(account(Some("shop".into()), None).as_deref(), Some("shop"));
+        assert_eq!(
+            account(Some("shop".into()), Some(&shop)).as_deref(),
+            Some("shop")
+        );
+        assert_eq!(
+            account(Some("shop".into()), Some(&other)).as_deref(),
+            Some("shop")
+        );
+        assert_eq!(account(None, Some(&other)).as_deref(), Some("other"));
+        assert_eq!(account(None, None), None);
+    }
 
     #[test]
     fn codes_are_read_trimmed_and_bounded() {

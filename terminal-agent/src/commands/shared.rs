@@ -40,6 +40,9 @@ pub const CODE_BYTES_MAX: usize = 256;
 pub const SAVED_HALF_BYTES_MAX: u64 = 4096;
 /// Name of the software keystore's file in the terminal directory.
 pub const SOFTWARE_KEYSTORE_FILE: &str = "keystore.json";
+/// The keystore a terminal was enrolled with (`software` or its `pkcs11:` URI, which names a
+/// PIN file, never a PIN), so that later commands need no `--keystore`.
+pub const KEYSTORE_CHOICE_FILE: &str = "keystore";
 
 /// Why a command failed. Nothing here carries a key, a PIN or an enrollment code.
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +80,9 @@ pub enum AgentError {
     Expired(&'static str),
     /// The payment was still pending when the agent stopped waiting.
     #[error(
-        "the payment is still pending after {waited:?}; ask again with the transaction ID {txn_id}"
+        "the payment is still pending after {waited:?} (transaction ID {txn_id}): it settles \
+         if the other terminal's half reaches the platform before the request expires; the \
+         platform's operator can look it up by its transaction ID"
     )]
     StillPending {
         /// The transaction.
@@ -137,6 +142,16 @@ pub enum KeystoreChoice {
     Pkcs11(String),
 }
 
+impl KeystoreChoice {
+    /// How it is written on the command line and in [`KEYSTORE_CHOICE_FILE`].
+    pub fn as_text(&self) -> &str {
+        match self {
+            Self::Software => "software",
+            Self::Pkcs11(uri) => uri,
+        }
+    }
+}
+
 impl std::str::FromStr for KeystoreChoice {
     type Err = String;
 
@@ -166,14 +181,48 @@ impl std::fmt::Debug for KeystoreChoice {
 pub struct TerminalPlace {
     /// The terminal directory (`terminal.json`, certificates, DUKPT state).
     pub dir: PathBuf,
-    /// Where its keys are.
-    pub keystore: KeystoreChoice,
+    /// Where its keys are, when `--keystore` says; otherwise the one the terminal was
+    /// enrolled with ([`KEYSTORE_CHOICE_FILE`]), or the software keystore.
+    pub keystore: Option<KeystoreChoice>,
 }
 
 impl TerminalPlace {
+    /// The keystore to use: `--keystore`, else the one remembered at enrollment, else software.
+    pub fn keystore(&self) -> Result<KeystoreChoice, AgentError> {
+        if let Some(given) = &self.keystore {
+            return Ok(given.clone());
+        }
+        let path = self.dir.join(KEYSTORE_CHOICE_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => text
+                .trim()
+                .parse()
+                .map_err(|error| AgentError::Usage(format!("{}: {error}", path.display()))),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                Ok(KeystoreChoice::Software)
+            }
+            Err(source) => Err(AgentError::File {
+                path,
+                action: "read the enrolled keystore choice",
+                source,
+            }),
+        }
+    }
+
+    /// Remembers `choice` for the commands after enrollment.
+    pub fn remember_keystore(&self, choice: &KeystoreChoice) -> Result<(), AgentError> {
+        let path = self.dir.join(KEYSTORE_CHOICE_FILE);
+        nfcpay_keystore::atomic_file::write_atomically(
+            &path,
+            format!("{}\n", choice.as_text()).as_bytes(),
+            nfcpay_keystore::atomic_file::PUBLIC_FILE_MODE,
+        )
+        .map_err(|error| AgentError::Internal(format!("{}: {error}", path.display())))
+    }
+
     /// Opens the keystore (creating the directory and a software keystore when missing).
     pub fn open_store(&self) -> Result<Arc<dyn Keystore>, AgentError> {
-        match &self.keystore {
+        match &self.keystore()? {
             KeystoreChoice::Software => {
                 std::fs::create_dir_all(&self.dir).map_err(|source| AgentError::File {
                     path: self.dir.clone(),
@@ -353,13 +402,22 @@ pub(super) fn print_receipt(
         )?;
         line(
             out,
-            format_args!(
-                "  settled at:    {} ms since the Unix epoch",
-                fields.settled_at_ms
-            ),
+            format_args!("  settled at:    {}", utc_time(fields.settled_at_ms)),
         )?;
     }
     Ok(())
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 UTC (`2026-12-03T12:34:56.789Z`); a time
+/// beyond what RFC 3339 can show is printed as its milliseconds.
+pub(super) fn utc_time(milliseconds: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(milliseconds) * 1_000_000)
+        .ok()
+        .and_then(|time| {
+            time.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{milliseconds} ms since the Unix epoch"))
 }
 
 /// Reads a whole file of at most `bytes_max` bytes.
@@ -426,6 +484,39 @@ pub(super) fn status_name(status: ReceiptStatus) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_keystore_chosen_at_enrollment_is_remembered_and_a_given_one_overrides_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let place = |keystore: Option<&str>| TerminalPlace {
+            dir: dir.path().to_path_buf(),
+            keystore: keystore.map(|text| text.parse().unwrap()),
+        };
+        assert_eq!(place(None).keystore().unwrap().as_text(), "software");
+        let uri = "pkcs11:token=t?module-path=/m.so&pin-source=file:/p";
+        let enrolling = place(Some(uri));
+        enrolling
+            .remember_keystore(&enrolling.keystore().unwrap())
+            .unwrap();
+        assert_eq!(place(None).keystore().unwrap().as_text(), uri);
+        assert_eq!(
+            place(Some("software")).keystore().unwrap().as_text(),
+            "software"
+        );
+        std::fs::write(dir.path().join(KEYSTORE_CHOICE_FILE), "tpm\n").unwrap();
+        let error = place(None).keystore().expect_err("a bad file is refused");
+        assert!(error.to_string().contains("pkcs11"), "{error}");
+    }
+
+    #[test]
+    fn settlement_times_print_as_utc() {
+        assert_eq!(utc_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_time(1_796_301_296_789), "2026-12-03T12:34:56.789Z");
+        assert_eq!(
+            utc_time(u64::MAX),
+            "18446744073709551615 ms since the Unix epoch"
+        );
+    }
 
     #[test]
     fn keystore_choices_parse() {

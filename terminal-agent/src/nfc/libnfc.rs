@@ -365,7 +365,7 @@ pub enum Probe {
     Opened {
         /// libnfc's name for it.
         name: String,
-        /// The chip line of libnfc's description (`chip: PN532 v1.6`), if any.
+        /// The chip named in libnfc's description (`PN532 v1.6` of `chip: PN532 v1.6`), if any.
         chip: Option<String>,
     },
     /// The reader did not open.
@@ -384,6 +384,15 @@ pub struct DeviceReport {
     pub origin: DeviceOrigin,
     /// What opening it showed.
     pub probe: Probe,
+}
+
+/// The chip libnfc's device description names (`PN532 v1.6` of its `chip: PN532 v1.6` line).
+fn chip_of(about: &str) -> Option<String> {
+    about
+        .lines()
+        .map(str::trim)
+        .find_map(|line| line.strip_prefix("chip:"))
+        .map(|chip| chip.trim().to_owned())
 }
 
 /// The readers to report: the `given` connection strings, each opened to see whether a reader
@@ -438,13 +447,7 @@ fn probe(connstring: &Connstring) -> Probe {
                 .device
                 .get_information_about()
                 .ok()
-                .and_then(|about| {
-                    about
-                        .lines()
-                        .map(str::trim)
-                        .find(|line| line.starts_with("chip:"))
-                        .map(str::to_owned)
-                });
+                .and_then(|about| chip_of(&about));
             Probe::Opened { name, chip }
         }
         Err(error) => Probe::Failed {
@@ -696,5 +699,12 @@ mod tests {
             matches!(reports[0].probe, Probe::Failed { .. }),
             "{reports:?}"
         );
+    }
+
+    #[test]
+    fn the_chip_is_named_without_its_label() {
+        let about = "pn532_uart:/dev/pts/3 (PN532) - PN532 v1.6 (0x07)\n  chip: PN532 v1.6\n";
+        assert_eq!(super::chip_of(about).as_deref(), Some("PN532 v1.6"));
+        assert_eq!(super::chip_of("no chip line"), None);
     }
 }

@@ -56,3 +56,22 @@ fn main() -> anyhow::Result<()> {
     simulator.shutdown();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn the_help_describes_the_emulator_not_the_agent() {
+        let about = Args::command()
+            .get_about()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        assert!(
+            about.starts_with("nfcpay-pn532-sim: emulated PN532"),
+            "{about}"
+        );
+        assert!(!about.contains("nfcpay-agent"), "{about}");
+    }
+}
