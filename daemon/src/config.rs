@@ -229,7 +229,6 @@ impl Config {
 
     /// Checks what deserialization cannot: every section's own rules.
     fn validate(&self) -> Result<(), String> {
-        crate::storage::check_url(&self.database.url).map_err(|error| error.to_string())?;
         self.server.validate().map_err(|error| error.to_string())?;
         self.database
             .validate()

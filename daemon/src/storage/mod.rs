@@ -267,12 +267,6 @@ fn now_ms() -> i64 {
         })
 }
 
-/// Checks that `url` names a database this build can open (`postgres://`, `postgresql://`,
-/// `sqlite://` or a path), without connecting: for configuration checks.
-pub fn check_url(url: &str) -> Result<(), StorageError> {
-    connection::Target::parse(url).map(drop)
-}
-
 impl Storage {
     /// Opens the database a URL names with default settings, migrating it first.
     pub fn open(url: &str) -> Result<Self, StorageError> {
