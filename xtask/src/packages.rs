@@ -34,6 +34,10 @@ pub const LIBNFC_EXAMPLES: Package = Package::new(
 pub const LIBCLANG_DEV: Package = Package::new("libclang-dev", "bindgen for the nfc1 crate");
 pub const PKG_CONFIG: Package = Package::new("pkg-config", "locates libnfc at build time");
 pub const POSTGRESQL: Package = Package::new("postgresql", "server for the PostgreSQL test suite");
+pub const PROMETHEUS: Package = Package::new(
+    "prometheus",
+    "promtool, to check and unit-test daemon/monitoring/alerts.yml",
+);
 
 /// Everything `cargo xtask test` needs.
 pub const FOR_TEST: &[Package] = &[
@@ -45,6 +49,7 @@ pub const FOR_TEST: &[Package] = &[
     LIBCLANG_DEV,
     PKG_CONFIG,
     POSTGRESQL,
+    PROMETHEUS,
 ];
 
 /// Everything `cargo xtask demo` needs.
