@@ -200,4 +200,17 @@ async fn every_metric_the_rules_and_dashboard_use_is_exported() {
         text.contains(r#"nfcpayd_refusals_total{route="half_a",code="malformed"} 1"#),
         "{text}"
     );
+    // The database pool, read at the scrape.
+    let gauge = |prefix: &str| -> i64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("{prefix}\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let idle = gauge(r#"nfcpayd_database_connections{state="idle"} "#);
+    let in_use = gauge(r#"nfcpayd_database_connections{state="in_use"} "#);
+    let max = gauge("nfcpayd_database_connections_max ");
+    assert!(max >= 1 && idle + in_use <= max, "{idle} {in_use} {max}");
 }

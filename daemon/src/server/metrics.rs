@@ -255,6 +255,12 @@ impl Metrics {
         }
     }
 
+    /// Registers a collector of the platform service, asked for its metrics at each scrape;
+    /// its names get the `nfcpayd_` prefix.
+    pub fn register_collector(&self, collector: Box<dyn prometheus_client::collector::Collector>) {
+        self.registry().register_collector(collector);
+    }
+
     /// Registers a metric of the platform service; its name gets the `nfcpayd_` prefix.
     pub fn register(&self, name: &str, help: &str, metric: impl Metric) {
         self.registry().register(name, help, metric);
