@@ -267,6 +267,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let checkpoints = tokio::spawn(checkpoint_audit(
         Arc::clone(&platform),
         AUDIT_CHECKPOINT_INTERVAL,
+        metrics.clone(),
     ));
     let server = Server::new(config.server, Arc::clone(&platform), tls, metrics)?;
     let served = crate::server::serve_until(server, writer_stopped(Arc::clone(&platform))).await;
@@ -354,14 +355,20 @@ fn log_settings_a_reload_ignores(running: &Config) {
 /// How often a daemon signs a checkpoint of every audit chain's head (and once when it stops).
 pub const AUDIT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 
-async fn checkpoint_audit(platform: Arc<Platform>, interval: Duration) {
+async fn checkpoint_audit(platform: Arc<Platform>, interval: Duration, metrics: Metrics) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await; // the first tick is immediate: nothing to checkpoint yet
+    // Started counts as a success: the alert on a stale checkpoint waits for a failing run.
+    let now_unix = || i64::try_from(crate::service::now_ms() / 1000).unwrap_or(i64::MAX);
+    metrics.audit_checkpoint_succeeded(now_unix());
     loop {
         ticks.tick().await;
-        if let Err(problem) = platform.checkpoint_audit().await {
-            tracing::warn!(detail = problem.detail(), "audit checkpoint failed");
+        match platform.checkpoint_audit().await {
+            Ok(()) => metrics.audit_checkpoint_succeeded(now_unix()),
+            Err(problem) => {
+                tracing::warn!(detail = problem.detail(), "audit checkpoint failed");
+            }
         }
     }
 }

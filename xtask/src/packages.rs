@@ -44,6 +44,10 @@ pub const DPKG_DEV: Package =
     Package::new("dpkg-dev", "dpkg-shlibdeps for the .deb's dependencies");
 pub const BINUTILS: Package = Package::new("binutils", "strip, for the .deb's binaries");
 pub const UTIL_LINUX: Package = Package::new("util-linux", "unshare and runuser for deploy-check");
+pub const PROMETHEUS: Package = Package::new(
+    "prometheus",
+    "promtool, to check and unit-test daemon/monitoring/alerts.yml",
+);
 
 /// Everything `cargo xtask test` needs.
 pub const FOR_TEST: &[Package] = &[
@@ -62,6 +66,7 @@ pub const FOR_TEST: &[Package] = &[
     LINTIAN,
     DPKG_DEV,
     BINUTILS,
+    PROMETHEUS,
 ];
 
 /// Everything `cargo xtask deploy-check` needs.

@@ -69,6 +69,16 @@ struct ListenerLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ComponentLabels {
+    component: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CertificateLabels {
+    certificate: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct HandshakeLabels {
     listener: &'static str,
     result: &'static str,
@@ -120,6 +130,9 @@ struct Inner {
     connections: Family<ListenerLabels, Counter>,
     handshakes: Family<HandshakeLabels, Counter>,
     refused_per_address: Family<ListenerLabels, Counter>,
+    component_ready: Family<ComponentLabels, Gauge>,
+    certificate_expiry: Family<CertificateLabels, Gauge>,
+    audit_checkpoint_success: Gauge,
 }
 
 /// A cheap, cloneable handle on the metrics registry.
@@ -150,9 +163,38 @@ impl Metrics {
         let handshake_failures = Counter::default();
         let rate_limited = Counter::default();
         let timeouts = Family::<TimeoutLabels, Counter>::default();
+        // Every phase from the start, at 0: a rate over a series that appears only with its
+        // first event misses that event, and an absent metric looks like a broken exporter.
+        for phase in [
+            TimeoutLabel::Handshake,
+            TimeoutLabel::Header,
+            TimeoutLabel::Idle,
+        ] {
+            timeouts.get_or_create(&TimeoutLabels { phase }).inc_by(0);
+        }
         let refusals = Family::<RefusalLabels, Counter>::default();
         let connections = Family::<ListenerLabels, Counter>::default();
         let handshakes = Family::<HandshakeLabels, Counter>::default();
+        let component_ready = Family::<ComponentLabels, Gauge>::default();
+        let certificate_expiry = Family::<CertificateLabels, Gauge>::default();
+        let audit_checkpoint_success = Gauge::default();
+        registry.register(
+            "component_ready",
+            "1 when the component (hsm, database) answered the readiness check made at this \
+             scrape, 0 when it failed; an earlier answer when an earlier component failed first",
+            component_ready.clone(),
+        );
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "Earliest notAfter (Unix seconds) in the certificate files: server (certificate_chain) \
+             and client_ca, read at this scrape",
+            certificate_expiry.clone(),
+        );
+        registry.register(
+            "audit_checkpoint_success_timestamp_seconds",
+            "When (Unix seconds) the audit checkpoint task last ran without error",
+            audit_checkpoint_success.clone(),
+        );
         registry.register(
             "refusals",
             "Problem answers on both HTTPS listeners, by route and problem code",
@@ -217,8 +259,17 @@ impl Metrics {
                 connections,
                 handshakes,
                 refused_per_address,
+                component_ready,
+                certificate_expiry,
+                audit_checkpoint_success,
             }),
         }
+    }
+
+    /// Registers a collector of the platform service, asked for its metrics at each scrape;
+    /// its names get the `nfcpayd_` prefix.
+    pub fn register_collector(&self, collector: Box<dyn prometheus_client::collector::Collector>) {
+        self.registry().register_collector(collector);
     }
 
     /// Registers a metric of the platform service; its name gets the `nfcpayd_` prefix.
@@ -261,6 +312,27 @@ impl Metrics {
                 code: code.as_str(),
             })
             .inc();
+    }
+
+    /// Records whether `component` (`hsm`, `database`) is ready.
+    pub(crate) fn component_ready(&self, component: &'static str, ready: bool) {
+        self.inner
+            .component_ready
+            .get_or_create(&ComponentLabels { component })
+            .set(i64::from(ready));
+    }
+
+    /// Records the earliest expiry (Unix seconds) in a certificate file.
+    pub(crate) fn certificate_expiry(&self, certificate: &'static str, not_after_unix: i64) {
+        self.inner
+            .certificate_expiry
+            .get_or_create(&CertificateLabels { certificate })
+            .set(not_after_unix);
+    }
+
+    /// Records that the audit checkpoint task ran without error at `unix_seconds`.
+    pub fn audit_checkpoint_succeeded(&self, unix_seconds: i64) {
+        self.inner.audit_checkpoint_success.set(unix_seconds);
     }
 
     /// Counts a TLS handshake's result (`ok`, `failed`, `timeout`) on `listener`.

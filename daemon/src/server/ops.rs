@@ -108,7 +108,10 @@ async fn answer<A: Api>(shared: &Shared<A>, stopping: bool, request: Request<Inc
     match path {
         "/healthz" => text(StatusCode::OK, TEXT, "alive\n".to_owned()),
         "/readyz" => ready(shared, stopping).await,
-        _ => match shared.metrics.encode() {
+        _ => match refresh_gauges(shared)
+            .await
+            .and_then(|()| shared.metrics.encode())
+        {
             Ok(encoded) => text(StatusCode::OK, METRICS_CONTENT_TYPE, encoded),
             Err(error) => {
                 tracing::error!(%error, "metrics could not be encoded");
@@ -147,6 +150,55 @@ async fn ready<A: Api>(shared: &Shared<A>, stopping: bool) -> Answer {
             format!("not ready: the readiness check took over {READY_TIMEOUT_MS} ms\n"),
         ),
     }
+}
+
+/// Updates what a scrape must see fresh: the components' readiness (the same check as
+/// `/readyz`, bounded by its timeout) and the certificate files' earliest expiry.
+async fn refresh_gauges<A: Api>(shared: &Shared<A>) -> Result<(), std::fmt::Error> {
+    let metrics = &shared.metrics;
+    let check = tokio::time::timeout(Duration::from_millis(READY_TIMEOUT_MS), shared.api.ready());
+    match check.await {
+        Ok(Ok(())) => {
+            metrics.component_ready("hsm", true);
+            metrics.component_ready("database", true);
+        }
+        // The HSM is checked first: when it fails, the database's last answer stands.
+        Ok(Err(not_ready)) if not_ready.component == "hsm" => metrics.component_ready("hsm", false),
+        Ok(Err(not_ready)) if not_ready.component == "database" => {
+            metrics.component_ready("hsm", true);
+            metrics.component_ready("database", false);
+        }
+        Ok(Err(_)) | Err(_) => {
+            metrics.component_ready("hsm", false);
+            metrics.component_ready("database", false);
+        }
+    }
+    for (certificate, path) in [
+        ("server", &shared.config.certificate_chain),
+        ("client_ca", &shared.config.client_ca),
+    ] {
+        // A file that cannot be read or parsed leaves the last value: the reload that needs
+        // it fails loudly on its own.
+        if let Some(not_after) = earliest_expiry(path) {
+            metrics.certificate_expiry(certificate, not_after);
+        }
+    }
+    Ok(())
+}
+
+/// The earliest `notAfter` (Unix seconds) of the PEM certificates in `path`.
+fn earliest_expiry(path: &std::path::Path) -> Option<i64> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject as _;
+    CertificateDer::pem_file_iter(path)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|der| {
+            x509_parser::parse_x509_certificate(&der)
+                .ok()
+                .map(|(_, certificate)| certificate.validity().not_after.timestamp())
+        })
+        .min()
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Answer {

@@ -156,6 +156,9 @@ impl Platform {
             "Batches rolled back and run again after a lost race with another writer",
             writer.batch_retries.clone(),
         );
+        metrics.register_collector(Box::new(PoolCollector {
+            storage: self.inner.storage.clone(),
+        }));
         metrics.register(
             "ledger_batch_commit_seconds",
             "Time from BEGIN to durable COMMIT of a batch of halves",
@@ -214,6 +217,43 @@ impl Platform {
                 .map_err(problems::storage)
         })
         .await
+    }
+}
+
+/// The database pool's gauges, read at each scrape: `nfcpayd_database_connections{state}`
+/// (`in_use`, `idle`) and `nfcpayd_database_connections_max`.
+#[derive(Debug)]
+struct PoolCollector {
+    storage: Storage,
+}
+
+impl prometheus_client::collector::Collector for PoolCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric as _;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let pool = self.storage.pool_state();
+        let in_use = pool.connections.saturating_sub(pool.idle);
+        let mut family = encoder.encode_descriptor(
+            "database_connections",
+            "Pooled database connections now, by state (in_use, idle)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (state, count) in [("in_use", in_use), ("idle", pool.idle)] {
+            let labels = [("state", state)];
+            ConstGauge::new(i64::from(count)).encode(family.encode_family(&labels)?)?;
+        }
+        let max = ConstGauge::new(i64::from(pool.max));
+        max.encode(encoder.encode_descriptor(
+            "database_connections_max",
+            "The most connections the database pool opens",
+            None,
+            max.metric_type(),
+        )?)?;
+        Ok(())
     }
 }
 

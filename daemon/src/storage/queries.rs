@@ -196,7 +196,28 @@ impl Row {
     }
 }
 
+/// The connection pool now, for `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolState {
+    /// Connections open (in use or idle).
+    pub connections: u32,
+    /// Of those, idle.
+    pub idle: u32,
+    /// The most the pool opens.
+    pub max: u32,
+}
+
 impl Storage {
+    /// The connection pool's state now.
+    pub fn pool_state(&self) -> PoolState {
+        let state = self.inner.pool.state();
+        PoolState {
+            connections: state.connections,
+            idle: state.idle_connections,
+            max: self.inner.pool.max_size(),
+        }
+    }
+
     /// Every account (the ledger's funding accounts too), by ID; at most [`ACCOUNTS_LIST_MAX`].
     pub fn accounts_list(&self) -> Result<Vec<AccountView>, StorageError> {
         self.read(|connection| {
