@@ -99,7 +99,7 @@ pub const BDK_SEARCHES_PER_SECOND_MAX: u32 = 20;
 /// First wait before a failed recovery is tried again.
 pub const RECOVERY_BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest wait between recovery attempts.
-pub const RECOVERY_BACKOFF_MAX: Duration = Duration::from_secs(2);
+pub const RECOVERY_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Longest a recovery waits for the calls in progress to leave the module.
 const RECOVERY_GATE_WAIT: Duration = Duration::from_secs(5);
 /// The epoch of persistent key pair handles, which name a label rather than an object.
