@@ -34,6 +34,10 @@ pub const LIBNFC_EXAMPLES: Package = Package::new(
 pub const LIBCLANG_DEV: Package = Package::new("libclang-dev", "bindgen for the nfc1 crate");
 pub const PKG_CONFIG: Package = Package::new("pkg-config", "locates libnfc at build time");
 pub const POSTGRESQL: Package = Package::new("postgresql", "server for the PostgreSQL test suite");
+pub const P11_KIT_MODULES: Package = Package::new(
+    "p11-kit-modules",
+    "p11-kit-proxy.so, to run the PKCS#11 suites through p11-kit's proxy",
+);
 
 /// Everything `cargo xtask test` needs.
 pub const FOR_TEST: &[Package] = &[
@@ -45,6 +49,7 @@ pub const FOR_TEST: &[Package] = &[
     LIBCLANG_DEV,
     PKG_CONFIG,
     POSTGRESQL,
+    P11_KIT_MODULES,
 ];
 
 /// Everything `cargo xtask demo` needs.
