@@ -688,6 +688,38 @@ fn a_token_that_disappears_and_returns_is_recovered() {
     assert!(store.find_ec_p256(&label).unwrap().is_none());
 }
 
+/// BDK IDs not seen yet are searched in the token (so a BDK added while the store is open is
+/// found), at most `BDK_SEARCHES_PER_SECOND_MAX` a second: beyond it a lookup is "busy"
+/// (retryable), not "unknown"; an ID found missing is remembered without another search.
+#[test]
+fn searches_for_new_bdk_ids_are_rate_limited() {
+    use nfcpay_keystore::pkcs11::BDK_SEARCHES_PER_SECOND_MAX;
+    let (_serial, fixture) = fixture();
+    let store = &fixture.store;
+    let (mut unknown, mut busy) = (0, 0);
+    for n in 0..BDK_SEARCHES_PER_SECOND_MAX * 3 {
+        match store.bdk_info(BdkId::from((0xB000_0000_u32 + n).to_be_bytes())) {
+            Err(KeystoreError::UnknownBdk(_)) => unknown += 1,
+            Err(error @ KeystoreError::Busy { .. }) => {
+                assert!(error.is_unavailable());
+                busy += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(unknown >= 1, "no search ran");
+    assert!(busy >= 1, "{unknown} searches, none refused as busy");
+    // Remembered as missing: no search needed, so not busy.
+    assert!(matches!(
+        store.bdk_info(BdkId::from(0xB000_0000_u32.to_be_bytes())),
+        Err(KeystoreError::UnknownBdk(_))
+    ));
+    // A BDK stored meanwhile is found (created through the store: cached at once).
+    let id = bdk_id("B1000001");
+    store.import_bdk(id, &key_bytes(KAT_BDK)).unwrap();
+    assert_eq!(store.bdk_info(id).unwrap().bdk_id, id);
+}
+
 /// Enough health checks to cycle through every pooled session.
 const SESSIONS_TRIES: usize = nfcpay_keystore::pkcs11::SESSIONS_MAX + 2;
 

@@ -3,7 +3,8 @@
 //!
 //! What must hold (issue 8): every half refused meanwhile is `503 unavailable`, never `500`;
 //! `/readyz` turns 503 naming the HSM and back to 200; the daemon recovers by itself (same
-//! process) and payments settle again; and no payment is lost — every half that was answered
+//! process): payments settle again, and a terminal enrolls over a new TLS connection (server
+//! key and CA key in the HSM); and no payment is lost — every half that was answered
 //! with an error is sent again, byte for byte, and then every payment is settled exactly once
 //! with the balances to match. The figures (errors seen, time to recover) are printed, never
 //! asserted.
@@ -157,6 +158,10 @@ async fn a_token_that_disappears_and_returns_costs_503s_and_loses_no_payment() {
     }
     assert_eq!(before.settled, 3, "{before:?}\n{}", platform.daemon_log());
 
+    // A terminal registered now enrolls while the token is away (refused) and after it is
+    // back (a new TLS handshake signed by the server key, a certificate by the CA key).
+    let code = platform.add_terminal("late-shop", "shop").unwrap();
+
     // The token goes away; payments keep coming.
     let tokens = platform.token_dir();
     let away = platform.dir().join("tokens.away");
@@ -180,6 +185,13 @@ async fn a_token_that_disappears_and_returns_costs_503s_and_loses_no_payment() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let refused = platform
+        .enroll_with_code("late-shop", "shop", &code)
+        .await
+        .err()
+        .expect("enrolled while the token was away");
+    let refused = format!("{refused:#}");
+    assert!(!refused.contains("500"), "{refused}");
     assert!(
         during.other.is_empty(),
         "answers other than 503 unavailable while the token was away: {:?}\n{}",
@@ -222,6 +234,11 @@ async fn a_token_that_disappears_and_returns_costs_503s_and_loses_no_payment() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(after.other.is_empty(), "{:?}", after.other);
+    let late = platform
+        .enroll_with_code("late-shop", "shop", &code)
+        .await
+        .unwrap_or_else(|error| panic!("no enrollment after recovery: {error:#}"));
+    assert_eq!(late.id().as_str(), "late-shop");
     let recorded_then_503 = platform
         .daemon_log()
         .matches("half recorded but its receipt could not be sealed")
