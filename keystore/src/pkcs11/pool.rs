@@ -218,3 +218,58 @@ impl Drop for PooledSession<'_> {
         self.pool.returned.notify_one();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool whose every session is checked out, with `waiting` callers already waiting.
+    /// Nothing here calls into the module (checkout opens a session only below the cap), so
+    /// the module is only loaded, never initialised.
+    fn full_pool(waiting: usize) -> (SessionPool, Connector) {
+        let pool = SessionPool::new();
+        {
+            let mut state = pool.lock();
+            state.open = SESSIONS_MAX;
+            state.waiting = waiting;
+        }
+        let connector = Connector {
+            context: Pkcs11::new("/usr/lib/softhsm/libsofthsm2.so").unwrap(),
+            uri: "pkcs11:token=unused?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/nonexistent"
+                .parse()
+                .unwrap(),
+        };
+        (pool, connector)
+    }
+
+    #[test]
+    fn a_caller_waits_for_a_session_only_so_long() {
+        let (pool, connector) = full_pool(0);
+        let slot = Slot::try_from(0_u64).unwrap();
+        let result = pool.with_session(&connector, slot, |_| Ok(()));
+        assert!(matches!(
+            result,
+            Err(KeystoreError::Busy {
+                what: "no HSM session became free in time"
+            })
+        ));
+        assert_eq!(pool.lock().waiting, 0);
+    }
+
+    #[test]
+    fn callers_beyond_the_waiting_limit_are_refused_at_once() {
+        let (pool, connector) = full_pool(SESSION_WAITERS_MAX);
+        let slot = Slot::try_from(0_u64).unwrap();
+        let result = pool.with_session(&connector, slot, |_| Ok(()));
+        let Err(error) = result else {
+            panic!("a session from a full pool")
+        };
+        assert!(error.is_unavailable());
+        assert!(matches!(
+            error,
+            KeystoreError::Busy {
+                what: "too many callers already wait for an HSM session"
+            }
+        ));
+    }
+}
