@@ -61,6 +61,7 @@ mod pool;
 mod templates;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -122,6 +123,8 @@ pub struct Pkcs11Keystore {
     owner: Mutex<Owner>,
     ec_keys: Mutex<EcKeys>,
     recovery: Mutex<Recovery>,
+    /// `recovery.needed`, readable without the lock: the fast path of every call.
+    lost: AtomicBool,
     /// Held by the one thread re-opening the token.
     recovering: Mutex<()>,
 }
@@ -345,6 +348,7 @@ impl Pkcs11Keystore {
                 next_attempt: now,
                 reason: String::new(),
             }),
+            lost: AtomicBool::new(false),
             recovering: Mutex::new(()),
         };
         store.check_health()?;
@@ -406,6 +410,7 @@ impl Pkcs11Keystore {
             tracing::error!(%error, "HSM token or session lost; re-opening it");
             let now = Instant::now();
             recovery.needed = true;
+            self.lost.store(true, Ordering::Release);
             recovery.since = now;
             recovery.failures = 0;
             recovery.next_attempt = now;
@@ -416,6 +421,9 @@ impl Pkcs11Keystore {
     /// Re-opens the token if it was lost and an attempt is due; fails at once while a
     /// recovery waits for its next attempt or runs on another thread.
     fn recover_if_due(&self) -> Result<(), KeystoreError> {
+        if !self.lost.load(Ordering::Acquire) {
+            return Ok(());
+        }
         {
             let recovery = self.recovery();
             if !recovery.needed {
@@ -449,6 +457,7 @@ impl Pkcs11Keystore {
         match reopened {
             Ok(epoch) => {
                 recovery.needed = false;
+                self.lost.store(false, Ordering::Release);
                 tracing::info!(
                     epoch,
                     failed_attempts = recovery.failures,
