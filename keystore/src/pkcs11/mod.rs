@@ -1084,6 +1084,13 @@ impl Keystore for Pkcs11Keystore {
                 }
             }
             let Some((private_key, public_key, point)) = find_pair(session, label)? else {
+                // A pair this store found or made before and did not destroy: the token does
+                // not show its objects (it went away), which recovery may fix.
+                if self.ec_keys().by_label.contains_key(label) {
+                    return Err(KeystoreError::StaleHandle {
+                        function: "C_FindObjects",
+                    });
+                }
                 return Ok(None);
             };
             let objects = PairObjects {
