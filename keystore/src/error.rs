@@ -114,14 +114,19 @@ impl KeystoreError {
 
     /// Whether the store should re-open its token after this failure (a subset of
     /// [`Self::is_unavailable`]: being busy or already recovering is not a reason).
+    ///
+    /// A lost session or login alone is not: the session is retired and the next one logs in
+    /// again (several stores in one process share the login, and re-opening the module would
+    /// end the others' sessions too).
     pub(crate) fn needs_recovery(&self) -> bool {
-        matches!(
-            self,
-            Self::SessionLost { .. }
-                | Self::StaleHandle { .. }
-                | Self::Device { .. }
-                | Self::TokenNotFound(_)
-        )
+        match self {
+            Self::SessionLost { code, .. } => matches!(
+                code.as_str(),
+                "CKR_TOKEN_NOT_PRESENT" | "CKR_DEVICE_REMOVED" | "CKR_CRYPTOKI_NOT_INITIALIZED"
+            ),
+            Self::StaleHandle { .. } | Self::Device { .. } | Self::TokenNotFound(_) => true,
+            _ => false,
+        }
     }
 }
 
@@ -164,5 +169,19 @@ mod tests {
             assert!(!error.needs_recovery(), "{error}");
         }
         assert!(!KeystoreError::Busy { what: "x" }.needs_recovery());
+        assert!(
+            !KeystoreError::SessionLost {
+                function: "C_Sign",
+                code: "CKR_USER_NOT_LOGGED_IN".into(),
+            }
+            .needs_recovery()
+        );
+        assert!(
+            KeystoreError::SessionLost {
+                function: "C_Sign",
+                code: "CKR_TOKEN_NOT_PRESENT".into(),
+            }
+            .needs_recovery()
+        );
     }
 }

@@ -42,9 +42,10 @@
 //!
 //! # Recovery
 //!
-//! Every call passes a gate (a read lock, taken within [`SESSION_WAIT`]). A call that finds
-//! the session, the login, the token or the device gone, or a persistent key's handle stale
-//! ([`KeystoreError::needs_recovery`]), marks the store lost. The next call re-opens it, alone
+//! Every call passes a gate (a read lock, taken within [`SESSION_WAIT`]). A lost session or
+//! login only retires that session (the next one logs in again). A call that finds the token
+//! or the device gone, or a persistent key's handle stale ([`KeystoreError::needs_recovery`]),
+//! marks the store lost. The next call re-opens it, alone
 //! behind the gate's write lock (so no other thread is inside the module): it closes every
 //! session, forgets every cached handle, finalises and initialises the module again
 //! (SoftHSM2 sees a token that went away and came back only after `C_Initialize`), finds the
