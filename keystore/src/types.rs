@@ -20,17 +20,34 @@ pub const EC_P256_PUBLIC_KEY_BYTES: usize = 65;
 pub struct KeyHandle {
     id: u64,
     algorithm: KeyAlgorithm,
+    /// Which opening of the store's token made it (PKCS#11: a key made before the store
+    /// re-opened its token died with the old sessions).
+    epoch: u32,
 }
 
 impl KeyHandle {
     /// Made by a backend for a key it holds.
     pub(crate) fn new(id: u64, algorithm: KeyAlgorithm) -> Self {
-        Self { id, algorithm }
+        Self::with_epoch(id, algorithm, 0)
+    }
+
+    /// Made by a backend that counts the openings of its token.
+    pub(crate) fn with_epoch(id: u64, algorithm: KeyAlgorithm, epoch: u32) -> Self {
+        Self {
+            id,
+            algorithm,
+            epoch,
+        }
     }
 
     /// The backend's number for this key.
     pub(crate) fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The opening of the token that made this key.
+    pub(crate) fn epoch(&self) -> u32 {
+        self.epoch
     }
 
     /// The key's algorithm (length).
@@ -49,17 +66,29 @@ impl fmt::Debug for KeyHandle {
 #[derive(PartialEq, Eq, Hash)]
 pub struct PrivateKeyHandle {
     id: u64,
+    /// As [`KeyHandle`]'s; a backend may reserve a value for keys it looks up by label again.
+    epoch: u32,
 }
 
 impl PrivateKeyHandle {
     /// Made by a backend for a key it holds.
     pub(crate) fn new(id: u64) -> Self {
-        Self { id }
+        Self::with_epoch(id, 0)
+    }
+
+    /// Made by a backend that counts the openings of its token.
+    pub(crate) fn with_epoch(id: u64, epoch: u32) -> Self {
+        Self { id, epoch }
     }
 
     /// The backend's number for this key.
     pub(crate) fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The opening of the token that made this key (or the backend's reserved value).
+    pub(crate) fn epoch(&self) -> u32 {
+        self.epoch
     }
 }
 

@@ -39,7 +39,16 @@ use x9_24_3_vectors::{AES128_BDK, AES128_TERMINAL_KSN_SEQUENCE, AES256_BDK, BdkV
 use zeroize::Zeroizing;
 
 const PIN: &str = "conformance-pin";
+/// The PKCS#11 module: SoftHSM2, or the module named by [`MODULE_VARIABLE`] (`cargo xtask
+/// test` runs the suite again through p11-kit's proxy module, which reaches SoftHSM2 through
+/// its registration in `/usr/share/p11-kit/modules/`).
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+/// The environment variable that names another PKCS#11 module for the suite.
+const MODULE_VARIABLE: &str = "NFCPAY_TEST_PKCS11_MODULE";
+
+fn module() -> String {
+    std::env::var(MODULE_VARIABLE).unwrap_or_else(|_| MODULE.to_owned())
+}
 
 /// The stores every check runs against, opened once per process.
 struct Stores {
@@ -158,7 +167,8 @@ fn make_token(dir: &Path, label: &str) {
 
 fn pkcs11_store(label: &str, pin_file: &Path) -> Pkcs11Keystore {
     let uri: Pkcs11Uri = format!(
-        "pkcs11:token={label}?module-path={MODULE}&pin-source=file:{}",
+        "pkcs11:token={label}?module-path={}&pin-source=file:{}",
+        module(),
         pin_file.display()
     )
     .parse()

@@ -623,6 +623,103 @@ fn a_lost_login_is_recovered() {
     assert!(healthy);
 }
 
+/// The token's directory disappears under the store (SoftHSM2: token objects become invalid
+/// handles, session objects survive) and comes back (SoftHSM2 sees it again only after
+/// `C_Finalize` and `C_Initialize`): every failure on the way is "unavailable", and the store
+/// recovers by itself — a persistent key pair's handle taken before the loss signs again, a
+/// BDK derives again, and a transient key of the old opening is refused without harm.
+#[test]
+fn a_token_that_disappears_and_returns_is_recovered() {
+    let (_serial, fixture) = fixture();
+    let store = &fixture.store;
+    let id = bdk_id("A9000001");
+    store.import_bdk(id, &key_bytes(KAT_BDK)).unwrap();
+    let data =
+        DerivationData::initial_key(KeyAlgorithm::Aes128, "A900000100000001".parse().unwrap());
+    let label: KeyLabel = "test-recovery".parse().unwrap();
+    let (key_pair, _) = store.generate_ec_p256(&label, true).unwrap();
+    let old_key = store
+        .derive(DeriveBase::Bdk(id), &data, KeyPurpose::Check)
+        .unwrap();
+    let kcv = store.kcv(&old_key).unwrap();
+    store.check_health().unwrap();
+
+    let tokens = fixture._directory.path().join("tokens");
+    let away = fixture._directory.path().join("tokens.away");
+    std::fs::rename(&tokens, &away).unwrap();
+    let signed = store.sign_p256_sha256(&key_pair, b"while gone");
+    let error = signed.expect_err("signed with a token that is gone");
+    assert!(error.is_unavailable(), "{error:?}");
+    // While the token is gone, every call fails as unavailable (recovering, or busy).
+    for _ in 0..3 {
+        let error = store.sign_p256_sha256(&key_pair, b"x").unwrap_err();
+        assert!(error.is_unavailable(), "{error:?}");
+        let error = store.check_health().unwrap_err();
+        assert!(error.is_unavailable(), "{error:?}");
+        std::thread::sleep(nfcpay_keystore::pkcs11::RECOVERY_BACKOFF_MIN);
+    }
+    std::fs::rename(&away, &tokens).unwrap();
+
+    // Recovery is tried again within the longest backoff.
+    let deadline = std::time::Instant::now() + 5 * nfcpay_keystore::pkcs11::RECOVERY_BACKOFF_MAX;
+    let signature = loop {
+        match store.sign_p256_sha256(&key_pair, b"after") {
+            Ok(signature) => break signature,
+            Err(error) if error.is_unavailable() && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(error) => panic!("did not recover: {error:?}"),
+        }
+    };
+    assert_eq!(signature.len(), 64);
+    let new_key = store
+        .derive(DeriveBase::Bdk(id), &data, KeyPurpose::Check)
+        .unwrap();
+    assert_eq!(store.kcv(&new_key).unwrap(), kcv);
+    // The old opening's transient key is gone; its number is not used on the new one.
+    assert!(matches!(
+        store.kcv(&old_key),
+        Err(KeystoreError::UnknownKey)
+    ));
+    store.destroy(old_key).unwrap();
+    store.destroy(new_key).unwrap();
+    store.check_health().unwrap();
+    store.destroy_ec(key_pair).unwrap();
+    assert!(store.find_ec_p256(&label).unwrap().is_none());
+}
+
+/// BDK IDs not seen yet are searched in the token (so a BDK added while the store is open is
+/// found), at most `BDK_SEARCHES_PER_SECOND_MAX` a second: beyond it a lookup is "busy"
+/// (retryable), not "unknown"; an ID found missing is remembered without another search.
+#[test]
+fn searches_for_new_bdk_ids_are_rate_limited() {
+    use nfcpay_keystore::pkcs11::BDK_SEARCHES_PER_SECOND_MAX;
+    let (_serial, fixture) = fixture();
+    let store = &fixture.store;
+    let (mut unknown, mut busy) = (0, 0);
+    for n in 0..BDK_SEARCHES_PER_SECOND_MAX * 3 {
+        match store.bdk_info(BdkId::from((0xB000_0000_u32 + n).to_be_bytes())) {
+            Err(KeystoreError::UnknownBdk(_)) => unknown += 1,
+            Err(error @ KeystoreError::Busy { .. }) => {
+                assert!(error.is_unavailable());
+                busy += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(unknown >= 1, "no search ran");
+    assert!(busy >= 1, "{unknown} searches, none refused as busy");
+    // Remembered as missing: no search needed, so not busy.
+    assert!(matches!(
+        store.bdk_info(BdkId::from(0xB000_0000_u32.to_be_bytes())),
+        Err(KeystoreError::UnknownBdk(_))
+    ));
+    // A BDK stored meanwhile is found (created through the store: cached at once).
+    let id = bdk_id("B1000001");
+    store.import_bdk(id, &key_bytes(KAT_BDK)).unwrap();
+    assert_eq!(store.bdk_info(id).unwrap().bdk_id, id);
+}
+
 /// Enough health checks to cycle through every pooled session.
 const SESSIONS_TRIES: usize = nfcpay_keystore::pkcs11::SESSIONS_MAX + 2;
 

@@ -39,6 +39,15 @@ use zeroize::Zeroizing;
 
 /// The SoftHSM2 module on Debian.
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+/// Names another PKCS#11 module for the fixture's daemon and `nfcpay-admin` (e.g. p11-kit's
+/// proxy, `/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so`, which reaches SoftHSM2 through its
+/// registration in `/usr/share/p11-kit/modules/`); `cargo xtask test` sets it for one run.
+pub const PKCS11_MODULE_VARIABLE: &str = "NFCPAY_TEST_PKCS11_MODULE";
+
+/// The PKCS#11 module the fixture's platform uses: [`PKCS11_MODULE_VARIABLE`], or SoftHSM2.
+pub fn platform_pkcs11_module() -> String {
+    std::env::var(PKCS11_MODULE_VARIABLE).unwrap_or_else(|_| SOFTHSM_MODULE.to_owned())
+}
 /// The BDK every fixture generates (AES-256).
 pub const FIXTURE_BDK_ID: &str = "0123ABCD";
 /// How long the daemon may take to become ready.
@@ -258,7 +267,7 @@ impl PlatformFixture {
         format!(
             r#"[keystore]
 backend = "pkcs11"
-uri = "pkcs11:token=nfcpay-e2e?module-path={SOFTHSM_MODULE}&pin-source=file:{dir}/pin"
+uri = "pkcs11:token=nfcpay-e2e?module-path={module}&pin-source=file:{dir}/pin"
 
 [database]
 url = "{database}"
@@ -282,6 +291,7 @@ allow_root = true
 "#,
             database = self.database_url,
             database_settings = self.database_settings,
+            module = platform_pkcs11_module(),
             address = endpoints.address,
             enroll = endpoints.enroll_address,
             ops = endpoints.ops_address,

@@ -48,6 +48,10 @@ pub const PROMETHEUS: Package = Package::new(
     "prometheus",
     "promtool, to check and unit-test daemon/monitoring/alerts.yml",
 );
+pub const P11_KIT_MODULES: Package = Package::new(
+    "p11-kit-modules",
+    "p11-kit-proxy.so, to run the PKCS#11 suites through p11-kit's proxy",
+);
 
 /// Everything `cargo xtask test` needs.
 pub const FOR_TEST: &[Package] = &[
@@ -67,6 +71,7 @@ pub const FOR_TEST: &[Package] = &[
     DPKG_DEV,
     BINUTILS,
     PROMETHEUS,
+    P11_KIT_MODULES,
 ];
 
 /// Everything `cargo xtask deploy-check` needs.

@@ -41,6 +41,9 @@ pub fn run(root: &Path) -> Result<()> {
     steps.run("cargo tests (with a throwaway PostgreSQL)", || {
         postgres::with_postgres(|cluster| cargo_tests(root, &cluster.url()))
     })?;
+    steps.run("PKCS#11 through p11-kit's proxy module", || {
+        through_p11_kit_proxy(root)
+    })?;
     // The production walk-through of docs/operations.md, on the binaries built above.
     steps.run("cargo xtask deploy-check", || deploy::run(root))?;
     steps.run(
@@ -70,6 +73,33 @@ fn cargo_tests(root: &Path, database_url: &str) -> Result<()> {
         println!("cargo-nextest not found: using cargo test");
         with_database(cargo_in(root).args(["test", "--workspace"]))
     }
+}
+
+/// p11-kit's proxy module (Debian's `p11-kit-modules`): the standard way to reach the system's
+/// configured tokens, and a PKCS#11 module that is not SoftHSM2 itself.
+const P11_KIT_PROXY: &str = "/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so";
+/// Read by the keystore's conformance suite and the end-to-end fixture.
+const PKCS11_MODULE_VARIABLE: &str = "NFCPAY_TEST_PKCS11_MODULE";
+
+/// The keystore conformance suite and one end-to-end payment again, through p11-kit's proxy
+/// (which loads SoftHSM2 through its registration in `/usr/share/p11-kit/modules/`).
+fn through_p11_kit_proxy(root: &Path) -> Result<()> {
+    let through_proxy = |args: &[&str]| {
+        command::run(
+            cargo_in(root)
+                .args(args)
+                .env(PKCS11_MODULE_VARIABLE, P11_KIT_PROXY),
+        )
+    };
+    through_proxy(&["test", "-p", "nfcpay-keystore", "--test", "conformance"])?;
+    through_proxy(&[
+        "test",
+        "-p",
+        "nfcpay-tests",
+        "--test",
+        "platform",
+        "sqlite_a_payment_settles_and_balances_move",
+    ])
 }
 
 fn has_nextest(root: &Path) -> bool {

@@ -1,6 +1,6 @@
 //! The operations listener: plain HTTP on a loopback address, for the local Prometheus agent
 //! and health probes. `GET /metrics`, `GET /healthz` (the process answers), `GET /readyz` (the
-//! HSM session and the database answer, through [`Api::ready`]; 503 while shutting down).
+//! HSM's canary and the database answer, through [`Api::ready`]; 503 while shutting down).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

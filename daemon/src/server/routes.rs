@@ -103,12 +103,18 @@ enum Extra {
     Close,
 }
 
+/// `Retry-After` of every `503 unavailable` (the HSM or the ledger is away, or the pipeline
+/// is full): a terminal sends the same bytes again after it (docs/protocol.md §8).
+pub const UNAVAILABLE_RETRY_AFTER_SECONDS: u64 = 1;
+
 impl From<Problem> for Refusal {
     fn from(problem: Problem) -> Self {
-        Self {
-            problem,
-            extra: Extra::None,
-        }
+        let extra = if problem.code() == ProblemCode::Unavailable {
+            Extra::RetryAfter(UNAVAILABLE_RETRY_AFTER_SECONDS)
+        } else {
+            Extra::None
+        };
+        Self { problem, extra }
     }
 }
 
@@ -434,6 +440,20 @@ mod tests {
     use super::*;
 
     const TXN: &str = "00112233445566778899AABBCCDDEEFF";
+
+    /// Every `503 unavailable` says when to try again; other refusals do not.
+    #[test]
+    fn unavailable_answers_say_retry_after() {
+        let answer =
+            Refusal::from(Problem::new(ProblemCode::Unavailable, "the HSM is away")).into_answer();
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            answer.headers().get(header::RETRY_AFTER).unwrap(),
+            &UNAVAILABLE_RETRY_AFTER_SECONDS.to_string()
+        );
+        let answer = Refusal::from(Problem::new(ProblemCode::Internal, "x")).into_answer();
+        assert!(answer.headers().get(header::RETRY_AFTER).is_none());
+    }
 
     #[test]
     fn parses_routes() {

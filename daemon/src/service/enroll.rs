@@ -25,6 +25,27 @@ fn refused() -> Problem {
     )
 }
 
+/// Why no certificate was issued, as the terminal is told: the CA key in the HSM failing is
+/// `unavailable` (try again), never "refused"; anything about the CSR is refused.
+fn certificate_problem(terminal_id: &TerminalId, error: pki::PkiError) -> Problem {
+    match error {
+        pki::PkiError::Keystore(error) => problems::keystore(error),
+        // rcgen fails only at the signature here (our parameters are valid): the HSM's.
+        pki::PkiError::Certificate(error) => {
+            tracing::warn!(terminal = %terminal_id, %error, "the CA key could not sign");
+            Problem::new(
+                ProblemCode::Unavailable,
+                "the HSM is unavailable; try again",
+            )
+        }
+        error => {
+            // Logged once, with the refusal, as the answer leaves (the request's span).
+            tracing::Span::current().record("reason", tracing::field::display(&error));
+            refused()
+        }
+    }
+}
+
 /// [`now_ms`] as the ledger stores it.
 fn now_ms_signed() -> i64 {
     i64::try_from(now_ms()).unwrap_or(i64::MAX)
@@ -72,10 +93,7 @@ pub(super) fn enroll(inner: &Inner, body: &[u8]) -> Result<bytes::Bytes, Problem
         &terminal_id,
         TERMINAL_CERTIFICATE_VALIDITY,
     )
-    .map_err(|error| {
-        span.record("reason", tracing::field::display(&error));
-        refused()
-    })?;
+    .map_err(|error| certificate_problem(&terminal_id, error))?;
     let ca_certificate = std::fs::read_to_string(inner.pki_dir.join(pki::CA_CERTIFICATE_FILE))
         .map_err(|_| problems::internal("CA certificate unreadable"))?;
 
@@ -301,5 +319,27 @@ mod tests {
             .set_terminal_state(&TERMINAL.parse().unwrap(), TerminalState::Suspended)
             .unwrap();
         assert_refused_without_hsm_work(&fixture, TERMINAL, CODE);
+    }
+
+    #[test]
+    fn a_ca_key_that_cannot_sign_is_unavailable_and_a_bad_csr_is_refused() {
+        let terminal: TerminalId = "shop-1".parse().unwrap();
+        let problem = |error| certificate_problem(&terminal, error).code();
+        assert_eq!(
+            problem(pki::PkiError::Keystore(
+                nfcpay_keystore::KeystoreError::Recovering {
+                    reason: "token gone".into()
+                }
+            )),
+            ProblemCode::Unavailable
+        );
+        assert_eq!(
+            problem(pki::PkiError::Certificate(rcgen::Error::RemoteKeyError)),
+            ProblemCode::Unavailable
+        );
+        assert_eq!(
+            problem(pki::PkiError::CsrSignatureInvalid),
+            ProblemCode::EnrollmentRefused
+        );
     }
 }

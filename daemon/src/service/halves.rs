@@ -2,8 +2,8 @@
 
 use std::time::Instant;
 
-use nfcpay_keystore::KeyPurpose;
 use nfcpay_keystore::dukpt::TransientKey;
+use nfcpay_keystore::{KeyHandle, KeyPurpose};
 use nfcpay_protocol::dukpt::WorkingKeyUsage;
 use nfcpay_protocol::messages::{
     CLOCK_SKEW_MS_MAX, HalfEnvelope, HalfKind, PaymentInstruction, PaymentRequest,
@@ -25,6 +25,10 @@ pub struct Outcome {
     pub recipient_ksn: Ksn,
     /// Whether this half completed the payment (rather than finding it settled already).
     pub settled_now: bool,
+    /// The recipient's receipt MAC key, derived before the ledger committed (so that sealing
+    /// the receipt after the commit needs only the receipt key's signature); taken and
+    /// destroyed by [`super::receipts::answer`] or [`super::receipts::release`].
+    pub(super) receipt_mac_key: Option<KeyHandle>,
 }
 
 /// Verifies a half and records it in the ledger. Blocking.
@@ -150,10 +154,23 @@ pub(super) fn accept(
         received_at_ms: to_i64(received_at_ms),
         content,
     };
+    // What the receipt needs from the HSM is obtained before any money moves: its MAC key
+    // now, and the receipt key's signature is the only HSM work left after the commit
+    // (docs/protocol.md §8: if that fails, the same bytes sent again get the receipt).
+    let receipt_mac_key = inner
+        .keys
+        .working_key(
+            header.ksn,
+            WorkingKeyUsage::MacVerification,
+            KeyPurpose::Mac,
+        )
+        .map_err(problems::keystore)?;
+    let receipt_mac_key = TransientKey::new(inner.keystore.as_ref(), receipt_mac_key);
     let submitted = inner
         .storage
         .accept_half(half, to_i64(received_at_ms))
         .map_err(problems::storage)?;
+    let receipt_mac_key = receipt_mac_key.into_handle();
     let view = submitted.view;
     tracing::info!(
         terminal = %client,
@@ -167,6 +184,7 @@ pub(super) fn accept(
         recipient: client.clone(),
         recipient_ksn: header.ksn,
         settled_now: submitted.settled_now,
+        receipt_mac_key: Some(receipt_mac_key),
     })
 }
 

@@ -53,6 +53,9 @@ pub const HALVES_IN_FLIGHT_MAX: usize = 256;
 /// How long a half waits for a place in the pipeline before it is refused as unavailable.
 pub const HALF_ADMISSION_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a readiness answer is reused: probes in quick succession cost the HSM one canary.
+pub const READY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How often a waiting request re-reads the ledger, for halves settled by another daemon.
 pub const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a terminal certificate issued at enrollment is valid.
@@ -89,6 +92,8 @@ struct Inner {
     in_flight: Arc<Semaphore>,
     /// The chain heads this daemon last signed a checkpoint of.
     last_checkpoint: std::sync::Mutex<Option<Vec<ChainHead>>>,
+    /// The last readiness answer and when it was made ([`READY_CHECK_INTERVAL`]).
+    last_ready: std::sync::Mutex<Option<(std::time::Instant, Result<(), NotReady>)>>,
 }
 
 /// Labels of `nfcpayd_halves_total`.
@@ -129,6 +134,7 @@ impl Platform {
                 active_terminals: active::ActiveTerminals::default(),
                 in_flight: Arc::new(Semaphore::new(HALVES_IN_FLIGHT_MAX)),
                 last_checkpoint: std::sync::Mutex::new(None),
+                last_ready: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -303,9 +309,13 @@ impl Api for Platform {
         let accepted = blocking(move || {
             let _in_span = span.enter();
             let _place = place;
-            let outcome = halves::accept(&inner, kind, &client, &body)?;
-            let sealed = (seal_pending || outcome.view.status != TransactionStatus::Pending)
-                .then(|| receipts::answer(&inner, &outcome));
+            let mut outcome = halves::accept(&inner, kind, &client, &body)?;
+            let sealed = if seal_pending || outcome.view.status != TransactionStatus::Pending {
+                Some(receipts::answer(&inner, &mut outcome))
+            } else {
+                receipts::release(&inner, &mut outcome);
+                None
+            };
             Ok((outcome, sealed))
         })
         .await;
@@ -348,8 +358,24 @@ impl Api for Platform {
     }
 
     async fn ready(&self) -> Result<(), NotReady> {
+        let now = std::time::Instant::now();
+        let cached = |inner: &Inner| {
+            // Only whole values are stored: a poisoned lock still holds a valid one.
+            let last = inner
+                .last_ready
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            last.as_ref()
+                .filter(|(at, _)| now.duration_since(*at) < READY_CHECK_INTERVAL)
+                .map(|(_, answer)| answer.clone())
+        };
+        if let Some(answer) = cached(&self.inner) {
+            return answer;
+        }
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
+        let answer = tokio::task::spawn_blocking(move || {
+            // The HSM's canary: a session, a derivation from each BDK in use and a signature
+            // by each key pair in use (TLS server key, CA, receipt key), each failure named.
             inner.keystore.check_health().map_err(|error| NotReady {
                 component: "hsm",
                 reason: error.to_string(),
@@ -365,7 +391,13 @@ impl Api for Platform {
                 component: "service",
                 reason: "readiness check did not finish".into(),
             })
-        })
+        });
+        *self
+            .inner
+            .last_ready
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((now, answer.clone()));
+        answer
     }
 }
 
@@ -405,7 +437,7 @@ impl Platform {
             }
         }
         let inner = Arc::clone(&self.inner);
-        blocking(move || receipts::answer(&inner, &outcome)).await
+        blocking(move || receipts::answer(&inner, &mut outcome)).await
     }
 }
 

@@ -16,7 +16,11 @@ pub(crate) fn malformed(error: &ProtocolError) -> Problem {
     Problem::new(ProblemCode::Malformed, error.to_string())
 }
 
-/// Maps a keystore error.
+/// Maps a keystore error. What may work when tried again (the HSM's session, token or device
+/// away, a stale handle, the HSM busy or recovering; see [`KeystoreError::is_unavailable`]) is
+/// `503 unavailable` (with `Retry-After`), never `500`; so is a key handle the store no longer
+/// knows (its session went with a lost token) and a refused PIN or a file it cannot read (the
+/// operator's to fix, not the terminal's).
 pub(crate) fn keystore(error: KeystoreError) -> Problem {
     match error {
         KeystoreError::UnknownBdk(id) => {
@@ -26,22 +30,30 @@ pub(crate) fn keystore(error: KeystoreError) -> Problem {
             ProblemCode::AuthenticationFailed,
             "the message does not authenticate under the terminal's key",
         ),
-        KeystoreError::SessionLost { .. }
+        error if error.is_unavailable() => {
+            tracing::warn!(%error, "keystore unavailable");
+            hsm_unavailable()
+        }
+        KeystoreError::UnknownKey
         | KeystoreError::Pkcs11 { .. }
-        | KeystoreError::TokenNotFound(_)
         | KeystoreError::PinRefused
         | KeystoreError::Io { .. } => {
             tracing::error!(%error, "keystore unavailable");
-            Problem::new(
-                ProblemCode::Unavailable,
-                "the HSM is unavailable; try again",
-            )
+            hsm_unavailable()
         }
         other => {
             tracing::error!(error = %other, "keystore fault");
             Problem::new(ProblemCode::Internal, "internal error")
         }
     }
+}
+
+/// The answer while the HSM cannot serve.
+fn hsm_unavailable() -> Problem {
+    Problem::new(
+        ProblemCode::Unavailable,
+        "the HSM is unavailable; try again",
+    )
 }
 
 /// Maps a storage error.
@@ -106,4 +118,53 @@ pub(crate) fn enrollment_detail() -> String {
 pub(crate) fn internal(what: &str) -> Problem {
     tracing::error!(what, "internal fault");
     Problem::new(ProblemCode::Internal, "internal error")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every keystore failure that may pass is 503, never 500; the terminal's own faults keep
+    /// their codes.
+    #[test]
+    fn keystore_faults_are_unavailable_and_refusals_keep_their_codes() {
+        let unavailable = [
+            KeystoreError::SessionLost {
+                function: "C_Sign",
+                code: "CKR_SESSION_HANDLE_INVALID".into(),
+            },
+            KeystoreError::StaleHandle { function: "C_Sign" },
+            KeystoreError::Device {
+                function: "C_Sign",
+                code: "CKR_DEVICE_ERROR".into(),
+            },
+            KeystoreError::Busy { what: "no session" },
+            KeystoreError::Recovering {
+                reason: "token gone".into(),
+            },
+            KeystoreError::TokenNotFound("t".into()),
+            KeystoreError::UnknownKey,
+            KeystoreError::PinRefused,
+            KeystoreError::Pkcs11 {
+                function: "C_Sign",
+                code: "CKR_DATA_LEN_RANGE".into(),
+            },
+        ];
+        for error in unavailable {
+            let text = error.to_string();
+            assert_eq!(keystore(error).code(), ProblemCode::Unavailable, "{text}");
+        }
+        assert_eq!(
+            keystore(KeystoreError::AuthenticationFailed).code(),
+            ProblemCode::AuthenticationFailed
+        );
+        assert_eq!(
+            keystore(KeystoreError::UnknownBdk("01020304".parse().unwrap())).code(),
+            ProblemCode::UnknownBdk
+        );
+        assert_eq!(
+            keystore(KeystoreError::InvalidInput { what: "x" }).code(),
+            ProblemCode::Internal
+        );
+    }
 }

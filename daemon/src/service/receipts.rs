@@ -3,8 +3,8 @@
 //! receipt key, both computed inside the keystore.
 
 use bytes::Bytes;
-use nfcpay_keystore::KeyPurpose;
 use nfcpay_keystore::dukpt::TransientKey;
+use nfcpay_keystore::{KeyHandle, KeyPurpose};
 use nfcpay_protocol::dukpt::WorkingKeyUsage;
 use nfcpay_protocol::messages::{Receipt, ReceiptFields, ReceiptStatus, SealedReceipt};
 use nfcpay_protocol::{Ksn, TerminalId, TxnId};
@@ -16,17 +16,47 @@ use crate::server::problem::{Problem, ProblemCode};
 use crate::storage::{TerminalState, TransactionStatus, TransactionView};
 
 /// The answer to a half: its sender's receipt. Blocking.
-pub(super) fn answer(inner: &Inner, outcome: &Outcome) -> Result<HalfAnswer, Problem> {
+///
+/// The half is in the ledger already, so a failure here must not read as a refusal: an HSM
+/// that cannot seal is `503 unavailable` saying that the half was recorded, and the same bytes
+/// sent again get the receipt (docs/protocol.md §8).
+pub(super) fn answer(inner: &Inner, outcome: &mut Outcome) -> Result<HalfAnswer, Problem> {
+    let mac_key = outcome.receipt_mac_key.take();
     let receipt = seal(
         inner,
         &outcome.view,
         &outcome.recipient,
         outcome.recipient_ksn,
-    )?;
+        mac_key,
+    )
+    .map_err(|problem| {
+        if problem.code() == ProblemCode::Unavailable {
+            tracing::warn!(
+                txn_id = %outcome.view.txn_id,
+                terminal = %outcome.recipient,
+                "half recorded but its receipt could not be sealed; a re-send gets it"
+            );
+            Problem::new(
+                ProblemCode::Unavailable,
+                "the half is recorded but its receipt could not be sealed; \
+                 send the same bytes again",
+            )
+        } else {
+            problem
+        }
+    })?;
     Ok(HalfAnswer {
         settled: outcome.view.status == TransactionStatus::Settled,
         receipt,
     })
+}
+
+/// Destroys the receipt MAC key of an outcome whose receipt is sealed later (a waiting
+/// terminal's, which may go away before it is): the key is derived again then.
+pub(super) fn release(inner: &Inner, outcome: &mut Outcome) {
+    if let Some(key) = outcome.receipt_mac_key.take() {
+        drop(TransientKey::new(inner.keystore.as_ref(), key));
+    }
 }
 
 /// The latest receipt of a payment for one of its parties. Blocking.
@@ -59,16 +89,20 @@ pub(super) fn status(inner: &Inner, client: &TerminalId, txn_id: TxnId) -> Resul
             "the terminal has no half in this transaction",
         )
     })?;
-    seal(inner, &view, client, ksn)
+    seal(inner, &view, client, ksn, None)
 }
 
-/// Builds and seals the receipt of `view` for `recipient`, whose half came under `ksn`.
+/// Builds and seals the receipt of `view` for `recipient`, whose half came under `ksn`, with
+/// `mac_key` (that KSN's MAC-verification key, destroyed here) or one derived now.
 fn seal(
     inner: &Inner,
     view: &TransactionView,
     recipient: &TerminalId,
     ksn: Ksn,
+    mac_key: Option<KeyHandle>,
 ) -> Result<Bytes, Problem> {
+    // Destroyed on every path, errors included.
+    let mac_key = mac_key.map(|key| TransientKey::new(inner.keystore.as_ref(), key));
     let status = match view.status {
         TransactionStatus::Pending => ReceiptStatus::Pending,
         TransactionStatus::Settled => ReceiptStatus::Settled,
@@ -96,11 +130,16 @@ fn seal(
         problems::internal("receipt")
     })?;
     let body = receipt.encode();
-    let mac_key = inner
-        .keys
-        .working_key(ksn, WorkingKeyUsage::MacVerification, KeyPurpose::Mac)
-        .map_err(problems::keystore)?;
-    let mac_key = TransientKey::new(inner.keystore.as_ref(), mac_key);
+    let mac_key = match mac_key {
+        Some(key) => key,
+        None => TransientKey::new(
+            inner.keystore.as_ref(),
+            inner
+                .keys
+                .working_key(ksn, WorkingKeyUsage::MacVerification, KeyPurpose::Mac)
+                .map_err(problems::keystore)?,
+        ),
+    };
     let cmac = inner
         .keystore
         .cmac_generate(mac_key.handle(), &body)

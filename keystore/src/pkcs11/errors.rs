@@ -16,7 +16,8 @@ pub(super) const UNWRAP: &str = "C_UnwrapKey(CKM_AES_KEY_WRAP)";
 /// Maps an error of the PKCS#11 function `function` to a [`KeystoreError`].
 ///
 /// - PIN refused or locked → [`KeystoreError::PinRefused`];
-/// - session, login or device gone → [`KeystoreError::SessionLost`] (the pool reopens);
+/// - session, login or token gone → [`KeystoreError::SessionLost`] (the store recovers);
+/// - the device failed → [`KeystoreError::Device`] (the store recovers);
 /// - key attributes forbid the operation → [`KeystoreError::KeyNotPermitted`];
 /// - handle unknown → [`KeystoreError::UnknownKey`];
 /// - tag, MAC or wrapped key does not verify → [`KeystoreError::AuthenticationFailed`];
@@ -44,6 +45,18 @@ pub(crate) fn map_error(function: &'static str, error: Error) -> KeystoreError {
         | RvError::TokenNotPresent
         | RvError::UserNotLoggedIn
         | RvError::CryptokiNotInitialized => KeystoreError::SessionLost {
+            function,
+            code: ckr_name(rv),
+        },
+        RvError::DeviceError
+        | RvError::DeviceMemory
+        | RvError::FunctionFailed
+        | RvError::TokenNotRecognized
+        | RvError::CryptokiAlreadyInitialized => KeystoreError::Device {
+            function,
+            code: ckr_name(rv),
+        },
+        RvError::GeneralError if !verifying => KeystoreError::Device {
             function,
             code: ckr_name(rv),
         },
@@ -131,11 +144,18 @@ mod tests {
         ));
         assert!(matches!(
             mapped("C_Encrypt", RvError::GeneralError),
-            KeystoreError::Pkcs11 { .. }
+            KeystoreError::Device { .. }
         ));
-        let KeystoreError::Pkcs11 { code, .. } = mapped("C_Encrypt", RvError::DeviceMemory) else {
-            panic!("not a Pkcs11 error")
+        assert!(mapped("C_Sign", RvError::DeviceRemoved).is_unavailable());
+        assert!(mapped("C_Sign", RvError::TokenNotPresent).is_unavailable());
+        let KeystoreError::Device { code, .. } = mapped("C_Encrypt", RvError::DeviceMemory) else {
+            panic!("not a device error")
         };
         assert_eq!(code, "CKR_DEVICE_MEMORY");
+        let KeystoreError::Pkcs11 { code, .. } = mapped("C_Encrypt", RvError::DataLenRange) else {
+            panic!("not a Pkcs11 error")
+        };
+        assert_eq!(code, "CKR_DATA_LEN_RANGE");
+        assert!(!mapped("C_Encrypt", RvError::DataLenRange).is_unavailable());
     }
 }

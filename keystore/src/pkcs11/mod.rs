@@ -3,10 +3,10 @@
 //! # Layout
 //!
 //! - [`Pkcs11Keystore`]: the [`Keystore`] implementation.
-//! - `pool`: the bounded pool of logged-in sessions ([`SESSIONS_MAX`]); a lost session or
-//!   login is reopened on the next call.
-//! - `ecb_derive`: `CKM_AES_ECB_ENCRYPT_DATA`, which cryptoki cannot name, through one raw
-//!   `C_DeriveKey` call (the crate's only `unsafe`).
+//! - `pool`: the bounded pool of logged-in sessions ([`SESSIONS_MAX`]), with a bounded wait
+//!   ([`SESSION_WAIT`]) and a bounded number of waiters ([`SESSION_WAITERS_MAX`]).
+//! - `ecb_derive`: `CKM_AES_ECB_ENCRYPT_DATA`, which cryptoki cannot name, through cryptoki's
+//!   own `C_DeriveKey` (one module instance, one function list).
 //! - `templates`: the attributes of BDKs, transient keys and EC key pairs.
 //! - `errors`: `map_error`, the one mapping of `CKR_*` codes to [`KeystoreError`].
 //!
@@ -21,10 +21,17 @@
 //! objects), so BDKs are looked up once and cached, each with a session copy
 //! (`C_CopyObject`, `CKA_TOKEN=false`, still sensitive and not extractable) that derivations
 //! use (1.7–2.5× faster in SoftHSM). Session objects die with the session that made them, so
-//! the copies belong to one long-lived *owner* session outside the pool; if it or the login
-//! is lost, the cache is rebuilt. Transient keys (derived, unwrapped, ECDH) are session
-//! objects of the pooled session that made them; their [`KeyHandle`] id is the raw object
-//! handle.
+//! the copies belong to one long-lived *owner* session outside the pool. A BDK ID not seen
+//! yet is searched in the token on first use (so a BDK added while the daemon runs needs no
+//! restart); an ID found missing is remembered as missing for
+//! [`UNKNOWN_BDK_RECHECK_INTERVAL`], and at most [`BDK_SEARCHES_PER_SECOND_MAX`] searches for
+//! unknown IDs run per second (KSNs come from outside). Transient keys (derived, unwrapped,
+//! ECDH) are session objects of the pooled session that made them; their [`KeyHandle`] id is
+//! the raw object handle.
+//!
+//! A persistent P-256 key pair found or made under a label gets a handle that names the
+//! label, not the object: the store looks the object up again when the token was re-opened,
+//! so long-lived users (the TLS server key, the CA, the receipt key) survive a recovery.
 //!
 //! A persistent symmetric key ([`Keystore::persist_key`]) is a token copy of a transient key
 //! (`C_CopyObject` with `CKA_TOKEN=true`, its label, and `CKA_ID` `nfcpay-persistent-key`, which
@@ -32,6 +39,22 @@
 //! sensitive, not extractable and limited to its purpose. Replacing one creates the new object
 //! first and then destroys the old; a crash in between leaves both, which `load_key` reports
 //! rather than guess. `load_key` makes a session copy; `delete_key` destroys the token object.
+//!
+//! # Recovery
+//!
+//! Every call passes a gate (a read lock, taken within [`SESSION_WAIT`]). A lost session or
+//! login only retires that session (the next one logs in again). A call that finds the token
+//! or the device gone, or a persistent key's handle stale ([`KeystoreError::needs_recovery`]),
+//! marks the store lost. The next call re-opens it, alone
+//! behind the gate's write lock (so no other thread is inside the module): it closes every
+//! session, forgets every cached handle, finalises and initialises the module again
+//! (SoftHSM2 sees a token that went away and came back only after `C_Initialize`), finds the
+//! token by label, logs in, and starts a new *epoch*. Handles of transient keys from an older
+//! epoch are refused as [`KeystoreError::UnknownKey`] (and destroying one is a no-op) without
+//! reaching the module, whose new handles may reuse their numbers. A failed attempt is
+//! retried after a backoff ([`RECOVERY_BACKOFF_MIN`] doubling to [`RECOVERY_BACKOFF_MAX`]);
+//! meanwhile calls fail at once with [`KeystoreError::Recovering`]. Finalising affects every
+//! user of the module in the process: one store per process.
 
 mod ecb_derive;
 mod errors;
@@ -39,6 +62,7 @@ mod pool;
 mod templates;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -48,16 +72,17 @@ use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
-use nfcpay_protocol::BdkId;
+use cryptoki::slot::Slot;
 use nfcpay_protocol::dukpt::{DerivationData, KeyAlgorithm};
+use nfcpay_protocol::{BdkId, InitialKeyId};
+use parking_lot::{RwLock, RwLockReadGuard};
 use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, Zeroizing};
 
-use self::ecb_derive::EcbDerive;
 pub(crate) use self::errors::map_error;
 use self::errors::{GCM_DECRYPT, UNWRAP};
-pub use self::pool::SESSIONS_MAX;
 use self::pool::{Connector, SessionPool};
+pub use self::pool::{SESSION_WAIT, SESSION_WAITERS_MAX, SESSIONS_MAX};
 use crate::types::EC_P256_PUBLIC_KEY_BYTES;
 use crate::uri::Pkcs11Uri;
 use crate::{
@@ -70,6 +95,17 @@ use crate::{
 pub const UNKNOWN_BDK_RECHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// Most unknown BDK IDs remembered; the memory is cleared when it is full.
 pub const UNKNOWN_BDKS_MAX: usize = 1024;
+/// Most token searches for BDK IDs not cached yet, per second; beyond it a lookup fails as
+/// busy (retryable) rather than as unknown.
+pub const BDK_SEARCHES_PER_SECOND_MAX: u32 = 20;
+/// First wait before a failed recovery is tried again.
+pub const RECOVERY_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between recovery attempts.
+pub const RECOVERY_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Longest a recovery waits for the calls in progress to leave the module.
+const RECOVERY_GATE_WAIT: Duration = Duration::from_secs(5);
+/// The epoch of persistent key pair handles, which name a label rather than an object.
+const PERSISTENT_EPOCH: u32 = u32::MAX;
 /// Longest BDK description value read back from the token, in bytes.
 const BDK_DESCRIPTION_BYTES_MAX: usize = 256;
 /// Tag length of AES-GCM, in bits.
@@ -79,18 +115,56 @@ const KEY_WRAP_OVERHEAD_BYTES: usize = 8;
 
 /// A key store in a PKCS#11 token, named by a `pkcs11:` URI.
 pub struct Pkcs11Keystore {
+    connector: Connector,
+    /// The token's label (slots are found by it, again after each recovery).
+    token: String,
+    /// The slot and epoch of the current opening; the gate every call passes.
+    live: RwLock<Live>,
     pool: SessionPool,
-    ecb: EcbDerive,
     owner: Mutex<Owner>,
     ec_keys: Mutex<EcKeys>,
+    recovery: Mutex<Recovery>,
+    /// `recovery.needed`, readable without the lock: the fast path of every call.
+    lost: AtomicBool,
+    /// Held by the one thread re-opening the token.
+    recovering: Mutex<()>,
+}
+
+/// The current opening of the token.
+struct Live {
+    slot: Slot,
+    epoch: u32,
+}
+
+/// Whether the token must be re-opened, and when to try next.
+struct Recovery {
+    needed: bool,
+    /// When the loss was first seen.
+    since: Instant,
+    failures: u32,
+    next_attempt: Instant,
+    /// The last failure, for [`KeystoreError::Recovering`] and readiness.
+    reason: String,
 }
 
 /// The owner session and the objects cached under it.
-#[derive(Default)]
 struct Owner {
     session: Option<Session>,
     bdks: HashMap<BdkId, CachedBdk>,
     unknown_bdks: HashMap<BdkId, Instant>,
+    /// Searches for uncached BDK IDs in the current second.
+    searches: (Instant, u32),
+}
+
+impl Default for Owner {
+    fn default() -> Self {
+        Self {
+            session: None,
+            bdks: HashMap::new(),
+            unknown_bdks: HashMap::new(),
+            searches: (Instant::now(), 0),
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -119,12 +193,68 @@ impl From<BdkInfoCopy> for BdkInfo {
     }
 }
 
-/// P-256 key pairs this store knows: persistent ones by label, and every private key's
-/// public half (to destroy both).
+/// P-256 key pairs this store knows: persistent ones by label (their handles index
+/// `persistent`), and transient private keys' public halves (to destroy both).
 #[derive(Default)]
 struct EcKeys {
-    by_label: HashMap<KeyLabel, (u64, EcPublicKey)>,
-    public_of: HashMap<u64, ObjectHandle>,
+    persistent: Vec<PersistentPair>,
+    by_label: HashMap<KeyLabel, usize>,
+    public_of: HashMap<(u32, u64), ObjectHandle>,
+}
+
+/// A persistent key pair: its label, public key, and its objects in the epoch that found them.
+struct PersistentPair {
+    label: KeyLabel,
+    point: EcPublicKey,
+    objects: Option<PairObjects>,
+    destroyed: bool,
+}
+
+#[derive(Clone, Copy)]
+struct PairObjects {
+    epoch: u32,
+    private_key: ObjectHandle,
+    public_key: ObjectHandle,
+}
+
+impl EcKeys {
+    /// The handle of the persistent pair labelled `label` with these objects, registered
+    /// (or updated) here.
+    fn register(
+        &mut self,
+        label: &KeyLabel,
+        point: EcPublicKey,
+        objects: PairObjects,
+    ) -> PrivateKeyHandle {
+        let index = match self.by_label.get(label) {
+            Some(&index) => {
+                let pair = &mut self.persistent[index];
+                pair.point = point;
+                pair.objects = Some(objects);
+                index
+            }
+            None => {
+                self.persistent.push(PersistentPair {
+                    label: label.clone(),
+                    point,
+                    objects: Some(objects),
+                    destroyed: false,
+                });
+                let index = self.persistent.len() - 1;
+                self.by_label.insert(label.clone(), index);
+                index
+            }
+        };
+        PrivateKeyHandle::with_epoch(index as u64, PERSISTENT_EPOCH)
+    }
+
+    /// Forgets every object handle (the token is being re-opened); labels stay.
+    fn forget_objects(&mut self) {
+        for pair in &mut self.persistent {
+            pair.objects = None;
+        }
+        self.public_of.clear();
+    }
 }
 
 /// `result.ck("C_Function")?`: maps a cryptoki error through [`map_error`].
@@ -136,6 +266,45 @@ impl<T> Checked<T> for cryptoki::error::Result<T> {
     fn ck(self, function: &'static str) -> Result<T, KeystoreError> {
         self.map_err(|error| map_error(function, error))
     }
+}
+
+/// A call's pass through the gate: the current slot and epoch, stable while it is held.
+struct Gate<'s>(RwLockReadGuard<'s, Live>);
+
+impl Gate<'_> {
+    fn slot(&self) -> Slot {
+        self.0.slot
+    }
+
+    fn epoch(&self) -> u32 {
+        self.0.epoch
+    }
+}
+
+/// Initialises the module, sharing it if another store in this process already did.
+fn initialize(context: &Pkcs11) -> Result<(), KeystoreError> {
+    match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(
+            cryptoki::error::RvError::CryptokiAlreadyInitialized,
+            _,
+        )) => Ok(()),
+        Err(error) => Err(map_error("C_Initialize", error)),
+    }
+}
+
+/// The slot holding the token labelled `label` (slot IDs change when tokens are initialised).
+fn find_slot(context: &Pkcs11, label: &str) -> Result<Slot, KeystoreError> {
+    context
+        .get_slots_with_token()
+        .ck("C_GetSlotList")?
+        .into_iter()
+        .find(|slot| {
+            context
+                .get_token_info(*slot)
+                .is_ok_and(|info| info.label().trim_end() == label)
+        })
+        .ok_or_else(|| KeystoreError::TokenNotFound(label.to_owned()))
 }
 
 impl Pkcs11Keystore {
@@ -155,41 +324,33 @@ impl Pkcs11Keystore {
                 module.display()
             ))
         })?;
-        match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-            // Another store in this process initialised the module already: share it.
-            Ok(())
-            | Err(cryptoki::error::Error::Pkcs11(
-                cryptoki::error::RvError::CryptokiAlreadyInitialized,
-                _,
-            )) => {}
-            Err(error) => return Err(map_error("C_Initialize", error)),
-        }
-        // Slot IDs change when tokens are initialised: select by label.
-        let slot = context
-            .get_slots_with_token()
-            .ck("C_GetSlotList")?
-            .into_iter()
-            .find(|slot| {
-                context
-                    .get_token_info(*slot)
-                    .is_ok_and(|info| info.label().trim_end() == label)
-            })
-            .ok_or_else(|| KeystoreError::TokenNotFound(label.clone()))?;
-        let ecb = EcbDerive::load(&module)?;
+        initialize(&context)?;
+        let slot = find_slot(&context, &label)?;
         let connector = Connector {
             context,
-            slot,
             uri: uri.clone(),
         };
-        let owner_session = connector.open()?;
+        let owner_session = connector.open(slot)?;
+        let now = Instant::now();
         let store = Self {
-            pool: SessionPool::new(connector),
-            ecb,
+            connector,
+            token: label.clone(),
+            live: RwLock::new(Live { slot, epoch: 1 }),
+            pool: SessionPool::new(),
             owner: Mutex::new(Owner {
                 session: Some(owner_session),
                 ..Owner::default()
             }),
             ec_keys: Mutex::new(EcKeys::default()),
+            recovery: Mutex::new(Recovery {
+                needed: false,
+                since: now,
+                failures: 0,
+                next_attempt: now,
+                reason: String::new(),
+            }),
+            lost: AtomicBool::new(false),
+            recovering: Mutex::new(()),
         };
         store.check_health()?;
         tracing::info!(token = %label, module = %module.display(), "PKCS#11 keystore open");
@@ -205,31 +366,234 @@ impl Pkcs11Keystore {
         self.ec_keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Runs `work` on the owner session (opened again if lost). A lost session or handle
-    /// empties the caches, since every cached handle may be stale.
-    fn with_owner<T>(
+    fn recovery(&self) -> MutexGuard<'_, Recovery> {
+        self.recovery.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `work` past the gate (re-opening the token first when it was lost and an attempt
+    /// is due), and marks the token lost when `work` says so.
+    fn call<T>(
         &self,
-        owner: &mut Owner,
-        work: impl FnOnce(&Session, &mut HashMap<BdkId, CachedBdk>) -> Result<T, KeystoreError>,
+        work: impl FnOnce(&Gate<'_>) -> Result<T, KeystoreError>,
     ) -> Result<T, KeystoreError> {
-        if owner.session.is_none() {
-            owner.session = Some(self.pool.connector().open()?);
-        }
-        let Some(session) = owner.session.as_ref() else {
-            unreachable!("owner session opened above")
-        };
-        self.pool.connector().ensure_logged_in(session)?;
-        let result = work(session, &mut owner.bdks);
-        if let Err(KeystoreError::SessionLost { .. }) = &result {
-            owner.session = None;
-            owner.bdks.clear();
-            self.ec_keys().by_label.clear();
+        self.recover_if_due()?;
+        let gate = Gate(
+            self.live
+                .try_read_for(SESSION_WAIT)
+                .ok_or(KeystoreError::Busy {
+                    what: "the HSM is being re-opened",
+                })?,
+        );
+        let result = work(&gate);
+        drop(gate);
+        if let Err(error) = &result
+            && error.needs_recovery()
+        {
+            self.mark_lost(error);
         }
         result
     }
 
+    /// Runs `work` with a pooled session, past the gate.
+    fn with_session<T>(
+        &self,
+        work: impl FnOnce(&Session, &Gate<'_>) -> Result<T, KeystoreError>,
+    ) -> Result<T, KeystoreError> {
+        self.call(|gate| {
+            self.pool
+                .with_session(&self.connector, gate.slot(), |session| work(session, gate))
+        })
+    }
+
+    fn mark_lost(&self, error: &KeystoreError) {
+        let mut recovery = self.recovery();
+        if !recovery.needed {
+            tracing::error!(%error, "HSM token or session lost; re-opening it");
+            let now = Instant::now();
+            recovery.needed = true;
+            self.lost.store(true, Ordering::Release);
+            recovery.since = now;
+            recovery.failures = 0;
+            recovery.next_attempt = now;
+            recovery.reason = error.to_string();
+        }
+    }
+
+    /// Re-opens the token if it was lost and an attempt is due; fails at once while a
+    /// recovery waits for its next attempt or runs on another thread.
+    fn recover_if_due(&self) -> Result<(), KeystoreError> {
+        if !self.lost.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        {
+            let recovery = self.recovery();
+            if !recovery.needed {
+                return Ok(());
+            }
+            if Instant::now() < recovery.next_attempt {
+                return Err(KeystoreError::Recovering {
+                    reason: recovery.reason.clone(),
+                });
+            }
+        }
+        let Ok(_alone) = self.recovering.try_lock() else {
+            return Err(KeystoreError::Recovering {
+                reason: "the token is being re-opened".to_owned(),
+            });
+        };
+        {
+            // Another thread may have finished a recovery meanwhile.
+            let recovery = self.recovery();
+            if !recovery.needed {
+                return Ok(());
+            }
+            if Instant::now() < recovery.next_attempt {
+                return Err(KeystoreError::Recovering {
+                    reason: recovery.reason.clone(),
+                });
+            }
+        }
+        let reopened = self.reopen();
+        let mut recovery = self.recovery();
+        match reopened {
+            Ok(epoch) => {
+                recovery.needed = false;
+                self.lost.store(false, Ordering::Release);
+                tracing::info!(
+                    epoch,
+                    failed_attempts = recovery.failures,
+                    lost_for_ms = recovery.since.elapsed().as_millis() as u64,
+                    "HSM token re-opened"
+                );
+                Ok(())
+            }
+            Err(error) => {
+                recovery.failures = recovery.failures.saturating_add(1);
+                let backoff = RECOVERY_BACKOFF_MIN
+                    .saturating_mul(1 << recovery.failures.min(10).saturating_sub(1))
+                    .min(RECOVERY_BACKOFF_MAX);
+                recovery.next_attempt = Instant::now() + backoff;
+                recovery.reason = error.to_string();
+                tracing::warn!(
+                    %error,
+                    attempt = recovery.failures,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "HSM token could not be re-opened yet"
+                );
+                Err(KeystoreError::Recovering {
+                    reason: recovery.reason.clone(),
+                })
+            }
+        }
+    }
+
+    /// Closes everything, finalises and initialises the module, finds the token and logs in.
+    /// Returns the new epoch.
+    fn reopen(&self) -> Result<u32, KeystoreError> {
+        let mut live = self
+            .live
+            .try_write_for(RECOVERY_GATE_WAIT)
+            .ok_or(KeystoreError::Busy {
+                what: "HSM calls in progress did not finish",
+            })?;
+        // Nobody is past the gate: no session is checked out, no module call runs.
+        self.pool.close_all();
+        {
+            let mut owner = self.owner();
+            owner.session = None;
+            owner.bdks.clear();
+            owner.unknown_bdks.clear();
+        }
+        self.ec_keys().forget_objects();
+        let context = &self.connector.context;
+        if let Err(error) = context.clone().finalize() {
+            tracing::debug!(error = %map_error("C_Finalize", error), "finalising before re-opening");
+        }
+        initialize(context)?;
+        let slot = find_slot(context, &self.token)?;
+        let session = self.connector.open(slot)?;
+        self.owner().session = Some(session);
+        live.slot = slot;
+        live.epoch = match live.epoch.wrapping_add(1) {
+            0 | PERSISTENT_EPOCH => 1,
+            next => next,
+        };
+        Ok(live.epoch)
+    }
+
+    /// The object behind a transient key handle of the current epoch.
+    fn object(key: &KeyHandle, gate: &Gate<'_>) -> Result<ObjectHandle, KeystoreError> {
+        if key.epoch() != gate.epoch() {
+            // It died with the sessions of an earlier opening of the token.
+            return Err(KeystoreError::UnknownKey);
+        }
+        Ok(raw_object(key.id()))
+    }
+
+    /// The private key object behind `key`: a transient key of the current epoch, or a
+    /// persistent pair, looked up again by label when the token was re-opened since.
+    fn private_object(
+        &self,
+        key: &PrivateKeyHandle,
+        session: &Session,
+        gate: &Gate<'_>,
+    ) -> Result<ObjectHandle, KeystoreError> {
+        if key.epoch() != PERSISTENT_EPOCH {
+            if key.epoch() != gate.epoch() {
+                return Err(KeystoreError::UnknownKey);
+            }
+            return Ok(raw_object(key.id()));
+        }
+        let label = {
+            let ec_keys = self.ec_keys();
+            let pair = usize::try_from(key.id())
+                .ok()
+                .and_then(|index| ec_keys.persistent.get(index))
+                .filter(|pair| !pair.destroyed)
+                .ok_or(KeystoreError::UnknownKey)?;
+            if let Some(objects) = pair.objects
+                && objects.epoch == gate.epoch()
+            {
+                return Ok(objects.private_key);
+            }
+            pair.label.clone()
+        };
+        match find_pair(session, &label)? {
+            Some((private_key, public_key, point)) => {
+                let objects = PairObjects {
+                    epoch: gate.epoch(),
+                    private_key,
+                    public_key,
+                };
+                self.ec_keys().register(&label, point, objects);
+                Ok(private_key)
+            }
+            // It was there: the token does not show its objects (yet).
+            None => Err(KeystoreError::StaleHandle {
+                function: "C_FindObjects",
+            }),
+        }
+    }
+
+    /// Runs `work` on the owner session (opened again if lost).
+    fn with_owner<T>(
+        &self,
+        gate: &Gate<'_>,
+        owner: &mut Owner,
+        work: impl FnOnce(&Session, &mut HashMap<BdkId, CachedBdk>) -> Result<T, KeystoreError>,
+    ) -> Result<T, KeystoreError> {
+        if owner.session.is_none() {
+            owner.session = Some(self.connector.open(gate.slot())?);
+        }
+        let Some(session) = owner.session.as_ref() else {
+            unreachable!("owner session opened above")
+        };
+        self.connector.ensure_logged_in(session)?;
+        work(session, &mut owner.bdks)
+    }
+
     /// The cached BDK, looked up (and its session copy made) on first use.
-    fn cached_bdk(&self, bdk_id: BdkId) -> Result<CachedBdk, KeystoreError> {
+    fn cached_bdk(&self, gate: &Gate<'_>, bdk_id: BdkId) -> Result<CachedBdk, KeystoreError> {
         let mut owner = self.owner();
         if let Some(cached) = owner.bdks.get(&bdk_id) {
             return Ok(*cached);
@@ -239,7 +603,17 @@ impl Pkcs11Keystore {
         {
             return Err(KeystoreError::UnknownBdk(bdk_id));
         }
-        let found = self.with_owner(&mut owner, |session, bdks| {
+        let now = Instant::now();
+        if now.duration_since(owner.searches.0) >= Duration::from_secs(1) {
+            owner.searches = (now, 0);
+        }
+        if owner.searches.1 >= BDK_SEARCHES_PER_SECOND_MAX {
+            return Err(KeystoreError::Busy {
+                what: "too many searches for new BDK IDs this second",
+            });
+        }
+        owner.searches.1 += 1;
+        let found = self.with_owner(gate, &mut owner, |session, bdks| {
             let Some((token_key, info)) = find_bdk(session, bdk_id)? else {
                 return Ok(None);
             };
@@ -248,6 +622,7 @@ impl Pkcs11Keystore {
                 .ck("C_CopyObject")?;
             let cached = CachedBdk { info, session_copy };
             bdks.insert(bdk_id, cached);
+            tracing::info!(bdk_id = %bdk_id, kcv = %info.kcv, "BDK found in the token");
             Ok(Some(cached))
         })?;
         match found {
@@ -284,65 +659,17 @@ impl Pkcs11Keystore {
         algorithm: KeyAlgorithm,
         create: impl FnOnce(&Session) -> Result<ObjectHandle, KeystoreError>,
     ) -> Result<BdkInfo, KeystoreError> {
-        let mut owner = self.owner();
-        if owner.bdks.contains_key(&bdk_id) {
-            return Err(KeystoreError::BdkExists(bdk_id));
-        }
-        let info = self.with_owner(&mut owner, |session, bdks| {
-            let label = templates::bdk_label(bdk_id);
-            let existing = session
-                .find_objects(&[Attribute::Label(label.clone().into_bytes())])
-                .ck("C_FindObjects")?;
-            if !existing.is_empty() {
+        let info = self.call(|gate| {
+            let mut owner = self.owner();
+            if owner.bdks.contains_key(&bdk_id) {
                 return Err(KeystoreError::BdkExists(bdk_id));
             }
-            let mut made = Vec::with_capacity(3);
-            let result = (|| {
-                let key = create(session)?;
-                made.push(key);
-                let kcv = kcv_of(session, key)?;
-                session
-                    .update_attributes(key, &[Attribute::Sign(false)])
-                    .ck("C_SetAttributeValue")?;
-                let info = BdkInfoCopy {
-                    bdk_id,
-                    algorithm,
-                    kcv,
-                    created_unix_seconds: unix_seconds_now(),
-                };
-                let description = session
-                    .create_object(&templates::bdk_description(
-                        bdk_id,
-                        describe(&info).into_bytes(),
-                    ))
-                    .ck("C_CreateObject")?;
-                made.push(description);
-                let session_copy = session
-                    .copy_object(key, &[Attribute::Token(false)])
-                    .ck("C_CopyObject")?;
-                made.push(session_copy);
-                Ok(CachedBdk { info, session_copy })
-            })();
-            match result {
-                Ok(cached) => {
-                    bdks.insert(bdk_id, cached);
-                    Ok(cached.info)
-                }
-                Err(error) => {
-                    for object in made.into_iter().rev() {
-                        if let Err(destroy_error) = session.destroy_object(object) {
-                            tracing::error!(
-                                bdk_id = %bdk_id,
-                                error = %map_error("C_DestroyObject", destroy_error),
-                                "could not roll back a half-made BDK"
-                            );
-                        }
-                    }
-                    Err(error)
-                }
-            }
+            let info = self.with_owner(gate, &mut owner, |session, bdks| {
+                create_bdk_objects(session, bdks, bdk_id, algorithm, create)
+            })?;
+            owner.unknown_bdks.remove(&bdk_id);
+            Ok(info)
         })?;
-        owner.unknown_bdks.remove(&bdk_id);
         tracing::info!(bdk_id = %bdk_id, kcv = %info.kcv, algorithm = %algorithm, "BDK stored");
         Ok(info.into())
     }
@@ -350,18 +677,21 @@ impl Pkcs11Keystore {
     /// One derivation on a pooled session.
     fn derive_from(
         &self,
-        base: ObjectHandle,
+        base: DeriveFrom<'_>,
         data: &DerivationData,
         purpose: KeyPurpose,
     ) -> Result<KeyHandle, KeystoreError> {
         let algorithm = data.derived_algorithm();
         let template = templates::transient_key(algorithm, purpose, true);
-        let key = self.pool.with_session(|session| {
-            self.ecb
-                .derive(session, base, data.as_bytes(), &template)
-                .ck("C_DeriveKey(CKM_AES_ECB_ENCRYPT_DATA)")
-        })?;
-        Ok(KeyHandle::new(key.handle(), algorithm))
+        self.with_session(|session, gate| {
+            let base = match base {
+                DeriveFrom::Key(key) => Self::object(key, gate)?,
+                DeriveFrom::Bdk(bdk_id) => self.cached_bdk(gate, bdk_id)?.session_copy,
+            };
+            let key = ecb_derive::derive(session, base, data.as_bytes(), &template)
+                .ck("C_DeriveKey(CKM_AES_ECB_ENCRYPT_DATA)")?;
+            Ok(KeyHandle::with_epoch(key.handle(), algorithm, gate.epoch()))
+        })
     }
 
     /// A P-256 key pair's public key, from `CKA_EC_POINT` (a DER OCTET STRING around the
@@ -389,6 +719,147 @@ impl Pkcs11Keystore {
             other => other,
         };
         EcPublicKey::try_from(bare)
+    }
+
+    /// The canary of readiness: a derivation from each cached BDK (destroyed at once) and a
+    /// signature by each persistent key pair in use, each failure naming its part.
+    fn canary(&self) -> Result<(), KeystoreError> {
+        let bdks: Vec<BdkId> = self.owner().bdks.keys().copied().collect();
+        for bdk_id in bdks {
+            let mut id = [0u8; 8];
+            id[..4].copy_from_slice(&bdk_id.to_bytes());
+            let data = DerivationData::initial_key(KeyAlgorithm::Aes128, InitialKeyId::from(id));
+            let key = self
+                .derive(DeriveBase::Bdk(bdk_id), &data, KeyPurpose::Derive)
+                .map_err(|error| part_failed(&format!("derive from BDK {bdk_id}"), &error))?;
+            self.destroy(key)?;
+        }
+        let pairs: Vec<(usize, KeyLabel)> = {
+            let ec_keys = self.ec_keys();
+            ec_keys
+                .persistent
+                .iter()
+                .enumerate()
+                .filter(|(_, pair)| !pair.destroyed)
+                .map(|(index, pair)| (index, pair.label.clone()))
+                .collect()
+        };
+        for (index, label) in pairs {
+            let key = PrivateKeyHandle::with_epoch(index as u64, PERSISTENT_EPOCH);
+            self.sign_p256_sha256(&key, b"nfcpay readiness canary")
+                .map_err(|error| part_failed(&format!("sign with {label}"), &error))?;
+        }
+        Ok(())
+    }
+}
+
+/// What a derivation starts from, inside the store.
+enum DeriveFrom<'a> {
+    Key(&'a KeyHandle),
+    Bdk(BdkId),
+}
+
+/// `error` with the part of the canary that failed in front; keeps it retryable or not.
+fn part_failed(part: &str, error: &KeystoreError) -> KeystoreError {
+    if error.is_unavailable() {
+        KeystoreError::Recovering {
+            reason: format!("{part}: {error}"),
+        }
+    } else {
+        KeystoreError::Configuration(format!("{part}: {error}"))
+    }
+}
+
+/// The objects and public key of the persistent pair labelled `label`, if there is one.
+fn find_pair(
+    session: &Session,
+    label: &KeyLabel,
+) -> Result<Option<(ObjectHandle, ObjectHandle, EcPublicKey)>, KeystoreError> {
+    let find = |class| {
+        session
+            .find_objects(&[
+                Attribute::Class(class),
+                Attribute::KeyType(KeyType::EC),
+                Attribute::Token(true),
+                Attribute::Label(label.as_str().as_bytes().to_vec()),
+            ])
+            .ck("C_FindObjects")
+    };
+    let private_keys = find(ObjectClass::PRIVATE_KEY)?;
+    let public_keys = find(ObjectClass::PUBLIC_KEY)?;
+    match (private_keys.as_slice(), public_keys.as_slice()) {
+        ([], _) => Ok(None),
+        ([private_key], [public_key]) => {
+            let point = Pkcs11Keystore::read_ec_point(session, *public_key)?;
+            Ok(Some((*private_key, *public_key, point)))
+        }
+        _ => Err(KeystoreError::Configuration(format!(
+            "the token holds {} private and {} public keys labelled {label}; expected one pair",
+            private_keys.len(),
+            public_keys.len()
+        ))),
+    }
+}
+
+/// The objects of a new BDK (see [`Pkcs11Keystore::create_bdk`]).
+fn create_bdk_objects(
+    session: &Session,
+    bdks: &mut HashMap<BdkId, CachedBdk>,
+    bdk_id: BdkId,
+    algorithm: KeyAlgorithm,
+    create: impl FnOnce(&Session) -> Result<ObjectHandle, KeystoreError>,
+) -> Result<BdkInfoCopy, KeystoreError> {
+    let label = templates::bdk_label(bdk_id);
+    let existing = session
+        .find_objects(&[Attribute::Label(label.clone().into_bytes())])
+        .ck("C_FindObjects")?;
+    if !existing.is_empty() {
+        return Err(KeystoreError::BdkExists(bdk_id));
+    }
+    let mut made = Vec::with_capacity(3);
+    let result = (|| {
+        let key = create(session)?;
+        made.push(key);
+        let kcv = kcv_of(session, key)?;
+        session
+            .update_attributes(key, &[Attribute::Sign(false)])
+            .ck("C_SetAttributeValue")?;
+        let info = BdkInfoCopy {
+            bdk_id,
+            algorithm,
+            kcv,
+            created_unix_seconds: unix_seconds_now(),
+        };
+        let description = session
+            .create_object(&templates::bdk_description(
+                bdk_id,
+                describe(&info).into_bytes(),
+            ))
+            .ck("C_CreateObject")?;
+        made.push(description);
+        let session_copy = session
+            .copy_object(key, &[Attribute::Token(false)])
+            .ck("C_CopyObject")?;
+        made.push(session_copy);
+        Ok(CachedBdk { info, session_copy })
+    })();
+    match result {
+        Ok(cached) => {
+            bdks.insert(bdk_id, cached);
+            Ok(cached.info)
+        }
+        Err(error) => {
+            for object in made.into_iter().rev() {
+                if let Err(destroy_error) = session.destroy_object(object) {
+                    tracing::error!(
+                        bdk_id = %bdk_id,
+                        error = %map_error("C_DestroyObject", destroy_error),
+                        "could not roll back a half-made BDK"
+                    );
+                }
+            }
+            Err(error)
+        }
     }
 }
 
@@ -432,11 +903,14 @@ impl Keystore for Pkcs11Keystore {
     }
 
     fn bdk_info(&self, bdk_id: BdkId) -> Result<BdkInfo, KeystoreError> {
-        Ok(self.cached_bdk(bdk_id)?.info.into())
+        if let Some(cached) = self.owner().bdks.get(&bdk_id) {
+            return Ok(cached.info.into());
+        }
+        self.call(|gate| Ok(self.cached_bdk(gate, bdk_id)?.info.into()))
     }
 
     fn list_bdks(&self) -> Result<Vec<BdkInfo>, KeystoreError> {
-        let mut infos = self.pool.with_session(|session| {
+        let mut infos = self.with_session(|session, _| {
             let descriptions = session
                 .find_objects(&[
                     Attribute::Class(ObjectClass::DATA),
@@ -467,15 +941,13 @@ impl Keystore for Pkcs11Keystore {
         purpose: KeyPurpose,
     ) -> Result<KeyHandle, KeystoreError> {
         match base {
-            DeriveBase::Key(key) => self.derive_from(object(key), data, purpose),
+            DeriveBase::Key(key) => self.derive_from(DeriveFrom::Key(key), data, purpose),
             DeriveBase::Bdk(bdk_id) => {
-                let cached = self.cached_bdk(bdk_id)?;
-                match self.derive_from(cached.session_copy, data, purpose) {
+                match self.derive_from(DeriveFrom::Bdk(bdk_id), data, purpose) {
                     // The copy went with a lost owner session or login: rebuild it once.
                     Err(KeystoreError::UnknownKey) => {
                         self.forget_bdk(bdk_id);
-                        let cached = self.cached_bdk(bdk_id)?;
-                        self.derive_from(cached.session_copy, data, purpose)
+                        self.derive_from(DeriveFrom::Bdk(bdk_id), data, purpose)
                     }
                     other => other,
                 }
@@ -492,9 +964,13 @@ impl Keystore for Pkcs11Keystore {
     ) -> Result<Vec<u8>, KeystoreError> {
         let mut iv = *nonce;
         let params = GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).ck("C_EncryptInit")?;
-        self.pool.with_session(|session| {
+        self.with_session(|session, gate| {
             session
-                .encrypt(&Mechanism::AesGcm(params), object(key), plaintext)
+                .encrypt(
+                    &Mechanism::AesGcm(params),
+                    Self::object(key, gate)?,
+                    plaintext,
+                )
                 .ck("C_Encrypt(CKM_AES_GCM)")
         })
     }
@@ -511,9 +987,13 @@ impl Keystore for Pkcs11Keystore {
         }
         let mut iv = *nonce;
         let params = GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).ck("C_DecryptInit")?;
-        self.pool.with_session(|session| {
+        self.with_session(|session, gate| {
             session
-                .decrypt(&Mechanism::AesGcm(params), object(key), ciphertext_and_tag)
+                .decrypt(
+                    &Mechanism::AesGcm(params),
+                    Self::object(key, gate)?,
+                    ciphertext_and_tag,
+                )
                 .map(Zeroizing::new)
                 // SoftHSM reports a bad tag as CKR_GENERAL_ERROR: map_error knows GCM_DECRYPT.
                 .ck(GCM_DECRYPT)
@@ -525,24 +1005,22 @@ impl Keystore for Pkcs11Keystore {
         key: &KeyHandle,
         data: &[u8],
     ) -> Result<[u8; CMAC_BYTES], KeystoreError> {
-        self.pool
-            .with_session(|session| cmac(session, object(key), data))
+        self.with_session(|session, gate| cmac(session, Self::object(key, gate)?, data))
     }
 
     fn cmac_verify(&self, key: &KeyHandle, data: &[u8], mac: &[u8]) -> Result<(), KeystoreError> {
         if mac.len() != CMAC_BYTES {
             return Err(KeystoreError::AuthenticationFailed);
         }
-        self.pool.with_session(|session| {
+        self.with_session(|session, gate| {
             session
-                .verify(&Mechanism::AesCMac, object(key), data, mac)
+                .verify(&Mechanism::AesCMac, Self::object(key, gate)?, data, mac)
                 .ck("C_Verify(CKM_AES_CMAC)")
         })
     }
 
     fn kcv(&self, key: &KeyHandle) -> Result<Kcv, KeystoreError> {
-        self.pool
-            .with_session(|session| kcv_of(session, object(key)))
+        self.with_session(|session, gate| kcv_of(session, Self::object(key, gate)?))
     }
 
     fn generate_ec_p256(
@@ -555,7 +1033,7 @@ impl Keystore for Pkcs11Keystore {
                 what: "a key pair with this label already exists",
             });
         }
-        let (private_key, public_key, point) = self.pool.with_session(|session| {
+        self.with_session(|session, gate| {
             let (public_key, private_key) = session
                 .generate_key_pair(
                     &Mechanism::EccKeyPairGen,
@@ -563,67 +1041,67 @@ impl Keystore for Pkcs11Keystore {
                     &templates::ec_private(label.as_str(), persistent),
                 )
                 .ck("C_GenerateKeyPair")?;
-            match Self::read_ec_point(session, public_key) {
-                Ok(point) => Ok((private_key, public_key, point)),
+            let point = match Self::read_ec_point(session, public_key) {
+                Ok(point) => point,
                 Err(error) => {
                     let _ = session.destroy_object(private_key);
                     let _ = session.destroy_object(public_key);
-                    Err(error)
+                    return Err(error);
                 }
-            }
-        })?;
-        let mut ec_keys = self.ec_keys();
-        ec_keys.public_of.insert(private_key.handle(), public_key);
-        if persistent {
-            ec_keys
-                .by_label
-                .insert(label.clone(), (private_key.handle(), point.clone()));
-        }
-        Ok((PrivateKeyHandle::new(private_key.handle()), point))
+            };
+            let mut ec_keys = self.ec_keys();
+            let handle = if persistent {
+                let objects = PairObjects {
+                    epoch: gate.epoch(),
+                    private_key,
+                    public_key,
+                };
+                ec_keys.register(label, point.clone(), objects)
+            } else {
+                ec_keys
+                    .public_of
+                    .insert((gate.epoch(), private_key.handle()), public_key);
+                PrivateKeyHandle::with_epoch(private_key.handle(), gate.epoch())
+            };
+            Ok((handle, point))
+        })
     }
 
     fn find_ec_p256(
         &self,
         label: &KeyLabel,
     ) -> Result<Option<(PrivateKeyHandle, EcPublicKey)>, KeystoreError> {
-        if let Some((private_key, point)) = self.ec_keys().by_label.get(label) {
-            return Ok(Some((PrivateKeyHandle::new(*private_key), point.clone())));
-        }
-        let found = self.pool.with_session(|session| {
-            let find = |class| {
-                session
-                    .find_objects(&[
-                        Attribute::Class(class),
-                        Attribute::KeyType(KeyType::EC),
-                        Attribute::Token(true),
-                        Attribute::Label(label.as_str().as_bytes().to_vec()),
-                    ])
-                    .ck("C_FindObjects")
-            };
-            let private_keys = find(ObjectClass::PRIVATE_KEY)?;
-            let public_keys = find(ObjectClass::PUBLIC_KEY)?;
-            match (private_keys.as_slice(), public_keys.as_slice()) {
-                ([], _) => Ok(None),
-                ([private_key], [public_key]) => {
-                    let point = Self::read_ec_point(session, *public_key)?;
-                    Ok(Some((*private_key, *public_key, point)))
+        self.with_session(|session, gate| {
+            {
+                let ec_keys = self.ec_keys();
+                if let Some(&index) = ec_keys.by_label.get(label)
+                    && let Some(pair) = ec_keys.persistent.get(index)
+                    && pair
+                        .objects
+                        .is_some_and(|objects| objects.epoch == gate.epoch())
+                {
+                    let handle = PrivateKeyHandle::with_epoch(index as u64, PERSISTENT_EPOCH);
+                    return Ok(Some((handle, pair.point.clone())));
                 }
-                _ => Err(KeystoreError::Configuration(format!(
-                    "the token holds {} private and {} public keys labelled {label}; expected one pair",
-                    private_keys.len(),
-                    public_keys.len()
-                ))),
             }
-        })?;
-        let Some((private_key, public_key, point)) = found else {
-            return Ok(None);
-        };
-        let mut ec_keys = self.ec_keys();
-        ec_keys.public_of.insert(private_key.handle(), public_key);
-        ec_keys
-            .by_label
-            .insert(label.clone(), (private_key.handle(), point.clone()));
-        Ok(Some((PrivateKeyHandle::new(private_key.handle()), point)))
+            let Some((private_key, public_key, point)) = find_pair(session, label)? else {
+                // A pair this store found or made before and did not destroy: the token does
+                // not show its objects (it went away), which recovery may fix.
+                if self.ec_keys().by_label.contains_key(label) {
+                    return Err(KeystoreError::StaleHandle {
+                        function: "C_FindObjects",
+                    });
+                }
+                return Ok(None);
+            };
+            let objects = PairObjects {
+                epoch: gate.epoch(),
+                private_key,
+                public_key,
+            };
+            let handle = self.ec_keys().register(label, point.clone(), objects);
+            Ok(Some((handle, point)))
+        })
     }
 
     fn sign_p256_sha256(
@@ -632,10 +1110,12 @@ impl Keystore for Pkcs11Keystore {
         message: &[u8],
     ) -> Result<[u8; ECDSA_P256_SIGNATURE_BYTES], KeystoreError> {
         let digest = Sha256::digest(message);
-        let signature = self.pool.with_session(|session| {
+        let signature = self.with_session(|session, gate| {
+            let private_key = self.private_object(key, session, gate)?;
             session
-                .sign(&Mechanism::Ecdsa, private_object(key), &digest)
+                .sign(&Mechanism::Ecdsa, private_key, &digest)
                 .ck("C_Sign(CKM_ECDSA)")
+                .map_err(|error| stale_if_persistent(key, error, "C_Sign(CKM_ECDSA)"))
         })?;
         signature
             .as_slice()
@@ -656,32 +1136,39 @@ impl Keystore for Pkcs11Keystore {
         let shared_template =
             templates::transient_key(KeyAlgorithm::Aes256, KeyPurpose::Derive, true);
         let kek_template = templates::transient_key(KeyAlgorithm::Aes256, KeyPurpose::Wrap, true);
-        let kek = self.pool.with_session(|session| {
+        self.with_session(|session, gate| {
+            let private_key = self.private_object(key, session, gate)?;
             let parameters = Ecdh1DeriveParams::new(EcKdf::null(), peer.as_bytes());
             let shared = session
                 .derive_key(
                     &Mechanism::Ecdh1Derive(parameters),
-                    private_object(key),
+                    private_key,
                     &shared_template,
                 )
-                .ck("C_DeriveKey(CKM_ECDH1_DERIVE)")?;
-            let kek = self
-                .ecb
-                .derive(session, shared, &context_digest, &kek_template)
+                .ck("C_DeriveKey(CKM_ECDH1_DERIVE)")
+                .map_err(|error| stale_if_persistent(key, error, "C_DeriveKey(CKM_ECDH1_DERIVE)"))?;
+            let kek = ecb_derive::derive(session, shared, &context_digest, &kek_template)
                 .ck("C_DeriveKey(CKM_AES_ECB_ENCRYPT_DATA)");
             // Z is never needed again, whatever happened.
             if let Err(error) = session.destroy_object(shared) {
                 tracing::warn!(error = %map_error("C_DestroyObject", error), "could not destroy an ECDH secret");
             }
-            kek
-        })?;
-        Ok(KeyHandle::new(kek.handle(), KeyAlgorithm::Aes256))
+            Ok(KeyHandle::with_epoch(
+                kek?.handle(),
+                KeyAlgorithm::Aes256,
+                gate.epoch(),
+            ))
+        })
     }
 
     fn wrap_key(&self, kek: &KeyHandle, key: &KeyHandle) -> Result<Vec<u8>, KeystoreError> {
-        self.pool.with_session(|session| {
+        self.with_session(|session, gate| {
             session
-                .wrap_key(&Mechanism::AesKeyWrap, object(kek), object(key))
+                .wrap_key(
+                    &Mechanism::AesKeyWrap,
+                    Self::object(kek, gate)?,
+                    Self::object(key, gate)?,
+                )
                 .ck("C_WrapKey(CKM_AES_KEY_WRAP)")
         })
     }
@@ -699,27 +1186,44 @@ impl Keystore for Pkcs11Keystore {
             });
         }
         let template = templates::transient_key(algorithm, purpose, false);
-        let key = self.pool.with_session(|session| {
-            session
-                .unwrap_key(&Mechanism::AesKeyWrap, object(kek), wrapped, &template)
-                .ck(UNWRAP)
-        })?;
-        Ok(KeyHandle::new(key.handle(), algorithm))
+        self.with_session(|session, gate| {
+            let key = session
+                .unwrap_key(
+                    &Mechanism::AesKeyWrap,
+                    Self::object(kek, gate)?,
+                    wrapped,
+                    &template,
+                )
+                .ck(UNWRAP)?;
+            Ok(KeyHandle::with_epoch(key.handle(), algorithm, gate.epoch()))
+        })
     }
 
     fn destroy(&self, key: KeyHandle) -> Result<(), KeystoreError> {
-        self.pool
-            .with_session(|session| session.destroy_object(object(&key)).ck("C_DestroyObject"))
+        self.call(|gate| {
+            // A key of an earlier opening died with its session: nothing to destroy, and its
+            // number may name a new object now.
+            if key.epoch() != gate.epoch() {
+                return Ok(());
+            }
+            self.pool
+                .with_session(&self.connector, gate.slot(), |session| {
+                    session
+                        .destroy_object(raw_object(key.id()))
+                        .ck("C_DestroyObject")
+                })
+        })
     }
 
     fn persist_key(&self, key: &KeyHandle, label: &KeyLabel) -> Result<(), KeystoreError> {
-        self.pool.with_session(|session| {
+        self.with_session(|session, gate| {
+            let key = Self::object(key, gate)?;
             // Looked up first, so that only these are destroyed once the new object exists.
             let replaced = session
                 .find_objects(&templates::persistent_key_search(label.as_str()))
                 .ck("C_FindObjects")?;
             session
-                .copy_object(object(key), &templates::persistent_key_copy(label.as_str()))
+                .copy_object(key, &templates::persistent_key_copy(label.as_str()))
                 .ck("C_CopyObject")?;
             for old in &replaced {
                 session.destroy_object(*old).ck("C_DestroyObject")?;
@@ -730,7 +1234,7 @@ impl Keystore for Pkcs11Keystore {
     }
 
     fn load_key(&self, label: &KeyLabel) -> Result<Option<KeyHandle>, KeystoreError> {
-        self.pool.with_session(|session| {
+        self.with_session(|session, gate| {
             let found = session
                 .find_objects(&templates::persistent_key_search(label.as_str()))
                 .ck("C_FindObjects")?;
@@ -749,12 +1253,16 @@ impl Keystore for Pkcs11Keystore {
             let copy = session
                 .copy_object(stored, &[Attribute::Token(false)])
                 .ck("C_CopyObject")?;
-            Ok(Some(KeyHandle::new(copy.handle(), algorithm)))
+            Ok(Some(KeyHandle::with_epoch(
+                copy.handle(),
+                algorithm,
+                gate.epoch(),
+            )))
         })
     }
 
     fn delete_key(&self, label: &KeyLabel) -> Result<bool, KeystoreError> {
-        self.pool.with_session(|session| {
+        self.with_session(|session, _| {
             let found = session
                 .find_objects(&templates::persistent_key_search(label.as_str()))
                 .ck("C_FindObjects")?;
@@ -769,17 +1277,27 @@ impl Keystore for Pkcs11Keystore {
     }
 
     fn destroy_ec(&self, key: PrivateKeyHandle) -> Result<(), KeystoreError> {
-        let public_key = {
-            let mut ec_keys = self.ec_keys();
-            ec_keys
-                .by_label
-                .retain(|_, (private_key, _)| *private_key != key.id());
-            ec_keys.public_of.remove(&key.id())
-        };
-        self.pool.with_session(|session| {
-            session
-                .destroy_object(private_object(&key))
-                .ck("C_DestroyObject")?;
+        self.with_session(|session, gate| {
+            let (private_key, public_key) = if key.epoch() == PERSISTENT_EPOCH {
+                let private_key = self.private_object(&key, session, gate)?;
+                let mut ec_keys = self.ec_keys();
+                let index = usize::try_from(key.id()).unwrap_or(usize::MAX);
+                let Some(pair) = ec_keys.persistent.get_mut(index) else {
+                    return Err(KeystoreError::UnknownKey);
+                };
+                pair.destroyed = true;
+                let public_key = pair.objects.map(|objects| objects.public_key);
+                let label = pair.label.clone();
+                ec_keys.by_label.remove(&label);
+                (private_key, public_key)
+            } else if key.epoch() != gate.epoch() {
+                // Died with an earlier opening of the token.
+                return Ok(());
+            } else {
+                let public_key = self.ec_keys().public_of.remove(&(key.epoch(), key.id()));
+                (raw_object(key.id()), public_key)
+            };
+            session.destroy_object(private_key).ck("C_DestroyObject")?;
             if let Some(public_key) = public_key {
                 session.destroy_object(public_key).ck("C_DestroyObject")?;
             }
@@ -788,30 +1306,35 @@ impl Keystore for Pkcs11Keystore {
     }
 
     fn check_health(&self) -> Result<(), KeystoreError> {
-        self.pool.with_session(|session| {
+        self.with_session(|session, _| {
             let info = session.get_session_info().ck("C_GetSessionInfo")?;
             if info.session_state() == cryptoki::session::SessionState::RwUser {
                 Ok(())
             } else {
-                // Logged out behind our back: retire the session; the next one logs in.
+                // Logged out behind our back: re-open; the next session logs in.
                 Err(KeystoreError::SessionLost {
                     function: "C_GetSessionInfo",
                     code: "not logged in".to_owned(),
                 })
             }
-        })
+        })?;
+        self.canary()
     }
 }
 
-/// The object behind a transient key handle (its id is the raw object handle).
-fn object(key: &KeyHandle) -> ObjectHandle {
-    // SAFETY-free: cryptoki marks this unsafe only because a made-up handle may be wrong;
-    // a wrong one yields CKR_OBJECT_HANDLE_INVALID, mapped to UnknownKey.
-    raw_object(key.id())
-}
-
-fn private_object(key: &PrivateKeyHandle) -> ObjectHandle {
-    raw_object(key.id())
+/// A persistent pair's handle that the module calls invalid is stale (the token was replaced
+/// or re-initialised under the store), which recovery fixes; a transient one is just unknown.
+fn stale_if_persistent(
+    key: &PrivateKeyHandle,
+    error: KeystoreError,
+    function: &'static str,
+) -> KeystoreError {
+    match error {
+        KeystoreError::UnknownKey if key.epoch() == PERSISTENT_EPOCH => {
+            KeystoreError::StaleHandle { function }
+        }
+        other => other,
+    }
 }
 
 #[allow(unsafe_code)]

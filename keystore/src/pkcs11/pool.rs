@@ -1,11 +1,14 @@
 //! A bounded pool of logged-in PKCS#11 sessions, each used by one thread at a time.
 //!
 //! A caller checks a session out, uses it, and the guard gives it back on drop. When every
-//! session is in use, callers wait (the methods of the store are blocking; async callers run
-//! them on blocking threads). A session that reported a lost session, login or token is marked
-//! lost and closed instead of returned; the next checkout opens a new one and logs in again.
+//! session is in use, callers wait — at most [`SESSION_WAIT`], and at most
+//! [`SESSION_WAITERS_MAX`] of them at once; beyond either limit the call fails with
+//! [`KeystoreError::Busy`] (a stalled HSM costs errors, not parked threads). A session that
+//! reported a lost session, login, token or device is closed instead of returned; the store
+//! then re-opens its token (see the parent module's *Recovery*).
 
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use cryptoki::context::Pkcs11;
 use cryptoki::session::{Session, SessionState, UserType};
@@ -17,21 +20,25 @@ use crate::uri::Pkcs11Uri;
 
 /// Most PKCS#11 sessions the pool keeps open (the owner session of cached objects is extra).
 pub const SESSIONS_MAX: usize = 4;
+/// Longest a caller waits for a free session before the call fails as busy.
+pub const SESSION_WAIT: Duration = Duration::from_secs(2);
+/// Most callers waiting for a session at once; one more fails as busy at once. As many as the
+/// daemon lets halves into its pipeline, so that only a stalled HSM, never load, reaches it.
+pub const SESSION_WAITERS_MAX: usize = 256;
 
 /// What opens a logged-in session on the token.
 pub(super) struct Connector {
     pub(super) context: Pkcs11,
-    pub(super) slot: Slot,
     /// Read again at each login, so the PIN is in memory only while logging in.
     pub(super) uri: Pkcs11Uri,
 }
 
 impl Connector {
-    /// Opens a read-write session and makes sure the user is logged in.
-    pub(super) fn open(&self) -> Result<Session, KeystoreError> {
+    /// Opens a read-write session on `slot` and makes sure the user is logged in.
+    pub(super) fn open(&self, slot: Slot) -> Result<Session, KeystoreError> {
         let session = self
             .context
-            .open_rw_session(self.slot)
+            .open_rw_session(slot)
             .map_err(|error| map_error("C_OpenSession", error))?;
         self.ensure_logged_in(&session)?;
         Ok(session)
@@ -62,9 +69,8 @@ impl Connector {
     }
 }
 
-/// The pool: idle sessions and how many are open in all.
+/// The pool: idle sessions, how many are open in all, and how many callers wait.
 pub(super) struct SessionPool {
-    connector: Connector,
     state: Mutex<PoolState>,
     returned: Condvar,
 }
@@ -72,40 +78,62 @@ pub(super) struct SessionPool {
 struct PoolState {
     idle: Vec<Session>,
     open: usize,
+    waiting: usize,
 }
 
 impl SessionPool {
-    pub(super) fn new(connector: Connector) -> Self {
+    pub(super) fn new() -> Self {
         Self {
-            connector,
             state: Mutex::new(PoolState {
                 idle: Vec::with_capacity(SESSIONS_MAX),
                 open: 0,
+                waiting: 0,
             }),
             returned: Condvar::new(),
         }
     }
 
-    pub(super) fn connector(&self) -> &Connector {
-        &self.connector
-    }
-
-    /// Runs `work` with a pooled session; a [`KeystoreError::SessionLost`] result retires the
-    /// session so that the next call opens a fresh one.
+    /// Runs `work` with a pooled session of `slot` (opened through `connector` if none is
+    /// idle); a result that says the session, token or device went away retires the session.
     pub(super) fn with_session<T>(
         &self,
+        connector: &Connector,
+        slot: Slot,
         work: impl FnOnce(&Session) -> Result<T, KeystoreError>,
     ) -> Result<T, KeystoreError> {
-        let mut pooled = self.checkout()?;
+        let mut pooled = self.checkout(connector, slot)?;
         let result = work(pooled.session());
-        if let Err(KeystoreError::SessionLost { function, code }) = &result {
-            tracing::warn!(function, code, "PKCS#11 session lost; it will be reopened");
+        if let Err(error) = &result
+            && matches!(
+                error,
+                KeystoreError::SessionLost { .. } | KeystoreError::Device { .. }
+            )
+        {
+            tracing::warn!(%error, "PKCS#11 session retired");
             pooled.lost = true;
         }
         result
     }
 
-    fn checkout(&self) -> Result<PooledSession<'_>, KeystoreError> {
+    /// Closes every idle session. Called while no session is checked out (the store holds
+    /// its gate exclusively), before the module is finalised.
+    pub(super) fn close_all(&self) {
+        let idle = {
+            let mut state = self.lock();
+            state.open -= state.idle.len();
+            std::mem::take(&mut state.idle)
+        };
+        // Closed outside the lock; errors closing sessions of a lost token are expected.
+        drop(idle);
+        self.returned.notify_all();
+    }
+
+    fn checkout(
+        &self,
+        connector: &Connector,
+        slot: Slot,
+    ) -> Result<PooledSession<'_>, KeystoreError> {
+        let deadline = Instant::now() + SESSION_WAIT;
         let mut state = self.lock();
         loop {
             if let Some(session) = state.idle.pop() {
@@ -119,13 +147,27 @@ impl SessionPool {
                 state.open += 1;
                 break;
             }
-            state = self
+            if state.waiting >= SESSION_WAITERS_MAX {
+                return Err(KeystoreError::Busy {
+                    what: "too many callers already wait for an HSM session",
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(KeystoreError::Busy {
+                    what: "no HSM session became free in time",
+                });
+            }
+            state.waiting += 1;
+            let (next, _) = self
                 .returned
-                .wait(state)
+                .wait_timeout(state, deadline - now)
                 .unwrap_or_else(PoisonError::into_inner);
+            state = next;
+            state.waiting -= 1;
         }
         drop(state);
-        match self.connector.open() {
+        match connector.open(slot) {
             Ok(session) => Ok(PooledSession {
                 pool: self,
                 session: Some(session),
@@ -174,5 +216,60 @@ impl Drop for PooledSession<'_> {
             self.pool.lock().idle.push(session);
         }
         self.pool.returned.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool whose every session is checked out, with `waiting` callers already waiting.
+    /// Nothing here calls into the module (checkout opens a session only below the cap), so
+    /// the module is only loaded, never initialised.
+    fn full_pool(waiting: usize) -> (SessionPool, Connector) {
+        let pool = SessionPool::new();
+        {
+            let mut state = pool.lock();
+            state.open = SESSIONS_MAX;
+            state.waiting = waiting;
+        }
+        let connector = Connector {
+            context: Pkcs11::new("/usr/lib/softhsm/libsofthsm2.so").unwrap(),
+            uri: "pkcs11:token=unused?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/nonexistent"
+                .parse()
+                .unwrap(),
+        };
+        (pool, connector)
+    }
+
+    #[test]
+    fn a_caller_waits_for_a_session_only_so_long() {
+        let (pool, connector) = full_pool(0);
+        let slot = Slot::try_from(0_u64).unwrap();
+        let result = pool.with_session(&connector, slot, |_| Ok(()));
+        assert!(matches!(
+            result,
+            Err(KeystoreError::Busy {
+                what: "no HSM session became free in time"
+            })
+        ));
+        assert_eq!(pool.lock().waiting, 0);
+    }
+
+    #[test]
+    fn callers_beyond_the_waiting_limit_are_refused_at_once() {
+        let (pool, connector) = full_pool(SESSION_WAITERS_MAX);
+        let slot = Slot::try_from(0_u64).unwrap();
+        let result = pool.with_session(&connector, slot, |_| Ok(()));
+        let Err(error) = result else {
+            panic!("a session from a full pool")
+        };
+        assert!(error.is_unavailable());
+        assert!(matches!(
+            error,
+            KeystoreError::Busy {
+                what: "too many callers already wait for an HSM session"
+            }
+        ));
     }
 }
