@@ -98,14 +98,37 @@ pub fn run(root: &Path) -> Result<()> {
             break;
         }
     }
-    let xtask = std::env::current_exe().context("cannot find the xtask executable")?;
+    let xtask = own_copy(root)?;
+    let outcome = walk_throughs(root, &xtask, &mut steps);
+    // Best effort: the copy is only a file under target/.
+    let _ = fs::remove_file(&xtask);
+    outcome?;
+    steps.finish();
+    Ok(())
+}
+
+/// A copy of this executable under `target/` that later builds cannot replace: `cargo xtask
+/// test` builds the workspace (which re-links `target/debug/xtask`) while this program runs,
+/// and the namespaced walk-through and its `systemctl` stand-in run this program again.
+fn own_copy(root: &Path) -> Result<PathBuf> {
+    let dir = root.join("target/deploy-check");
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let copy = dir.join(format!("xtask-{}", std::process::id()));
+    // /proc/self/exe is this program even when its file has been replaced since it started.
+    fs::copy("/proc/self/exe", &copy).context("cannot copy the xtask executable")?;
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o755))?;
+    Ok(copy)
+}
+
+/// The walk-through on each database, each in its own namespaces.
+fn walk_throughs(root: &Path, xtask: &Path, steps: &mut Steps) -> Result<()> {
     for database in [Database::Sqlite, Database::Postgres] {
         steps.run(
             &format!("the production walk-through on {}", database.name()),
             || {
                 let mut child = Command::new("unshare")
                     .args(["--mount", "--net", "--propagation", "private", "--"])
-                    .arg(&xtask)
+                    .arg(xtask)
                     .args(["deploy-check-inside", "--database", database.name()])
                     .current_dir(root)
                     .spawn()
@@ -128,7 +151,6 @@ pub fn run(root: &Path) -> Result<()> {
             },
         )?;
     }
-    steps.finish();
     Ok(())
 }
 
