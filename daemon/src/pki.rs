@@ -105,6 +105,9 @@ pub enum PkiError {
         /// Where it was looked for.
         path: PathBuf,
     },
+    /// The threads that make the platform's HSM calls could not be started.
+    #[error("cannot start the HSM worker threads")]
+    Workers(#[source] io::Error),
     /// A key pair this operation needs is not in the keystore.
     #[error("no key pair labelled {label} in the keystore")]
     KeyMissing {

@@ -162,6 +162,7 @@ suite!(
     a_stopped_writer_fails_the_health_check,
     a_write_not_committed_in_time_is_answered_unavailable_and_later_work_goes_on,
     a_broken_pooled_connection_is_replaced_without_an_error,
+    an_async_half_settles_and_its_wait_is_bounded_like_a_blocking_one,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -1296,6 +1297,68 @@ fn a_write_not_committed_in_time_is_answered_unavailable_and_later_work_goes_on(
         storage.account(&account("acct-queued")),
         Err(StorageError::UnknownAccount(_))
     ));
+}
+
+/// The async submission (the daemon's: its caller holds no thread while the batch commits)
+/// decides halves as the blocking one does, and its wait has the same bounds: a commit that
+/// does not come within the write timeout is `Timeout`, a stopped writer `WriterStopped`.
+fn an_async_half_settles_and_its_wait_is_bounded_like_a_blocking_one(db: &Db) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let config = DatabaseConfig {
+        write_timeout_ms: 300,
+        ..DatabaseConfig::with_url(&db.url)
+    };
+    let w = world_on(Storage::open_with(&config).unwrap());
+    let submit = |half: AcceptedHalf| runtime.block_on(w.storage.accept_half_async(half, NOW_MS));
+
+    let a = submit(half_a(&w, txn(1), 1, eur_amount(10_00))).unwrap();
+    assert_eq!(a.view.status, TransactionStatus::Pending);
+    assert!(!a.settled_now);
+    let b = submit(half_b(&w, txn(1), 1, eur_amount(10_00))).unwrap();
+    assert_eq!(b.view.status, TransactionStatus::Settled);
+    assert!(b.settled_now);
+    assert_eq!(balance(&w, &w.payee.account), 10_00);
+
+    // A commit held (as by a frozen database) answers the async caller at the write timeout.
+    let hold = w.storage.hold_next_commit();
+    let held = {
+        let storage = w.storage.clone();
+        std::thread::spawn(move || storage.create_account(&account("acct-held"), eur(), 0))
+    };
+    assert!(hold.wait_until_holding(Duration::from_secs(10)));
+    let late = submit(half_a(&w, txn(2), 2, eur_amount(1_00)));
+    assert!(
+        matches!(
+            late,
+            Err(StorageError::Timeout {
+                what: "write",
+                waited_ms: 300
+            })
+        ),
+        "{late:?}"
+    );
+    drop(hold);
+    assert!(held.join().unwrap().is_err());
+
+    w.storage.inject_writer_fault(WriterFault::StopThread);
+    // The first item taken stops the thread; once it is gone, a half finds no writer.
+    let _ = w.storage.create_account(&account("acct-stop"), eur(), 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !matches!(w.storage.check_health(), Err(StorageError::WriterStopped)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stopped = submit(half_a(&w, txn(3), 3, eur_amount(1_00)));
+    assert!(
+        matches!(stopped, Err(StorageError::WriterStopped)),
+        "{stopped:?}"
+    );
 }
 
 /// A pooled connection the server has closed (PostgreSQL: the backend terminated, as by a

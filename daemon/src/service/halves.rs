@@ -1,19 +1,105 @@
 //! The verification pipeline of a half (docs/protocol.md §6.1), up to the ledger.
+//!
+//! `verify` runs on an HSM worker (`super::workers`): steps 2–6 and the receipt's MAC key.
+//! The ledger's commit (steps 7–9) is awaited by the caller; [`Outcome`] is what it decided.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use nfcpay_keystore::dukpt::TransientKey;
-use nfcpay_keystore::{KeyHandle, KeyPurpose};
+use nfcpay_keystore::{KeyHandle, KeyPurpose, Keystore};
 use nfcpay_protocol::dukpt::WorkingKeyUsage;
 use nfcpay_protocol::messages::{
     CLOCK_SKEW_MS_MAX, HalfEnvelope, HalfKind, PaymentInstruction, PaymentRequest,
 };
-use nfcpay_protocol::{InitialKeyId, Ksn, TerminalId};
+use nfcpay_protocol::{InitialKeyId, Ksn, TerminalId, TxnId};
 use sha2::{Digest, Sha256};
 
 use super::{Inner, now_ms, problems};
 use crate::server::problem::{Problem, ProblemCode};
-use crate::storage::{AcceptedHalf, HalfContent, TerminalState, TransactionView};
+use crate::storage::{AcceptedHalf, HalfContent, Submitted, TerminalState, TransactionView};
+
+/// A transient HSM key that may cross threads (from the HSM worker that derived it, through
+/// the ledger's commit, to the one that uses it): destroyed when dropped unless taken.
+pub struct HeldKey {
+    keystore: Arc<dyn Keystore>,
+    key: Option<KeyHandle>,
+}
+
+impl HeldKey {
+    /// Takes charge of destroying `key`.
+    pub(super) fn new(keystore: Arc<dyn Keystore>, key: KeyHandle) -> Self {
+        Self {
+            keystore,
+            key: Some(key),
+        }
+    }
+
+    /// Gives the key back to the caller, who then must destroy it.
+    pub(super) fn into_handle(mut self) -> Option<KeyHandle> {
+        self.key.take()
+    }
+}
+
+impl Drop for HeldKey {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            drop(TransientKey::new(self.keystore.as_ref(), key));
+        }
+    }
+}
+
+/// A half that passed steps 2–6, ready for the ledger.
+pub struct Verified {
+    /// What the ledger records.
+    pub half: AcceptedHalf,
+    /// When it arrived (the ledger's clock for matching and expiry).
+    pub received_at_ms: i64,
+    /// The sender's receipt MAC key, derived before any money moves (docs/protocol.md §8).
+    pub receipt_mac_key: HeldKey,
+}
+
+impl Verified {
+    /// Splits off what the ledger records; the rest waits for the ledger's answer.
+    pub fn into_parts(self) -> (AcceptedHalf, i64, AwaitingLedger) {
+        let awaiting = AwaitingLedger {
+            recipient: self.half.terminal_id.clone(),
+            txn_id: self.half.txn_id,
+            recipient_ksn: self.half.ksn,
+            receipt_mac_key: self.receipt_mac_key,
+        };
+        (self.half, self.received_at_ms, awaiting)
+    }
+}
+
+/// A verified half while the ledger decides it.
+pub struct AwaitingLedger {
+    recipient: TerminalId,
+    txn_id: TxnId,
+    recipient_ksn: Ksn,
+    /// Destroyed with this value if the ledger refuses the half.
+    pub receipt_mac_key: HeldKey,
+}
+
+impl AwaitingLedger {
+    /// The outcome of this half once the ledger has `submitted` it.
+    pub fn outcome(self, submitted: Submitted) -> Outcome {
+        tracing::info!(
+            terminal = %self.recipient,
+            txn_id = %self.txn_id,
+            ksn = %self.recipient_ksn,
+            status = %submitted.view.status.as_str(),
+            "half accepted"
+        );
+        Outcome {
+            view: submitted.view,
+            recipient: self.recipient,
+            recipient_ksn: self.recipient_ksn,
+            settled_now: submitted.settled_now,
+            receipt_mac_key: Some(self.receipt_mac_key),
+        }
+    }
+}
 
 /// What became of an accepted half.
 pub struct Outcome {
@@ -27,17 +113,18 @@ pub struct Outcome {
     pub settled_now: bool,
     /// The recipient's receipt MAC key, derived before the ledger committed (so that sealing
     /// the receipt after the commit needs only the receipt key's signature); taken and
-    /// destroyed by [`super::receipts::answer`] or [`super::receipts::release`].
-    pub(super) receipt_mac_key: Option<KeyHandle>,
+    /// destroyed by [`super::receipts::answer`] or when dropped.
+    pub(super) receipt_mac_key: Option<HeldKey>,
 }
 
-/// Verifies a half and records it in the ledger. Blocking.
-pub(super) fn accept(
+/// Verifies a half (steps 2–6) and derives its receipt MAC key. Blocking: run it on an HSM
+/// worker.
+pub(super) fn verify(
     inner: &Inner,
     route: HalfKind,
     client: &TerminalId,
     body: &[u8],
-) -> Result<Outcome, Problem> {
+) -> Result<Verified, Problem> {
     let received_at_ms = now_ms();
     // 2. The envelope decodes and its type matches the route.
     let envelope = HalfEnvelope::decode(body).map_err(|error| problems::malformed(&error))?;
@@ -145,7 +232,7 @@ pub(super) fn accept(
         }
     };
     let (txn_id, content) = content;
-    // 7–9. Replay state, match and settlement: one durable database transaction.
+    // 7–9 (the caller's): replay state, match and settlement in one durable transaction.
     let half = AcceptedHalf {
         txn_id,
         terminal_id: client.clone(),
@@ -165,26 +252,10 @@ pub(super) fn accept(
             KeyPurpose::Mac,
         )
         .map_err(problems::keystore)?;
-    let receipt_mac_key = TransientKey::new(inner.keystore.as_ref(), receipt_mac_key);
-    let submitted = inner
-        .storage
-        .accept_half(half, to_i64(received_at_ms))
-        .map_err(problems::storage)?;
-    let receipt_mac_key = receipt_mac_key.into_handle();
-    let view = submitted.view;
-    tracing::info!(
-        terminal = %client,
-        txn_id = %txn_id,
-        ksn = %header.ksn,
-        status = %view.status.as_str(),
-        "half accepted"
-    );
-    Ok(Outcome {
-        view,
-        recipient: client.clone(),
-        recipient_ksn: header.ksn,
-        settled_now: submitted.settled_now,
-        receipt_mac_key: Some(receipt_mac_key),
+    Ok(Verified {
+        half,
+        received_at_ms: to_i64(received_at_ms),
+        receipt_mac_key: HeldKey::new(Arc::clone(&inner.keystore), receipt_mac_key),
     })
 }
 

@@ -3,16 +3,19 @@
 //! For each half (docs/protocol.md §6.1): decode the envelope, check it against the client
 //! certificate and the terminal's record, derive the sender's working key inside the keystore
 //! (through the [`HostKeyCache`]), decrypt and verify it, decode and time-check the plaintext,
-//! then hand the ledger an [`AcceptedHalf`] to record, match and settle in one durable
+//! then hand the ledger an [`AcceptedHalf`](crate::storage::AcceptedHalf) to record, match and settle in one durable
 //! transaction. Every answer is a receipt sealed twice: an AES-CMAC only the recipient terminal
 //! and the platform can make, and an ECDSA signature by the platform's receipt key that anyone
 //! can check.
 //!
-//! Keystore and database calls block; they run on tokio's blocking threads, one request's
-//! whole pipeline — verify, record (waiting for the group commit), seal the receipt — in one
-//! task, and never hold anything across an `.await`. At most [`HALVES_IN_FLIGHT_MAX`] halves
-//! are in that pipeline at once; a half that cannot get in within [`HALF_ADMISSION_WAIT`] is
-//! answered `503 unavailable`.
+//! Keystore and database calls block. A half's HSM work runs on the HSM workers
+//! ([`workers`], as many threads as the keystore has sessions, behind a bounded queue): once to
+//! verify it and derive its receipt's MAC key, once to seal the receipt. Between the two, the
+//! half waits for the ledger's group commit as an `.await` that holds no thread. At most
+//! [`HALVES_IN_FLIGHT_MAX`] halves are in that pipeline at once; a half that cannot get in within
+//! [`HALF_ADMISSION_WAIT`] is answered `503 unavailable`, and so is one whose HSM job is refused
+//! by a full queue or not done within [`workers::HSM_JOB_TIMEOUT`]. Other calls (a payment's
+//! lookup, enrollment, readiness) run on tokio's blocking threads.
 //!
 //! # Layout
 //!
@@ -21,6 +24,7 @@
 //! - [`receipts`]: building and sealing receipts.
 //! - [`enroll`]: remote key loading and certificate issuance.
 //! - [`metered`]: the keystore wrapper that counts HSM operations for `/metrics`.
+//! - [`workers`]: the HSM worker threads and their bounded queue.
 //! - `problems`: the one mapping from errors below to API problems.
 
 pub mod active;
@@ -29,6 +33,7 @@ pub mod halves;
 pub mod metered;
 mod problems;
 pub mod receipts;
+pub mod workers;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -73,6 +78,8 @@ pub fn now_ms() -> u64 {
 /// The platform service: keystore, key cache, ledger and the receipt key.
 pub struct Platform {
     inner: Arc<Inner>,
+    /// The threads that make the halves' HSM calls (their jobs hold `inner`, never this).
+    hsm: workers::HsmWorkers,
 }
 
 struct Inner {
@@ -121,7 +128,10 @@ impl Platform {
             .ok_or(crate::pki::PkiError::Keystore(
                 nfcpay_keystore::KeystoreError::UnknownKey,
             ))?;
+        let hsm = workers::HsmWorkers::start(workers::HSM_WORKERS, workers::HSM_QUEUE_MAX)
+            .map_err(crate::pki::PkiError::Workers)?;
         Ok(Self {
+            hsm,
             inner: Arc::new(Inner {
                 keys: HostKeyCache::new(Arc::clone(&keystore), key_cache_entries),
                 keystore,
@@ -300,24 +310,54 @@ impl Api for Platform {
                 "too many halves in progress; try again",
             ));
         };
-        // One trip to the blocking pool: verify, record, and seal the receipt unless the
-        // terminal asked to wait for a pending payment to settle.
+        let _place = place;
         let seal_pending = wait.is_zero();
-        // The request's span (peer, terminal), so that the KSN recorded and every line logged
-        // on the blocking thread belong to it.
+        // Verify on an HSM worker, wait for the ledger's commit holding no thread, then seal
+        // the receipt on an HSM worker, unless the terminal asked to wait for a pending
+        // payment to settle. The request's span (peer, terminal) goes with each job, so the
+        // KSN it records and every line it logs belong to the request.
         let span = tracing::Span::current();
-        let accepted = blocking(move || {
-            let _in_span = span.enter();
-            let _place = place;
-            let mut outcome = halves::accept(&inner, kind, &client, &body)?;
-            let sealed = if seal_pending || outcome.view.status != TransactionStatus::Pending {
-                Some(receipts::answer(&inner, &mut outcome))
-            } else {
-                receipts::release(&inner, &mut outcome);
-                None
+        let accepted = async {
+            let verified = {
+                let span = span.clone();
+                self.hsm_job(move || {
+                    let _in_span = span.enter();
+                    halves::verify(&inner, kind, &client, &body)
+                })
+                .await?
             };
-            Ok((outcome, sealed))
-        })
+            let (half, received_at_ms, awaiting) = verified.into_parts();
+            let submitted = self
+                .inner
+                .storage
+                .accept_half_async(half, received_at_ms)
+                .await
+                .map_err(problems::storage);
+            // On a refusal the receipt MAC key is destroyed on a worker, not on this thread.
+            let submitted = match submitted {
+                Ok(submitted) => submitted,
+                Err(problem) => {
+                    self.release(awaiting);
+                    return Err(problem);
+                }
+            };
+            let mut outcome = awaiting.outcome(submitted);
+            if !seal_pending && outcome.view.status == TransactionStatus::Pending {
+                // Sealed once the payment settles or the wait ends, with a key derived then.
+                if let Some(key) = outcome.receipt_mac_key.take() {
+                    self.release(key);
+                }
+                return Ok((outcome, None));
+            }
+            let inner = Arc::clone(&self.inner);
+            self.hsm_job(move || {
+                let _in_span = span.enter();
+                let sealed = receipts::answer(&inner, &mut outcome);
+                Ok((outcome, Some(sealed)))
+            })
+            .await
+            .map_err(|problem| receipts::recorded_but_unsealed(&problem))
+        }
         .await;
         let (outcome, sealed) = match accepted {
             Ok(accepted) => accepted,
@@ -437,7 +477,35 @@ impl Platform {
             }
         }
         let inner = Arc::clone(&self.inner);
-        blocking(move || receipts::answer(&inner, &mut outcome)).await
+        self.hsm_job(move || receipts::answer(&inner, &mut outcome))
+            .await
+            .map_err(|problem| receipts::recorded_but_unsealed(&problem))
+    }
+
+    /// Runs `job` on an HSM worker, within [`workers::HSM_JOB_TIMEOUT`]; a full queue, a
+    /// stalled HSM or a shut-down platform is `503 unavailable`.
+    async fn hsm_job<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> Result<T, Problem> + Send + 'static,
+    ) -> Result<T, Problem> {
+        self.hsm
+            .run(workers::HSM_JOB_TIMEOUT, job)
+            .await
+            .unwrap_or_else(|error| {
+                tracing::warn!(%error, "HSM job not done");
+                Err(match error {
+                    workers::WorkError::Panicked => problems::internal("an HSM job panicked"),
+                    _ => Problem::new(ProblemCode::Unavailable, "the HSM is busy; try again"),
+                })
+            })
+    }
+
+    /// Drops `held` (destroying the transient keys it holds) on an HSM worker, without waiting;
+    /// if none takes it, here.
+    fn release<T: Send + 'static>(&self, held: T) {
+        if let Err(error) = self.hsm.submit(move || drop(held)) {
+            tracing::debug!(%error, "released a transient key on the caller's thread");
+        }
     }
 }
 

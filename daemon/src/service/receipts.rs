@@ -21,7 +21,10 @@ use crate::storage::{TerminalState, TransactionStatus, TransactionView};
 /// that cannot seal is `503 unavailable` saying that the half was recorded, and the same bytes
 /// sent again get the receipt (docs/protocol.md §8).
 pub(super) fn answer(inner: &Inner, outcome: &mut Outcome) -> Result<HalfAnswer, Problem> {
-    let mac_key = outcome.receipt_mac_key.take();
+    let mac_key = outcome
+        .receipt_mac_key
+        .take()
+        .and_then(super::halves::HeldKey::into_handle);
     let receipt = seal(
         inner,
         &outcome.view,
@@ -36,14 +39,8 @@ pub(super) fn answer(inner: &Inner, outcome: &mut Outcome) -> Result<HalfAnswer,
                 terminal = %outcome.recipient,
                 "half recorded but its receipt could not be sealed; a re-send gets it"
             );
-            Problem::new(
-                ProblemCode::Unavailable,
-                "the half is recorded but its receipt could not be sealed; \
-                 send the same bytes again",
-            )
-        } else {
-            problem
         }
+        recorded_but_unsealed(&problem)
     })?;
     Ok(HalfAnswer {
         settled: outcome.view.status == TransactionStatus::Settled,
@@ -51,11 +48,17 @@ pub(super) fn answer(inner: &Inner, outcome: &mut Outcome) -> Result<HalfAnswer,
     })
 }
 
-/// Destroys the receipt MAC key of an outcome whose receipt is sealed later (a waiting
-/// terminal's, which may go away before it is): the key is derived again then.
-pub(super) fn release(inner: &Inner, outcome: &mut Outcome) {
-    if let Some(key) = outcome.receipt_mac_key.take() {
-        drop(TransientKey::new(inner.keystore.as_ref(), key));
+/// The answer when a recorded half's receipt could not be sealed: an HSM that is unavailable
+/// (or did not get to the job) is `503` saying that a re-send of the same bytes gets the
+/// receipt (docs/protocol.md §8); any other problem is itself.
+pub(super) fn recorded_but_unsealed(problem: &Problem) -> Problem {
+    if problem.code() == ProblemCode::Unavailable {
+        Problem::new(
+            ProblemCode::Unavailable,
+            "the half is recorded but its receipt could not be sealed; send the same bytes again",
+        )
+    } else {
+        problem.clone()
     }
 }
 

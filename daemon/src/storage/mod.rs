@@ -464,6 +464,18 @@ impl Storage {
             .submit_half(settlement::QueuedHalf { half, now_ms })
     }
 
+    /// [`Storage::accept_half`] for async callers: the half is queued at once, and the returned
+    /// future waits (holding no thread) until its batch is durable, at most the write timeout.
+    pub fn accept_half_async(
+        &self,
+        half: AcceptedHalf,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Submitted, StorageError>> + Send + use<> {
+        self.inner
+            .writer
+            .submit_half_async(settlement::QueuedHalf { half, now_ms })
+    }
+
     /// [`Storage::accept_half`], for callers that need only the payment.
     pub fn submit_half(
         &self,

@@ -228,15 +228,29 @@ where
 /// A half waiting for its group commit.
 struct HalfItem {
     queued: QueuedHalf,
-    reply: SyncSender<Result<Submitted, StorageError>>,
+    reply: HalfReply,
     /// When its caller stops waiting.
     deadline: Instant,
+}
+
+/// Where a half's caller waits: on a blocking thread, or in an async task that holds no thread
+/// while the batch commits.
+enum HalfReply {
+    Blocking(SyncSender<Result<Submitted, StorageError>>),
+    Async(tokio::sync::oneshot::Sender<Result<Submitted, StorageError>>),
 }
 
 impl HalfItem {
     fn answer(self, answer: Result<Submitted, StorageError>) {
         // The caller may have gone away; then nobody needs the answer.
-        let _ = self.reply.send(answer);
+        match self.reply {
+            HalfReply::Blocking(reply) => {
+                let _ = reply.send(answer);
+            }
+            HalfReply::Async(reply) => {
+                let _ = reply.send(answer);
+            }
+        }
     }
 }
 
@@ -417,10 +431,37 @@ impl Writer {
         let deadline = Instant::now() + self.write_timeout;
         self.enqueue(Item::Half(HalfItem {
             queued,
-            reply,
+            reply: HalfReply::Blocking(reply),
             deadline,
         }))?;
         self.wait(&answer, deadline)
+    }
+
+    /// [`Writer::submit_half`] for async callers: queues `half` at once (or refuses it) and
+    /// returns the wait for its commit, which holds no thread.
+    pub(crate) fn submit_half_async(
+        &self,
+        queued: QueuedHalf,
+    ) -> impl Future<Output = Result<Submitted, StorageError>> + Send + use<> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let deadline = Instant::now() + self.write_timeout;
+        let write_timeout = self.write_timeout;
+        let queued = self.enqueue(Item::Half(HalfItem {
+            queued,
+            reply: HalfReply::Async(reply),
+            deadline,
+        }));
+        async move {
+            queued?;
+            match tokio::time::timeout_at(deadline.into(), answer).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(_)) => Err(StorageError::WriterStopped),
+                Err(_) => Err(StorageError::Timeout {
+                    what: "write",
+                    waited_ms: millis(write_timeout),
+                }),
+            }
+        }
     }
 
     /// Waits for the writer's answer until `deadline`.
