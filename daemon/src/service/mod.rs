@@ -80,6 +80,14 @@ pub struct Platform {
     inner: Arc<Inner>,
     /// The threads that make the halves' HSM calls (their jobs hold `inner`, never this).
     hsm: workers::HsmWorkers,
+    /// HSM jobs not done, by reason (`busy`, `timed_out`, `panicked`, `stopped`).
+    hsm_jobs_failed: Family<JobFailureLabels, Counter>,
+}
+
+/// Labels of `nfcpayd_hsm_jobs_failed_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct JobFailureLabels {
+    reason: &'static str,
 }
 
 struct Inner {
@@ -132,6 +140,7 @@ impl Platform {
             .map_err(crate::pki::PkiError::Workers)?;
         Ok(Self {
             hsm,
+            hsm_jobs_failed: Family::default(),
             inner: Arc::new(Inner {
                 keys: HostKeyCache::new(Arc::clone(&keystore), key_cache_entries),
                 keystore,
@@ -155,6 +164,12 @@ impl Platform {
             "halves",
             "Halves received, by route and outcome (pending, settled, or the problem code)",
             self.inner.halves.clone(),
+        );
+        metrics.register(
+            "hsm_jobs_failed",
+            "HSM jobs of halves not done: queue full (busy), past their deadline (timed_out), \
+             panicked, or the workers stopped",
+            self.hsm_jobs_failed.clone(),
         );
         let writer = self.inner.storage.writer_metrics();
         metrics.register(
@@ -493,6 +508,15 @@ impl Platform {
             .await
             .unwrap_or_else(|error| {
                 tracing::warn!(%error, "HSM job not done");
+                let reason = match error {
+                    workers::WorkError::Busy => "busy",
+                    workers::WorkError::TimedOut(_) => "timed_out",
+                    workers::WorkError::Panicked => "panicked",
+                    workers::WorkError::Stopped => "stopped",
+                };
+                self.hsm_jobs_failed
+                    .get_or_create(&JobFailureLabels { reason })
+                    .inc();
                 Err(match error {
                     workers::WorkError::Panicked => problems::internal("an HSM job panicked"),
                     _ => Problem::new(ProblemCode::Unavailable, "the HSM is busy; try again"),
