@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use nfcpay_protocol::messages::{Description, PaymentKind};
-use nfcpay_protocol::{AccountId, Currency, TerminalId};
+use nfcpay_protocol::{AccountId, Currency, TerminalId, TxnId};
 
 use crate::commands::{
     self, AgentError, EnrollOptions, KeystoreChoice, NfcSettings, PLATFORM_WAIT_MAX, PayOptions,
     PlatformWait, RequestOptions, TerminalPlace,
 };
+use crate::delivery::Attempts;
 use crate::nfc::{Connstring, Role};
 
 /// The exit code of a usage error (`EX_USAGE`).
@@ -53,6 +54,14 @@ Examples:
 
   # Terminal ID, certificate expiry, next KSN counter, transactions left:
   nfcpay-agent --dir shop status
+
+  # A payment left pending: ask the platform again, by its transaction ID:
+  nfcpay-agent --dir shop status --txn 0123456789ABCDEF0123456789ABCDEF
+
+  # Halves kept after a fault (a lost connection, the agent killed): list them, then send
+  # the same bytes again:
+  nfcpay-agent --dir shop pending
+  nfcpay-agent --dir shop pending --resend
 
 Exit codes: 0 success, 64 usage error, 1 anything else (a platform refusal prints its problem \
 code and detail). Logs go to stderr (NFCPAY_LOG=debug for more); no key, PIN or enrollment \
@@ -97,8 +106,18 @@ pub enum Command {
         /// libnfc connection strings (e.g. `pn532_uart:/dev/ttyUSB0`, `acr122_usb`).
         connstrings: Vec<String>,
     },
-    /// Show the terminal ID, certificate expiry, KSN counter and transactions left.
-    Status,
+    /// Show the terminal ID, certificate expiry, KSN counter and transactions left; with
+    /// `--txn`, the payment of that transaction as the platform has it now.
+    Status {
+        /// Ask the platform for this transaction's latest receipt (32 hex digits; this
+        /// terminal must be its payee or payer).
+        #[arg(long, value_name = "TXN_ID")]
+        txn: Option<TxnId>,
+    },
+    /// List the sealed halves kept in DIR/pending/ that got no final answer yet (a fault, or
+    /// the agent stopped); with `--resend`, send each again, byte-identical, and print what
+    /// came of it.
+    Pending(PendingArgs),
     /// Diagnostic: submit a half saved with `--save-half` again (as is, or tampered) and show
     /// the platform's answer.
     Resend {
@@ -142,6 +161,23 @@ pub struct EnrollArgs {
     /// platform's account kept); used only with an older platform that does not say it.
     #[arg(long, value_name = "ACCOUNT")]
     pub account: Option<AccountId>,
+}
+
+/// `pending` arguments.
+#[derive(Debug, Args)]
+pub struct PendingArgs {
+    /// Send every kept half again (the identical bytes) and forget those that get a final
+    /// answer. Without it, the halves are only listed.
+    #[arg(long)]
+    pub resend: bool,
+    /// Milliseconds the platform may hold a pending answer for the other half (at most 10000).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub wait_ms: u64,
+    /// How many times each half is sent at most while the platform cannot be reached or
+    /// answers 503 (1 to 10; waits between them: 0.25 s doubling to 4 s, or the platform's
+    /// Retry-After, at most 10 s).
+    #[arg(long, default_value_t = Attempts::DEFAULT.get(), value_name = "N")]
+    pub attempts: u32,
 }
 
 /// NFC role, as a flag.
@@ -201,6 +237,12 @@ pub struct LinkArgs {
     /// Seconds to keep asking the platform while the payment is still pending afterwards.
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub settle_wait_s: u64,
+    /// How many times the half is sent at most while the platform cannot be reached or
+    /// answers 503 (1 to 10; the same bytes each time; waits between them: 0.25 s doubling to
+    /// 4 s, or the platform's Retry-After, at most 10 s). A half still without an answer stays
+    /// in DIR/pending/ for `pending --resend`.
+    #[arg(long, default_value_t = Attempts::DEFAULT.get(), value_name = "N")]
+    pub attempts: u32,
     /// Diagnostic: also write the sealed half to FILE (for `resend`).
     #[arg(long, hide = true, value_name = "FILE")]
     pub save_half: Option<PathBuf>,
@@ -247,18 +289,39 @@ pub struct PayArgs {
     pub link: LinkArgs,
 }
 
+/// `--wait-ms` checked against the platform's limit.
+fn half_wait(wait_ms: u64) -> Result<Duration, AgentError> {
+    let half = Duration::from_millis(wait_ms);
+    if half > PLATFORM_WAIT_MAX {
+        return Err(AgentError::Usage(format!(
+            "--wait-ms {wait_ms} is above the platform's limit of {}",
+            PLATFORM_WAIT_MAX.as_millis()
+        )));
+    }
+    Ok(half)
+}
+
+/// `--attempts` checked against its bounds.
+fn attempts(count: u32) -> Result<Attempts, AgentError> {
+    Attempts::try_from(count).map_err(|error| AgentError::Usage(format!("--attempts: {error}")))
+}
+
+impl PendingArgs {
+    fn wait(&self) -> Result<PlatformWait, AgentError> {
+        Ok(PlatformWait {
+            half: half_wait(self.wait_ms)?,
+            settle: Duration::ZERO,
+            attempts: attempts(self.attempts)?,
+        })
+    }
+}
+
 impl LinkArgs {
     fn settings(&self, role: RoleArg) -> Result<(NfcSettings, PlatformWait), AgentError> {
         let connstring = Connstring::try_from(self.device.as_str())
             .map_err(|error| AgentError::Usage(format!("--device: {error}")))?;
-        let half = Duration::from_millis(self.wait_ms);
-        if half > PLATFORM_WAIT_MAX {
-            return Err(AgentError::Usage(format!(
-                "--wait-ms {} is above the platform's limit of {}",
-                self.wait_ms,
-                PLATFORM_WAIT_MAX.as_millis()
-            )));
-        }
+        let half = half_wait(self.wait_ms)?;
+        let attempts = attempts(self.attempts)?;
         if self.nfc_wait_s == 0 || self.nfc_wait_s > 3600 {
             return Err(AgentError::Usage("--nfc-wait-s must be 1 to 3600".into()));
         }
@@ -271,6 +334,7 @@ impl LinkArgs {
             PlatformWait {
                 half,
                 settle: Duration::from_secs(self.settle_wait_s),
+                attempts,
             },
         ))
     }
@@ -293,7 +357,14 @@ pub fn run(cli: Cli) -> Result<(), AgentError> {
                 .map_err(|error| AgentError::Usage(error.to_string()))?;
             commands::devices::run(&given, out)
         }
-        Command::Status => commands::status::run(&place, out),
+        Command::Status { txn: None } => commands::status::run(&place, out),
+        Command::Status { txn: Some(txn_id) } => {
+            runtime()?.block_on(commands::status::run_transaction(&place, txn_id, out))
+        }
+        Command::Pending(args) => {
+            let wait = args.wait()?;
+            runtime()?.block_on(commands::pending::run(&place, args.resend, wait, out))
+        }
         Command::Enroll(args) => {
             let code = commands::enroll::read_code(args.code_file.as_deref())?;
             let options = EnrollOptions {
@@ -472,6 +543,50 @@ mod tests {
             args.link.settings(args.role),
             Err(AgentError::Usage(_))
         ));
+    }
+
+    #[test]
+    fn attempts_out_of_bounds_are_usage_errors() {
+        for (args, ok) in [
+            (&["pending", "--attempts", "0"][..], false),
+            (&["pending", "--attempts", "11"][..], false),
+            (&["pending", "--attempts", "10", "--resend"][..], true),
+            (&["pending", "--wait-ms", "10001"][..], false),
+            (&["pay", "--device", "x", "--attempts", "0"][..], false),
+            (&["pay", "--device", "x", "--attempts", "3"][..], true),
+        ] {
+            let cli = Cli::try_parse_from([&["nfcpay-agent"][..], args].concat())
+                .unwrap_or_else(|error| panic!("{args:?}: {error}"));
+            let checked = match cli.command {
+                Command::Pending(args) => args.wait().map(|_| ()),
+                Command::Pay(args) => args.link.settings(args.role).map(|_| ()),
+                _ => panic!("{args:?}"),
+            };
+            assert_eq!(checked.is_ok(), ok, "{args:?}");
+            if let Err(error) = checked {
+                assert_eq!(error.exit_code(), 64, "{args:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn status_takes_a_transaction_id_and_refuses_a_malformed_one() {
+        let cli = Cli::try_parse_from([
+            "nfcpay-agent",
+            "status",
+            "--txn",
+            "0123456789ABCDEF0123456789ABCDEF",
+        ]);
+        assert!(matches!(
+            cli.map(|cli| cli.command),
+            Ok(Command::Status { txn: Some(_) })
+        ));
+        for malformed in ["xyz", "00000000000000000000000000000000", "0123"] {
+            assert!(
+                Cli::try_parse_from(["nfcpay-agent", "status", "--txn", malformed]).is_err(),
+                "{malformed}"
+            );
+        }
     }
 
     #[test]

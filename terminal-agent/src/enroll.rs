@@ -109,6 +109,8 @@ pub struct EnrollmentTarget<'a> {
 
 /// An enrolled terminal, ready to pay.
 pub struct Terminal {
+    /// Its directory (`terminal.json`, certificates, DUKPT state, `pending/`).
+    pub dir: PathBuf,
     /// Its settings.
     pub file: TerminalFile,
     /// Its ID.
@@ -259,6 +261,7 @@ fn load_answer(
     let platform = client(&file, dir, &tls_key)?;
     tracing::info!(terminal = %terminal_id, initial_key_id = %initial_key_id, kcv = %file.initial_key_kcv, "enrolled");
     Ok(Terminal {
+        dir: dir.to_owned(),
         terminal_id: terminal_id.clone(),
         receipt_public_key,
         keys,
@@ -281,6 +284,7 @@ pub fn open(store: Arc<dyn Keystore>, dir: &Path) -> Result<Terminal, EnrollErro
     let platform = authenticated_client(&store, dir, &file)?;
     let keys = TerminalKeyState::open(store, dir)?;
     Ok(Terminal {
+        dir: dir.to_owned(),
         terminal_id,
         receipt_public_key,
         keys,

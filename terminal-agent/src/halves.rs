@@ -167,6 +167,28 @@ pub fn verify_receipt_signature(
     Ok(sealed.receipt().clone())
 }
 
+/// Checks a receipt's platform signature and that it is addressed to `terminal_id` (and to
+/// `ksn`, when given): what a terminal can check of an answer about a half whose MAC key it
+/// no longer holds (a half re-sent after a restart, a payment looked up later).
+pub fn verify_receipt_addressed(
+    bytes: &[u8],
+    terminal_id: &TerminalId,
+    ksn: Option<Ksn>,
+    receipt_public_key: &EcPublicKey,
+) -> Result<Receipt, SealError> {
+    let receipt = verify_receipt_signature(bytes, receipt_public_key)?;
+    let fields = receipt.fields();
+    if &fields.recipient_terminal_id != terminal_id
+        || ksn.is_some_and(|ksn| fields.recipient_ksn != ksn)
+    {
+        return Err(SealError::ReceiptRecipient {
+            terminal: fields.recipient_terminal_id.clone(),
+            ksn: fields.recipient_ksn,
+        });
+    }
+    Ok(receipt)
+}
+
 fn verify_signature(sealed: &SealedReceipt, public_key: &EcPublicKey) -> Result<(), SealError> {
     let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(public_key.as_bytes())
         .map_err(|_| SealError::ReceiptSignature)?;
@@ -174,4 +196,84 @@ fn verify_signature(sealed: &SealedReceipt, public_key: &EcPublicKey) -> Result<
         .map_err(|_| SealError::ReceiptSignature)?;
     key.verify(sealed.body_bytes(), &signature)
         .map_err(|_| SealError::ReceiptSignature)
+}
+
+#[cfg(test)]
+mod tests {
+    use nfcpay_protocol::messages::{ReceiptFields, ReceiptStatus};
+    use nfcpay_protocol::{Amount, Currency, TxnId};
+    use p256::ecdsa::signature::Signer;
+    use p256::elliptic_curve::sec1::ToSec1Point;
+
+    use super::*;
+
+    fn id(text: &str) -> TerminalId {
+        text.parse().unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    fn ksn(counter: &str) -> Ksn {
+        format!("1234567890123456{counter}")
+            .parse()
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// A pending receipt for `shop-1`'s half under KSN counter 1, signed by a fixed key;
+    /// returns it sealed and the key's public half.
+    fn signed_receipt() -> (Vec<u8>, EcPublicKey) {
+        let currency: Currency = "EUR".parse().unwrap_or_else(|error| panic!("{error}"));
+        let fields = ReceiptFields {
+            status: ReceiptStatus::Pending,
+            txn_id: TxnId::try_from([9u8; 16]).unwrap_or_else(|error| panic!("{error}")),
+            recipient_terminal_id: id("shop-1"),
+            recipient_ksn: ksn("00000001"),
+            request_digest: [3; 32],
+            payee_terminal_id: id("shop-1"),
+            payee_account_id: Some("shop".parse().unwrap_or_else(|error| panic!("{error}"))),
+            payer_terminal_id: None,
+            payer_account_id: None,
+            amount: Amount::new(1250, currency).unwrap_or_else(|error| panic!("{error}")),
+            settlement_id: 0,
+            settled_at_ms: 0,
+        };
+        let receipt = Receipt::new(fields).unwrap_or_else(|error| panic!("{error}"));
+        let signing_key = p256::ecdsa::SigningKey::from_slice(&[7u8; 32])
+            .unwrap_or_else(|error| panic!("{error}"));
+        let signature: p256::ecdsa::Signature = signing_key.sign(&receipt.encode());
+        let signature: [u8; 64] = signature.to_bytes().into();
+        let public = p256::PublicKey::from(signing_key.verifying_key()).to_sec1_point(false);
+        let public_key =
+            EcPublicKey::try_from(public.as_bytes()).unwrap_or_else(|error| panic!("{error}"));
+        (
+            SealedReceipt::new(receipt, [0; 16], signature).encode(),
+            public_key,
+        )
+    }
+
+    #[test]
+    fn a_receipt_is_accepted_only_when_signed_and_addressed_to_this_half() {
+        let (sealed, key) = signed_receipt();
+        let shop = id("shop-1");
+        assert!(verify_receipt_addressed(&sealed, &shop, Some(ksn("00000001")), &key).is_ok());
+        assert!(verify_receipt_addressed(&sealed, &shop, None, &key).is_ok());
+        assert!(matches!(
+            verify_receipt_addressed(&sealed, &shop, Some(ksn("00000002")), &key),
+            Err(SealError::ReceiptRecipient { .. })
+        ));
+        assert!(matches!(
+            verify_receipt_addressed(&sealed, &id("alice-phone"), None, &key),
+            Err(SealError::ReceiptRecipient { .. })
+        ));
+        let mut tampered = sealed.clone();
+        if let Some(last) = tampered.last_mut() {
+            *last ^= 1;
+        }
+        assert!(matches!(
+            verify_receipt_addressed(&tampered, &shop, None, &key),
+            Err(SealError::ReceiptSignature)
+        ));
+        assert!(matches!(
+            verify_receipt_addressed(&sealed[..10], &shop, None, &key),
+            Err(SealError::Protocol(_))
+        ));
+    }
 }

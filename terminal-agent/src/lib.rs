@@ -4,6 +4,8 @@
 //!   so that they survive restarts and crashes.
 //! - [`enroll`]: enrollment (certificate and initial key), and opening an enrolled terminal.
 //! - [`halves`]: sealing halves and opening receipts with the terminal's DUKPT keys.
+//! - [`pending`]: sealed halves kept on disk until the platform's final answer;
+//!   [`delivery`]: sending one again, the same bytes, with bounded backoff.
 //! - [`platform`]: the HTTPS client of the platform, with the terminal's client certificate;
 //!   routes and problem documents are `nfcpay_protocol::api`'s.
 //! - [`nfc`]: NFC-DEP between two terminals; the framing itself is `nfcpay_protocol::nfc_frame`.
@@ -17,9 +19,11 @@
 /// The `nfcpay-agent` command line.
 pub mod cli;
 pub mod commands;
+pub mod delivery;
 pub mod enroll;
 pub mod halves;
 pub mod keys;
 /// NFC-DEP transport between two terminals through libnfc readers (or an in-memory link).
 pub mod nfc;
+pub mod pending;
 pub mod platform;

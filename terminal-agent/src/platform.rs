@@ -60,6 +60,19 @@ pub struct ClientIdentity {
     pub key: Arc<dyn rustls::sign::SigningKey>,
 }
 
+/// Longest `Retry-After` honoured: a longer one is waited for only this long.
+pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(10);
+
+/// Why a half got no receipt, with the platform's `Retry-After` when its refusal had one.
+#[derive(Debug)]
+pub struct HalfFailure {
+    /// What went wrong.
+    pub error: PlatformError,
+    /// How long the platform asked to wait before the same bytes are sent again (at most
+    /// [`RETRY_AFTER_MAX`]).
+    pub retry_after: Option<Duration>,
+}
+
 /// The answer to a half.
 #[derive(Debug, Clone)]
 pub struct HalfReply {
@@ -128,10 +141,34 @@ impl PlatformClient {
         envelope: Vec<u8>,
         wait: Duration,
     ) -> Result<HalfReply, PlatformError> {
+        self.submit_half_once(kind, envelope, wait)
+            .await
+            .map_err(|failure| failure.error)
+    }
+
+    /// [`Self::submit_half`], keeping the `Retry-After` of a refusal (in seconds, at most
+    /// [`RETRY_AFTER_MAX`]) for a caller that sends the same bytes again.
+    pub async fn submit_half_once(
+        &self,
+        kind: HalfKind,
+        envelope: Vec<u8>,
+        wait: Duration,
+    ) -> Result<HalfReply, HalfFailure> {
         let path = api::half_target(kind, wait.as_millis());
-        let (status, body) = self
-            .call(Method::POST, &path, api::HALF_CONTENT_TYPE, envelope, wait)
-            .await?;
+        let answer = self
+            .exchange(Method::POST, &path, api::HALF_CONTENT_TYPE, envelope, wait)
+            .await
+            .map_err(|error| HalfFailure {
+                error,
+                retry_after: None,
+            })?;
+        if !answer.status.is_success() {
+            return Err(HalfFailure {
+                error: PlatformError::Refused(problem(answer.status, &answer.body)),
+                retry_after: answer.retry_after,
+            });
+        }
+        let (status, body) = (answer.status, answer.body);
         match status {
             StatusCode::OK => Ok(HalfReply {
                 settled: true,
@@ -141,7 +178,10 @@ impl PlatformClient {
                 settled: false,
                 receipt: body.to_vec(),
             }),
-            other => Err(PlatformError::Answer(format!("status {other} for a half"))),
+            other => Err(HalfFailure {
+                error: PlatformError::Answer(format!("status {other} for a half")),
+                retry_after: None,
+            }),
         }
     }
 
@@ -184,6 +224,26 @@ impl PlatformClient {
         body: Vec<u8>,
         wait: Duration,
     ) -> Result<(StatusCode, Bytes), PlatformError> {
+        let answer = self
+            .exchange(method, path, content_type, body, wait)
+            .await?;
+        if answer.status.is_success() {
+            Ok((answer.status, answer.body))
+        } else {
+            Err(PlatformError::Refused(problem(answer.status, &answer.body)))
+        }
+    }
+
+    /// One request on the kept connection (made anew if there is none or it broke), and its
+    /// answer whatever its status.
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+        wait: Duration,
+    ) -> Result<Answer, PlatformError> {
         let mut connection = self.connection.lock().await;
         let sender = match connection.take() {
             Some(sender) if !sender.is_closed() => sender,
@@ -207,22 +267,25 @@ impl PlatformClient {
                 .await
                 .map_err(|error| PlatformError::Connection(error.to_string()))?;
             let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|value| retry_after(value.as_bytes()));
             let body = Limited::new(response.into_body(), ANSWER_BYTES_MAX)
                 .collect()
                 .await
                 .map_err(|error| PlatformError::Answer(error.to_string()))?
                 .to_bytes();
-            Ok::<_, PlatformError>((status, body))
+            Ok::<_, PlatformError>(Answer {
+                status,
+                retry_after,
+                body,
+            })
         })
         .await
         .map_err(|_| PlatformError::Timeout)??;
         *connection = Some(sender);
-        let (status, body) = answer;
-        if status.is_success() {
-            Ok((status, body))
-        } else {
-            Err(PlatformError::Refused(problem(status, &body)))
-        }
+        Ok(answer)
     }
 
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, PlatformError> {
@@ -253,6 +316,26 @@ impl PlatformClient {
     }
 }
 
+/// An answer of the platform, whatever its status.
+struct Answer {
+    status: StatusCode,
+    /// Its `Retry-After`, when it has one in seconds.
+    retry_after: Option<Duration>,
+    body: Bytes,
+}
+
+/// Reads a `Retry-After` in delay-seconds (RFC 9110 §10.2.3), capped at [`RETRY_AFTER_MAX`].
+/// The HTTP-date form (the platform never sends it) and anything malformed give `None`: the
+/// caller's own backoff applies.
+fn retry_after(value: &[u8]) -> Option<Duration> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if text.is_empty() || text.len() > 10 || !text.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    let seconds: u64 = text.parse().ok()?;
+    Some(Duration::from_secs(seconds).min(RETRY_AFTER_MAX))
+}
+
 /// Reads a problem document; a body that is not one still gives the status.
 fn problem(status: StatusCode, body: &[u8]) -> Problem {
     let mut document: Problem = serde_json::from_slice(body).unwrap_or_default();
@@ -276,6 +359,25 @@ mod tests {
         let read = problem(StatusCode::CONFLICT, &body);
         assert_eq!(read, sent);
         assert_eq!(read.known_code(), Some(ProblemCode::Conflict));
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds_and_capped() {
+        assert_eq!(retry_after(b"1"), Some(Duration::from_secs(1)));
+        assert_eq!(retry_after(b" 3 "), Some(Duration::from_secs(3)));
+        assert_eq!(retry_after(b"0"), Some(Duration::ZERO));
+        assert_eq!(retry_after(b"86400"), Some(RETRY_AFTER_MAX));
+        assert_eq!(retry_after(b"99999999999999999999"), None);
+        for malformed in [
+            &b""[..],
+            b"-1",
+            b"1.5",
+            b"soon",
+            b"Wed, 21 Oct 2015 07:28:00 GMT",
+            b"\xff",
+        ] {
+            assert_eq!(retry_after(malformed), None, "{malformed:?}");
+        }
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! sees them (`nfc::libnfc` unit tests, `terminal-agent/pn532-sim/tests/nfc_link.rs`). Here the agent
 //! level: a payment settles with either terminal as NFC initiator; a missing other terminal
 //! leaves the platform untouched; bad enrollment codes load no key; a counter taken for a half
-//! that never landed is not used again.
+//! that never landed is not used again; a half kept through a platform outage is sent again,
+//! byte-identical, by `pending --resend` and settles; a payment left pending is asked about
+//! with `status --txn`.
 
 // A panic is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -151,6 +153,16 @@ impl AgentTerminal {
 
     fn has_dukpt_state(&self) -> bool {
         self.path().join("dukpt-state.json").exists()
+    }
+
+    /// The files in `DIR/pending/` (the halves kept until their final answer), sorted.
+    fn pending_files(&self) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(self.path().join("pending")) else {
+            return Vec::new();
+        };
+        let mut files: Vec<PathBuf> = entries.map(|entry| entry.unwrap().path()).collect();
+        files.sort();
+        files
     }
 }
 
@@ -335,6 +347,21 @@ fn two_agents_pay_each_other_over_the_emulator_in_either_nfc_role() {
     );
     assert_eq!(platform.balance("alice").unwrap(), "87.50 EUR");
     assert_eq!(platform.balance("shop").unwrap(), "12.50 EUR");
+    assert!(
+        stdout(&payee_output).contains("kept in "),
+        "{}",
+        text(&payee_output)
+    );
+    assert_eq!(
+        payee.pending_files(),
+        Vec::<PathBuf>::new(),
+        "answered: forgotten"
+    );
+    assert_eq!(
+        payer.pending_files(),
+        Vec::<PathBuf>::new(),
+        "answered: forgotten"
+    );
 
     // Roles swapped: the payee's reader as target, the payer's as initiator; consent by limit.
     let (payee_output, payer_output) = pay_concurrently(
@@ -428,6 +455,28 @@ fn a_payer_over_its_limit_or_without_consent_pays_nothing() {
             "{}",
             text(&payee_output)
         );
+        // The message names the command that asks again, and that command answers.
+        let shown = stderr(&payee_output);
+        let command = shown
+            .split('`')
+            .nth(1)
+            .unwrap_or_else(|| panic!("no command in {shown}"));
+        let prefix = format!(
+            "nfcpay-agent --dir {} status --txn ",
+            payee.path().display()
+        );
+        let txn = command
+            .strip_prefix(&prefix)
+            .unwrap_or_else(|| panic!("{command}"));
+        let asked = payee.run(&["status", "--txn", txn]);
+        assert!(asked.status.success(), "{}", text(&asked));
+        assert!(
+            stdout(&asked).contains("  status:        pending")
+                && stdout(&asked).contains(&format!("  transaction:   {txn}")),
+            "{}",
+            text(&asked)
+        );
+        assert_eq!(payee.pending_files(), Vec::<PathBuf>::new());
         assert_eq!(payer.next_counter(), 1, "the payer took no counter");
     }
     assert_eq!(platform.balance("alice").unwrap(), "100.00 EUR");
@@ -701,6 +750,11 @@ fn a_counter_taken_for_a_half_that_never_landed_is_not_used_again() {
         text(&payee_output)
     );
     assert_eq!(payee.next_counter(), 2, "the taken counter is spent");
+    assert_eq!(
+        payee.pending_files(),
+        Vec::<PathBuf>::new(),
+        "a definitive refusal is final: the half is not kept"
+    );
 
     platform
         .admin_ok(&["terminals", "reactivate", "--id", "shop-1"])
@@ -823,5 +877,222 @@ fn a_terminal_with_its_keys_in_a_pkcs11_token_enrolls_and_pays() {
             .iter()
             .all(|key| key.contains("sensitive") && !key.contains("Access:     extractable")),
         "{objects}"
+    );
+}
+
+/// Issue 8 item 7: each sealed half is kept on disk before it is sent. With the platform down
+/// (stopped by its pid) both agents give up after their bounded attempts, keep their halves and
+/// name the command that sends them again; their counters are not spent twice. With the
+/// platform back, `pending --resend` sends the identical bytes and the payment settles. A file
+/// in the pending directory that is not this terminal's half is reported and never sent; after
+/// the answers nothing stays pending. Issue 11: `status --txn` asks about the payment.
+#[test]
+fn halves_kept_through_a_platform_outage_are_resent_byte_identical_and_settle() {
+    let (mut platform, payee, payer) = platform_and_terminals();
+    let emulator = Emulator::start(2);
+    let saved = tempfile::tempdir().unwrap();
+    let saved_a = saved.path().join("half-a");
+    let saved_b = saved.path().join("half-b");
+
+    platform.stop().unwrap();
+    let (payee_output, payer_output) = pay_concurrently(
+        &payee,
+        &[
+            "request",
+            "--amount",
+            "12.50",
+            "--currency",
+            "EUR",
+            "--device",
+            &emulator.connstrings[0],
+            "--nfc-wait-s",
+            "20",
+            "--attempts",
+            "2",
+            "--save-half",
+            saved_a.to_str().unwrap(),
+        ],
+        &payer,
+        &[
+            "pay",
+            "--yes",
+            "--device",
+            &emulator.connstrings[1],
+            "--nfc-wait-s",
+            "20",
+            "--attempts",
+            "2",
+            "--save-half",
+            saved_b.to_str().unwrap(),
+        ],
+    );
+    let mut kept = Vec::new();
+    for (output, terminal, saved, suffix) in [
+        (&payee_output, &payee, &saved_a, "-A.half"),
+        (&payer_output, &payer, &saved_b, "-B.half"),
+    ] {
+        assert_eq!(output.status.code(), Some(1), "{}", text(output));
+        let shown = stderr(output);
+        assert!(
+            shown.contains("not delivered") && shown.contains("no answer after 2 attempt(s)"),
+            "{}",
+            text(output)
+        );
+        assert!(
+            shown.contains(&format!(
+                "`nfcpay-agent --dir {} pending --resend`",
+                terminal.path().display()
+            )),
+            "{}",
+            text(output)
+        );
+        let files = terminal.pending_files();
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert!(files[0].to_str().unwrap().ends_with(suffix), "{files:?}");
+        assert_eq!(
+            std::fs::read(&files[0]).unwrap(),
+            std::fs::read(saved).unwrap(),
+            "the kept half is the sealed half"
+        );
+        assert_eq!(terminal.next_counter(), 2);
+        kept.push(files[0].clone());
+    }
+    let (kept_a, kept_b) = (&kept[0], &kept[1]);
+    let kept_a_bytes = std::fs::read(kept_a).unwrap();
+    let txn = kept_a
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .strip_suffix("-A.half")
+        .unwrap()
+        .to_owned();
+
+    // Listing: transaction, half, KSN; nothing is sent.
+    let listing = payee.run(&["pending"]);
+    assert!(listing.status.success(), "{}", text(&listing));
+    let shown = stdout(&listing);
+    assert!(
+        shown.contains(&format!("pending: transaction {txn}  half A  KSN "))
+            && shown.contains("(counter 1)")
+            && shown.contains("pending --resend"),
+        "{shown}"
+    );
+
+    // A corrupt file and the other terminal's half in the payee's pending directory.
+    let pending_dir = payee.path().join("pending");
+    std::fs::write(pending_dir.join("notes.txt"), "not a half").unwrap();
+    let garbage = pending_dir.join(format!("{}-B.half", "AB".repeat(16)));
+    std::fs::write(&garbage, b"\x01\x42 not an envelope").unwrap();
+    let foreign = pending_dir.join(format!("{txn}-B.half"));
+    std::fs::copy(kept_b, &foreign).unwrap();
+
+    platform.restart().unwrap();
+    let output = payee.run(&["pending", "--resend"]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    let shown = stdout(&output);
+    assert!(
+        shown.contains(&format!(
+            "re-sending half A of transaction {txn} under KSN "
+        )) && shown.contains("byte-identical"),
+        "{shown}"
+    );
+    assert!(shown.contains("  status:        pending"), "{shown}");
+    assert!(shown.contains("answered (pending); forgotten"), "{shown}");
+    assert_eq!(
+        shown.matches("re-sending").count(),
+        1,
+        "only the payee's own half is sent: {shown}"
+    );
+    assert!(
+        shown.contains(&format!(
+            "unusable: {}: not a pending half (its name is not",
+            pending_dir.join("notes.txt").display()
+        )),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&format!(
+            "unusable: {}: not a pending half (not a sealed half",
+            garbage.display()
+        )),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&format!(
+            "unusable: {}: a half of terminal alice-phone, not of this terminal; it is not sent",
+            foreign.display()
+        )),
+        "{shown}"
+    );
+    assert!(stderr(&output).contains("3 file(s)"), "{}", text(&output));
+    assert!(!kept_a.exists(), "answered: forgotten");
+    assert!(
+        foreign.exists() && garbage.exists(),
+        "unusable files are left alone"
+    );
+
+    // The payer's half B, sent again, settles the payment under its first KSN.
+    let output = payer.run(&["pending", "--resend"]);
+    assert!(output.status.success(), "{}", text(&output));
+    let shown = stdout(&output);
+    assert!(shown.contains("  status:        settled"), "{shown}");
+    assert!(
+        shown.contains("  for terminal:  alice-phone (KSN ") && shown.contains("00000001)"),
+        "{shown}"
+    );
+    assert_eq!(payer.pending_files(), Vec::<PathBuf>::new());
+    assert_eq!(platform.balance("alice").unwrap(), "87.50 EUR");
+    assert_eq!(platform.balance("shop").unwrap(), "12.50 EUR");
+    assert_eq!(payee.next_counter(), 2, "no new KSN for a re-send");
+    assert_eq!(payer.next_counter(), 2, "no new KSN for a re-send");
+
+    // The identical half A once more (as `resend`, the diagnostic, sends it): the same
+    // payment, now settled; nothing moves.
+    std::fs::write(saved.path().join("again"), &kept_a_bytes).unwrap();
+    let output = payee.run(&["resend", saved.path().join("again").to_str().unwrap()]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(stdout(&output).contains("  status:        settled"));
+    assert_eq!(platform.balance("alice").unwrap(), "87.50 EUR");
+
+    // The payee asks about its payment by transaction ID.
+    let output = payee.run(&["status", "--txn", &txn]);
+    assert!(output.status.success(), "{}", text(&output));
+    let shown = stdout(&output);
+    assert!(
+        shown.contains("  status:        settled")
+            && shown.contains(&format!("  transaction:   {txn}"))
+            && shown.contains("  payer:         alice-phone (account alice)"),
+        "{shown}"
+    );
+
+    // After the unusable files are moved away nothing is pending.
+    for file in payee.pending_files() {
+        std::fs::remove_file(file).unwrap();
+    }
+    let output = payee.run(&["pending", "--resend"]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        stdout(&output).contains("no pending halves"),
+        "{}",
+        text(&output)
+    );
+
+    // A transaction the platform does not know, and one this terminal is no party to.
+    let output = payee.run(&["status", "--txn", &"0F".repeat(16)]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        stderr(&output).contains("problem code: unknown-transaction"),
+        "{}",
+        text(&output)
+    );
+    platform.account("bob", "EUR", None).unwrap();
+    let stranger = enrolled(&platform, "bob-phone", "bob");
+    let output = stranger.run(&["status", "--txn", &txn]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        stderr(&output).contains("problem code: not-a-party"),
+        "{}",
+        text(&output)
     );
 }

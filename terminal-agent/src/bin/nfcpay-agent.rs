@@ -1,5 +1,6 @@
-//! nfcpay-agent: the terminal side of nfcpay (enroll, request, pay, devices, status). Thin:
-//! the command line is `nfcpay_terminal_agent::cli`, the work `nfcpay_terminal_agent::commands`.
+//! nfcpay-agent: the terminal side of nfcpay (enroll, request, pay, pending, status, devices,
+//! resend). Thin: the command line is `nfcpay_terminal_agent::cli`, the work
+//! `nfcpay_terminal_agent::commands`.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;

@@ -9,7 +9,7 @@ use nfcpay_protocol::messages::HalfEnvelope;
 use super::shared::{
     AgentError, SAVED_HALF_BYTES_MAX, TerminalPlace, half_name, line, print_receipt, read_file,
 };
-use crate::halves::verify_receipt_signature;
+use crate::halves::verify_receipt_addressed;
 
 /// Diagnostic: submits a half saved with `--save-half` again, as it is or with one byte of its
 /// GCM tag flipped, and shows the platform's answer. The half's MAC key is gone from the
@@ -48,7 +48,12 @@ pub async fn run(
         .platform
         .submit_half(header.kind, bytes, Duration::ZERO)
         .await?;
-    let receipt = verify_receipt_signature(&reply.receipt, &terminal.receipt_public_key)?;
+    let receipt = verify_receipt_addressed(
+        &reply.receipt,
+        &terminal.terminal_id,
+        Some(header.ksn),
+        &terminal.receipt_public_key,
+    )?;
     print_receipt(
         &receipt,
         "verified: the platform's signature; this KSN's MAC key no longer exists on the terminal",

@@ -6,11 +6,14 @@
 //!
 //! The request goes over NFC first; only then is a DUKPT counter taken
 //! ([`TerminalKeyState::next_transaction`](crate::keys::TerminalKeyState::next_transaction)
-//! saves the advanced counter before it returns the key), the half sealed and submitted
-//! (`submit`). So a failed NFC exchange costs no counter, and a process that dies after
-//! taking a counter never uses it again: the next run takes the next one. The transaction's
-//! working keys are kept until the receipt is verified, since the platform MACs every answer
-//! about this half (including `GET /v1/transactions/{id}`) under the half's own KSN.
+//! saves the advanced counter before it returns the key), the half sealed, kept in
+//! `DIR/pending/` ([`crate::pending`]) and submitted (`submit`), the same bytes again after a
+//! fault ([`crate::delivery`]). So a failed NFC exchange costs no counter, a process that dies
+//! after taking a counter never uses it again (the next run takes the next one), and a half
+//! that was sealed is sent again as it is, never sealed anew: `nfcpay-agent pending --resend`
+//! finishes what a killed run left. The transaction's working keys are kept until the receipt
+//! is verified, since the platform MACs every answer about this half (including
+//! `GET /v1/transactions/{id}`) under the half's own KSN.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -22,10 +25,12 @@ use nfcpay_keystore::{Keystore, KeystoreConfig, KeystoreError};
 use nfcpay_protocol::messages::{HalfKind, Receipt, ReceiptStatus};
 use nfcpay_protocol::{AccountId, ProtocolError, TerminalId, TxnId};
 
+use crate::delivery::{self, Attempts, Transience, Undelivered};
 use crate::enroll::{self, EnrollError, TERMINAL_FILE, Terminal};
 use crate::halves::{SealError, TransactionKeys};
 use crate::keys::AgentKeyError;
 use crate::nfc::{Connstring, NfcError, Role};
+use crate::pending::{PendingDir, PendingError};
 use crate::platform::{PlatformError, Problem};
 
 /// Lifetime of a payment request the payee makes: 5 minutes (the protocol allows 10).
@@ -81,15 +86,26 @@ pub enum AgentError {
     /// The payment was still pending when the agent stopped waiting.
     #[error(
         "the payment is still pending after {waited:?} (transaction ID {txn_id}): it settles \
-         if the other terminal's half reaches the platform before the request expires; the \
-         platform's operator can look it up by its transaction ID"
+         if the other terminal's half reaches the platform before the request expires; ask \
+         again with `{}`", agent_command(dir, &["status", "--txn", &txn_id.to_string()])
     )]
     StillPending {
         /// The transaction.
         txn_id: TxnId,
         /// How long the agent waited.
         waited: Duration,
+        /// The terminal directory (for the command that asks again).
+        dir: PathBuf,
     },
+    /// A kept half got no final answer; it stays kept, to be sent again as it is.
+    #[error(transparent)]
+    Undelivered(Box<UndeliveredHalf>),
+    /// The pending directory or a kept half could not be used.
+    #[error("pending halves")]
+    Pending(#[from] PendingError),
+    /// `pending --resend` left halves without a final answer, or found files it cannot send.
+    #[error("{0}")]
+    PendingLeft(String),
     /// A file could not be read or written.
     #[error("{path}: cannot {action}")]
     File {
@@ -114,6 +130,24 @@ pub enum AgentError {
     Internal(String),
 }
 
+/// A half kept in `DIR/pending/` that got no final answer.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "half of transaction {txn_id} not delivered: it is kept in {}; send the same bytes again \
+     with `{}`", path.display(), agent_command(dir, &["pending", "--resend"])
+)]
+pub struct UndeliveredHalf {
+    /// The transaction.
+    pub txn_id: TxnId,
+    /// The kept half.
+    pub path: PathBuf,
+    /// The terminal directory.
+    pub dir: PathBuf,
+    /// The last attempt's failure.
+    #[source]
+    pub source: Undelivered,
+}
+
 impl AgentError {
     /// The process exit code: 64 (`EX_USAGE`) for usage errors, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
@@ -125,6 +159,12 @@ impl AgentError {
 
     /// The platform's problem, when the platform refused.
     pub fn problem(&self) -> Option<&Problem> {
+        if let Self::Undelivered(half) = self {
+            return match &half.source.error {
+                PlatformError::Refused(problem) => Some(problem),
+                _ => None,
+            };
+        }
         match self {
             Self::Platform(PlatformError::Refused(problem))
             | Self::Enroll(EnrollError::Platform(PlatformError::Refused(problem))) => Some(problem),
@@ -270,9 +310,12 @@ pub struct PlatformWait {
     pub half: Duration,
     /// How long to keep asking while the payment is pending, after the half's answer.
     pub settle: Duration,
+    /// How many times the half is sent at most after faults (the same bytes each time).
+    pub attempts: Attempts,
 }
 
-/// Takes the next KSN, seals the half, submits it and waits for a verified, final receipt.
+/// Takes the next KSN, seals the half, keeps it in `DIR/pending/`, submits it (the same bytes
+/// again after a fault) and waits for a verified, final receipt.
 pub(super) async fn submit(
     terminal: &mut Terminal,
     kind: HalfKind,
@@ -299,25 +342,61 @@ pub(super) async fn submit(
             source,
         })?;
     }
+    // Kept durably before it is sent: from here on a fault, or this process killed, is
+    // repaired by sending these very bytes again.
+    let dir = terminal.dir.clone();
+    let pending = PendingDir::of(&dir);
+    let kept = pending.keep(txn_id, kind, &envelope)?;
     line(
         out,
         format_args!(
-            "half {} sealed under KSN {ksn} (counter {}), {} bytes; submitting to {}",
+            "half {} sealed under KSN {ksn} (counter {}), {} bytes, kept in {}; submitting to {}",
             half_name(kind),
             ksn.counter().get(),
             envelope.len(),
+            kept.display(),
             terminal.file.platform_address
         ),
     )?;
-    let reply = terminal
-        .platform
-        .submit_half(kind, envelope, wait.half)
-        .await?;
+    let delivered = delivery::deliver(
+        &terminal.platform,
+        kind,
+        &envelope,
+        wait.half,
+        wait.attempts,
+        &mut |attempt, error, pause| {
+            tracing::warn!(
+                attempt,
+                %error,
+                pause_ms = pause.as_millis(),
+                "half not answered; sending the same bytes again"
+            );
+        },
+    )
+    .await;
+    let reply = match delivered {
+        Ok(reply) => reply,
+        Err(undelivered) if undelivered.transience == Transience::Final => {
+            // A definitive refusal: sending these bytes again would get it again.
+            pending.forget(&kept)?;
+            return Err(AgentError::Platform(undelivered.error));
+        }
+        Err(undelivered) => {
+            return Err(AgentError::Undelivered(Box::new(UndeliveredHalf {
+                txn_id,
+                path: kept,
+                dir: dir.clone(),
+                source: undelivered,
+            })));
+        }
+    };
+    // A receipt that does not verify is no answer: the half stays kept.
     let mut receipt = keys.open_receipt(
         &reply.receipt,
         &terminal.terminal_id,
         &terminal.receipt_public_key,
     )?;
+    pending.forget(&kept)?;
     let started = Instant::now();
     while receipt.status() == ReceiptStatus::Pending {
         if started.elapsed() >= wait.settle {
@@ -325,14 +404,50 @@ pub(super) async fn submit(
             return Err(AgentError::StillPending {
                 txn_id,
                 waited: wait.half + wait.settle,
+                dir: dir.clone(),
             });
         }
         tokio::time::sleep(STATUS_POLL_INTERVAL).await;
-        let answer = terminal.platform.transaction(txn_id).await?;
-        receipt =
-            keys.open_receipt(&answer, &terminal.terminal_id, &terminal.receipt_public_key)?;
+        match terminal.platform.transaction(txn_id).await {
+            Ok(answer) => {
+                receipt = keys.open_receipt(
+                    &answer,
+                    &terminal.terminal_id,
+                    &terminal.receipt_public_key,
+                )?;
+            }
+            // The half is recorded; a fault while asking is asked through again.
+            Err(error) if delivery::transience(&error) == Transience::Retry => {
+                tracing::warn!(%error, "status not answered; asking again");
+            }
+            Err(error) => return Err(error.into()),
+        }
     }
     Ok(receipt)
+}
+
+/// The command line of `nfcpay-agent --dir DIR ARGS…`, quoted for a POSIX shell where needed.
+pub fn agent_command(dir: &Path, args: &[&str]) -> String {
+    let dir = dir.to_string_lossy();
+    let mut words = vec![
+        "nfcpay-agent".to_owned(),
+        "--dir".to_owned(),
+        shell_word(&dir),
+    ];
+    words.extend(args.iter().map(|arg| shell_word(arg)));
+    words.join(" ")
+}
+
+fn shell_word(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || b"-_./:=@+,".contains(&byte));
+    if plain {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
 }
 
 pub(super) fn finish(receipt: &Receipt, out: &mut dyn Write) -> Result<(), AgentError> {
@@ -528,6 +643,27 @@ mod tests {
         assert!("hsm".parse::<KeystoreChoice>().is_err());
         let debug = format!("{:?}", KeystoreChoice::Pkcs11("pkcs11:secret".into()));
         assert!(!debug.contains("secret"));
+    }
+
+    #[test]
+    fn the_pending_message_names_the_exact_command() {
+        let txn_id: TxnId = "0123456789ABCDEF0123456789ABCDEF".parse().unwrap();
+        let error = AgentError::StillPending {
+            txn_id,
+            waited: Duration::from_secs(70),
+            dir: PathBuf::from("/var/lib/nfcpay terminal"),
+        };
+        assert!(
+            error.to_string().contains(
+                "`nfcpay-agent --dir '/var/lib/nfcpay terminal' status --txn \
+                 0123456789ABCDEF0123456789ABCDEF`"
+            ),
+            "{error}"
+        );
+        assert_eq!(
+            agent_command(Path::new("it's"), &["pending", "--resend"]),
+            r"nfcpay-agent --dir 'it'\''s' pending --resend"
+        );
     }
 
     #[test]

@@ -1,9 +1,43 @@
-//! `nfcpay-agent status`: the terminal's identity, certificate expiry and DUKPT key state.
+//! `nfcpay-agent status`: the terminal's identity, certificate expiry and DUKPT key state;
+//! with `--txn TXN_ID`, the payment of that transaction as the platform has it now (the
+//! question a payer or payee left pending is told to ask).
 
 use std::io::Write;
 
-use super::shared::{AgentError, TerminalPlace, line, read_file};
+use nfcpay_protocol::TxnId;
+
+use super::shared::{AgentError, TerminalPlace, line, print_receipt, read_file};
 use crate::enroll::CERTIFICATE_FILE;
+use crate::halves::verify_receipt_addressed;
+
+/// Asks the platform for the latest receipt of `txn_id` (`GET /v1/transactions/{id}`; this
+/// terminal must be a party) and prints it, checked by the platform's signature and its
+/// recipient, this terminal. (The MAC key of the half it answers is gone from the terminal.)
+pub async fn run_transaction(
+    place: &TerminalPlace,
+    txn_id: TxnId,
+    out: &mut dyn Write,
+) -> Result<(), AgentError> {
+    let terminal = place.open_terminal()?;
+    let answer = terminal.platform.transaction(txn_id).await?;
+    let receipt = verify_receipt_addressed(
+        &answer,
+        &terminal.terminal_id,
+        None,
+        &terminal.receipt_public_key,
+    )?;
+    if receipt.fields().txn_id != txn_id {
+        return Err(AgentError::Internal(format!(
+            "the platform answered about transaction {} when asked about {txn_id}",
+            receipt.fields().txn_id
+        )));
+    }
+    print_receipt(
+        &receipt,
+        "verified: the platform's signature, addressed to this terminal",
+        out,
+    )
+}
 
 /// Prints the terminal's identity, certificate expiry and key state.
 pub fn run(place: &TerminalPlace, out: &mut dyn Write) -> Result<(), AgentError> {
