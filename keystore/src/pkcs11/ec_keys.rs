@@ -208,6 +208,7 @@ pub(super) fn sign(
         .map_err(|_| KeystoreError::Pkcs11 {
             function: "C_Sign(CKM_ECDSA)",
             code: format!("a {}-byte signature, expected 64", signature.len()),
+            source: None,
         })
 }
 
@@ -367,6 +368,7 @@ fn read_ec_point(
         return Err(KeystoreError::Pkcs11 {
             function: "C_GetAttributeValue",
             code: "no CKA_EC_POINT".to_owned(),
+            source: None,
         });
     };
     let bare = match point.as_slice() {

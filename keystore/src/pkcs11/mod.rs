@@ -52,7 +52,7 @@ mod symmetric;
 mod templates;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -109,8 +109,19 @@ struct Recovery {
     since: Instant,
     failures: u32,
     next_attempt: Instant,
-    /// The last failure, for [`KeystoreError::Recovering`] and readiness.
-    reason: String,
+    /// What the store last failed on (the loss, then each failed attempt), shared by every
+    /// [`KeystoreError::Recovering`] until the token is back.
+    last_failure: Option<Arc<KeystoreError>>,
+}
+
+impl Recovery {
+    /// The failure of a call made while the next attempt is not due yet.
+    fn waiting(&self) -> KeystoreError {
+        KeystoreError::Recovering {
+            reason: "the token was lost; waiting to re-open it".to_owned(),
+            last_failure: self.last_failure.clone(),
+        }
+    }
 }
 
 /// `result.ck("C_Function")?`: maps a cryptoki error through [`map_error`].
@@ -174,6 +185,8 @@ impl Pkcs11Keystore {
                 "the pkcs11: URI must give pin-source=file:/path/to/pin".to_owned(),
             ));
         }
+        // A configuration error (the operator's to fix), so the loader's words stay in the
+        // message: `Configuration` has no place for a cause.
         let context = Pkcs11::new(&module).map_err(|error| {
             KeystoreError::Configuration(format!(
                 "cannot load PKCS#11 module {}: {error}",
@@ -200,7 +213,7 @@ impl Pkcs11Keystore {
                 since: now,
                 failures: 0,
                 next_attempt: now,
-                reason: String::new(),
+                last_failure: None,
             }),
             lost: AtomicBool::new(false),
             recovering: Mutex::new(()),
@@ -261,14 +274,17 @@ impl Pkcs11Keystore {
     fn mark_lost(&self, error: &KeystoreError) {
         let mut recovery = self.recovery();
         if !recovery.needed {
-            tracing::error!(%error, "HSM token or session lost; re-opening it");
+            tracing::error!(
+                error = error as &dyn std::error::Error,
+                "HSM token or session lost; re-opening it"
+            );
             let now = Instant::now();
             recovery.needed = true;
             self.lost.store(true, Ordering::Release);
             recovery.since = now;
             recovery.failures = 0;
             recovery.next_attempt = now;
-            recovery.reason = error.to_string();
+            recovery.last_failure = error.recovery_record().map(Arc::new);
         }
     }
 
@@ -284,14 +300,13 @@ impl Pkcs11Keystore {
                 return Ok(());
             }
             if Instant::now() < recovery.next_attempt {
-                return Err(KeystoreError::Recovering {
-                    reason: recovery.reason.clone(),
-                });
+                return Err(recovery.waiting());
             }
         }
         let Ok(_alone) = self.recovering.try_lock() else {
             return Err(KeystoreError::Recovering {
                 reason: "the token is being re-opened".to_owned(),
+                last_failure: self.recovery().last_failure.clone(),
             });
         };
         {
@@ -301,9 +316,7 @@ impl Pkcs11Keystore {
                 return Ok(());
             }
             if Instant::now() < recovery.next_attempt {
-                return Err(KeystoreError::Recovering {
-                    reason: recovery.reason.clone(),
-                });
+                return Err(recovery.waiting());
             }
         }
         let reopened = self.reopen();
@@ -326,15 +339,17 @@ impl Pkcs11Keystore {
                     .saturating_mul(1 << recovery.failures.min(10).saturating_sub(1))
                     .min(RECOVERY_BACKOFF_MAX);
                 recovery.next_attempt = Instant::now() + backoff;
-                recovery.reason = error.to_string();
                 tracing::warn!(
-                    %error,
+                    error = &error as &dyn std::error::Error,
                     attempt = recovery.failures,
                     retry_in_ms = backoff.as_millis() as u64,
                     "HSM token could not be re-opened yet"
                 );
+                let error = Arc::new(error);
+                recovery.last_failure = Some(Arc::clone(&error));
                 Err(KeystoreError::Recovering {
-                    reason: recovery.reason.clone(),
+                    reason: "the token could not be re-opened yet".to_owned(),
+                    last_failure: Some(error),
                 })
             }
         }
@@ -377,6 +392,7 @@ impl Pkcs11Keystore {
                 Err(KeystoreError::SessionLost {
                     function: "C_GetSessionInfo",
                     code: "not logged in".to_owned(),
+                    source: None,
                 })
             }
         })?;
@@ -393,23 +409,24 @@ impl Pkcs11Keystore {
             let data = DerivationData::initial_key(KeyAlgorithm::Aes128, InitialKeyId::from(id));
             let key = self
                 .derive(DeriveBase::Bdk(bdk_id), &data, KeyPurpose::Derive)
-                .map_err(|error| part_failed(&format!("derive from BDK {bdk_id}"), &error))?;
+                .map_err(|error| part_failed(format!("derive from BDK {bdk_id}"), error))?;
             self.destroy(key)?;
         }
         let pairs = self.ec_keys().persistent_in_use();
         for (key, label) in pairs {
             self.sign_p256_sha256(&key, b"nfcpay readiness canary")
-                .map_err(|error| part_failed(&format!("sign with {label}"), &error))?;
+                .map_err(|error| part_failed(format!("sign with {label}"), error))?;
         }
         Ok(())
     }
 }
 
 /// `error` with the part of the canary that failed in front; keeps it retryable or not.
-fn part_failed(part: &str, error: &KeystoreError) -> KeystoreError {
+fn part_failed(part: String, error: KeystoreError) -> KeystoreError {
     if error.is_unavailable() {
         KeystoreError::Recovering {
-            reason: format!("{part}: {error}"),
+            reason: part,
+            last_failure: Some(Arc::new(error)),
         }
     } else {
         KeystoreError::Configuration(format!("{part}: {error}"))

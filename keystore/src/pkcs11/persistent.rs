@@ -97,6 +97,7 @@ fn key_algorithm_of(session: &Session, key: ObjectHandle) -> Result<KeyAlgorithm
         return Err(KeystoreError::Pkcs11 {
             function: "C_GetAttributeValue",
             code: "no CKA_VALUE_LEN".to_owned(),
+            source: None,
         });
     };
     Ok(KeyAlgorithm::from_key_bytes(usize::from(length))?)

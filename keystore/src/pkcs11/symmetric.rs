@@ -173,6 +173,7 @@ fn cmac(
         .map_err(|_| KeystoreError::Pkcs11 {
             function: "C_Sign(CKM_AES_CMAC)",
             code: format!("a {}-byte CMAC, expected 16", mac.len()),
+            source: None,
         })
 }
 
