@@ -17,6 +17,7 @@ use nfcpay_keystore::{Keystore, KeystoreError};
 use crate::config::{Config, ConfigError};
 use crate::pki::{self, PkiError};
 use crate::server::metrics::Metrics;
+use crate::server::signals::error_chain;
 use crate::server::tls::{ReloadTlsMaterial, TlsMaterial, TlsReloader};
 use crate::server::{Server, ServerError};
 use crate::service::Platform;
@@ -101,22 +102,6 @@ fn keystore_exit_code(error: &KeystoreError) -> u8 {
         | KeystoreError::KeyNotPermitted => EXIT_CONFIG,
         _ => EXIT_UNAVAILABLE,
     }
-}
-
-/// `error` and its causes, each once: `database: could not connect to the database: …`.
-/// A cause whose text the message already holds (a `{0}` in a parent) is not repeated.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut cause = error.source();
-    while let Some(source) = cause {
-        let text = source.to_string();
-        if !message.contains(text.trim_end()) {
-            message.push_str(": ");
-            message.push_str(text.trim_end());
-        }
-        cause = source.source();
-    }
-    message
 }
 
 /// Loads and checks the configuration, refusing root unless allowed.
@@ -321,7 +306,7 @@ fn tls_reloader(
         let server = pki::load_server_tls(&keystore, &pki_dir).map_err(|error| {
             ServerError::Certificates {
                 path: pki_dir.clone(),
-                reason: error.to_string(),
+                reason: error_chain(&error),
             }
         })?;
         TlsMaterial::from_pem_files(&chain, &client_ca, server.signing_key)

@@ -82,10 +82,10 @@ pub const SERIAL_BYTES: usize = 16;
 #[non_exhaustive]
 pub enum PkiError {
     /// The keystore failed or refused.
-    #[error("keystore: {0}")]
+    #[error("keystore")]
     Keystore(#[from] KeystoreError),
     /// A certificate file could not be read or written.
-    #[error("certificate file {path}: {source}")]
+    #[error("certificate file {path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -173,7 +173,7 @@ pub enum PkiError {
     #[error("random number generator: {0}")]
     Random(String),
     /// rcgen could not build or sign a certificate (a keystore refusal to sign is logged).
-    #[error("building the certificate failed: {0}")]
+    #[error("building the certificate failed")]
     Certificate(#[source] rcgen::Error),
 }
 

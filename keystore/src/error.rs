@@ -1,9 +1,17 @@
-//! The keystore's one error type, and the one place PKCS#11 return codes become errors.
+//! The keystore's one error type. PKCS#11 return codes become these in `pkcs11::errors`.
+
+use std::sync::Arc;
 
 use nfcpay_protocol::{BdkId, ProtocolError};
 
 /// Why a keystore operation failed. No variant carries key material or a PIN.
-#[derive(Debug, Clone, thiserror::Error)]
+///
+/// A failure keeps its cause as [`std::error::Error::source`] (the `cryptoki` error of a
+/// PKCS#11 call, the `std::io::Error` of a file) and shows it only there: print a failure with
+/// its whole chain (`: `-joined), not just its `Display`. Not `Clone`, since causes are not:
+/// the one failure the store keeps and shows to many callers (why it is recovering) is shared
+/// through an [`Arc`].
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeystoreError {
     /// No BDK with this ID is in the store.
@@ -41,8 +49,11 @@ pub enum KeystoreError {
     SessionLost {
         /// The PKCS#11 function.
         function: &'static str,
-        /// The `CKR_*` name.
+        /// The `CKR_*` name (the classification; the module's own words are in `source`).
         code: String,
+        /// The module's answer, when there was one.
+        #[source]
+        source: Option<cryptoki::error::Error>,
     },
     /// A handle to a persistent key no longer names it: the token was removed, replaced or
     /// re-initialised under the store. The store looks its keys up again (recovery).
@@ -57,8 +68,11 @@ pub enum KeystoreError {
     Device {
         /// The PKCS#11 function.
         function: &'static str,
-        /// The `CKR_*` name.
+        /// The `CKR_*` name (the classification; the module's own words are in `source`).
         code: String,
+        /// The module's answer.
+        #[source]
+        source: Option<cryptoki::error::Error>,
     },
     /// No HSM session became free within the deadline, or too many callers were already
     /// waiting: the HSM is stalled or overloaded.
@@ -70,24 +84,34 @@ pub enum KeystoreError {
     /// The store lost its token and is re-opening it; calls fail fast until it succeeds.
     #[error("HSM recovering: {reason}")]
     Recovering {
-        /// Why the last attempt failed (no key material, no PIN).
+        /// Where the recovery stands (no key material, no PIN).
         reason: String,
+        /// What the store last failed on: the loss itself, or the last attempt to re-open.
+        /// One failure, shared by every call that fails meanwhile.
+        #[source]
+        last_failure: Option<Arc<KeystoreError>>,
     },
     /// Any other PKCS#11 failure.
     #[error("PKCS#11 {function} failed: {code}")]
     Pkcs11 {
         /// The PKCS#11 function.
         function: &'static str,
-        /// The `CKR_*` name.
+        /// The `CKR_*` name, or what was wrong with an answer that succeeded.
         code: String,
+        /// The module's answer, when it failed.
+        #[source]
+        source: Option<cryptoki::error::Error>,
     },
-    /// Reading or writing the software store's file failed.
+    /// Reading or writing the software store's file (or a PIN file) failed.
     #[error("keystore file {path}: {message}")]
     Io {
         /// The file.
         path: String,
-        /// What happened.
+        /// What was being done (with `source`), or what is wrong with the file.
         message: String,
+        /// The operating system's error, when there was one.
+        #[source]
+        source: Option<std::io::Error>,
     },
     /// A DUKPT rule was broken (e.g. the terminal's counter is exhausted).
     #[error(transparent)]
@@ -128,11 +152,84 @@ impl KeystoreError {
             _ => false,
         }
     }
+
+    /// A copy of a failure that makes the store re-open its token ([`Self::needs_recovery`]),
+    /// for the store's record of why it is recovering; `None` for any other failure. The
+    /// caller keeps the original. A module's answer is copied (a return value and a function
+    /// are plain values); no other cause can be, nor is one needed for these.
+    pub(crate) fn recovery_record(&self) -> Option<Self> {
+        let copy = |source: &Option<cryptoki::error::Error>| match source {
+            Some(cryptoki::error::Error::Pkcs11(rv, function)) => {
+                Some(cryptoki::error::Error::Pkcs11(*rv, *function))
+            }
+            _ => None,
+        };
+        match self {
+            Self::SessionLost {
+                function,
+                code,
+                source,
+            } => Some(Self::SessionLost {
+                function,
+                code: code.clone(),
+                source: copy(source),
+            }),
+            Self::Device {
+                function,
+                code,
+                source,
+            } => Some(Self::Device {
+                function,
+                code: code.clone(),
+                source: copy(source),
+            }),
+            Self::StaleHandle { function } => Some(Self::StaleHandle { function }),
+            Self::TokenNotFound(label) => Some(Self::TokenNotFound(label.clone())),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn a_recovery_record_keeps_the_classification_and_the_module_answer() {
+        let lost = KeystoreError::SessionLost {
+            function: "C_Sign",
+            code: "CKR_TOKEN_NOT_PRESENT".into(),
+            source: Some(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::TokenNotPresent,
+                cryptoki::context::Function::Sign,
+            )),
+        };
+        let Some(record) = lost.recovery_record() else {
+            panic!("a lost token makes no record")
+        };
+        assert_eq!(record.to_string(), lost.to_string());
+        assert!(record.needs_recovery());
+        assert!(record.source().is_some());
+        assert!(
+            KeystoreError::AuthenticationFailed
+                .recovery_record()
+                .is_none()
+        );
+
+        // Every call failing while the store recovers shares the one record as its cause.
+        let shared = Arc::new(record);
+        let recovering = KeystoreError::Recovering {
+            reason: "the token was lost; waiting to re-open it".into(),
+            last_failure: Some(Arc::clone(&shared)),
+        };
+        assert!(recovering.is_unavailable());
+        assert_eq!(
+            recovering.source().map(ToString::to_string),
+            Some(shared.to_string())
+        );
+        assert!(!recovering.to_string().contains("CKR_TOKEN_NOT_PRESENT"));
+    }
 
     #[test]
     fn availability_is_told_apart_from_refusals() {
@@ -140,15 +237,18 @@ mod tests {
             KeystoreError::SessionLost {
                 function: "C_Sign",
                 code: "CKR_SESSION_HANDLE_INVALID".into(),
+                source: None,
             },
             KeystoreError::StaleHandle { function: "C_Sign" },
             KeystoreError::Device {
                 function: "C_Sign",
                 code: "CKR_DEVICE_ERROR".into(),
+                source: None,
             },
             KeystoreError::Busy { what: "no session" },
             KeystoreError::Recovering {
                 reason: "token gone".into(),
+                last_failure: None,
             },
             KeystoreError::TokenNotFound("t".into()),
         ];
@@ -173,6 +273,7 @@ mod tests {
             !KeystoreError::SessionLost {
                 function: "C_Sign",
                 code: "CKR_USER_NOT_LOGGED_IN".into(),
+                source: None,
             }
             .needs_recovery()
         );
@@ -180,6 +281,7 @@ mod tests {
             KeystoreError::SessionLost {
                 function: "C_Sign",
                 code: "CKR_TOKEN_NOT_PRESENT".into(),
+                source: None,
             }
             .needs_recovery()
         );

@@ -699,7 +699,8 @@ fn unix_seconds_now() -> i64 {
 fn random_error(error: getrandom::Error) -> KeystoreError {
     KeystoreError::Io {
         path: "system random number generator".to_owned(),
-        message: error.to_string(),
+        message: "no random bytes".to_owned(),
+        source: Some(std::io::Error::other(error)),
     }
 }
 

@@ -46,6 +46,7 @@ impl FailingKeystore {
             return Err(KeystoreError::Io {
                 path: "injected".to_owned(),
                 message: "a crash".to_owned(),
+                source: None,
             });
         }
         Ok(())

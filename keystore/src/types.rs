@@ -224,12 +224,11 @@ impl EcPublicKey {
 impl TryFrom<&[u8]> for EcPublicKey {
     type Error = KeystoreError;
     fn try_from(bytes: &[u8]) -> Result<Self, Self::Error> {
-        let invalid = KeystoreError::InvalidInput {
+        let invalid = || KeystoreError::InvalidInput {
             what: "EC public key must be an uncompressed P-256 point (65 bytes)",
         };
-        let array: [u8; EC_P256_PUBLIC_KEY_BYTES] =
-            bytes.try_into().map_err(|_| invalid.clone())?;
-        p256::PublicKey::from_sec1_bytes(&array).map_err(|_| invalid)?;
+        let array: [u8; EC_P256_PUBLIC_KEY_BYTES] = bytes.try_into().map_err(|_| invalid())?;
+        p256::PublicKey::from_sec1_bytes(&array).map_err(|_| invalid())?;
         Ok(Self(array))
     }
 }

@@ -164,7 +164,8 @@ impl Pkcs11Uri {
         })?;
         let io_error = |error: std::io::Error| KeystoreError::Io {
             path: path.display().to_string(),
-            message: format!("reading the PIN file: {error}"),
+            message: "reading the PIN file".to_owned(),
+            source: Some(error),
         };
         let file = std::fs::File::open(path).map_err(io_error)?;
         if let Some(warning) = file
@@ -183,6 +184,7 @@ impl Pkcs11Uri {
             return Err(KeystoreError::Io {
                 path: path.display().to_string(),
                 message: format!("the PIN file is longer than {PIN_FILE_BYTES_MAX} bytes"),
+                source: None,
             });
         }
         let mut pin: &str = &contents;
@@ -193,6 +195,7 @@ impl Pkcs11Uri {
             return Err(KeystoreError::Io {
                 path: path.display().to_string(),
                 message: "the PIN file is empty".to_owned(),
+                source: None,
             });
         }
         Ok(SecretString::from(pin.to_owned()))
@@ -563,6 +566,32 @@ mod tests {
         assert!(uri.read_pin().is_err());
         let no_source: Pkcs11Uri = "pkcs11:token=a".parse().unwrap();
         assert!(no_source.read_pin().is_err());
+    }
+
+    #[test]
+    fn a_pin_file_that_cannot_be_read_keeps_the_os_error_as_its_cause() {
+        use std::error::Error as _;
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("absent");
+        let uri: Pkcs11Uri = format!("pkcs11:token=a?pin-source=file:{}", path.display())
+            .parse()
+            .unwrap();
+        let error = uri.read_pin().unwrap_err();
+        assert!(matches!(error, KeystoreError::Io { .. }), "{error}");
+        assert_eq!(
+            error.to_string(),
+            format!("keystore file {}: reading the PIN file", path.display())
+        );
+        let cause = error
+            .source()
+            .and_then(|cause| cause.downcast_ref::<std::io::Error>());
+        assert_eq!(
+            cause.map(std::io::Error::kind),
+            Some(std::io::ErrorKind::NotFound)
+        );
+        std::fs::write(&path, "").unwrap();
+        let error = uri.read_pin().unwrap_err();
+        assert!(error.source().is_none(), "{error}");
     }
 
     #[test]

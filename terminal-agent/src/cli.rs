@@ -419,17 +419,14 @@ pub fn init_logging() {
         .init();
 }
 
-/// An error and its causes on one line, each cause once (a cause whose text its parent
-/// already shows is skipped).
+/// An error and its causes on one line, joined by ": ". Each error shows only its own
+/// context and leaves its cause to `source()`, so each cause appears once as it is.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
         source = cause.source();
     }
     text

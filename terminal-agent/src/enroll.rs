@@ -45,7 +45,7 @@ pub enum EnrollError {
     #[error(transparent)]
     Platform(#[from] PlatformError),
     /// The keystore failed.
-    #[error("keystore: {0}")]
+    #[error("keystore")]
     Keystore(#[from] KeystoreError),
     /// The DUKPT state could not be made or read.
     #[error(transparent)]

@@ -18,10 +18,10 @@ use p256::ecdsa::signature::Verifier;
 #[non_exhaustive]
 pub enum SealError {
     /// The keystore failed.
-    #[error("keystore: {0}")]
+    #[error("keystore")]
     Keystore(#[from] KeystoreError),
     /// A message did not encode or decode.
-    #[error("protocol: {0}")]
+    #[error("protocol")]
     Protocol(#[from] ProtocolError),
     /// No randomness for the nonce.
     #[error("no randomness from the OS")]

@@ -143,7 +143,7 @@ pub enum AgentKeyError {
         path: PathBuf,
     },
     /// The keystore failed.
-    #[error("keystore: {0}")]
+    #[error("keystore")]
     Keystore(#[from] KeystoreError),
     /// Every transaction counter is used: the terminal needs a new initial key.
     #[error("the terminal's DUKPT keys are exhausted (end of life): load a new initial key")]

@@ -114,7 +114,7 @@ pub enum AdminError {
     #[error("{0}")]
     Input(String),
     /// The ledger refused or failed (with the database's own words, when it failed).
-    #[error("{}", crate::server::signals::error_chain(.0))]
+    #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
     /// Certificates or platform keys could not be made.
     #[error(transparent)]
@@ -126,7 +126,7 @@ pub enum AdminError {
     #[error("{0}")]
     AuditBroken(String),
     /// Reading standard input or writing standard output failed.
-    #[error("I/O: {0}")]
+    #[error("I/O")]
     Io(#[from] std::io::Error),
 }
 
@@ -183,7 +183,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             report_error(
                 format,
                 error.kind(),
-                &error.to_string(),
+                &crate::server::signals::error_chain(&error),
                 exit_number(&error),
             );
             code

@@ -6,8 +6,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nfcpay_daemon::daemon::{
-    DaemonError, EXIT_OS_ERROR, EXIT_USAGE, check_startup, error_chain, load_config, run,
+    DaemonError, EXIT_OS_ERROR, EXIT_USAGE, check_startup, load_config, run,
 };
+use nfcpay_daemon::server::signals::error_chain;
 
 /// mimalloc instead of glibc malloc: the request path allocates and frees many small buffers
 /// on many threads, where glibc spent a fifth of the daemon's CPU (docs/performance.md).

@@ -63,7 +63,9 @@ pub async fn reload_on_hangup(mut hangups: Hangups, tls: Arc<TlsReloader>) {
     }
 }
 
-/// `error` and its causes, joined by ": ", on one line (libpq's messages span several).
+/// `error` and its causes, joined by ": ", on one line (libpq's messages span several): the
+/// daemon's one way to print an error. Each error shows only its own context and leaves its
+/// cause to `source()`, so each cause appears once and nothing is filtered out.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let one_line = |text: String| text.split_whitespace().collect::<Vec<_>>().join(" ");
     let mut text = one_line(error.to_string());

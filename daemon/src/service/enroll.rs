@@ -32,7 +32,11 @@ fn certificate_problem(terminal_id: &TerminalId, error: pki::PkiError) -> Proble
         pki::PkiError::Keystore(error) => problems::keystore(error),
         // rcgen fails only at the signature here (our parameters are valid): the HSM's.
         pki::PkiError::Certificate(error) => {
-            tracing::warn!(terminal = %terminal_id, %error, "the CA key could not sign");
+            tracing::warn!(
+                terminal = %terminal_id,
+                error = crate::server::signals::error_chain(&error),
+                "the CA key could not sign"
+            );
             Problem::new(
                 ProblemCode::Unavailable,
                 "the HSM is unavailable; try again",
@@ -121,7 +125,10 @@ pub(super) fn enroll(inner: &Inner, body: &[u8]) -> Result<bytes::Bytes, Problem
         Ok::<_, nfcpay_keystore::KeystoreError>((wrapped, kcv, ik.handle().algorithm()))
     })();
     if let Err(error) = store.destroy_ec(ephemeral) {
-        tracing::warn!(%error, "could not destroy the ephemeral enrollment key");
+        tracing::warn!(
+            error = crate::server::signals::error_chain(&error),
+            "could not destroy the ephemeral enrollment key"
+        );
     }
     let (wrapped, kcv, algorithm) = transported.map_err(problems::keystore)?;
 
@@ -328,7 +335,8 @@ mod tests {
         assert_eq!(
             problem(pki::PkiError::Keystore(
                 nfcpay_keystore::KeystoreError::Recovering {
-                    reason: "token gone".into()
+                    reason: "token gone".into(),
+                    last_failure: None,
                 }
             )),
             ProblemCode::Unavailable

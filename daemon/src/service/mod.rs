@@ -433,7 +433,7 @@ impl Api for Platform {
             // by each key pair in use (TLS server key, CA, receipt key), each failure named.
             inner.keystore.check_health().map_err(|error| NotReady {
                 component: "hsm",
-                reason: error.to_string(),
+                reason: crate::server::signals::error_chain(&error),
             })?;
             inner.storage.check_health().map_err(|error| NotReady {
                 component: "database",

@@ -31,18 +31,18 @@ pub(crate) fn keystore(error: KeystoreError) -> Problem {
             "the message does not authenticate under the terminal's key",
         ),
         error if error.is_unavailable() => {
-            tracing::warn!(%error, "keystore unavailable");
+            tracing::warn!(error = error_chain(&error), "keystore unavailable");
             hsm_unavailable()
         }
         KeystoreError::UnknownKey
         | KeystoreError::Pkcs11 { .. }
         | KeystoreError::PinRefused
         | KeystoreError::Io { .. } => {
-            tracing::error!(%error, "keystore unavailable");
+            tracing::error!(error = error_chain(&error), "keystore unavailable");
             hsm_unavailable()
         }
         other => {
-            tracing::error!(error = %other, "keystore fault");
+            tracing::error!(error = error_chain(&other), "keystore fault");
             Problem::new(ProblemCode::Internal, "internal error")
         }
     }
@@ -132,15 +132,18 @@ mod tests {
             KeystoreError::SessionLost {
                 function: "C_Sign",
                 code: "CKR_SESSION_HANDLE_INVALID".into(),
+                source: None,
             },
             KeystoreError::StaleHandle { function: "C_Sign" },
             KeystoreError::Device {
                 function: "C_Sign",
                 code: "CKR_DEVICE_ERROR".into(),
+                source: None,
             },
             KeystoreError::Busy { what: "no session" },
             KeystoreError::Recovering {
                 reason: "token gone".into(),
+                last_failure: None,
             },
             KeystoreError::TokenNotFound("t".into()),
             KeystoreError::UnknownKey,
@@ -148,6 +151,7 @@ mod tests {
             KeystoreError::Pkcs11 {
                 function: "C_Sign",
                 code: "CKR_DATA_LEN_RANGE".into(),
+                source: None,
             },
         ];
         for error in unavailable {

@@ -22,13 +22,17 @@ pub(super) const UNWRAP: &str = "C_UnwrapKey(CKM_AES_KEY_WRAP)";
 /// - handle unknown → [`KeystoreError::UnknownKey`];
 /// - tag, MAC or wrapped key does not verify → [`KeystoreError::AuthenticationFailed`];
 /// - anything else → [`KeystoreError::Pkcs11`] with the `CKR_*` name.
+///
+/// The variants that tell the module's answer apart keep it as their `source`; the others
+/// (a refused PIN, a tag that does not verify, …) say all there is to say.
 pub(crate) fn map_error(function: &'static str, error: Error) -> KeystoreError {
-    let rv = match error {
-        Error::Pkcs11(rv, _) => rv,
-        other => {
+    let rv = match &error {
+        Error::Pkcs11(rv, _) => *rv,
+        _ => {
             return KeystoreError::Pkcs11 {
                 function,
-                code: other.to_string(),
+                code: "not a PKCS#11 return value".to_owned(),
+                source: Some(error),
             };
         }
     };
@@ -47,6 +51,7 @@ pub(crate) fn map_error(function: &'static str, error: Error) -> KeystoreError {
         | RvError::CryptokiNotInitialized => KeystoreError::SessionLost {
             function,
             code: ckr_name(rv),
+            source: Some(error),
         },
         RvError::DeviceError
         | RvError::DeviceMemory
@@ -55,10 +60,12 @@ pub(crate) fn map_error(function: &'static str, error: Error) -> KeystoreError {
         | RvError::CryptokiAlreadyInitialized => KeystoreError::Device {
             function,
             code: ckr_name(rv),
+            source: Some(error),
         },
         RvError::GeneralError if !verifying => KeystoreError::Device {
             function,
             code: ckr_name(rv),
+            source: Some(error),
         },
         RvError::KeyFunctionNotPermitted
         | RvError::KeyTypeInconsistent
@@ -81,6 +88,7 @@ pub(crate) fn map_error(function: &'static str, error: Error) -> KeystoreError {
         other => KeystoreError::Pkcs11 {
             function,
             code: ckr_name(other),
+            source: Some(error),
         },
     }
 }
@@ -157,5 +165,28 @@ mod tests {
         };
         assert_eq!(code, "CKR_DATA_LEN_RANGE");
         assert!(!mapped("C_Encrypt", RvError::DataLenRange).is_unavailable());
+    }
+
+    #[test]
+    fn the_module_answer_is_the_cause_and_shown_once() {
+        use std::error::Error as _;
+        let error = mapped("C_Encrypt", RvError::DeviceMemory);
+        assert_eq!(
+            error.to_string(),
+            "PKCS#11 device error (C_Encrypt: CKR_DEVICE_MEMORY)"
+        );
+        let Some(cause) = error.source() else {
+            panic!("the module's answer was dropped")
+        };
+        assert!(matches!(
+            cause.downcast_ref::<Error>(),
+            Some(Error::Pkcs11(RvError::DeviceMemory, _))
+        ));
+        assert!(!error.to_string().contains(&cause.to_string()));
+        for rv in [RvError::SessionHandleInvalid, RvError::DataLenRange] {
+            assert!(mapped("C_Sign", rv).source().is_some(), "{rv:?}");
+        }
+        let not_a_return_value = map_error("C_Sign", Error::NotSupported);
+        assert!(not_a_return_value.source().is_some());
     }
 }

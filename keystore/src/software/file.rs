@@ -90,7 +90,7 @@ impl StateFile {
         match fs::symlink_metadata(path) {
             Ok(_) => Self::load(path),
             Err(error) if error.kind() == io::ErrorKind::NotFound => Self::create(path),
-            Err(error) => Err(io_error(path, "cannot read its metadata", &error)),
+            Err(error) => Err(io_error(path, "cannot read its metadata", error)),
         }
     }
 
@@ -113,7 +113,7 @@ impl StateFile {
     /// Checks that the file is still there, a regular file, and private.
     pub(super) fn check(&self) -> Result<(), KeystoreError> {
         let metadata =
-            fs::metadata(&self.path).map_err(|error| io_error(&self.path, "is gone", &error))?;
+            fs::metadata(&self.path).map_err(|error| io_error(&self.path, "is gone", error))?;
         check_metadata(&self.path, &metadata)
     }
 
@@ -129,11 +129,11 @@ impl StateFile {
             Ok(file) => file,
             // Someone else created it since we looked: read theirs.
             Err(error) if error.kind() == io::ErrorKind::AlreadyExists => return Self::load(&path),
-            Err(error) => return Err(io_error(&path, "cannot create it", &error)),
+            Err(error) => return Err(io_error(&path, "cannot create it", error)),
         };
         file.write_all(&bytes)
             .and_then(|()| file.sync_all())
-            .map_err(|error| io_error(&path, "cannot write it", &error))?;
+            .map_err(|error| io_error(&path, "cannot write it", error))?;
         sync_directory(&path)?;
         tracing::info!(path = %path.display(), "created an empty software keystore");
         Ok((Self { path }, Contents::default()))
@@ -141,12 +141,12 @@ impl StateFile {
 
     fn load(path: &Path) -> Result<(Self, Contents), KeystoreError> {
         let path =
-            fs::canonicalize(path).map_err(|error| io_error(path, "cannot resolve it", &error))?;
+            fs::canonicalize(path).map_err(|error| io_error(path, "cannot resolve it", error))?;
         let mut file =
-            File::open(&path).map_err(|error| io_error(&path, "cannot open it", &error))?;
+            File::open(&path).map_err(|error| io_error(&path, "cannot open it", error))?;
         let metadata = file
             .metadata()
-            .map_err(|error| io_error(&path, "cannot read its metadata", &error))?;
+            .map_err(|error| io_error(&path, "cannot read its metadata", error))?;
         check_metadata(&path, &metadata)?;
         if metadata.len() > FILE_BYTES_MAX {
             return Err(corrupt(
@@ -162,7 +162,7 @@ impl StateFile {
         (&mut file)
             .take(FILE_BYTES_MAX + 1)
             .read_to_end(&mut bytes)
-            .map_err(|error| io_error(&path, "cannot read it", &error))?;
+            .map_err(|error| io_error(&path, "cannot read it", error))?;
         if bytes.len() as u64 > FILE_BYTES_MAX {
             return Err(corrupt(
                 &path,
@@ -185,7 +185,7 @@ fn resolve_new(path: &Path) -> Result<PathBuf, KeystoreError> {
         _ => Path::new("."),
     };
     let directory = fs::canonicalize(directory)
-        .map_err(|error| io_error(path, "cannot resolve its directory", &error))?;
+        .map_err(|error| io_error(path, "cannot resolve its directory", error))?;
     Ok(directory.join(file_name))
 }
 
@@ -194,6 +194,7 @@ fn check_metadata(path: &Path, metadata: &fs::Metadata) -> Result<(), KeystoreEr
         return Err(KeystoreError::Io {
             path: path.display().to_string(),
             message: "is not a regular file".to_owned(),
+            source: None,
         });
     }
     let mode = metadata.permissions().mode() & 0o7777;
@@ -204,6 +205,7 @@ fn check_metadata(path: &Path, metadata: &fs::Metadata) -> Result<(), KeystoreEr
                 "holds secret keys but is accessible by group or others (mode {mode:04o}); \
                  refusing to use it: make it private with `chmod 600`"
             ),
+            source: None,
         });
     }
     Ok(())
@@ -212,9 +214,9 @@ fn check_metadata(path: &Path, metadata: &fs::Metadata) -> Result<(), KeystoreEr
 /// Writes `bytes` as a 0600 file over `path`, atomically and durably.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), KeystoreError> {
     atomic_file::write_atomically(path, bytes, FILE_MODE).map_err(|error| match error {
-        AtomicWriteError::Save(source) => io_error(path, "cannot save it", &source),
+        AtomicWriteError::Save(source) => io_error(path, "cannot save it", source),
         AtomicWriteError::SyncDirectory(source) => {
-            io_error(path, "cannot sync its directory", &source)
+            io_error(path, "cannot sync its directory", source)
         }
     })
 }
@@ -223,13 +225,14 @@ fn sync_directory(path: &Path) -> Result<(), KeystoreError> {
     let directory = path.parent().unwrap_or(Path::new("."));
     File::open(directory)
         .and_then(|directory| directory.sync_all())
-        .map_err(|error| io_error(path, "cannot sync its directory", &error))
+        .map_err(|error| io_error(path, "cannot sync its directory", error))
 }
 
-fn io_error(path: &Path, what: &str, error: &io::Error) -> KeystoreError {
+fn io_error(path: &Path, what: &str, error: io::Error) -> KeystoreError {
     KeystoreError::Io {
         path: path.display().to_string(),
-        message: format!("{what}: {error}"),
+        message: what.to_owned(),
+        source: Some(error),
     }
 }
 
@@ -237,6 +240,7 @@ fn corrupt(path: &Path, message: impl fmt::Display) -> KeystoreError {
     KeystoreError::Io {
         path: path.display().to_string(),
         message: format!("corrupt or not a keystore file: {message}"),
+        source: None,
     }
 }
 
@@ -337,7 +341,8 @@ pub(super) fn encode<'a>(
     let mut bytes = Zeroizing::new(Vec::with_capacity(capacity));
     serde_json::to_writer_pretty(&mut *bytes, &file).map_err(|error| KeystoreError::Io {
         path: String::new(),
-        message: format!("cannot encode the keystore: {error}"),
+        message: "cannot encode the keystore".to_owned(),
+        source: Some(io::Error::other(error)),
     })?;
     bytes.push(b'\n');
     Ok(bytes)
