@@ -211,6 +211,17 @@ pub(super) fn derive(
 }
 
 impl Pkcs11Keystore {
+    /// Runs `work` with the owner session, whose objects live as long as the token stays
+    /// open (the key pairs' working copies, too).
+    pub(super) fn with_owner_session<T>(
+        &self,
+        gate: &Gate<'_>,
+        work: impl FnOnce(&Session) -> Result<T, KeystoreError>,
+    ) -> Result<T, KeystoreError> {
+        let mut owner = self.owner();
+        self.with_owner(gate, &mut owner, |session, _| work(session))
+    }
+
     /// Runs `work` on the owner session (opened again if lost).
     fn with_owner<T>(
         &self,

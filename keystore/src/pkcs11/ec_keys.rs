@@ -7,6 +7,12 @@
 //! transient pair's handle is its private key object in the epoch that made it; the store
 //! remembers its public half to destroy both.
 //!
+//! A persistent pair signs with a session copy of its private key (`C_CopyObject`,
+//! `CKA_TOKEN=false`, still sensitive and not extractable), owned by the store's long-lived
+//! owner session like the BDKs' copies: SoftHSM2 opens, locks and reads a token object's file
+//! on every use, two files per signature, which cost more than the signature itself under
+//! load. A module that refuses the copy signs with the token object.
+//!
 //! What the store knows of key pairs is this file's alone: the store only asks it to forget
 //! the objects ([`EcKeys::forget_objects`]) when it re-opens the token, and for the pairs in
 //! use that the readiness canary signs with.
@@ -50,6 +56,8 @@ struct PairObjects {
     epoch: u32,
     private_key: ObjectHandle,
     public_key: ObjectHandle,
+    /// The session copy that signs and derives, if the module made one.
+    working_copy: Option<ObjectHandle>,
 }
 
 impl EcKeys {
@@ -132,12 +140,16 @@ pub(super) fn generate(
                 return Err(error);
             }
         };
+        let working_copy = persistent
+            .then(|| store.working_copy(gate, private_key))
+            .flatten();
         let mut ec_keys = store.ec_keys();
         let handle = if persistent {
             let objects = PairObjects {
                 epoch: gate.epoch(),
                 private_key,
                 public_key,
+                working_copy,
             };
             ec_keys.register(label, point.clone(), objects)
         } else {
@@ -182,21 +194,32 @@ pub(super) fn find(
             epoch: gate.epoch(),
             private_key,
             public_key,
+            working_copy: store.working_copy(gate, private_key),
         };
         let handle = store.ec_keys().register(label, point.clone(), objects);
         Ok(Some((handle, point)))
     })
 }
 
-/// [`Keystore::sign_p256_sha256`].
+/// Which object of a persistent pair a call uses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum PairObject {
+    /// The session copy when there is one: the fast path.
+    Working,
+    /// The token object itself: what readiness proves is still there.
+    Token,
+}
+
+/// [`Keystore::sign_p256_sha256`] (with [`PairObject::Working`]).
 pub(super) fn sign(
     store: &Pkcs11Keystore,
     key: &PrivateKeyHandle,
     message: &[u8],
+    object: PairObject,
 ) -> Result<[u8; ECDSA_P256_SIGNATURE_BYTES], KeystoreError> {
     let digest = Sha256::digest(message);
     let signature = store.with_session(|session, gate| {
-        let private_key = store.private_object(key, session, gate)?;
+        let private_key = store.private_object(key, session, gate, object)?;
         session
             .sign(&Mechanism::Ecdsa, private_key, &digest)
             .ck("C_Sign(CKM_ECDSA)")
@@ -223,7 +246,7 @@ pub(super) fn ecdh_kek(
     let shared_template = templates::transient_key(KeyAlgorithm::Aes256, KeyPurpose::Derive, true);
     let kek_template = templates::transient_key(KeyAlgorithm::Aes256, KeyPurpose::Wrap, true);
     store.with_session(|session, gate| {
-        let private_key = store.private_object(key, session, gate)?;
+        let private_key = store.private_object(key, session, gate, PairObject::Working)?;
         let parameters = Ecdh1DeriveParams::new(EcKdf::null(), peer.as_bytes());
         let shared = session
             .derive_key(
@@ -251,16 +274,28 @@ pub(super) fn ecdh_kek(
 pub(super) fn destroy(store: &Pkcs11Keystore, key: PrivateKeyHandle) -> Result<(), KeystoreError> {
     store.with_session(|session, gate| {
         let (private_key, public_key) = if key.epoch() == PERSISTENT_EPOCH {
-            let private_key = store.private_object(&key, session, gate)?;
+            let private_key = store.private_object(&key, session, gate, PairObject::Working)?;
             let mut ec_keys = store.ec_keys();
             let index = usize::try_from(key.id()).unwrap_or(usize::MAX);
             let Some(pair) = ec_keys.persistent.get_mut(index) else {
                 return Err(KeystoreError::UnknownKey);
             };
             pair.destroyed = true;
-            let public_key = pair.objects.map(|objects| objects.public_key);
+            let objects = pair.objects;
+            let public_key = objects.map(|objects| objects.public_key);
             let label = pair.label.clone();
             ec_keys.by_label.remove(&label);
+            // `private_object` gave the working copy: the token's private key goes too.
+            if let Some(objects) = objects
+                && objects.epoch == gate.epoch()
+                && let Some(copy) = objects.working_copy
+                && copy == private_key
+            {
+                drop(ec_keys);
+                session
+                    .destroy_object(objects.private_key)
+                    .ck("C_DestroyObject")?;
+            }
             (private_key, public_key)
         } else if key.epoch() != gate.epoch() {
             // Died with an earlier opening of the token.
@@ -278,14 +313,36 @@ pub(super) fn destroy(store: &Pkcs11Keystore, key: PrivateKeyHandle) -> Result<(
 }
 
 impl Pkcs11Keystore {
+    /// A session copy of the persistent private key `private_key`, owned by the owner session;
+    /// `None` if the module does not make one (then the token object is used).
+    fn working_copy(&self, gate: &Gate<'_>, private_key: ObjectHandle) -> Option<ObjectHandle> {
+        let copied = self.with_owner_session(gate, |session| {
+            session
+                .copy_object(private_key, &[Attribute::Token(false)])
+                .ck("C_CopyObject")
+        });
+        match copied {
+            Ok(copy) => Some(copy),
+            Err(error) => {
+                tracing::debug!(%error, "no session copy of a key pair: signing with the token object");
+                None
+            }
+        }
+    }
+
     /// The private key object behind `key`: a transient key of the current epoch, or a
-    /// persistent pair, looked up again by label when the token was re-opened since.
+    /// persistent pair's `object`, looked up again by label when the token was re-opened since.
     fn private_object(
         &self,
         key: &PrivateKeyHandle,
         session: &Session,
         gate: &Gate<'_>,
+        object: PairObject,
     ) -> Result<ObjectHandle, KeystoreError> {
+        let choose = |token: ObjectHandle, working: Option<ObjectHandle>| match object {
+            PairObject::Working => working.unwrap_or(token),
+            PairObject::Token => token,
+        };
         if key.epoch() != PERSISTENT_EPOCH {
             if key.epoch() != gate.epoch() {
                 return Err(KeystoreError::UnknownKey);
@@ -302,19 +359,21 @@ impl Pkcs11Keystore {
             if let Some(objects) = pair.objects
                 && objects.epoch == gate.epoch()
             {
-                return Ok(objects.private_key);
+                return Ok(choose(objects.private_key, objects.working_copy));
             }
             pair.label.clone()
         };
         match find_pair(session, &label)? {
             Some((private_key, public_key, point)) => {
+                let working_copy = self.working_copy(gate, private_key);
                 let objects = PairObjects {
                     epoch: gate.epoch(),
                     private_key,
                     public_key,
+                    working_copy,
                 };
                 self.ec_keys().register(&label, point, objects);
-                Ok(private_key)
+                Ok(choose(private_key, working_copy))
             }
             // It was there: the token does not show its objects (yet).
             None => Err(KeystoreError::StaleHandle {

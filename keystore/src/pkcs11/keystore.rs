@@ -104,7 +104,7 @@ impl Keystore for Pkcs11Keystore {
         key: &PrivateKeyHandle,
         message: &[u8],
     ) -> Result<[u8; ECDSA_P256_SIGNATURE_BYTES], KeystoreError> {
-        ec_keys::sign(self, key, message)
+        ec_keys::sign(self, key, message, ec_keys::PairObject::Working)
     }
 
     fn ecdh_kek(

@@ -400,7 +400,8 @@ impl Pkcs11Keystore {
     }
 
     /// The canary of readiness: a derivation from each cached BDK (destroyed at once) and a
-    /// signature by each persistent key pair in use, each failure naming its part.
+    /// signature by each persistent key pair in use — with its token object, not the session
+    /// copy that signs otherwise, so that a token gone is seen — each failure naming its part.
     fn canary(&self) -> Result<(), KeystoreError> {
         let bdks = self.owner().cached_ids();
         for bdk_id in bdks {
@@ -414,8 +415,13 @@ impl Pkcs11Keystore {
         }
         let pairs = self.ec_keys().persistent_in_use();
         for (key, label) in pairs {
-            self.sign_p256_sha256(&key, b"nfcpay readiness canary")
-                .map_err(|error| part_failed(format!("sign with {label}"), error))?;
+            ec_keys::sign(
+                self,
+                &key,
+                b"nfcpay readiness canary",
+                ec_keys::PairObject::Token,
+            )
+            .map_err(|error| part_failed(format!("sign with {label}"), error))?;
         }
         Ok(())
     }
