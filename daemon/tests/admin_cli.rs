@@ -42,6 +42,12 @@ impl Ceremony {
             String::from_utf8_lossy(&output.stderr)
         );
         std::fs::write(dir.path().join("pin"), PIN).unwrap();
+        // The keystore refuses a PIN file its group or others can read.
+        std::fs::set_permissions(
+            dir.path().join("pin"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         let config = format!(
             "[keystore]\nbackend = \"pkcs11\"\nuri = \"pkcs11:token={label}?module-path={MODULE}&pin-source=file:{}\"\n",
             dir.path().join("pin").display()

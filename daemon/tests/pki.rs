@@ -260,6 +260,12 @@ fn main() {
         .any(|trial| trial.name().starts_with("pkcs11:") && selected(trial));
     if pkcs11_selected {
         fs::write(root.path().join("pin"), PIN).unwrap();
+        // The keystore refuses a PIN file its group or others can read.
+        fs::set_permissions(
+            root.path().join("pin"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         for label in [MAIN_TOKEN, OTHER_TOKEN] {
             make_token(root.path(), label);
         }
