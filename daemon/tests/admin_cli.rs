@@ -558,6 +558,8 @@ mod scripted {
         AcceptedHalf {
             txn_id,
             terminal_id: terminal.parse().unwrap(),
+            // The serial `enroll` recorded.
+            certificate_serial: "01".parse().unwrap(),
             ksn: Ksn::new(key, counter.try_into().unwrap()),
             envelope_sha256: Sha256::digest(format!("{txn_id}{terminal}{counter}")).into(),
             received_at_ms: now_ms(),

@@ -442,6 +442,14 @@ fn terminal_certificate_verifies_for_client_auth_and_names_the_terminal(fixture:
         .verify_client_cert(&der, &[], UnixTime::now())
         .unwrap();
     assert_eq!(pki::terminal_id_of(&der).unwrap(), terminal("TERM-0001"));
+    // The live path reads the serial that enrollment records.
+    assert_eq!(
+        pki::client_terminal(&der)
+            .unwrap()
+            .certificate_serial
+            .to_string(),
+        issued.serial_hex
+    );
 
     let (_, certificate) = X509Certificate::from_der(&der).unwrap();
     assert_eq!(hex::encode(certificate.raw_serial()), issued.serial_hex);

@@ -14,14 +14,15 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use nfcpay_daemon::pki::ClientTerminal;
 use nfcpay_daemon::server::{
     Api, HalfAnswer, HalfKind, Metrics, NotReady, Problem, ProblemCode, Server, ServerConfig,
     ServerError, TlsMaterial, TlsReloader, signals, tls::crypto_provider,
 };
-use nfcpay_protocol::{TerminalId, TxnId};
+use nfcpay_protocol::TxnId;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
 use rustls::client::ResolvesClientCert;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
@@ -69,6 +70,15 @@ impl Ca {
     fn leaf(
         &self,
         common_name: &str,
+        server: bool,
+    ) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+        self.leaf_named(DnValue::Utf8String(common_name.to_owned()), server)
+    }
+
+    /// A leaf whose subject's common name is `common_name`, encoded as given.
+    fn leaf_named(
+        &self,
+        common_name: DnValue,
         server: bool,
     ) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
         let key = KeyPair::generate().unwrap();
@@ -128,7 +138,12 @@ impl Client {
 
     /// A terminal whose certificate `issuer` signed for `terminal`.
     fn terminal(server_ca: &Ca, issuer: &Ca, terminal: &str) -> Self {
-        let (certificate, key) = issuer.leaf(terminal, false);
+        Self::terminal_named(server_ca, issuer, DnValue::Utf8String(terminal.to_owned()))
+    }
+
+    /// A client whose certificate `issuer` signed with the subject common name `name`.
+    fn terminal_named(server_ca: &Ca, issuer: &Ca, name: DnValue) -> Self {
+        let (certificate, key) = issuer.leaf_named(name, false);
         let chain = vec![certificate, issuer.certificate.clone()];
         Self::with_config(
             Self::builder(server_ca)
@@ -345,7 +360,7 @@ impl Api for FakeApi {
     async fn submit_half(
         &self,
         kind: HalfKind,
-        client: TerminalId,
+        client: ClientTerminal,
         body: Bytes,
         wait: Duration,
     ) -> Result<HalfAnswer, Problem> {
@@ -362,7 +377,8 @@ impl Api for FakeApi {
             ));
         }
         let receipt = format!(
-            "{kind:?}|{client}|{}|{}",
+            "{kind:?}|{}|{}|{}",
+            client.terminal_id,
             wait.as_millis(),
             String::from_utf8_lossy(&body)
         );
@@ -372,14 +388,17 @@ impl Api for FakeApi {
         })
     }
 
-    async fn transaction(&self, client: TerminalId, txn_id: TxnId) -> Result<Bytes, Problem> {
+    async fn transaction(&self, client: ClientTerminal, txn_id: TxnId) -> Result<Bytes, Problem> {
         if txn_id.to_string() == UNKNOWN_TXN {
             return Err(Problem::new(
                 ProblemCode::UnknownTransaction,
                 "no such payment",
             ));
         }
-        Ok(Bytes::from(format!("receipt|{client}|{txn_id}")))
+        Ok(Bytes::from(format!(
+            "receipt|{}|{txn_id}",
+            client.terminal_id
+        )))
     }
 
     async fn enroll(&self, body: Bytes) -> Result<Bytes, Problem> {
@@ -877,6 +896,41 @@ async fn a_half_of_another_media_type_is_refused_with_415() {
         "{}",
         metrics.text()
     );
+    running.stop().await;
+}
+
+/// A certificate from the terminal CA whose subject is not strictly a terminal ID — not a
+/// valid ID, or a valid one in a string type other than UTF8String or PrintableString — gets
+/// no HTTP answer: the connection closes after the handshake, and the service never sees it.
+#[tokio::test]
+async fn a_certificate_that_names_no_terminal_strictly_gets_no_answer() {
+    let running = Running::start(|_| {}).await;
+    for name in [
+        DnValue::Utf8String("shop 1".to_owned()),
+        DnValue::Utf8String(String::new()),
+        DnValue::Ia5String("shop-1".try_into().unwrap()),
+    ] {
+        let client = Client::terminal_named(&running.ca, &running.ca, name.clone());
+        for (method, path) in [
+            (Method::POST, "/v1/halves/a"),
+            (
+                Method::GET,
+                "/v1/transactions/00112233445566778899AABBCCDDEEFF",
+            ),
+        ] {
+            let status = answer_status(&client, running.address, method, path).await;
+            assert_eq!(status, None, "{name:?} {path}: answered");
+        }
+    }
+    assert_eq!(running.api.half_calls(), 0);
+    // The control: the same name as a PrintableString is served.
+    let control = Client::terminal_named(
+        &running.ca,
+        &running.ca,
+        DnValue::PrintableString("shop-1".try_into().unwrap()),
+    );
+    let status = answer_status(&control, running.address, Method::POST, "/v1/halves/a").await;
+    assert_eq!(status, Some(StatusCode::ACCEPTED));
     running.stop().await;
 }
 

@@ -95,7 +95,8 @@ problem_codes! {
     /// whose initial key ID is not the terminal's is `terminal-mismatch`, whatever its BDK ID:
     /// that check comes first.)
     UnknownBdk = "unknown-bdk", 400, "Unknown BDK";
-    /// Envelope terminal differs from the certificate's, or the KSN is not the terminal's.
+    /// Envelope terminal differs from the certificate's, the certificate is not the terminal's
+    /// enrolled one, or the KSN is not the terminal's.
     TerminalMismatch = "terminal-mismatch", 403, "Terminal mismatch";
     /// The terminal is suspended.
     TerminalSuspended = "terminal-suspended", 403, "Terminal suspended";

@@ -178,8 +178,8 @@ pub(super) async fn handle<A: Api>(
         ksn = tracing::field::Empty,
         reason = tracing::field::Empty,
     );
-    if let Caller::Terminal(terminal) = &context.caller {
-        span.record("terminal", tracing::field::display(terminal));
+    if let Caller::Terminal(client) = &context.caller {
+        span.record("terminal", tracing::field::display(&client.terminal_id));
     }
     let answered = respond(&shared, &context, request, &mut progress)
         .instrument(span.clone())
@@ -260,7 +260,7 @@ async fn respond<A: Api>(
     let wait = parse_query(route, request.uri().query(), shared.config.wait_ms_max)?;
     let now = std::time::Instant::now();
     let allowed = match &context.caller {
-        Caller::Terminal(terminal) => shared.terminal_rate.check(terminal, now),
+        Caller::Terminal(client) => shared.terminal_rate.check(&client.terminal_id, now),
         Caller::Enrollee => shared.enrollment_rate.check(&context.peer.ip().into(), now),
     };
     if let Err(retry_after) = allowed {
