@@ -294,16 +294,21 @@ impl Answer {
     }
 }
 
-/// Sends a request as a terminal would: a half as `application/octet-stream`.
+/// Sends a request as a terminal would: a half as `application/octet-stream`, an enrollment
+/// as `application/json`.
 async fn send(
     sender: &mut SendRequest<Full<Bytes>>,
     method: Method,
     path: &str,
     body: impl Into<Bytes>,
 ) -> hyper::Result<Answer> {
-    let content_type = path
-        .starts_with("/v1/halves/")
-        .then_some("application/octet-stream");
+    let content_type = if path.starts_with("/v1/halves/") {
+        Some("application/octet-stream")
+    } else if path.starts_with("/v1/enroll") {
+        Some("application/json")
+    } else {
+        None
+    };
     send_as(sender, method, path, content_type, body).await
 }
 
@@ -899,6 +904,61 @@ async fn a_half_of_another_media_type_is_refused_with_415() {
     running.stop().await;
 }
 
+/// An enrollment must say it is `application/json`: anything else, or nothing, is `415`
+/// before the body is read, and the service never sees it.
+#[tokio::test]
+async fn an_enrollment_of_another_media_type_is_refused_with_415() {
+    let running = Running::start(|_| {}).await;
+    let enrollee = running.enrollee();
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/octet-stream"),
+        Some("application/jsonp"),
+    ] {
+        let (mut sender, _driver) = enrollee.http(running.enroll_address).await.unwrap();
+        let answer = send_as(
+            &mut sender,
+            Method::POST,
+            "/v1/enroll",
+            content_type,
+            r#"{"code":"c9"}"#,
+        )
+        .await
+        .unwrap();
+        answer.assert_problem(ProblemCode::UnsupportedMediaType);
+        assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(
+            answer.headers.get(http::header::CONNECTION).unwrap(),
+            "close",
+            "{content_type:?}"
+        );
+    }
+    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
+    // Parameters and letter case do not matter.
+    let (mut sender, _driver) = enrollee.http(running.enroll_address).await.unwrap();
+    let answer = send_as(
+        &mut sender,
+        Method::POST,
+        "/v1/enroll",
+        Some("Application/JSON; charset=utf-8"),
+        r#"{"code":"c9"}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 1);
+    let metrics = running.ops_get("/metrics").await;
+    assert!(
+        metrics
+            .text()
+            .contains(r#"nfcpayd_refusals_total{route="enroll",code="unsupported-media-type"} 4"#),
+        "{}",
+        metrics.text()
+    );
+    running.stop().await;
+}
+
 /// A certificate from the terminal CA whose subject is not strictly a terminal ID — not a
 /// valid ID, or a valid one in a string type other than UTF8String or PrintableString — gets
 /// no HTTP answer: the connection closes after the handshake, and the service never sees it.
@@ -1390,7 +1450,8 @@ async fn enrollment_is_rate_limited_per_address_and_its_body_capped() {
         .tls(running.enroll_address)
         .await
         .unwrap();
-    let request = "POST /v1/enroll HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{";
+    let request = "POST /v1/enroll HTTP/1.1\r\nHost: localhost\r\n\
+                   Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{";
     let answer = raw_exchange(&mut stream, request.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
     assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
