@@ -82,7 +82,7 @@ fn run(name: &str, url: &str, payments: u32, threads: u32) {
                     &format!("t-{role}-{thread}").parse().unwrap(),
                     code,
                     NOW_MS,
-                    "s",
+                    "01",
                 )
                 .unwrap();
         }
@@ -117,6 +117,8 @@ fn run(name: &str, url: &str, payments: u32, threads: u32) {
                     let half = |content, n, role: &str| AcceptedHalf {
                         txn_id,
                         terminal_id: format!("t-{role}-{thread}").parse().unwrap(),
+                        // The serial recorded at enrollment above.
+                        certificate_serial: "01".parse().unwrap(),
                         ksn: ksn(n),
                         envelope_sha256: Sha256::digest(format!("{role}{thread}/{i}")).into(),
                         received_at_ms: NOW_MS,

@@ -154,17 +154,7 @@ pub fn check_startup(config: &Config, out: &mut dyn Write) -> Result<(), DaemonE
              (NFCPAY_KEYSTORE__URI, docs/operations.md §4)"
         );
     }
-    if let nfcpay_keystore::KeystoreConfig::Pkcs11 { uri } = &config.keystore
-        && let Ok(uri) = uri.parse::<nfcpay_keystore::uri::Pkcs11Uri>()
-        && let Some(pin_file) = uri.pin_source()
-        && let Ok(metadata) = std::fs::metadata(pin_file)
-        && let Some(warning) = nfcpay_keystore::uri::pin_file_warning(
-            pin_file,
-            std::os::unix::fs::PermissionsExt::mode(&metadata.permissions()),
-        )
-    {
-        let _ = writeln!(out, "warn  {warning}");
-    }
+    // A PIN file its group or others can read is refused as the keystore opens (exit 78).
     let keystore: Arc<dyn Keystore> = Arc::from(nfcpay_keystore::open(&config.keystore)?);
     ok(out, "keystore open, logged in");
     for label in [

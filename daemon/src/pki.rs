@@ -38,6 +38,7 @@ use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
+use x509_parser::asn1_rs::Tag;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::oid_registry::OID_SIG_ECDSA_WITH_SHA256;
 use x509_parser::prelude::{FromDer as _, X509Certificate, X509Name};
@@ -426,9 +427,24 @@ pub fn issue_terminal_certificate(
     })
 }
 
-/// The terminal a client certificate names: its subject's one common name, which must be a
-/// valid terminal ID. (Whether the certificate is the CA's is rustls' check, not this.)
-pub fn terminal_id_of(certificate_der: &[u8]) -> Result<TerminalId, PkiError> {
+/// Who a client certificate on the terminal listener says its holder is. rustls has verified
+/// the chain to the terminal CA in the handshake; this is what the leaf names, read by
+/// [`client_terminal`], the one parser of client certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTerminal {
+    /// The terminal: the subject's one common name.
+    pub terminal_id: TerminalId,
+    /// The certificate's serial, to compare with the terminal's enrolled certificate
+    /// (`terminals.certificate_serial`): a certificate the CA issued for the same terminal
+    /// earlier (superseded by a re-enrollment) names the terminal but has another serial.
+    pub certificate_serial: CertificateSerial,
+}
+
+/// Reads a client certificate strictly: one DER X.509 certificate and nothing after it, a
+/// serial of 1 to [`SERIAL_BYTES_MAX`] bytes, and a subject with exactly one common name, a
+/// UTF8String or PrintableString that is a valid terminal ID. (Whether the certificate is the
+/// CA's is rustls' check, not this.)
+pub fn client_terminal(certificate_der: &[u8]) -> Result<ClientTerminal, PkiError> {
     let (rest, certificate) =
         X509Certificate::from_der(certificate_der).map_err(|_| PkiError::MalformedCertificate {
             reason: "not a DER X.509 certificate",
@@ -441,9 +457,88 @@ pub fn terminal_id_of(certificate_der: &[u8]) -> Result<TerminalId, PkiError> {
     let name = single_common_name(certificate.subject()).ok_or(PkiError::MalformedCertificate {
         reason: "the subject needs exactly one UTF-8 or printable common name",
     })?;
-    name.parse().map_err(|_| PkiError::MalformedCertificate {
+    let terminal_id = name.parse().map_err(|_| PkiError::MalformedCertificate {
         reason: "the subject's common name is not a terminal ID",
+    })?;
+    let certificate_serial = CertificateSerial::try_from(certificate.raw_serial())?;
+    Ok(ClientTerminal {
+        terminal_id,
+        certificate_serial,
     })
+}
+
+/// The terminal a client certificate names ([`client_terminal`]'s reading, serial aside).
+pub fn terminal_id_of(certificate_der: &[u8]) -> Result<TerminalId, PkiError> {
+    client_terminal(certificate_der).map(|client| client.terminal_id)
+}
+
+/// Most bytes in a certificate serial number (RFC 5280 §4.1.2.2: at most 20 octets).
+pub const SERIAL_BYTES_MAX: usize = 20;
+
+/// A certificate's serial number: the content bytes of its DER INTEGER (1 to
+/// [`SERIAL_BYTES_MAX`]), compared byte for byte. Written as lowercase hex, as
+/// `terminals.certificate_serial` stores it; read from hex in either case. `Copy`, so that
+/// the memory of active terminals hands it out without allocating.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CertificateSerial {
+    /// The serial's bytes, then zeros.
+    bytes: [u8; SERIAL_BYTES_MAX],
+    /// How many of `bytes` are the serial's (1 ..= [`SERIAL_BYTES_MAX`]).
+    length: u8,
+}
+
+impl CertificateSerial {
+    /// The serial's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.length)]
+    }
+}
+
+impl TryFrom<&[u8]> for CertificateSerial {
+    type Error = PkiError;
+
+    fn try_from(serial: &[u8]) -> Result<Self, PkiError> {
+        if serial.is_empty() || serial.len() > SERIAL_BYTES_MAX {
+            return Err(PkiError::MalformedCertificate {
+                reason: "the serial number must have 1 to 20 bytes",
+            });
+        }
+        let mut bytes = [0; SERIAL_BYTES_MAX];
+        bytes[..serial.len()].copy_from_slice(serial);
+        Ok(Self {
+            bytes,
+            // At most SERIAL_BYTES_MAX (20), checked above.
+            length: u8::try_from(serial.len()).unwrap_or(u8::MAX),
+        })
+    }
+}
+
+impl std::str::FromStr for CertificateSerial {
+    type Err = PkiError;
+
+    fn from_str(hex_text: &str) -> Result<Self, PkiError> {
+        if hex_text.len() > 2 * SERIAL_BYTES_MAX {
+            return Err(PkiError::MalformedCertificate {
+                reason: "the serial number must have 1 to 20 bytes",
+            });
+        }
+        let bytes = hex::decode(hex_text).map_err(|_| PkiError::MalformedCertificate {
+            reason: "the serial number is not hex",
+        })?;
+        Self::try_from(bytes.as_slice())
+    }
+}
+
+impl std::fmt::Display for CertificateSerial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.as_bytes()))
+    }
+}
+
+impl std::fmt::Debug for CertificateSerial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CertificateSerial({self})")
+    }
 }
 
 /// The CA, loaded for issuing: its certificate from `ca.pem` and its key from the keystore,
@@ -560,14 +655,18 @@ fn verify_p256_sha256(
         .map_err(|_| PkiError::CsrSignatureInvalid)
 }
 
-/// The one common name of `name`, or `None` if it has none, several, or one that is not text.
+/// The one common name of `name`, or `None` if it has none, several, or one that is not a
+/// UTF8String or PrintableString (x509-parser would also take IA5 and numeric strings).
 fn single_common_name<'a>(name: &'a X509Name<'_>) -> Option<&'a str> {
     let mut common_names = name.iter_common_name();
     let first = common_names.next()?;
     if common_names.next().is_some() {
         return None;
     }
-    first.as_str().ok()
+    match first.attr_value().tag() {
+        Tag::Utf8String | Tag::PrintableString => first.as_str().ok(),
+        _ => None,
+    }
 }
 
 /// Whether `certificate`'s subject public key is `key`'s.

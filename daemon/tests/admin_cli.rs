@@ -42,6 +42,12 @@ impl Ceremony {
             String::from_utf8_lossy(&output.stderr)
         );
         std::fs::write(dir.path().join("pin"), PIN).unwrap();
+        // The keystore refuses a PIN file its group or others can read.
+        std::fs::set_permissions(
+            dir.path().join("pin"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         let config = format!(
             "[keystore]\nbackend = \"pkcs11\"\nuri = \"pkcs11:token={label}?module-path={MODULE}&pin-source=file:{}\"\n",
             dir.path().join("pin").display()
@@ -552,6 +558,8 @@ mod scripted {
         AcceptedHalf {
             txn_id,
             terminal_id: terminal.parse().unwrap(),
+            // The serial `enroll` recorded.
+            certificate_serial: "01".parse().unwrap(),
             ksn: Ksn::new(key, counter.try_into().unwrap()),
             envelope_sha256: Sha256::digest(format!("{txn_id}{terminal}{counter}")).into(),
             received_at_ms: now_ms(),

@@ -260,6 +260,12 @@ fn main() {
         .any(|trial| trial.name().starts_with("pkcs11:") && selected(trial));
     if pkcs11_selected {
         fs::write(root.path().join("pin"), PIN).unwrap();
+        // The keystore refuses a PIN file its group or others can read.
+        fs::set_permissions(
+            root.path().join("pin"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         for label in [MAIN_TOKEN, OTHER_TOKEN] {
             make_token(root.path(), label);
         }
@@ -436,6 +442,14 @@ fn terminal_certificate_verifies_for_client_auth_and_names_the_terminal(fixture:
         .verify_client_cert(&der, &[], UnixTime::now())
         .unwrap();
     assert_eq!(pki::terminal_id_of(&der).unwrap(), terminal("TERM-0001"));
+    // The live path reads the serial that enrollment records.
+    assert_eq!(
+        pki::client_terminal(&der)
+            .unwrap()
+            .certificate_serial
+            .to_string(),
+        issued.serial_hex
+    );
 
     let (_, certificate) = X509Certificate::from_der(&der).unwrap();
     assert_eq!(hex::encode(certificate.raw_serial()), issued.serial_hex);

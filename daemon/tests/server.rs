@@ -14,14 +14,15 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use nfcpay_daemon::pki::ClientTerminal;
 use nfcpay_daemon::server::{
     Api, HalfAnswer, HalfKind, Metrics, NotReady, Problem, ProblemCode, Server, ServerConfig,
     ServerError, TlsMaterial, TlsReloader, signals, tls::crypto_provider,
 };
-use nfcpay_protocol::{TerminalId, TxnId};
+use nfcpay_protocol::TxnId;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
 use rustls::client::ResolvesClientCert;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
@@ -69,6 +70,15 @@ impl Ca {
     fn leaf(
         &self,
         common_name: &str,
+        server: bool,
+    ) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+        self.leaf_named(DnValue::Utf8String(common_name.to_owned()), server)
+    }
+
+    /// A leaf whose subject's common name is `common_name`, encoded as given.
+    fn leaf_named(
+        &self,
+        common_name: DnValue,
         server: bool,
     ) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
         let key = KeyPair::generate().unwrap();
@@ -128,7 +138,12 @@ impl Client {
 
     /// A terminal whose certificate `issuer` signed for `terminal`.
     fn terminal(server_ca: &Ca, issuer: &Ca, terminal: &str) -> Self {
-        let (certificate, key) = issuer.leaf(terminal, false);
+        Self::terminal_named(server_ca, issuer, DnValue::Utf8String(terminal.to_owned()))
+    }
+
+    /// A client whose certificate `issuer` signed with the subject common name `name`.
+    fn terminal_named(server_ca: &Ca, issuer: &Ca, name: DnValue) -> Self {
+        let (certificate, key) = issuer.leaf_named(name, false);
         let chain = vec![certificate, issuer.certificate.clone()];
         Self::with_config(
             Self::builder(server_ca)
@@ -279,16 +294,21 @@ impl Answer {
     }
 }
 
-/// Sends a request as a terminal would: a half as `application/octet-stream`.
+/// Sends a request as a terminal would: a half as `application/octet-stream`, an enrollment
+/// as `application/json`.
 async fn send(
     sender: &mut SendRequest<Full<Bytes>>,
     method: Method,
     path: &str,
     body: impl Into<Bytes>,
 ) -> hyper::Result<Answer> {
-    let content_type = path
-        .starts_with("/v1/halves/")
-        .then_some("application/octet-stream");
+    let content_type = if path.starts_with("/v1/halves/") {
+        Some("application/octet-stream")
+    } else if path.starts_with("/v1/enroll") {
+        Some("application/json")
+    } else {
+        None
+    };
     send_as(sender, method, path, content_type, body).await
 }
 
@@ -345,7 +365,7 @@ impl Api for FakeApi {
     async fn submit_half(
         &self,
         kind: HalfKind,
-        client: TerminalId,
+        client: ClientTerminal,
         body: Bytes,
         wait: Duration,
     ) -> Result<HalfAnswer, Problem> {
@@ -362,7 +382,8 @@ impl Api for FakeApi {
             ));
         }
         let receipt = format!(
-            "{kind:?}|{client}|{}|{}",
+            "{kind:?}|{}|{}|{}",
+            client.terminal_id,
             wait.as_millis(),
             String::from_utf8_lossy(&body)
         );
@@ -372,14 +393,17 @@ impl Api for FakeApi {
         })
     }
 
-    async fn transaction(&self, client: TerminalId, txn_id: TxnId) -> Result<Bytes, Problem> {
+    async fn transaction(&self, client: ClientTerminal, txn_id: TxnId) -> Result<Bytes, Problem> {
         if txn_id.to_string() == UNKNOWN_TXN {
             return Err(Problem::new(
                 ProblemCode::UnknownTransaction,
                 "no such payment",
             ));
         }
-        Ok(Bytes::from(format!("receipt|{client}|{txn_id}")))
+        Ok(Bytes::from(format!(
+            "receipt|{}|{txn_id}",
+            client.terminal_id
+        )))
     }
 
     async fn enroll(&self, body: Bytes) -> Result<Bytes, Problem> {
@@ -880,6 +904,96 @@ async fn a_half_of_another_media_type_is_refused_with_415() {
     running.stop().await;
 }
 
+/// An enrollment must say it is `application/json`: anything else, or nothing, is `415`
+/// before the body is read, and the service never sees it.
+#[tokio::test]
+async fn an_enrollment_of_another_media_type_is_refused_with_415() {
+    let running = Running::start(|_| {}).await;
+    let enrollee = running.enrollee();
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/octet-stream"),
+        Some("application/jsonp"),
+    ] {
+        let (mut sender, _driver) = enrollee.http(running.enroll_address).await.unwrap();
+        let answer = send_as(
+            &mut sender,
+            Method::POST,
+            "/v1/enroll",
+            content_type,
+            r#"{"code":"c9"}"#,
+        )
+        .await
+        .unwrap();
+        answer.assert_problem(ProblemCode::UnsupportedMediaType);
+        assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(
+            answer.headers.get(http::header::CONNECTION).unwrap(),
+            "close",
+            "{content_type:?}"
+        );
+    }
+    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
+    // Parameters and letter case do not matter.
+    let (mut sender, _driver) = enrollee.http(running.enroll_address).await.unwrap();
+    let answer = send_as(
+        &mut sender,
+        Method::POST,
+        "/v1/enroll",
+        Some("Application/JSON; charset=utf-8"),
+        r#"{"code":"c9"}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 1);
+    let metrics = running.ops_get("/metrics").await;
+    assert!(
+        metrics
+            .text()
+            .contains(r#"nfcpayd_refusals_total{route="enroll",code="unsupported-media-type"} 4"#),
+        "{}",
+        metrics.text()
+    );
+    running.stop().await;
+}
+
+/// A certificate from the terminal CA whose subject is not strictly a terminal ID — not a
+/// valid ID, or a valid one in a string type other than UTF8String or PrintableString — gets
+/// no HTTP answer: the connection closes after the handshake, and the service never sees it.
+#[tokio::test]
+async fn a_certificate_that_names_no_terminal_strictly_gets_no_answer() {
+    let running = Running::start(|_| {}).await;
+    for name in [
+        DnValue::Utf8String("shop 1".to_owned()),
+        DnValue::Utf8String(String::new()),
+        DnValue::Ia5String("shop-1".try_into().unwrap()),
+    ] {
+        let client = Client::terminal_named(&running.ca, &running.ca, name.clone());
+        for (method, path) in [
+            (Method::POST, "/v1/halves/a"),
+            (
+                Method::GET,
+                "/v1/transactions/00112233445566778899AABBCCDDEEFF",
+            ),
+        ] {
+            let status = answer_status(&client, running.address, method, path).await;
+            assert_eq!(status, None, "{name:?} {path}: answered");
+        }
+    }
+    assert_eq!(running.api.half_calls(), 0);
+    // The control: the same name as a PrintableString is served.
+    let control = Client::terminal_named(
+        &running.ca,
+        &running.ca,
+        DnValue::PrintableString("shop-1".try_into().unwrap()),
+    );
+    let status = answer_status(&control, running.address, Method::POST, "/v1/halves/a").await;
+    assert_eq!(status, Some(StatusCode::ACCEPTED));
+    running.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Limits
 
@@ -1336,7 +1450,8 @@ async fn enrollment_is_rate_limited_per_address_and_its_body_capped() {
         .tls(running.enroll_address)
         .await
         .unwrap();
-    let request = "POST /v1/enroll HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{";
+    let request = "POST /v1/enroll HTTP/1.1\r\nHost: localhost\r\n\
+                   Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{";
     let answer = raw_exchange(&mut stream, request.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
     assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use diesel::Connection as _;
 use diesel::connection::SimpleConnection as _;
+use nfcpay_daemon::pki::CertificateSerial;
 use nfcpay_daemon::storage::{
     AcceptedHalf, DatabaseConfig, EnrollmentRefusal, HalfContent, NewTerminal, Storage,
     StorageError, TerminalState, TransactionStatus, TransactionView, WriterFault,
@@ -149,6 +150,7 @@ suite!(
     expired_request_is_refused_and_expires_later,
     lone_half_b_expires,
     suspended_revoked_and_pending_terminals_are_refused,
+    a_half_under_a_superseded_certificate_is_refused,
     terminal_state_rules,
     enrollment_code_works_once_unexpired_and_exact,
     enrollment_code_check_refuses_alike_and_redeems_nothing,
@@ -202,6 +204,8 @@ struct Party {
     terminal: TerminalId,
     account: AccountId,
     key: InitialKeyId,
+    /// Its enrolled client certificate's serial.
+    serial: CertificateSerial,
 }
 
 struct World {
@@ -216,6 +220,7 @@ fn add_party(storage: &Storage, name: &str, n: u8, currency: Currency, funds: u6
         terminal: terminal(&format!("term-{name}")),
         account: account(&format!("acct-{name}")),
         key: initial_key_id(n),
+        serial: format!("{n:02x}").parse().unwrap(),
     };
     storage.create_account(&party.account, currency, 0).unwrap();
     if funds > 0 {
@@ -237,7 +242,7 @@ fn add_party(storage: &Storage, name: &str, n: u8, currency: Currency, funds: u6
             &party.terminal,
             code_hash(name),
             NOW_MS,
-            &format!("serial-{n}"),
+            &party.serial.to_string(),
         )
         .unwrap();
     party
@@ -275,6 +280,7 @@ fn half_a(w: &World, txn_id: TxnId, counter: u32, amount: Amount) -> AcceptedHal
     sealed(AcceptedHalf {
         txn_id,
         terminal_id: w.payee.terminal.clone(),
+        certificate_serial: w.payee.serial,
         ksn: ksn(&w.payee, counter),
         envelope_sha256: [0; 32],
         received_at_ms: NOW_MS,
@@ -291,6 +297,7 @@ fn half_b(w: &World, txn_id: TxnId, counter: u32, amount: Amount) -> AcceptedHal
     sealed(AcceptedHalf {
         txn_id,
         terminal_id: w.payer.terminal.clone(),
+        certificate_serial: w.payer.serial,
         ksn: ksn(&w.payer, counter),
         envelope_sha256: [0; 32],
         received_at_ms: NOW_MS,
@@ -573,6 +580,7 @@ fn each_mismatch_is_refused_and_changes_nothing(db: &Db) {
     // Both halves from the payee terminal.
     let mut same_terminal = good_b.clone();
     same_terminal.terminal_id = w.payee.terminal.clone();
+    same_terminal.certificate_serial = w.payee.serial;
     same_terminal.ksn = ksn(&w.payee, 2);
     let same_terminal = with_b(same_terminal, |_, payer, _, _| {
         *payer = w.payee.account.clone()
@@ -597,6 +605,7 @@ fn account_currency_must_be_the_amounts(db: &Db) {
     let dollars = add_party(&w.storage, "dollars", 4, usd, 0);
     let mut a = half_a(&w, txn(21), 1, eur_amount(1_00));
     a.terminal_id = dollars.terminal.clone();
+    a.certificate_serial = dollars.serial;
     a.ksn = ksn(&dollars, 1);
     if let HalfContent::A { payee_account, .. } = &mut a.content {
         *payee_account = dollars.account.clone();
@@ -633,6 +642,7 @@ fn credit_limit_allows_a_negative_balance_down_to_it(db: &Db) {
         terminal: terminal("term-credit"),
         account: account("acct-credit"),
         key: initial_key_id(9),
+        serial: "09".parse().unwrap(),
     };
     storage
         .create_account(&credit.account, eur(), -5_00)
@@ -647,7 +657,7 @@ fn credit_limit_allows_a_negative_balance_down_to_it(db: &Db) {
         })
         .unwrap();
     storage
-        .redeem_enrollment_code(&credit.terminal, code_hash("credit"), NOW_MS, "s")
+        .redeem_enrollment_code(&credit.terminal, code_hash("credit"), NOW_MS, "09")
         .unwrap();
     let other = add_party(&storage, "other", 3, eur(), 0);
     let w = World {
@@ -739,6 +749,7 @@ fn suspended_revoked_and_pending_terminals_are_refused(db: &Db) {
         terminal: terminal("term-fresh"),
         account: w.payer.account.clone(),
         key: initial_key_id(7),
+        serial: "07".parse().unwrap(),
     };
     w.storage
         .add_terminal(NewTerminal {
@@ -760,6 +771,29 @@ fn suspended_revoked_and_pending_terminals_are_refused(db: &Db) {
     assert_refused(&w, sealed(unknown), NOW_MS, |e| {
         matches!(e, StorageError::UnknownTerminal(_))
     });
+}
+
+/// The ledger checks the half's client certificate against the terminal's enrolled one in the
+/// transaction that would record it: another serial (one a re-enrollment superseded) is
+/// refused and changes nothing; the enrolled one is accepted.
+fn a_half_under_a_superseded_certificate_is_refused(db: &Db) {
+    let w = world(db);
+    let mut a = half_a(&w, txn(51), 1, eur_amount(1_00));
+    a.certificate_serial = "4001".parse().unwrap();
+    assert_refused(&w, a, NOW_MS, |e| {
+        matches!(e, StorageError::CertificateNotEnrolled)
+    });
+    // Re-enrolled: the certificate it had is now the superseded one.
+    w.storage
+        .danger_replace_certificate_serial(&w.payee.terminal, "4001")
+        .unwrap();
+    let old = half_a(&w, txn(51), 1, eur_amount(1_00));
+    assert_refused(&w, old.clone(), NOW_MS, |e| {
+        matches!(e, StorageError::CertificateNotEnrolled)
+    });
+    let mut new = old;
+    new.certificate_serial = "4001".parse().unwrap();
+    w.storage.submit_half(new, NOW_MS).unwrap();
 }
 
 fn terminal_state_rules(db: &Db) {

@@ -53,6 +53,12 @@ fn run_with_a_fresh_token() {
     assert!(status.success(), "init-token failed");
     let pin_file = directory.path().join("pin");
     std::fs::write(&pin_file, "123456\n").unwrap();
+    // The keystore refuses a PIN file its group or others can read.
+    std::fs::set_permissions(
+        &pin_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let uri = format!(
         "pkcs11:token=derive-rate?module-path={MODULE}&pin-source=file:{}",
         pin_file.display()

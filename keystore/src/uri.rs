@@ -168,12 +168,17 @@ impl Pkcs11Uri {
             source: Some(error),
         };
         let file = std::fs::File::open(path).map_err(io_error)?;
-        if let Some(warning) = file
-            .metadata()
-            .ok()
-            .and_then(|metadata| pin_file_warning(path, metadata.permissions().mode()))
+        // The file opened (symbolic links followed): its own mode, not the link's.
+        let mode = file.metadata().map_err(io_error)?.permissions().mode();
+        let credentials_directory = std::env::var_os(CREDENTIALS_DIRECTORY_VARIABLE);
+        if let Some(refusal) =
+            pin_file_refusal(path, mode, credentials_directory.as_deref().map(Path::new))
         {
-            tracing::warn!("{warning}");
+            return Err(KeystoreError::Io {
+                path: path.display().to_string(),
+                message: refusal,
+                source: None,
+            });
         }
         let mut contents = Zeroizing::new(String::new());
         // One byte more than allowed, to tell a long file from one of exactly the limit.
@@ -202,14 +207,40 @@ impl Pkcs11Uri {
     }
 }
 
-/// A warning when the PIN file at `path`, of permission bits `mode`, is open to users other
-/// than its owner and group (as `nfcpay-admin` and the service share it through the group).
-pub fn pin_file_warning(path: &Path, mode: u32) -> Option<String> {
-    (mode & 0o007 != 0).then(|| {
+/// The environment variable in which systemd names a service's credentials directory
+/// (`LoadCredential=`), whose files only the service can read.
+pub const CREDENTIALS_DIRECTORY_VARIABLE: &str = "CREDENTIALS_DIRECTORY";
+
+/// Permission bits a PIN file may not have: any access by its group or by other users.
+pub const PIN_FILE_MODE_FORBIDDEN: u32 = 0o077;
+
+/// Why the PIN file at `path`, of permission bits `mode`, is refused, if it is: its group or
+/// other users can read or write it — unless it is a systemd credential, a file in
+/// `credentials_directory` (`$CREDENTIALS_DIRECTORY`), which systemd makes readable by the
+/// service only whatever its mode says. The reason names the path and the mode, never the PIN.
+pub fn pin_file_refusal(
+    path: &Path,
+    mode: u32,
+    credentials_directory: Option<&Path>,
+) -> Option<String> {
+    if mode & PIN_FILE_MODE_FORBIDDEN == 0 {
+        return None;
+    }
+    let is_credential = credentials_directory.is_some_and(|directory| {
+        directory.is_absolute()
+            && path.strip_prefix(directory).is_ok_and(|inside| {
+                // No `..` or `.` leading back out of the directory.
+                inside.components().count() > 0
+                    && inside
+                        .components()
+                        .all(|part| matches!(part, std::path::Component::Normal(_)))
+            })
+    });
+    (!is_credential).then(|| {
         format!(
-            "the PIN file {} can be read or written by other users (mode {:04o}): \
-             chmod o-rwx it (docs/operations.md §4)",
-            path.display(),
+            "the PIN file can be read or written by its group or other users (mode {:04o}); \
+             refused: make it readable by its owner only (chmod 0600, owned by the user that \
+             reads it), or give it as a systemd credential (docs/operations.md §4)",
             mode & 0o7777
         )
     })
@@ -441,16 +472,41 @@ mod tests {
     const EXAMPLE: &str = "pkcs11:token=nfcpay?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/nfcpay/pin";
 
     #[test]
-    fn pin_files_open_to_others_are_warned_about() {
+    fn pin_files_open_to_group_or_others_are_refused() {
         let path = Path::new("/etc/nfcpay/hsm-pin");
-        assert_eq!(pin_file_warning(path, 0o100600), None);
-        assert_eq!(pin_file_warning(path, 0o100640), None);
-        for mode in [0o100644, 0o100602, 0o100601] {
-            let warning = pin_file_warning(path, mode).expect("warned");
-            assert!(warning.contains("/etc/nfcpay/hsm-pin"), "{warning}");
+        assert_eq!(pin_file_refusal(path, 0o100600, None), None);
+        assert_eq!(pin_file_refusal(path, 0o100400, None), None);
+        for mode in [0o100640, 0o100620, 0o100644, 0o100602, 0o100601, 0o100660] {
+            let refusal = pin_file_refusal(path, mode, None).expect("refused");
             assert!(
-                warning.contains(&format!("{:04o}", mode & 0o7777)),
-                "{warning}"
+                refusal.contains(&format!("mode {:04o}", mode & 0o7777)),
+                "{refusal}"
+            );
+        }
+    }
+
+    #[test]
+    fn systemd_credentials_are_not_refused_for_their_mode() {
+        let credentials = Some(Path::new("/run/credentials/nfcpayd.service"));
+        let credential = Path::new("/run/credentials/nfcpayd.service/hsm-pin");
+        assert_eq!(pin_file_refusal(credential, 0o100440, credentials), None);
+        // Only inside that directory, not out of it, and only when it is set and absolute.
+        for (path, directory) in [
+            (credential, None),
+            (
+                credential,
+                Some(Path::new("run/credentials/nfcpayd.service")),
+            ),
+            (
+                Path::new("/run/credentials/nfcpayd.service/../../../etc/nfcpay/hsm-pin"),
+                credentials,
+            ),
+            (Path::new("/run/credentials/nfcpayd.service"), credentials),
+            (Path::new("/etc/nfcpay/hsm-pin"), credentials),
+        ] {
+            assert!(
+                pin_file_refusal(path, 0o100644, directory).is_some(),
+                "{path:?} in {directory:?}"
             );
         }
     }
@@ -557,6 +613,7 @@ mod tests {
             .parse()
             .unwrap();
         std::fs::write(&path, "1234\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(uri.read_pin().unwrap().expose_secret(), "1234");
         std::fs::write(&path, "1234 \n\n").unwrap();
         assert_eq!(uri.read_pin().unwrap().expose_secret(), "1234 \n");
@@ -566,6 +623,27 @@ mod tests {
         assert!(uri.read_pin().is_err());
         let no_source: Pkcs11Uri = "pkcs11:token=a".parse().unwrap();
         assert!(no_source.read_pin().is_err());
+    }
+
+    /// A PIN file its group or others can read is refused, naming the file and the mode, and
+    /// never the PIN; the same file is read once only its owner can.
+    #[test]
+    fn a_pin_file_others_can_read_is_refused() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("pin");
+        let uri: Pkcs11Uri = format!("pkcs11:token=a?pin-source=file:{}", path.display())
+            .parse()
+            .unwrap();
+        std::fs::write(&path, "secret-4711\n").unwrap();
+        for mode in [0o640, 0o604, 0o660, 0o606] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let error = uri.read_pin().expect_err("refused").to_string();
+            assert!(error.contains(&path.display().to_string()), "{error}");
+            assert!(error.contains(&format!("mode {mode:04o}")), "{error}");
+            assert!(!error.contains("secret-4711"), "{error}");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert_eq!(uri.read_pin().unwrap().expose_secret(), "secret-4711");
     }
 
     #[test]

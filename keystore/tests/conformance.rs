@@ -82,6 +82,12 @@ fn main() {
         std::env::set_var("SOFTHSM2_CONF", dir.path().join("softhsm2.conf"));
     }
     std::fs::write(dir.path().join("pin"), PIN).unwrap();
+    // The keystore refuses a PIN file its group or others can read.
+    std::fs::set_permissions(
+        dir.path().join("pin"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     // All tokens first: SoftHSM2 sees only the tokens that exist when the module initialises.
     for label in LABELS {
         make_token(dir.path(), label);

@@ -83,6 +83,12 @@ fn make_fixture() -> Fixture {
     unsafe { std::env::set_var("SOFTHSM2_CONF", &config) };
     let pin_file = directory.path().join("pin");
     std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
+    // The keystore refuses a PIN file its group or others can read.
+    std::fs::set_permissions(
+        &pin_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let uri: Pkcs11Uri = format!(
         "pkcs11:token={TOKEN_LABEL}?module-path={MODULE}&pin-source=file:{}",
         pin_file.display()

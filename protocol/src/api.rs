@@ -21,6 +21,8 @@ pub const HALF_CONTENT_TYPE: &str = "application/octet-stream";
 pub const TRANSACTIONS_PATH_PREFIX: &str = "/v1/transactions/";
 /// `POST`: enrollment, on the enrollment listener (no client certificate).
 pub const ENROLL_PATH: &str = "/v1/enroll";
+/// Media type of an enrollment request (the request body) and of its answer.
+pub const ENROLL_CONTENT_TYPE: &str = "application/json";
 /// The one query parameter of the half routes: how long, in milliseconds, the client will wait
 /// for the other half before a `pending` answer.
 pub const WAIT_QUERY_PARAMETER: &str = "wait_ms";
@@ -95,7 +97,8 @@ problem_codes! {
     /// whose initial key ID is not the terminal's is `terminal-mismatch`, whatever its BDK ID:
     /// that check comes first.)
     UnknownBdk = "unknown-bdk", 400, "Unknown BDK";
-    /// Envelope terminal differs from the certificate's, or the KSN is not the terminal's.
+    /// Envelope terminal differs from the certificate's, the certificate is not the terminal's
+    /// enrolled one, or the KSN is not the terminal's.
     TerminalMismatch = "terminal-mismatch", 403, "Terminal mismatch";
     /// The terminal is suspended.
     TerminalSuspended = "terminal-suspended", 403, "Terminal suspended";
@@ -130,7 +133,8 @@ problem_codes! {
     InsufficientFunds = "insufficient-funds", 422, "Insufficient funds";
     /// The body is larger than the limit.
     BodyTooLarge = "body-too-large", 413, "Body too large";
-    /// A half's `Content-Type` is not `application/octet-stream`.
+    /// A half's `Content-Type` is not `application/octet-stream`, or an enrollment's is not
+    /// `application/json`.
     UnsupportedMediaType = "unsupported-media-type", 415, "Unsupported media type";
     /// Headers or body too slow.
     Timeout = "timeout", 408, "Request too slow";

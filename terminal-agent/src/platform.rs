@@ -206,7 +206,7 @@ impl PlatformClient {
             .call(
                 Method::POST,
                 ENROLL_PATH,
-                "application/json",
+                api::ENROLL_CONTENT_TYPE,
                 request_json,
                 Duration::ZERO,
             )

@@ -238,6 +238,8 @@ impl PlatformFixture {
         let mut pin_bytes = [0u8; 12];
         getrandom::fill(&mut pin_bytes)?;
         std::fs::write(&pin, hex::encode(pin_bytes))?;
+        // The keystore refuses a PIN file its group or others can read.
+        std::fs::set_permissions(&pin, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         let output = Command::new(workspace_root().join("softhsm-setup/init-token"))
             .arg("--dir")
             .arg(self.dir())

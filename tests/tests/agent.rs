@@ -84,6 +84,9 @@ impl AgentTerminal {
         std::fs::create_dir_all(&dir).unwrap();
         let pin = dir.join("pin");
         std::fs::write(&pin, "terminal-pin").unwrap();
+        // The keystore refuses a PIN file its group or others can read.
+        std::fs::set_permissions(&pin, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let output = Command::new(workspace_root().join("softhsm-setup/init-token"))
             .arg("--dir")
             .arg(&dir)

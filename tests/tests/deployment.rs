@@ -78,13 +78,30 @@ fn check_config_checks_what_start_up_would_and_names_each_failure_with_its_exit_
     let init = platform.admin_ok(&["init"]).unwrap();
     assert!(init.contains("ledger schema: current"), "{init}");
 
-    // A PIN file others can read is warned about, not refused.
-    std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o644)).unwrap();
-    expect(
-        &nfcpayd(&platform, true, &[]),
-        0,
-        &["warn  the PIN file", "mode 0644"],
-    );
+    // A PIN file its group or others can read is refused, naming the file and its mode (78),
+    // before anyone logs in; nfcpay-admin refuses it too.
+    for mode in [0o644, 0o640] {
+        std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(mode)).unwrap();
+        let shown = format!("mode {mode:04o}");
+        let pin_path = pin.display().to_string();
+        let refused = nfcpayd(&platform, true, &[]);
+        expect(
+            &refused,
+            78,
+            &[&pin_path, &shown, "refused", "start-up would exit 78"],
+        );
+        let pin_text = std::fs::read_to_string(&pin).unwrap();
+        assert!(
+            !text(&refused).contains(pin_text.trim()),
+            "{}",
+            text(&refused)
+        );
+        let admin = platform.admin(&["bdk", "list"], "").unwrap();
+        assert!(!admin.status.success());
+        let admin_text = text(&admin);
+        assert!(admin_text.contains(&shown), "{admin_text}");
+        assert!(!admin_text.contains(pin_text.trim()), "{admin_text}");
+    }
     std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o600)).unwrap();
 
     // Configuration (64): a database URL scheme this build cannot open.

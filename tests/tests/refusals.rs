@@ -74,6 +74,7 @@ both_ledgers!(
     replayed_halves,
     stale_counters,
     client_certificates,
+    superseded_certificates,
     suspended_and_revoked_terminals,
     mismatched_halves,
     expired_requests,
@@ -792,6 +793,75 @@ async fn client_certificates(ledger: Ledger) {
             ReceiptStatus::Settled,
         )
         .await;
+    market.audit_intact();
+}
+
+/// A certificate the terminal CA issued for `shop-1` that a re-enrollment superseded (the
+/// terminal's enrolled serial is now another) is refused `terminal-mismatch` on every route,
+/// changing nothing: right after a payment, while the daemon's memory of active terminals may
+/// still hold the old serial (the ledger's own check in the transaction refuses it then), and
+/// again after. With the enrolled serial back, the same certificate pays as before.
+async fn superseded_certificates(ledger: Ledger) {
+    let mut market = Market::open(&ledger).await;
+    let (earlier, _, _) = market.settle("1.00").await;
+    let shop = market.payee.id().clone();
+    let enrolled = market
+        .storage
+        .terminal(&shop)
+        .unwrap()
+        .unwrap()
+        .certificate_serial
+        .expect("an enrolled terminal has a certificate serial");
+    // The serial a re-enrollment would have issued: any other.
+    let reissued = match enrolled.strip_prefix('4') {
+        Some(rest) => format!("5{rest}"),
+        None => format!("4{}", enrolled.get(1..).unwrap_or_default()),
+    };
+    market
+        .storage
+        .danger_replace_certificate_serial(&shop, &reissued)
+        .unwrap();
+
+    for attempt in ["at once", "again"] {
+        let request = market.payee.request("2.00", "EUR", attempt).unwrap();
+        let (_, half_a) = market.payee.seal(HalfKind::A, &request).unwrap();
+        let problem = market
+            .refused(
+                market.payee.submit(HalfKind::A, half_a, NO_WAIT),
+                403,
+                "terminal-mismatch",
+            )
+            .await;
+        assert!(
+            problem.detail.contains("enrolled certificate"),
+            "{attempt}: {problem:?}"
+        );
+    }
+    market
+        .refused(
+            market
+                .payee
+                .terminal
+                .platform
+                .transaction(txn_id_of(&earlier)),
+            403,
+            "terminal-mismatch",
+        )
+        .await;
+    // The other terminal is not concerned.
+    market
+        .payer
+        .terminal
+        .platform
+        .transaction(txn_id_of(&earlier))
+        .await
+        .unwrap();
+
+    market
+        .storage
+        .danger_replace_certificate_serial(&shop, &enrolled)
+        .unwrap();
+    market.settle("3.00").await;
     market.audit_intact();
 }
 

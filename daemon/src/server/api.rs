@@ -8,19 +8,21 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
+use nfcpay_protocol::TxnId;
 use nfcpay_protocol::messages::HalfKind;
-use nfcpay_protocol::{TerminalId, TxnId};
 
 use super::problem::Problem;
+use crate::pki::ClientTerminal;
 
 /// What the terminal routes do; implemented by the platform service.
 ///
 /// # What the front end guarantees before calling
 ///
-/// - `client` is the subject common name of a client certificate that chained to the
-///   platform's terminal CA in a completed TLS 1.3 handshake, parsed as a [`TerminalId`].
-///   Whether that terminal exists, is active, and is the one named inside the half is the
-///   service's to check (docs/protocol.md §6.1 step 3).
+/// - `client` is what a client certificate that chained to the platform's terminal CA in a
+///   completed TLS 1.3 handshake names, read by [`crate::pki::client_terminal`]: the terminal
+///   (its subject's one common name) and the certificate's serial. Whether that terminal
+///   exists, is active, has that certificate (the serial of its enrollment) and is the one
+///   named inside the half is the service's to check (docs/protocol.md §6.1 step 3).
 /// - `body` is complete and at most `body_bytes_max` bytes (4096 by default); it arrived within
 ///   the body read timeout. It has not been parsed.
 /// - The terminal is within its request rate.
@@ -46,16 +48,17 @@ pub trait Api: Send + Sync + 'static {
     fn submit_half(
         &self,
         kind: HalfKind,
-        client: TerminalId,
+        client: ClientTerminal,
         body: Bytes,
         wait: Duration,
     ) -> impl Future<Output = Result<HalfAnswer, Problem>> + Send;
 
-    /// `GET /v1/transactions/{txn_id}`: the latest receipt for `client`, who must be a party.
-    /// Answers `200` with the receipt as `application/octet-stream`.
+    /// `GET /v1/transactions/{txn_id}`: the latest receipt for `client`, who must be a party
+    /// and present its enrolled certificate. Answers `200` with the receipt as
+    /// `application/octet-stream`.
     fn transaction(
         &self,
-        client: TerminalId,
+        client: ClientTerminal,
         txn_id: TxnId,
     ) -> impl Future<Output = Result<Bytes, Problem>> + Send;
 

@@ -54,7 +54,6 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use nfcpay_protocol::TerminalId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
@@ -67,6 +66,7 @@ use super::config::{HEAD_BYTES_MAX, HEADERS_MAX, ServerConfig};
 use super::metrics::TimeoutLabel;
 use super::tls::{self, TlsReloader};
 use super::{Api, Shared, routes};
+use crate::pki::ClientTerminal;
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_PAUSE_MS: u64 = 100;
@@ -296,8 +296,9 @@ impl Listener {
 /// Who is at the other end of an HTTPS connection, as its listener and handshake established.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Caller {
-    /// On the terminal listener: the terminal its verified client certificate names.
-    Terminal(TerminalId),
+    /// On the terminal listener: the terminal its verified client certificate names, and the
+    /// certificate's serial.
+    Terminal(ClientTerminal),
     /// On the enrollment listener: a client nobody has authenticated.
     Enrollee,
 }
@@ -414,10 +415,10 @@ async fn https_connection<A: Api>(
     let caller = match kind {
         Listener::Terminals => match tls::client_terminal(tls_stream.get_ref().1) {
             Ok(terminal) => Caller::Terminal(terminal),
-            Err(reason) => {
+            Err(error) => {
                 // The terminal CA signs only certificates that name a terminal: whoever holds
                 // this one is no terminal of ours, and gets no answer.
-                tracing::warn!(%peer, reason, "client certificate names no valid terminal; closing");
+                tracing::warn!(%peer, %error, "client certificate names no valid terminal; closing");
                 return;
             }
         },

@@ -2,9 +2,9 @@
 //! half and transaction routes, the enrollment listener only `POST /v1/enroll`; a route of one
 //! is `404 not-found` on the other. Checks run cheapest first, and nothing reaches the [`Api`]
 //! before all pass: route and method, query, rate limit (per terminal, or per address for
-//! enrollment), a half's `Content-Type`, declared length, then the body under its cap and
-//! timeout. Who the caller is
-//! was settled in the TLS handshake, before any of this (see `connection`).
+//! enrollment), the body's `Content-Type` (a half's, an enrollment's), declared length, then
+//! the body under its cap and timeout. Who the caller is was settled in the TLS handshake,
+//! before any of this (see `connection`).
 
 use std::convert::Infallible;
 use std::str::FromStr;
@@ -30,8 +30,8 @@ use super::{Api, HalfKind, Shared};
 
 /// Media type of halves and receipts.
 const OCTET_STREAM: &str = nfcpay_protocol::api::HALF_CONTENT_TYPE;
-/// Media type of enrollment answers.
-const JSON: &str = "application/json";
+/// Media type of enrollment requests and answers.
+const JSON: &str = nfcpay_protocol::api::ENROLL_CONTENT_TYPE;
 /// Longest `wait_ms` value accepted as text (`u64::MAX` has 20 digits).
 const WAIT_MS_DIGITS_MAX: usize = 20;
 
@@ -178,8 +178,8 @@ pub(super) async fn handle<A: Api>(
         ksn = tracing::field::Empty,
         reason = tracing::field::Empty,
     );
-    if let Caller::Terminal(terminal) = &context.caller {
-        span.record("terminal", tracing::field::display(terminal));
+    if let Caller::Terminal(client) = &context.caller {
+        span.record("terminal", tracing::field::display(&client.terminal_id));
     }
     let answered = respond(&shared, &context, request, &mut progress)
         .instrument(span.clone())
@@ -260,7 +260,7 @@ async fn respond<A: Api>(
     let wait = parse_query(route, request.uri().query(), shared.config.wait_ms_max)?;
     let now = std::time::Instant::now();
     let allowed = match &context.caller {
-        Caller::Terminal(terminal) => shared.terminal_rate.check(terminal, now),
+        Caller::Terminal(client) => shared.terminal_rate.check(&client.terminal_id, now),
         Caller::Enrollee => shared.enrollment_rate.check(&context.peer.ip().into(), now),
     };
     if let Err(retry_after) = allowed {
@@ -312,6 +312,7 @@ async fn dispatch<A: Api>(
             Ok(bytes_answer(StatusCode::OK, OCTET_STREAM, receipt))
         }
         (Route::Enroll, Caller::Enrollee) => {
+            check_content_type(request.headers(), JSON)?;
             let body = read_body(shared, request).await?;
             *body_read = true;
             let answer = api.enroll(body).await?;
@@ -529,6 +530,33 @@ mod tests {
             &["application/octet"],
             &[""],
             &["application/octet-stream", "application/octet-stream"],
+        ] {
+            assert_eq!(
+                check(bad),
+                Err(ProblemCode::UnsupportedMediaType),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_enrollment_must_be_json() {
+        let check = |values: &[&str]| {
+            let mut headers = http::HeaderMap::new();
+            for value in values {
+                headers.append(header::CONTENT_TYPE, HeaderValue::from_str(value).unwrap());
+            }
+            check_content_type(&headers, JSON).map_err(|problem| problem.code())
+        };
+        for good in ["application/json", "Application/JSON; charset=utf-8"] {
+            assert_eq!(check(&[good]), Ok(()), "{good}");
+        }
+        for bad in [
+            &[][..],
+            &["application/octet-stream"],
+            &["text/json"],
+            &["application/jsonx"],
+            &["application/json", "application/json"],
         ] {
             assert_eq!(
                 check(bad),

@@ -10,10 +10,8 @@
 
 use std::fmt;
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use nfcpay_protocol::TerminalId;
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
@@ -23,6 +21,7 @@ use rustls_pki_types::pem::PemObject;
 use tokio_rustls::TlsAcceptor;
 
 use super::ServerError;
+use crate::pki::{self, ClientTerminal, PkiError};
 
 /// ALPN protocol both HTTPS listeners speak.
 const ALPN_HTTP_1_1: &[u8] = b"http/1.1";
@@ -193,59 +192,18 @@ impl ResolvesServerCert for SingleCertificate {
     }
 }
 
-/// The terminal a connection on the terminal listener comes from: the one its client
-/// certificate names. rustls has verified the chain in the handshake already (so there is a
-/// certificate); here only the leaf's subject common name is read. `Err` says why the
-/// certificate names no valid terminal.
-pub(crate) fn client_terminal(connection: &rustls::ServerConnection) -> Result<TerminalId, String> {
+/// The terminal a connection on the terminal listener comes from, and its certificate's
+/// serial: what its client certificate names, read by [`pki::client_terminal`] (the one strict
+/// parser of client certificates). rustls has verified the chain in the handshake already (so
+/// there is a certificate). `Err` says why the certificate names no valid terminal.
+pub(crate) fn client_terminal(
+    connection: &rustls::ServerConnection,
+) -> Result<ClientTerminal, PkiError> {
     let leaf = connection
         .peer_certificates()
         .and_then(|chain| chain.first())
-        .ok_or_else(|| "no client certificate".to_owned())?;
-    terminal_id_of(leaf)
-}
-
-/// The terminal ID a client certificate names: its subject's one common name.
-fn terminal_id_of(certificate: &CertificateDer<'_>) -> Result<TerminalId, String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(certificate)
-        .map_err(|error| format!("certificate does not parse: {error}"))?;
-    let mut names = parsed.subject().iter_common_name();
-    let (Some(name), None) = (names.next(), names.next()) else {
-        return Err("the subject must have exactly one common name".to_owned());
-    };
-    let name = name
-        .as_str()
-        .map_err(|error| format!("common name is not a string: {error}"))?;
-    TerminalId::from_str(name).map_err(|error| format!("common name: {error}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn certificate_with_subject(names: &[&str]) -> CertificateDer<'static> {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        for name in names {
-            params
-                .distinguished_name
-                .push(rcgen::DnType::CommonName, *name);
-        }
-        params.self_signed(&key).unwrap().der().clone()
-    }
-
-    #[test]
-    fn reads_the_terminal_id_from_the_common_name() {
-        let terminal = terminal_id_of(&certificate_with_subject(&["shop-42"])).unwrap();
-        assert_eq!(terminal.as_str(), "shop-42");
-        // (rcgen keeps one value per attribute type, so two common names cannot be made here.)
-        for names in [&[][..], &["no spaces"][..], &[""][..]] {
-            assert!(
-                terminal_id_of(&certificate_with_subject(names)).is_err(),
-                "{names:?}"
-            );
-        }
-        assert!(terminal_id_of(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])).is_err());
-    }
+        .ok_or(PkiError::MalformedCertificate {
+            reason: "no client certificate",
+        })?;
+    pki::client_terminal(leaf.as_ref())
 }

@@ -146,6 +146,8 @@ pub(super) fn enroll(inner: &Inner, body: &[u8]) -> Result<bytes::Bytes, Problem
             span.record("reason", tracing::field::display(&error));
             refused()
         })?;
+    // Its certificate changed: the next half reads it from the ledger.
+    inner.active_terminals.forget(&terminal_id);
     tracing::info!(terminal = %terminal_id, serial = %certificate.serial_hex, initial_key_kcv = %kcv, "terminal enrolled");
     let answer = EnrollmentAnswer {
         terminal_id: terminal_id.to_string(),

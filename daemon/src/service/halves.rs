@@ -15,9 +15,13 @@ use nfcpay_protocol::messages::{
 use nfcpay_protocol::{InitialKeyId, Ksn, TerminalId, TxnId};
 use sha2::{Digest, Sha256};
 
+use super::active::ActiveTerminal;
 use super::{Inner, now_ms, problems};
+use crate::pki::ClientTerminal;
 use crate::server::problem::{Problem, ProblemCode};
-use crate::storage::{AcceptedHalf, HalfContent, Submitted, TerminalState, TransactionView};
+use crate::storage::{
+    AcceptedHalf, HalfContent, Submitted, TerminalState, TerminalView, TransactionView,
+};
 
 /// A transient HSM key that may cross threads (from the HSM worker that derived it, through
 /// the ledger's commit, to the one that uses it): destroyed when dropped unless taken.
@@ -122,9 +126,10 @@ pub struct Outcome {
 pub(super) fn verify(
     inner: &Inner,
     route: HalfKind,
-    client: &TerminalId,
+    client_certificate: &ClientTerminal,
     body: &[u8],
 ) -> Result<Verified, Problem> {
+    let client = &client_certificate.terminal_id;
     let received_at_ms = now_ms();
     // 2. The envelope decodes and its type matches the route.
     let envelope = HalfEnvelope::decode(body).map_err(|error| problems::malformed(&error))?;
@@ -136,14 +141,15 @@ pub(super) fn verify(
             "the envelope's type is not this route's half",
         ));
     }
-    // 3. The terminal named inside is the certificate's, and may send.
+    // 3. The terminal named inside is the certificate's, may send, and the certificate is the
+    // one it was issued at its enrollment.
     if &header.terminal_id != client {
         return Err(Problem::new(
             ProblemCode::TerminalMismatch,
             "the half names another terminal than the client certificate",
         ));
     }
-    let initial_key_id = active_initial_key_id(inner, client)?;
+    let initial_key_id = active_initial_key_id(inner, client_certificate)?;
     // 4. The KSN is the terminal's.
     if header.ksn.initial_key_id() != initial_key_id {
         return Err(Problem::new(
@@ -236,6 +242,7 @@ pub(super) fn verify(
     let half = AcceptedHalf {
         txn_id,
         terminal_id: client.clone(),
+        certificate_serial: client_certificate.certificate_serial,
         ksn: header.ksn,
         envelope_sha256: Sha256::digest(body).into(),
         received_at_ms: to_i64(received_at_ms),
@@ -259,25 +266,39 @@ pub(super) fn verify(
     })
 }
 
-/// The initial key ID of `client` if it may send halves: from the memory of active terminals,
-/// else from the ledger (whose transaction checks the state again when it records the half).
-fn active_initial_key_id(inner: &Inner, client: &TerminalId) -> Result<InitialKeyId, Problem> {
+/// The initial key ID of the client's terminal if it may send halves with this certificate:
+/// from the memory of active terminals, else from the ledger (whose transaction checks the
+/// state and the certificate again when it records the half).
+fn active_initial_key_id(inner: &Inner, client: &ClientTerminal) -> Result<InitialKeyId, Problem> {
     let now = Instant::now();
-    if let Some(initial_key_id) = inner.active_terminals.get(client, now) {
-        return Ok(initial_key_id);
-    }
-    let terminal = inner
-        .storage
-        .terminal(client)
-        .map_err(problems::storage)?
-        .ok_or_else(|| Problem::new(ProblemCode::TerminalMismatch, "unknown terminal"))?;
-    match terminal.state {
-        TerminalState::Active => {
-            inner
-                .active_terminals
-                .put(client, terminal.initial_key_id, now);
-            Ok(terminal.initial_key_id)
+    let terminal_id = &client.terminal_id;
+    let active = match inner.active_terminals.get(terminal_id, now) {
+        Some(active) => active,
+        None => {
+            let terminal = inner
+                .storage
+                .terminal(terminal_id)
+                .map_err(problems::storage)?
+                .ok_or_else(|| Problem::new(ProblemCode::TerminalMismatch, "unknown terminal"))?;
+            terminal_may_send(&terminal)?;
+            let active = ActiveTerminal {
+                initial_key_id: terminal.initial_key_id,
+                certificate_serial: terminal.enrolled_certificate(),
+            };
+            inner.active_terminals.put(terminal_id, active, now);
+            active
         }
+    };
+    if active.certificate_serial != Some(client.certificate_serial) {
+        return Err(not_enrolled_certificate());
+    }
+    Ok(active.initial_key_id)
+}
+
+/// Refuses a terminal that is not active, with the code its state calls for.
+fn terminal_may_send(terminal: &TerminalView) -> Result<(), Problem> {
+    match terminal.state {
+        TerminalState::Active => Ok(()),
         TerminalState::Suspended => Err(Problem::new(
             ProblemCode::TerminalSuspended,
             "terminal is suspended",
@@ -291,6 +312,15 @@ fn active_initial_key_id(inner: &Inner, client: &TerminalId) -> Result<InitialKe
             "terminal is not enrolled",
         )),
     }
+}
+
+/// The refusal of a client certificate that names the terminal but is not the one issued at
+/// its enrollment (superseded by a re-enrollment): `terminal-mismatch`.
+pub(super) fn not_enrolled_certificate() -> Problem {
+    Problem::new(
+        ProblemCode::TerminalMismatch,
+        "the client certificate is not the terminal's enrolled certificate",
+    )
 }
 
 fn to_i64(ms: u64) -> i64 {

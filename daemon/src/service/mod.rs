@@ -42,13 +42,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use nfcpay_keystore::dukpt::HostKeyCache;
 use nfcpay_keystore::{EcPublicKey, Keystore, PrivateKeyHandle};
-use nfcpay_protocol::{TerminalId, TxnId};
+use nfcpay_protocol::TxnId;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::sync::{Notify, Semaphore};
 
-use crate::pki;
+use crate::pki::{self, ClientTerminal};
 use crate::server::problem::{Problem, ProblemCode};
 use crate::server::{Api, HalfAnswer, HalfKind, NotReady};
 use crate::storage::{ChainHead, Storage, TransactionStatus, audit};
@@ -301,7 +301,7 @@ impl Api for Platform {
     async fn submit_half(
         &self,
         kind: HalfKind,
-        client: TerminalId,
+        client: ClientTerminal,
         body: Bytes,
         wait: Duration,
     ) -> Result<HalfAnswer, Problem> {
@@ -397,7 +397,7 @@ impl Api for Platform {
         }
     }
 
-    async fn transaction(&self, client: TerminalId, txn_id: TxnId) -> Result<Bytes, Problem> {
+    async fn transaction(&self, client: ClientTerminal, txn_id: TxnId) -> Result<Bytes, Problem> {
         let inner = Arc::clone(&self.inner);
         blocking(move || receipts::status(&inner, &client, txn_id)).await
     }

@@ -81,9 +81,9 @@ pub(crate) fn storage(error: StorageError) -> Problem {
         StorageError::DigestMismatch => (Code::DigestMismatch, error.to_string()),
         StorageError::Expired => (Code::Expired, error.to_string()),
         StorageError::InsufficientFunds => (Code::InsufficientFunds, error.to_string()),
-        StorageError::KsnNotTerminal | StorageError::UnknownTerminal(_) => {
-            (Code::TerminalMismatch, error.to_string())
-        }
+        StorageError::KsnNotTerminal
+        | StorageError::CertificateNotEnrolled
+        | StorageError::UnknownTerminal(_) => (Code::TerminalMismatch, error.to_string()),
         StorageError::TerminalNotActive(TerminalState::Suspended) => {
             (Code::TerminalSuspended, error.to_string())
         }

@@ -11,6 +11,7 @@ use nfcpay_protocol::{Ksn, TerminalId, TxnId};
 
 use super::halves::Outcome;
 use super::{Inner, problems};
+use crate::pki::ClientTerminal;
 use crate::server::HalfAnswer;
 use crate::server::problem::{Problem, ProblemCode};
 use crate::storage::{TerminalState, TransactionStatus, TransactionView};
@@ -63,15 +64,28 @@ pub(super) fn recorded_but_unsealed(problem: &Problem) -> Problem {
 }
 
 /// The latest receipt of a payment for one of its parties. Blocking.
-pub(super) fn status(inner: &Inner, client: &TerminalId, txn_id: TxnId) -> Result<Bytes, Problem> {
+pub(super) fn status(
+    inner: &Inner,
+    client_certificate: &ClientTerminal,
+    txn_id: TxnId,
+) -> Result<Bytes, Problem> {
+    let client = &client_certificate.terminal_id;
     // Revoked is for good, on every route (a suspended terminal only loses its halves): a
     // certificate that still chains to the CA must not keep reading the payments' receipts.
-    let terminal = inner.storage.terminal(client).map_err(problems::storage)?;
-    if terminal.is_some_and(|terminal| terminal.state == TerminalState::Revoked) {
+    // Nor may a certificate of the terminal that is not its enrolled one (superseded).
+    let terminal = inner
+        .storage
+        .terminal(client)
+        .map_err(problems::storage)?
+        .ok_or_else(|| Problem::new(ProblemCode::TerminalMismatch, "unknown terminal"))?;
+    if terminal.state == TerminalState::Revoked {
         return Err(Problem::new(
             ProblemCode::TerminalRevoked,
             "terminal is revoked",
         ));
+    }
+    if !terminal.has_certificate(client_certificate.certificate_serial) {
+        return Err(super::halves::not_enrolled_certificate());
     }
     let view = inner
         .storage

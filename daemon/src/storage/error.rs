@@ -132,6 +132,10 @@ pub enum StorageError {
     /// The KSN's initial key ID is not the submitting terminal's.
     #[error("the KSN is not the terminal's")]
     KsnNotTerminal,
+    /// The half came with a client certificate other than the one the terminal was issued at
+    /// its enrollment (`terminals.certificate_serial`): one a re-enrollment superseded.
+    #[error("the client certificate is not the terminal's enrolled certificate")]
+    CertificateNotEnrolled,
     /// The KSN counter was accepted before, for other bytes.
     #[error("KSN counter already used")]
     ReplayedKsn,

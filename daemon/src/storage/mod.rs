@@ -454,6 +454,23 @@ impl Storage {
         })
     }
 
+    /// Test hook: records `certificate_serial` as the terminal's enrolled certificate (with an
+    /// audit record), as a re-enrollment would, so that tests can show the certificate it
+    /// supersedes is refused. There is no re-enrollment command yet.
+    #[doc(hidden)]
+    pub fn danger_replace_certificate_serial(
+        &self,
+        id: &TerminalId,
+        certificate_serial: &str,
+    ) -> Result<(), StorageError> {
+        let id = id.clone();
+        let serial = certificate_serial.to_owned();
+        let now = now_ms();
+        self.write(move |connection, audit| {
+            terminals::replace_certificate_serial(connection, audit, &id, &serial, now)
+        })
+    }
+
     /// Accepts a verified half (protocol §6.1 steps 7–9) in the next group commit and returns
     /// the payment as it stands once that commit is durable — pending, or settled when this
     /// half completed the pair — and whether this half settled it. A byte-identical re-send

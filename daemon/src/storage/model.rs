@@ -5,6 +5,8 @@ use std::str::FromStr;
 
 use nfcpay_protocol::{AccountId, Amount, Currency, InitialKeyId, Ksn, TerminalId, TxnId};
 
+use crate::pki::CertificateSerial;
+
 /// Which half of a payment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HalfKind {
@@ -32,6 +34,9 @@ pub struct AcceptedHalf {
     pub txn_id: TxnId,
     /// The sending terminal (already checked against its client certificate).
     pub terminal_id: TerminalId,
+    /// The serial of the client certificate it came with: the ledger records the half only if
+    /// it is the terminal's enrolled certificate's, read in the same transaction.
+    pub certificate_serial: CertificateSerial,
     /// The KSN the half was sealed under.
     pub ksn: Ksn,
     /// SHA-256 of the whole envelope as received: a byte-identical re-send has the same.
@@ -244,6 +249,19 @@ pub struct TerminalView {
     pub certificate_serial: Option<String>,
     /// The highest KSN counter accepted from it (0 before any).
     pub highest_counter: i64,
+}
+
+impl TerminalView {
+    /// The serial of the client certificate issued at its enrollment; `None` before it
+    /// enrolled (or if the stored text is no serial, which no certificate then matches).
+    pub fn enrolled_certificate(&self) -> Option<CertificateSerial> {
+        self.certificate_serial.as_deref()?.parse().ok()
+    }
+
+    /// Whether `presented` is the serial of its enrolled client certificate.
+    pub fn has_certificate(&self, presented: CertificateSerial) -> bool {
+        self.enrolled_certificate() == Some(presented)
+    }
 }
 
 /// A payment as the ledger knows it.

@@ -500,6 +500,9 @@ impl Batch {
         if terminal.view.state != TerminalState::Active {
             return Err(StorageError::TerminalNotActive(terminal.view.state));
         }
+        if !terminal.view.has_certificate(half.certificate_serial) {
+            return Err(StorageError::CertificateNotEnrolled);
+        }
         if half.ksn.initial_key_id() != terminal.view.initial_key_id {
             return Err(StorageError::KsnNotTerminal);
         }

@@ -299,6 +299,32 @@ pub(crate) fn redeem(
     Ok(load_existing(connection, id)?.view)
 }
 
+/// Records `certificate_serial` as the terminal's enrolled certificate, superseding the one
+/// it had (what a re-enrollment does; only a test hook calls it for now).
+pub(crate) fn replace_certificate_serial(
+    connection: &mut AnyConnection,
+    audit: &mut AuditLog,
+    id: &TerminalId,
+    certificate_serial: &str,
+    now_ms: i64,
+) -> Result<(), StorageError> {
+    lock(connection, id)?;
+    let terminal = load_existing(connection, id)?.view;
+    diesel::update(terminals::table.find(id.as_str()))
+        .set(terminals::certificate_serial.eq(Some(certificate_serial)))
+        .execute(connection)?;
+    audit.record(
+        now_ms,
+        "terminal.certificate_replaced",
+        id.as_str(),
+        &serde_json::json!({
+            "from": terminal.certificate_serial,
+            "to": certificate_serial,
+        }),
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

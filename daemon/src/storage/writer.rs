@@ -254,6 +254,8 @@ impl HalfItem {
     }
 }
 
+// Nearly every item is a half: boxing it to shrink the rare job would allocate once per half.
+#[allow(clippy::large_enum_variant)]
 enum Item {
     /// A closure job and when its caller stops waiting.
     Job(Box<dyn Job>, Instant),
