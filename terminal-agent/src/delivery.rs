@@ -121,6 +121,16 @@ pub struct Undelivered {
     pub attempts: u32,
 }
 
+/// What the commands give [`deliver`] as `on_retry`: one `warn` line per re-send.
+pub fn log_retry(attempt: u32, error: &PlatformError, pause: Duration) {
+    tracing::warn!(
+        attempt,
+        %error,
+        pause_ms = pause.as_millis(),
+        "half not answered; sending the same bytes again"
+    );
+}
+
 /// Sends `envelope` as half `kind` until it gets a receipt or a final refusal, at most
 /// `attempts` times; `on_retry(attempt, error, wait)` is told about each failed attempt
 /// before the wait.

@@ -364,14 +364,7 @@ pub(super) async fn submit(
         &envelope,
         wait.half,
         wait.attempts,
-        &mut |attempt, error, pause| {
-            tracing::warn!(
-                attempt,
-                %error,
-                pause_ms = pause.as_millis(),
-                "half not answered; sending the same bytes again"
-            );
-        },
+        &mut delivery::log_retry,
     )
     .await;
     let reply = match delivered {
