@@ -1523,9 +1523,10 @@ async fn resent_halves(ledger: Ledger) {
     market.audit_intact();
 }
 
-/// Half A asks to wait two seconds; half B arrives 300 ms later and settles the payment; half
-/// A's answer is the settled receipt, as soon as that happens. Both receipts verify, with each
-/// terminal's key and with the platform's receipt key alone.
+/// Half A asks to wait two seconds; half B is sent once the ledger holds half A (an explicit
+/// signal, not a guessed delay) and settles the payment; half A's answer is the settled
+/// receipt, as soon as that happens. Both receipts verify, with each terminal's key and with
+/// the platform's receipt key alone.
 async fn a_lone_half_waits_for_the_other(ledger: Ledger) {
     let mut market = Market::open(&ledger).await;
     let request = market.payee.request("12.50", "EUR", "waiting").unwrap();
@@ -1541,7 +1542,13 @@ async fn a_lone_half_waits_for_the_other(ledger: Ledger) {
             (answer, started.elapsed())
         },
         async {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Half A is recorded (and its sender waiting) before half B leaves.
+            let txn_id = txn_id_of(&request);
+            let deadline = Instant::now() + wait;
+            while market.storage.transaction(&txn_id).unwrap().is_none() {
+                assert!(Instant::now() < deadline, "half A never reached the ledger");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             market.payer.submit(HalfKind::B, half_b, NO_WAIT).await
         },
     );
