@@ -36,7 +36,7 @@ pub mod receipts;
 pub mod workers;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -78,8 +78,9 @@ pub fn now_ms() -> u64 {
 /// The platform service: keystore, key cache, ledger and the receipt key.
 pub struct Platform {
     inner: Arc<Inner>,
-    /// The threads that make the halves' HSM calls (their jobs hold `inner`, never this).
-    hsm: workers::HsmWorkers,
+    /// The threads that make the halves' HSM calls (their jobs hold `inner`, never this:
+    /// `inner` has only a weak reference, so the workers never join themselves).
+    hsm: Arc<workers::HsmWorkers>,
     /// HSM jobs not done, by reason (`busy`, `timed_out`, `panicked`, `stopped`).
     hsm_jobs_failed: Family<JobFailureLabels, Counter>,
 }
@@ -92,6 +93,8 @@ struct JobFailureLabels {
 
 struct Inner {
     keystore: Arc<dyn Keystore>,
+    /// Where a transient key dropped off the workers is destroyed ([`halves::HeldKey`]).
+    hsm: Weak<workers::HsmWorkers>,
     keys: HostKeyCache,
     storage: Storage,
     receipt_key: PrivateKeyHandle,
@@ -136,12 +139,14 @@ impl Platform {
             .ok_or(crate::pki::PkiError::Keystore(
                 nfcpay_keystore::KeystoreError::UnknownKey,
             ))?;
-        let hsm = workers::HsmWorkers::start(workers::HSM_WORKERS, workers::HSM_QUEUE_MAX)
-            .map_err(crate::pki::PkiError::Workers)?;
+        let hsm = Arc::new(
+            workers::HsmWorkers::start(workers::HSM_WORKERS, workers::HSM_QUEUE_MAX)
+                .map_err(crate::pki::PkiError::Workers)?,
+        );
         Ok(Self {
-            hsm,
             hsm_jobs_failed: Family::default(),
             inner: Arc::new(Inner {
+                hsm: Arc::downgrade(&hsm),
                 keys: HostKeyCache::new(Arc::clone(&keystore), key_cache_entries),
                 keystore,
                 storage,
@@ -155,6 +160,7 @@ impl Platform {
                 last_checkpoint: std::sync::Mutex::new(None),
                 last_ready: std::sync::Mutex::new(None),
             }),
+            hsm,
         })
     }
 
@@ -348,20 +354,12 @@ impl Api for Platform {
                 .accept_half_async(half, received_at_ms)
                 .await
                 .map_err(problems::storage);
-            // On a refusal the receipt MAC key is destroyed on a worker, not on this thread.
-            let submitted = match submitted {
-                Ok(submitted) => submitted,
-                Err(problem) => {
-                    self.release(awaiting);
-                    return Err(problem);
-                }
-            };
-            let mut outcome = awaiting.outcome(submitted);
+            // On a refusal (or when this request is dropped, its client gone) the receipt MAC
+            // key goes with `awaiting`: `HeldKey` destroys it on a worker, not on this thread.
+            let mut outcome = awaiting.outcome(submitted?);
             if !seal_pending && outcome.view.status == TransactionStatus::Pending {
                 // Sealed once the payment settles or the wait ends, with a key derived then.
-                if let Some(key) = outcome.receipt_mac_key.take() {
-                    self.release(key);
-                }
+                drop(outcome.receipt_mac_key.take());
                 return Ok((outcome, None));
             }
             let inner = Arc::clone(&self.inner);
@@ -522,14 +520,6 @@ impl Platform {
                     _ => Problem::new(ProblemCode::Unavailable, "the HSM is busy; try again"),
                 })
             })
-    }
-
-    /// Drops `held` (destroying the transient keys it holds) on an HSM worker, without waiting;
-    /// if none takes it, here.
-    fn release<T: Send + 'static>(&self, held: T) {
-        if let Err(error) = self.hsm.submit(move || drop(held)) {
-            tracing::debug!(%error, "released a transient key on the caller's thread");
-        }
     }
 }
 
