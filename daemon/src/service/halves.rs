@@ -63,18 +63,18 @@ impl Drop for HeldKey {
         let Some(key) = self.key.take() else {
             return;
         };
-        if !workers::on_worker() {
-            if let Some(workers) = self.workers.upgrade() {
-                // Not run (queue full, workers stopped), the job is dropped here, and with it
-                // this key, which then has no workers to go to: destroyed on this thread.
-                let here = Self {
-                    keystore: Arc::clone(&self.keystore),
-                    workers: Weak::new(),
-                    key: Some(key),
-                };
-                let _answer = workers.submit(move || drop(here));
-                return;
-            }
+        if !workers::on_worker()
+            && let Some(workers) = self.workers.upgrade()
+        {
+            // Not run (queue full, workers stopped), the job is dropped here, and with it
+            // this key, which then has no workers to go to: destroyed on this thread.
+            let here = Self {
+                keystore: Arc::clone(&self.keystore),
+                workers: Weak::new(),
+                key: Some(key),
+            };
+            let _answer = workers.submit(move || drop(here));
+            return;
         }
         drop(TransientKey::new(self.keystore.as_ref(), key));
     }
