@@ -562,4 +562,76 @@ mod tests {
         assert_eq!(not_ready.component, "database");
         assert_eq!(not_ready.reason, "the ledger's writer has stopped");
     }
+
+    fn platform() -> (tempfile::TempDir, Platform) {
+        let dir = tempfile::TempDir::new().unwrap();
+        let storage = Storage::open(dir.path().join("ledger.db").to_str().unwrap()).unwrap();
+        let keystore: Arc<dyn Keystore> = Arc::new(SoftwareKeystore::in_memory());
+        let platform = Platform::new(keystore, storage, dir.path().to_owned(), 16).unwrap();
+        (dir, platform)
+    }
+
+    fn failed(platform: &Platform, reason: &'static str) -> u64 {
+        platform
+            .hsm_jobs_failed
+            .get_or_create(&JobFailureLabels { reason })
+            .get()
+    }
+
+    /// A job the HSM does not finish within [`workers::HSM_JOB_TIMEOUT`] (here: stalled until
+    /// released) is answered `503 unavailable`, counted as `timed_out`; paused time, so the
+    /// deadline passes without waiting for it.
+    #[tokio::test(start_paused = true)]
+    async fn an_hsm_job_past_its_deadline_is_unavailable_not_internal() {
+        let (_dir, platform) = platform();
+        let (release, stalled) = std::sync::mpsc::channel::<()>();
+        let answer = platform
+            .hsm_job(move || {
+                let _ = stalled.recv();
+                Ok(())
+            })
+            .await;
+        let problem = answer.unwrap_err();
+        assert_eq!(problem.code(), ProblemCode::Unavailable);
+        assert_eq!(problem.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(failed(&platform, "timed_out"), 1);
+        drop(release);
+    }
+
+    /// With every worker busy and the queue full, one more job is refused at once as
+    /// `503 unavailable` (`busy`); a job that panics is a bug: `500 internal` (`panicked`).
+    #[tokio::test]
+    async fn a_full_hsm_queue_is_unavailable_and_a_panicking_job_internal() {
+        let (_dir, platform) = platform();
+        let (release, stalled) = std::sync::mpsc::channel::<()>();
+        let stalled = Arc::new(std::sync::Mutex::new(stalled));
+        // Stalled jobs until the queue refuses one: the workers all hold one, the queue is full.
+        let mut held = Vec::new();
+        loop {
+            let stalled = Arc::clone(&stalled);
+            match platform.hsm.submit(move || {
+                let _ = stalled.lock().unwrap().recv();
+            }) {
+                Ok(answer) => held.push(answer),
+                Err(error) => {
+                    assert_eq!(error, workers::WorkError::Busy);
+                    break;
+                }
+            }
+            assert!(held.len() <= workers::HSM_WORKERS + workers::HSM_QUEUE_MAX);
+        }
+        assert!(held.len() >= workers::HSM_QUEUE_MAX);
+        let refused = platform.hsm_job(|| Ok(())).await.unwrap_err();
+        assert_eq!(refused.code(), ProblemCode::Unavailable);
+        assert_eq!(failed(&platform, "busy"), 1);
+        drop(release);
+        drop(held);
+
+        let panicked = platform
+            .hsm_job::<()>(|| panic!("a bug in an HSM job"))
+            .await
+            .unwrap_err();
+        assert_eq!(panicked.code(), ProblemCode::Internal);
+        assert_eq!(failed(&platform, "panicked"), 1);
+    }
 }
