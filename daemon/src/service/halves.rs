@@ -393,20 +393,6 @@ mod tests {
         (keystore, key)
     }
 
-    /// Queues a job that holds a worker of `workers` until `gate` is passed; returns once it runs.
-    fn hold_a_worker(workers: &HsmWorkers, gate: &Arc<Barrier>) -> workers::Answer<()> {
-        let gate = Arc::clone(gate);
-        let (started, running) = std::sync::mpsc::channel();
-        let answer = workers
-            .submit(move || {
-                started.send(()).unwrap();
-                gate.wait();
-            })
-            .unwrap();
-        running.recv().unwrap();
-        answer
-    }
-
     /// Dropped off the workers (as on an async thread when a refused half's request ends or
     /// its client goes away), the key is not destroyed on the dropping thread but by a worker,
     /// once one is free.
@@ -415,7 +401,7 @@ mod tests {
         let workers = Arc::new(HsmWorkers::start(1, 8).unwrap());
         let (keystore, key) = keystore_and_key();
         let gate = Arc::new(Barrier::new(2));
-        let held_worker = hold_a_worker(&workers, &gate);
+        let held_worker = workers::hold_a_worker(&workers, &gate);
 
         drop(HeldKey::new(
             keystore.clone(),
@@ -453,7 +439,7 @@ mod tests {
         let (keystore, key) = keystore_and_key();
         let full = Arc::new(HsmWorkers::start(1, 1).unwrap());
         let gate = Arc::new(Barrier::new(2));
-        let held_worker = hold_a_worker(&full, &gate);
+        let held_worker = workers::hold_a_worker(&full, &gate);
         let queued = full.submit(|| ()).unwrap(); // the queue's one place
         drop(HeldKey::new(keystore.clone(), Arc::downgrade(&full), key));
         assert_eq!(keystore.count("destroy"), 1);

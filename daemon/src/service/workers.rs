@@ -161,6 +161,23 @@ fn work(jobs: &Mutex<Receiver<Job>>) {
     }
 }
 
+/// Test help: queues a job that holds a worker until `gate` is passed (by the job and the
+/// caller), and returns once a worker runs it.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn hold_a_worker(workers: &HsmWorkers, gate: &Arc<std::sync::Barrier>) -> Answer<()> {
+    let (started, running) = std::sync::mpsc::channel();
+    let gate = Arc::clone(gate);
+    let held = workers
+        .submit(move || {
+            started.send(()).unwrap();
+            gate.wait();
+        })
+        .unwrap();
+    running.recv().unwrap();
+    held
+}
+
 #[cfg(test)]
 mod tests {
     // A panic is how a test fails.
@@ -184,26 +201,11 @@ mod tests {
         assert_eq!(workers.run(LONG, || 6 * 7).await, Ok(42));
     }
 
-    /// Queues a job that holds the only worker until `gate` is passed, and returns once the
-    /// worker runs it.
-    fn hold_the_worker(workers: &HsmWorkers, gate: &Arc<Barrier>) -> Answer<()> {
-        let (started, running) = std::sync::mpsc::channel();
-        let gate = Arc::clone(gate);
-        let held = workers
-            .submit(move || {
-                started.send(()).unwrap();
-                gate.wait();
-            })
-            .unwrap();
-        running.recv().unwrap();
-        held
-    }
-
     #[tokio::test]
     async fn a_full_queue_refuses_at_once() {
         let workers = HsmWorkers::start(1, 1).unwrap();
         let gate = Arc::new(Barrier::new(2));
-        let held = hold_the_worker(&workers, &gate);
+        let held = hold_a_worker(&workers, &gate);
         let queued = workers.submit(|| 1).unwrap();
         assert_eq!(workers.submit(|| 2).err(), Some(WorkError::Busy));
         gate.wait();
@@ -215,7 +217,7 @@ mod tests {
     async fn a_caller_stops_waiting_at_its_deadline_and_its_job_is_dropped_unrun() {
         let workers = HsmWorkers::start(1, 4).unwrap();
         let gate = Arc::new(Barrier::new(2));
-        let held = hold_the_worker(&workers, &gate);
+        let held = hold_a_worker(&workers, &gate);
         let ran = Arc::new(AtomicUsize::new(0));
         let late = {
             let ran = Arc::clone(&ran);
