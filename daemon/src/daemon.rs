@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nfcpay_keystore::{Keystore, KeystoreError};
+use nfcpay_protocol::ErrorChain;
 
 use crate::config::{Config, ConfigError};
 use crate::pki::{self, PkiError};
 use crate::server::metrics::Metrics;
-use crate::server::signals::error_chain;
 use crate::server::tls::{ReloadTlsMaterial, TlsMaterial, TlsReloader};
 use crate::server::{Server, ServerError};
 use crate::service::Platform;
@@ -296,7 +296,7 @@ fn tls_reloader(
         let server = pki::load_server_tls(&keystore, &pki_dir).map_err(|error| {
             ServerError::Certificates {
                 path: pki_dir.clone(),
-                reason: error_chain(&error),
+                reason: ErrorChain(&error).to_string(),
             }
         })?;
         TlsMaterial::from_pem_files(&chain, &client_ca, server.signing_key)
@@ -320,7 +320,7 @@ fn log_settings_a_reload_ignores(running: &Config) {
             }
         }
         Err(error) => tracing::warn!(
-            error = %error_chain(&error),
+            error = %ErrorChain(&error),
             "SIGHUP: the configuration file no longer loads; still running with the one \
              loaded at start (a restart would fail)"
         ),

@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use nfcpay_keystore::{Keystore, KeystoreError};
+use nfcpay_protocol::ErrorChain;
 use serde_json::{Value, json};
 
 use crate::config::{Config, ConfigError};
@@ -183,7 +184,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             report_error(
                 format,
                 error.kind(),
-                &crate::server::signals::error_chain(&error),
+                &ErrorChain(&error).to_string(),
                 exit_number(&error),
             );
             code

@@ -5,10 +5,9 @@
 //! with their cause and answered with a bare `internal` or `unavailable`.
 
 use nfcpay_keystore::KeystoreError;
-use nfcpay_protocol::ProtocolError;
+use nfcpay_protocol::{ErrorChain, ProtocolError};
 
 use crate::server::problem::{Problem, ProblemCode};
-use crate::server::signals::error_chain;
 use crate::storage::{StorageError, TerminalState};
 
 /// A message that does not decode.
@@ -31,18 +30,24 @@ pub(crate) fn keystore(error: KeystoreError) -> Problem {
             "the message does not authenticate under the terminal's key",
         ),
         error if error.is_unavailable() => {
-            tracing::warn!(error = error_chain(&error), "keystore unavailable");
+            tracing::warn!(
+                error = ErrorChain(&error).to_string(),
+                "keystore unavailable"
+            );
             hsm_unavailable()
         }
         KeystoreError::UnknownKey
         | KeystoreError::Pkcs11 { .. }
         | KeystoreError::PinRefused
         | KeystoreError::Io { .. } => {
-            tracing::error!(error = error_chain(&error), "keystore unavailable");
+            tracing::error!(
+                error = ErrorChain(&error).to_string(),
+                "keystore unavailable"
+            );
             hsm_unavailable()
         }
         other => {
-            tracing::error!(error = error_chain(&other), "keystore fault");
+            tracing::error!(error = ErrorChain(&other).to_string(), "keystore fault");
             Problem::new(ProblemCode::Internal, "internal error")
         }
     }
@@ -94,14 +99,17 @@ pub(crate) fn storage(error: StorageError) -> Problem {
         StorageError::EnrollmentRefused(_) => (Code::EnrollmentRefused, enrollment_detail()),
         _ if error.is_unavailable() => {
             // The cause (PostgreSQL's or SQLite's own words) goes to the log, not the peer.
-            tracing::error!(error = error_chain(&error), "database unavailable");
+            tracing::error!(
+                error = ErrorChain(&error).to_string(),
+                "database unavailable"
+            );
             (
                 Code::Unavailable,
                 "the ledger is unavailable; try again".to_owned(),
             )
         }
         _ => {
-            tracing::error!(error = error_chain(&error), "storage fault");
+            tracing::error!(error = ErrorChain(&error).to_string(), "storage fault");
             (Code::Internal, "internal error".to_owned())
         }
     };
