@@ -138,7 +138,10 @@ impl AdminError {
             Self::Config(_)
             | Self::Input(_)
             | Self::Keystore(
-                KeystoreError::Configuration(_) | KeystoreError::InvalidInput { .. },
+                KeystoreError::Configuration(_)
+                | KeystoreError::ModuleLoad { .. }
+                | KeystoreError::CanaryFailed { .. }
+                | KeystoreError::InvalidInput { .. },
             ) => ExitCode::from(EXIT_USAGE),
             _ => ExitCode::FAILURE,
         }

@@ -39,7 +39,8 @@ pub(crate) fn keystore(error: KeystoreError) -> Problem {
         KeystoreError::UnknownKey
         | KeystoreError::Pkcs11 { .. }
         | KeystoreError::PinRefused
-        | KeystoreError::Io { .. } => {
+        | KeystoreError::Io { .. }
+        | KeystoreError::SoftwareStoreDecode { .. } => {
             tracing::error!(
                 error = ErrorChain(&error).to_string(),
                 "keystore unavailable"
@@ -178,5 +179,35 @@ mod tests {
             keystore(KeystoreError::InvalidInput { what: "x" }).code(),
             ProblemCode::Internal
         );
+    }
+
+    /// The keystore's failures that keep a typed cause answer as they did when the cause was
+    /// flattened into text: a store file that is not one as the file's other faults (`503`),
+    /// a module that does not load and a key the readiness canary cannot use as the
+    /// keystore's other configuration (`500`).
+    #[test]
+    fn keystore_failures_with_a_typed_cause_keep_their_problem_codes() {
+        let decode = KeystoreError::SoftwareStoreDecode {
+            path: "/var/lib/nfcpay/keystore.json".into(),
+            source: serde_json::from_str::<u8>("x").unwrap_err(),
+        };
+        assert_eq!(keystore(decode).code(), ProblemCode::Unavailable);
+        let uri = "pkcs11:token=t?module-path=/nonexistent/libnothing.so&pin-source=file:/none";
+        let Err(module_load) = nfcpay_keystore::pkcs11::Pkcs11Keystore::open(&uri.parse().unwrap())
+        else {
+            panic!("a store opened without a module")
+        };
+        let canary = KeystoreError::CanaryFailed {
+            part: "derive from BDK 01020304".into(),
+            source: Box::new(KeystoreError::KeyNotPermitted),
+        };
+        for error in [
+            KeystoreError::Configuration("x".into()),
+            module_load,
+            canary,
+        ] {
+            let text = error.to_string();
+            assert_eq!(keystore(error).code(), ProblemCode::Internal, "{text}");
+        }
     }
 }
