@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nfcpay_keystore::{Keystore, KeystoreError};
+use nfcpay_protocol::ErrorChain;
 
 use crate::config::{Config, ConfigError};
 use crate::pki::{self, PkiError};
 use crate::server::metrics::Metrics;
-use crate::server::signals::error_chain;
 use crate::server::tls::{ReloadTlsMaterial, TlsMaterial, TlsReloader};
 use crate::server::{Server, ServerError};
 use crate::service::Platform;
@@ -91,13 +91,17 @@ impl DaemonError {
     }
 }
 
-/// A PIN refused, a PIN file or module missing: only the operator can fix it, and a restart
-/// loop would lock the token. A token or session that does not answer may come back.
+/// A PIN refused, a PIN file or module missing, a store file that is not one, a key the
+/// readiness canary cannot use: only the operator can fix it, and a restart loop would lock
+/// the token. A token or session that does not answer may come back.
 fn keystore_exit_code(error: &KeystoreError) -> u8 {
     match error {
         KeystoreError::Configuration(_)
+        | KeystoreError::ModuleLoad { .. }
+        | KeystoreError::CanaryFailed { .. }
         | KeystoreError::PinRefused
         | KeystoreError::Io { .. }
+        | KeystoreError::SoftwareStoreDecode { .. }
         | KeystoreError::UnknownKey
         | KeystoreError::KeyNotPermitted => EXIT_CONFIG,
         _ => EXIT_UNAVAILABLE,
@@ -296,7 +300,7 @@ fn tls_reloader(
         let server = pki::load_server_tls(&keystore, &pki_dir).map_err(|error| {
             ServerError::Certificates {
                 path: pki_dir.clone(),
-                reason: error_chain(&error),
+                reason: ErrorChain(&error).to_string(),
             }
         })?;
         TlsMaterial::from_pem_files(&chain, &client_ca, server.signing_key)
@@ -320,7 +324,7 @@ fn log_settings_a_reload_ignores(running: &Config) {
             }
         }
         Err(error) => tracing::warn!(
-            error = %error_chain(&error),
+            error = %ErrorChain(&error),
             "SIGHUP: the configuration file no longer loads; still running with the one \
              loaded at start (a restart would fail)"
         ),
@@ -401,5 +405,46 @@ mod tests {
             .unwrap();
         assert_eq!(DaemonError::WriterStopped.exit_code(), EXIT_SOFTWARE);
         assert_ne!(EXIT_SOFTWARE, EXIT_USAGE);
+    }
+
+    /// A module that does not load, a key the readiness canary cannot use and a software store
+    /// file that is not one wait for the operator: `nfcpayd` exits with `EX_CONFIG` (no restart
+    /// loop); `nfcpay-admin` with `EX_USAGE` for the first two, like the keystore's other
+    /// configuration, and with a plain failure for the file, like the file's other faults.
+    #[test]
+    fn keystore_failures_that_wait_for_the_operator_keep_their_exit_codes() {
+        // Each call makes them anew: a keystore error is not `Clone`.
+        let failures = || {
+            let uri = "pkcs11:token=t?module-path=/nonexistent/libnothing.so&pin-source=file:/none";
+            let Err(module_load) =
+                nfcpay_keystore::pkcs11::Pkcs11Keystore::open(&uri.parse().unwrap())
+            else {
+                panic!("a store opened without a module")
+            };
+            assert!(matches!(module_load, KeystoreError::ModuleLoad { .. }));
+            let canary = KeystoreError::CanaryFailed {
+                part: "sign with receipt-key".into(),
+                source: Box::new(KeystoreError::KeyNotPermitted),
+            };
+            let decode = KeystoreError::SoftwareStoreDecode {
+                path: "/var/lib/nfcpay/keystore.json".into(),
+                source: serde_json::from_str::<u8>("x").unwrap_err(),
+            };
+            [module_load, canary, decode]
+        };
+        let [module_load, canary, decode] = failures();
+        assert_eq!(DaemonError::Keystore(module_load).exit_code(), EXIT_CONFIG);
+        assert_eq!(
+            DaemonError::Pki(PkiError::Keystore(canary)).exit_code(),
+            EXIT_CONFIG
+        );
+        assert_eq!(DaemonError::Keystore(decode).exit_code(), EXIT_CONFIG);
+
+        let admin_exit = |error| crate::admin::AdminError::Keystore(error).exit_code();
+        let [module_load, canary, decode] = failures();
+        let usage = std::process::ExitCode::from(EXIT_USAGE);
+        assert_eq!(admin_exit(module_load), usage);
+        assert_eq!(admin_exit(canary), usage);
+        assert_eq!(admin_exit(decode), std::process::ExitCode::FAILURE);
     }
 }

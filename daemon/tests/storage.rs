@@ -1508,7 +1508,7 @@ fn an_unreachable_database_is_reported_with_its_cause() {
     drop(closed);
     let error = Storage::open(&format!("postgres://nobody@127.0.0.1:{port}/ledger")).unwrap_err();
     assert!(matches!(error, StorageError::Connect(_)), "{error:?}");
-    let chain = nfcpay_daemon::server::signals::error_chain(&error);
+    let chain = nfcpay_protocol::ErrorChain(&error).to_string();
     assert!(
         chain.starts_with("could not connect to the database: "),
         "{chain}"
@@ -1518,7 +1518,7 @@ fn an_unreachable_database_is_reported_with_its_cause() {
     let directory = tempfile::tempdir().unwrap();
     let missing = directory.path().join("no-such-directory/ledger.db");
     let error = Storage::open(missing.to_str().unwrap()).unwrap_err();
-    let chain = nfcpay_daemon::server::signals::error_chain(&error);
+    let chain = nfcpay_protocol::ErrorChain(&error).to_string();
     assert!(
         chain
             .to_lowercase()

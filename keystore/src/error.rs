@@ -1,5 +1,7 @@
 //! The keystore's one error type. PKCS#11 return codes become these in `pkcs11::errors`.
 
+use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use nfcpay_protocol::{BdkId, ProtocolError};
@@ -7,7 +9,9 @@ use nfcpay_protocol::{BdkId, ProtocolError};
 /// Why a keystore operation failed. No variant carries key material or a PIN.
 ///
 /// A failure keeps its cause as [`std::error::Error::source`] (the `cryptoki` error of a
-/// PKCS#11 call, the `std::io::Error` of a file) and shows it only there: print a failure with
+/// PKCS#11 call or of loading the module, the `std::io::Error` of a file, the `serde_json`
+/// error of a software store's file, the failure a readiness canary's part met) and shows it
+/// only there: print a failure with
 /// its whole chain (`: `-joined), not just its `Display`. Not `Clone`, since causes are not:
 /// the one failure the store keeps and shows to many callers (why it is recovering) is shared
 /// through an [`Arc`].
@@ -35,9 +39,43 @@ pub enum KeystoreError {
         /// What is wrong.
         what: &'static str,
     },
-    /// A `pkcs11:` URI or a backend setting is wrong.
+    /// A `pkcs11:` URI or a backend setting is wrong, or the token holds objects this store
+    /// cannot make sense of: a problem that words alone describe (no cause to keep).
     #[error("keystore configuration: {0}")]
     Configuration(String),
+    /// The PKCS#11 module could not be loaded: no such file, not a shared object, or not a
+    /// PKCS#11 module (no `C_GetFunctionList`). The operator's to fix.
+    #[error("cannot load PKCS#11 module {}", .path.display())]
+    ModuleLoad {
+        /// The module's path, as the `pkcs11:` URI gave it.
+        path: PathBuf,
+        /// Why: cryptoki's error, and under it the dynamic loader's.
+        #[source]
+        source: ModuleLoadError,
+    },
+    /// The readiness canary failed on one of its parts in a way that trying again will not
+    /// fix (a key the token refuses to use as it must, say); a failure that may pass is
+    /// [`Self::Recovering`] instead.
+    #[error("readiness canary: cannot {part}")]
+    CanaryFailed {
+        /// The part that failed (`derive from BDK …`, `sign with …`): no key material.
+        part: String,
+        /// Why.
+        #[source]
+        source: Box<KeystoreError>,
+    },
+    /// The software store's file is not the JSON of a keystore file: not JSON at all, cut
+    /// short, a field missing, unknown or of the wrong type. (A file that is such JSON but
+    /// breaks a rule, such as a key that does not match its KCV, is [`Self::Io`].)
+    #[error("keystore file {}: corrupt or not a keystore file", .path.display())]
+    SoftwareStoreDecode {
+        /// The file.
+        path: PathBuf,
+        /// serde_json's error: what and where (line, column). It quotes no key: the key
+        /// fields' own errors never quote their text.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The token named by the URI is not present.
     #[error("PKCS#11 token {0:?} not found")]
     TokenNotFound(String),
@@ -116,6 +154,45 @@ pub enum KeystoreError {
     /// A DUKPT rule was broken (e.g. the terminal's counter is exhausted).
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+}
+
+/// Why a PKCS#11 module could not be loaded ([`KeystoreError::ModuleLoad`]): cryptoki's error.
+///
+/// cryptoki both prints the dynamic loader's words and gives them as its `source()`; this
+/// shows cryptoki's own part only, so that a printed chain shows the loader's words once.
+#[derive(Debug)]
+pub struct ModuleLoadError(cryptoki::error::Error);
+
+impl ModuleLoadError {
+    /// cryptoki's error, as it was.
+    pub fn cryptoki(&self) -> &cryptoki::error::Error {
+        &self.0
+    }
+}
+
+impl From<cryptoki::error::Error> for ModuleLoadError {
+    fn from(error: cryptoki::error::Error) -> Self {
+        Self(error)
+    }
+}
+
+impl fmt::Display for ModuleLoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            // cryptoki's text is "libloading error ({the loader's words})": the loader's
+            // words are the source.
+            cryptoki::error::Error::LibraryLoading(_) => {
+                f.write_str("the dynamic loader refused it")
+            }
+            other => fmt::Display::fmt(other, f),
+        }
+    }
+}
+
+impl std::error::Error for ModuleLoadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.0)
+    }
 }
 
 impl KeystoreError {
@@ -232,6 +309,56 @@ mod tests {
     }
 
     #[test]
+    fn a_canary_failure_names_its_part_and_keeps_the_failure_as_its_cause() {
+        let failure = KeystoreError::CanaryFailed {
+            part: "sign with receipt-key".into(),
+            source: Box::new(KeystoreError::KeyNotPermitted),
+        };
+        let message = failure.to_string();
+        assert_eq!(message, "readiness canary: cannot sign with receipt-key");
+        let Some(cause) = failure.source() else {
+            panic!("the canary's failure lost its cause")
+        };
+        // The cause is the boxed failure (a `Box` shows and chains as what it holds).
+        assert!(matches!(
+            cause
+                .downcast_ref::<Box<KeystoreError>>()
+                .map(|cause| &**cause),
+            Some(KeystoreError::KeyNotPermitted)
+        ));
+        assert_eq!(
+            nfcpay_protocol::ErrorChain(&failure).to_string(),
+            format!("{message}: {}", KeystoreError::KeyNotPermitted)
+        );
+        assert!(failure.recovery_record().is_none());
+    }
+
+    #[test]
+    fn a_module_load_error_shows_cryptokis_part_once() {
+        let error = KeystoreError::ModuleLoad {
+            path: "/usr/lib/libnothing.so".into(),
+            source: cryptoki::error::Error::NotSupported.into(),
+        };
+        assert_eq!(
+            nfcpay_protocol::ErrorChain(&error).to_string(),
+            format!(
+                "cannot load PKCS#11 module /usr/lib/libnothing.so: {}",
+                cryptoki::error::Error::NotSupported
+            )
+        );
+        let Some(cause) = error.source() else {
+            panic!("the module load error lost its cause")
+        };
+        let Some(load) = cause.downcast_ref::<ModuleLoadError>() else {
+            panic!("the cause is not a ModuleLoadError: {cause:?}")
+        };
+        assert!(matches!(
+            load.cryptoki(),
+            cryptoki::error::Error::NotSupported
+        ));
+    }
+
+    #[test]
     fn availability_is_told_apart_from_refusals() {
         let unavailable = [
             KeystoreError::SessionLost {
@@ -263,6 +390,14 @@ mod tests {
             KeystoreError::KeyNotPermitted,
             KeystoreError::UnknownKey,
             KeystoreError::Configuration("x".into()),
+            KeystoreError::ModuleLoad {
+                path: "/m.so".into(),
+                source: cryptoki::error::Error::NotSupported.into(),
+            },
+            KeystoreError::CanaryFailed {
+                part: "sign with k".into(),
+                source: Box::new(KeystoreError::KeyNotPermitted),
+            },
         ];
         for error in &refused {
             assert!(!error.is_unavailable(), "{error}");

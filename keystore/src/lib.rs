@@ -15,7 +15,8 @@
 //! - `key_pair` (feature `tls`): a P-256 key pair in the store as an rcgen signer and a
 //!   rustls signing key.
 //! - [`uri`]: RFC 7512 `pkcs11:` URIs with `module-path` and `pin-source`.
-//! - [`error`]: [`KeystoreError`], the crate's one error type.
+//! - [`error`]: [`KeystoreError`], the crate's one error type (and [`ModuleLoadError`], why a
+//!   PKCS#11 module did not load).
 //! - [`atomic_file`]: replacing a file atomically and durably, for every crate that saves one.
 
 pub mod atomic_file;
@@ -33,7 +34,7 @@ pub mod types;
 pub mod uri;
 
 pub use config::{KeystoreConfig, open};
-pub use error::KeystoreError;
+pub use error::{KeystoreError, ModuleLoadError};
 pub use types::{
     BdkInfo, DeriveBase, EcPublicKey, Kcv, KeyHandle, KeyLabel, KeyPurpose, PrivateKeyHandle,
 };

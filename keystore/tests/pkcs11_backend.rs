@@ -746,8 +746,59 @@ fn opening_refuses_a_missing_token_or_module() {
     text = format!(
         "pkcs11:token={TOKEN_LABEL}?module-path=/nonexistent/libnothing.so&pin-source=file:{pin_source}"
     );
-    assert!(matches!(
+    assert_module_load_error(
         Pkcs11Keystore::open(&text.parse().unwrap()),
-        Err(KeystoreError::Configuration(_))
-    ));
+        "/nonexistent/libnothing.so",
+    );
+}
+
+#[test]
+fn a_file_that_is_not_a_pkcs11_module_is_a_module_load_error_with_its_cause() {
+    let directory = tempfile::tempdir().unwrap();
+    let module = directory.path().join("libnot-a-module.so");
+    std::fs::write(&module, "not a shared object\n").unwrap();
+    let pin = directory.path().join("pin");
+    std::fs::write(&pin, PIN).unwrap();
+    let text = format!(
+        "pkcs11:token={TOKEN_LABEL}?module-path={}&pin-source=file:{}",
+        module.display(),
+        pin.display()
+    );
+    assert_module_load_error(
+        Pkcs11Keystore::open(&text.parse().unwrap()),
+        &module.display().to_string(),
+    );
+}
+
+/// Asserts that opening failed to load the module at `path`, keeping cryptoki's error and,
+/// under it, the dynamic loader's as causes, each shown once in the printed chain.
+fn assert_module_load_error(result: Result<Pkcs11Keystore, KeystoreError>, path: &str) {
+    let error = match result {
+        Err(error @ KeystoreError::ModuleLoad { .. }) => error,
+        Err(other) => panic!("expected a module load error, got {other:?}"),
+        Ok(_) => panic!("a store opened with module {path}"),
+    };
+    assert!(!error.is_unavailable());
+    let message = error.to_string();
+    assert!(message.contains(path), "{message}");
+    let Some(cause) = std::error::Error::source(&error) else {
+        panic!("the module load error lost its cause: {error:?}")
+    };
+    let Some(load) = cause.downcast_ref::<nfcpay_keystore::ModuleLoadError>() else {
+        panic!("the cause is not the module's load error: {cause:?}")
+    };
+    assert!(
+        matches!(load.cryptoki(), cryptoki::error::Error::LibraryLoading(_)),
+        "{:?}",
+        load.cryptoki()
+    );
+    let Some(loader) = cause.source() else {
+        panic!("the dynamic loader's words are lost: {cause:?}")
+    };
+    let loader_words = loader.to_string();
+    assert!(loader_words.contains(path), "{loader_words}");
+    let chain = nfcpay_protocol::ErrorChain(&error).to_string();
+    assert_eq!(chain, format!("{message}: {cause}: {loader_words}"));
+    assert_eq!(chain.matches(&loader_words).count(), 1, "{chain}");
+    assert!(!format!("{error:?}").contains(PIN));
 }

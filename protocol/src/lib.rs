@@ -16,6 +16,7 @@
 //!   supplied by the caller (a keystore), so keys never pass through this crate.
 //! - [`enrollment`]: the enrollment request and answer (JSON) and the KEK context.
 //! - [`error`]: the crate's one error type.
+//! - [`error_chain`]: [`ErrorChain`], how the binaries print an error with its causes.
 //! - [`messages`]: the canonical encodings of requests, instructions, halves and receipts.
 //! - `test_vectors` (feature `test-vectors`, for other crates' tests): the published ANSI
 //!   X9.24-3-2017 known-answer vectors.
@@ -27,6 +28,7 @@ pub mod api;
 pub mod dukpt;
 pub mod enrollment;
 pub mod error;
+pub mod error_chain;
 pub mod ids;
 pub mod messages;
 pub mod nfc_frame;
@@ -35,6 +37,7 @@ pub mod test_vectors;
 
 pub use amount::{Amount, Currency};
 pub use error::ProtocolError;
+pub use error_chain::ErrorChain;
 pub use ids::{
     AccountId, BdkId, DerivationId, InitialKeyId, Ksn, TerminalId, TransactionCounter, TxnId,
 };

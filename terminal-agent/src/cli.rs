@@ -419,19 +419,6 @@ pub fn init_logging() {
         .init();
 }
 
-/// An error and its causes on one line, joined by ": ". Each error shows only its own
-/// context and leaves its cause to `source()`, so each cause appears once as it is.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime, AgentError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -594,6 +581,9 @@ mod tests {
             action: "write",
             source: inner,
         };
-        assert_eq!(error_chain(&error), "f: cannot write: disk full");
+        assert_eq!(
+            nfcpay_protocol::ErrorChain(&error).to_string(),
+            "f: cannot write: disk full"
+        );
     }
 }

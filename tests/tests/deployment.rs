@@ -141,6 +141,23 @@ fn check_config_checks_what_start_up_would_and_names_each_failure_with_its_exit_
         78,
         &["no-such-pin", "No such file", "start-up would exit 78"],
     );
+    // A PKCS#11 module that cannot be loaded: named, with the loader's words once.
+    let module_uri = pin_uri(&pin).replace(SOFTHSM_MODULE, "/nonexistent/libnothing.so");
+    let no_module = nfcpayd(&platform, true, &[("NFCPAY_KEYSTORE__URI", &module_uri)]);
+    expect(
+        &no_module,
+        78,
+        &[
+            "cannot load PKCS#11 module /nonexistent/libnothing.so",
+            "start-up would exit 78",
+        ],
+    );
+    assert_eq!(
+        text(&no_module).matches("No such file").count(),
+        1,
+        "{}",
+        text(&no_module)
+    );
     let wrong_pin = platform.dir().join("wrong-pin");
     std::fs::write(&wrong_pin, "0000000000").unwrap();
     std::fs::set_permissions(&wrong_pin, std::fs::Permissions::from_mode(0o600)).unwrap();

@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use nfcpay_keystore::{Keystore, KeystoreError};
+use nfcpay_protocol::ErrorChain;
 use serde_json::{Value, json};
 
 use crate::config::{Config, ConfigError};
@@ -137,7 +138,10 @@ impl AdminError {
             Self::Config(_)
             | Self::Input(_)
             | Self::Keystore(
-                KeystoreError::Configuration(_) | KeystoreError::InvalidInput { .. },
+                KeystoreError::Configuration(_)
+                | KeystoreError::ModuleLoad { .. }
+                | KeystoreError::CanaryFailed { .. }
+                | KeystoreError::InvalidInput { .. },
             ) => ExitCode::from(EXIT_USAGE),
             _ => ExitCode::FAILURE,
         }
@@ -183,7 +187,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             report_error(
                 format,
                 error.kind(),
-                &crate::server::signals::error_chain(&error),
+                &ErrorChain(&error).to_string(),
                 exit_number(&error),
             );
             code

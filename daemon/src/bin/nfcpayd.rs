@@ -8,7 +8,7 @@ use clap::Parser;
 use nfcpay_daemon::daemon::{
     DaemonError, EXIT_OS_ERROR, EXIT_USAGE, check_startup, load_config, run,
 };
-use nfcpay_daemon::server::signals::error_chain;
+use nfcpay_protocol::ErrorChain;
 
 /// mimalloc instead of glibc malloc: the request path allocates and frees many small buffers
 /// on many threads, where glibc spent a fifth of the daemon's CPU (docs/performance.md).
@@ -95,7 +95,7 @@ fn main() -> ExitCode {
 
 /// Logs a fatal error once, with its causes, and exits with its code.
 fn fail(error: &DaemonError) -> ExitCode {
-    tracing::error!("{}", error_chain(error));
+    tracing::error!("{}", ErrorChain(error));
     ExitCode::from(error.exit_code())
 }
 
@@ -130,7 +130,7 @@ fn check_config(args: &Args) -> ExitCode {
         }
         Err(error) => {
             let code = error.exit_code();
-            eprintln!("FAIL  {} (start-up would exit {code})", error_chain(&error));
+            eprintln!("FAIL  {} (start-up would exit {code})", ErrorChain(&error));
             if root && matches!(error, DaemonError::Root) {
                 eprintln!(
                     "      check as the service user instead: nfcpayd --check-config --as-user nfcpay"

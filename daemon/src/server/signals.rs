@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use nfcpay_protocol::ErrorChain;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::ServerError;
@@ -51,7 +52,7 @@ pub async fn reload_on_hangup(mut hangups: Hangups, tls: Arc<TlsReloader>) {
                 "serving; certificates reloaded"
             }
             Ok(Err(error)) => {
-                tracing::error!(error = %error_chain(&error), "reload failed; keeping the current certificates");
+                tracing::error!(error = %ErrorChain(&error), "reload failed; keeping the current certificates");
                 "serving; last reload failed (see the log)"
             }
             Err(error) => {
@@ -61,19 +62,4 @@ pub async fn reload_on_hangup(mut hangups: Hangups, tls: Arc<TlsReloader>) {
         };
         systemd::ready(status);
     }
-}
-
-/// `error` and its causes, joined by ": ", on one line (libpq's messages span several): the
-/// daemon's one way to print an error. Each error shows only its own context and leaves its
-/// cause to `source()`, so each cause appears once and nothing is filtered out.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let one_line = |text: String| text.split_whitespace().collect::<Vec<_>>().join(" ");
-    let mut text = one_line(error.to_string());
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&one_line(cause.to_string()));
-        source = cause.source();
-    }
-    text
 }

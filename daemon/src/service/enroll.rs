@@ -6,8 +6,8 @@
 
 use nfcpay_keystore::dukpt::{TransientKey, initial_key};
 use nfcpay_keystore::{EcPublicKey, KeyPurpose};
-use nfcpay_protocol::TerminalId;
 use nfcpay_protocol::enrollment::{EnrollmentAnswer, EnrollmentRequest, kek_context};
+use nfcpay_protocol::{ErrorChain, TerminalId};
 use sha2::{Digest, Sha256};
 
 use super::{Inner, TERMINAL_CERTIFICATE_VALIDITY, now_ms, problems};
@@ -34,7 +34,7 @@ fn certificate_problem(terminal_id: &TerminalId, error: pki::PkiError) -> Proble
         pki::PkiError::Certificate(error) => {
             tracing::warn!(
                 terminal = %terminal_id,
-                error = crate::server::signals::error_chain(&error),
+                error = ErrorChain(&error).to_string(),
                 "the CA key could not sign"
             );
             Problem::new(
@@ -126,7 +126,7 @@ pub(super) fn enroll(inner: &Inner, body: &[u8]) -> Result<bytes::Bytes, Problem
     })();
     if let Err(error) = store.destroy_ec(ephemeral) {
         tracing::warn!(
-            error = crate::server::signals::error_chain(&error),
+            error = ErrorChain(&error).to_string(),
             "could not destroy the ephemeral enrollment key"
         );
     }

@@ -42,7 +42,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use nfcpay_keystore::dukpt::HostKeyCache;
 use nfcpay_keystore::{EcPublicKey, Keystore, PrivateKeyHandle};
-use nfcpay_protocol::TxnId;
+use nfcpay_protocol::{ErrorChain, TxnId};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -431,11 +431,11 @@ impl Api for Platform {
             // by each key pair in use (TLS server key, CA, receipt key), each failure named.
             inner.keystore.check_health().map_err(|error| NotReady {
                 component: "hsm",
-                reason: crate::server::signals::error_chain(&error),
+                reason: ErrorChain(&error).to_string(),
             })?;
             inner.storage.check_health().map_err(|error| NotReady {
                 component: "database",
-                reason: crate::server::signals::error_chain(&error),
+                reason: ErrorChain(&error).to_string(),
             })
         })
         .await

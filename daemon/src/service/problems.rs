@@ -5,10 +5,9 @@
 //! with their cause and answered with a bare `internal` or `unavailable`.
 
 use nfcpay_keystore::KeystoreError;
-use nfcpay_protocol::ProtocolError;
+use nfcpay_protocol::{ErrorChain, ProtocolError};
 
 use crate::server::problem::{Problem, ProblemCode};
-use crate::server::signals::error_chain;
 use crate::storage::{StorageError, TerminalState};
 
 /// A message that does not decode.
@@ -31,18 +30,25 @@ pub(crate) fn keystore(error: KeystoreError) -> Problem {
             "the message does not authenticate under the terminal's key",
         ),
         error if error.is_unavailable() => {
-            tracing::warn!(error = error_chain(&error), "keystore unavailable");
+            tracing::warn!(
+                error = ErrorChain(&error).to_string(),
+                "keystore unavailable"
+            );
             hsm_unavailable()
         }
         KeystoreError::UnknownKey
         | KeystoreError::Pkcs11 { .. }
         | KeystoreError::PinRefused
-        | KeystoreError::Io { .. } => {
-            tracing::error!(error = error_chain(&error), "keystore unavailable");
+        | KeystoreError::Io { .. }
+        | KeystoreError::SoftwareStoreDecode { .. } => {
+            tracing::error!(
+                error = ErrorChain(&error).to_string(),
+                "keystore unavailable"
+            );
             hsm_unavailable()
         }
         other => {
-            tracing::error!(error = error_chain(&other), "keystore fault");
+            tracing::error!(error = ErrorChain(&other).to_string(), "keystore fault");
             Problem::new(ProblemCode::Internal, "internal error")
         }
     }
@@ -94,14 +100,17 @@ pub(crate) fn storage(error: StorageError) -> Problem {
         StorageError::EnrollmentRefused(_) => (Code::EnrollmentRefused, enrollment_detail()),
         _ if error.is_unavailable() => {
             // The cause (PostgreSQL's or SQLite's own words) goes to the log, not the peer.
-            tracing::error!(error = error_chain(&error), "database unavailable");
+            tracing::error!(
+                error = ErrorChain(&error).to_string(),
+                "database unavailable"
+            );
             (
                 Code::Unavailable,
                 "the ledger is unavailable; try again".to_owned(),
             )
         }
         _ => {
-            tracing::error!(error = error_chain(&error), "storage fault");
+            tracing::error!(error = ErrorChain(&error).to_string(), "storage fault");
             (Code::Internal, "internal error".to_owned())
         }
     };
@@ -170,5 +179,35 @@ mod tests {
             keystore(KeystoreError::InvalidInput { what: "x" }).code(),
             ProblemCode::Internal
         );
+    }
+
+    /// The keystore's failures that keep a typed cause answer as they did when the cause was
+    /// flattened into text: a store file that is not one as the file's other faults (`503`),
+    /// a module that does not load and a key the readiness canary cannot use as the
+    /// keystore's other configuration (`500`).
+    #[test]
+    fn keystore_failures_with_a_typed_cause_keep_their_problem_codes() {
+        let decode = KeystoreError::SoftwareStoreDecode {
+            path: "/var/lib/nfcpay/keystore.json".into(),
+            source: serde_json::from_str::<u8>("x").unwrap_err(),
+        };
+        assert_eq!(keystore(decode).code(), ProblemCode::Unavailable);
+        let uri = "pkcs11:token=t?module-path=/nonexistent/libnothing.so&pin-source=file:/none";
+        let Err(module_load) = nfcpay_keystore::pkcs11::Pkcs11Keystore::open(&uri.parse().unwrap())
+        else {
+            panic!("a store opened without a module")
+        };
+        let canary = KeystoreError::CanaryFailed {
+            part: "derive from BDK 01020304".into(),
+            source: Box::new(KeystoreError::KeyNotPermitted),
+        };
+        for error in [
+            KeystoreError::Configuration("x".into()),
+            module_load,
+            canary,
+        ] {
+            let text = error.to_string();
+            assert_eq!(keystore(error).code(), ProblemCode::Internal, "{text}");
+        }
     }
 }

@@ -112,7 +112,7 @@ pub(crate) fn read_on<T>(
     match work(&mut connection) {
         Err(error) if error.is_connection_lost() => {
             tracing::warn!(
-                error = crate::server::signals::error_chain(&error),
+                error = nfcpay_protocol::ErrorChain(&error).to_string(),
                 "a pooled database connection broke; reading again on a new one"
             );
             drop(connection);

@@ -613,7 +613,7 @@ impl WriterState {
             return false;
         }
         tracing::warn!(
-            error = crate::server::signals::error_chain(error),
+            error = nfcpay_protocol::ErrorChain(error).to_string(),
             attempt,
             "the ledger writer's database connection broke; running the batch again on a new one"
         );

@@ -185,13 +185,9 @@ impl Pkcs11Keystore {
                 "the pkcs11: URI must give pin-source=file:/path/to/pin".to_owned(),
             ));
         }
-        // A configuration error (the operator's to fix), so the loader's words stay in the
-        // message: `Configuration` has no place for a cause.
-        let context = Pkcs11::new(&module).map_err(|error| {
-            KeystoreError::Configuration(format!(
-                "cannot load PKCS#11 module {}: {error}",
-                module.display()
-            ))
+        let context = Pkcs11::new(&module).map_err(|error| KeystoreError::ModuleLoad {
+            path: module.clone(),
+            source: error.into(),
         })?;
         initialize(&context)?;
         let slot = find_slot(&context, &label)?;
@@ -427,7 +423,7 @@ impl Pkcs11Keystore {
     }
 }
 
-/// `error` with the part of the canary that failed in front; keeps it retryable or not.
+/// `error` under the part of the canary that failed; keeps it retryable or not.
 fn part_failed(part: String, error: KeystoreError) -> KeystoreError {
     if error.is_unavailable() {
         KeystoreError::Recovering {
@@ -435,6 +431,9 @@ fn part_failed(part: String, error: KeystoreError) -> KeystoreError {
             last_failure: Some(Arc::new(error)),
         }
     } else {
-        KeystoreError::Configuration(format!("{part}: {error}"))
+        KeystoreError::CanaryFailed {
+            part,
+            source: Box::new(error),
+        }
     }
 }

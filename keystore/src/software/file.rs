@@ -169,7 +169,13 @@ impl StateFile {
                 format_args!("larger than {FILE_BYTES_MAX} bytes"),
             ));
         }
-        let contents = decode(&bytes).map_err(|message| corrupt(&path, message))?;
+        let contents = decode(&bytes).map_err(|error| match error {
+            Corrupt::Json(source) => KeystoreError::SoftwareStoreDecode {
+                path: path.clone(),
+                source,
+            },
+            Corrupt::Invalid(message) => corrupt(&path, message),
+        })?;
         Ok((Self { path }, contents))
     }
 }
@@ -414,15 +420,28 @@ impl<'de> Deserialize<'de> for SecretHexIn {
     }
 }
 
-/// Checks and converts the file's bytes; the error says what is wrong, never with a secret.
-pub(super) fn decode(bytes: &[u8]) -> Result<Contents, String> {
+/// What is wrong with a state file's bytes; never quotes a secret.
+pub(super) enum Corrupt {
+    /// Not the JSON of a keystore file (serde_json says what and where).
+    Json(serde_json::Error),
+    /// Empty, or such JSON that breaks a rule: says which.
+    Invalid(String),
+}
+
+/// Checks and converts the file's bytes.
+pub(super) fn decode(bytes: &[u8]) -> Result<Contents, Corrupt> {
     if bytes.is_empty() {
-        return Err(
+        return Err(Corrupt::Invalid(
             "the file is empty (its creation was interrupted?); remove it to start an empty store"
                 .to_owned(),
-        );
+        ));
     }
-    let file: FileIn = serde_json::from_slice(bytes).map_err(|error| error.to_string())?;
+    let file: FileIn = serde_json::from_slice(bytes).map_err(Corrupt::Json)?;
+    check(file).map_err(Corrupt::Invalid)
+}
+
+/// Checks and converts the file's parsed JSON; the error says which rule is broken.
+fn check(file: FileIn) -> Result<Contents, String> {
     if file.format != FILE_FORMAT {
         return Err(format!("`format` is not {FILE_FORMAT:?}"));
     }

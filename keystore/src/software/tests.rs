@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use nfcpay_protocol::dukpt::{DerivationData, KeyAlgorithm};
-use nfcpay_protocol::{BdkId, InitialKeyId, Ksn};
+use nfcpay_protocol::{BdkId, ErrorChain, InitialKeyId, Ksn};
 use p256::ecdsa::signature::Verifier;
 use zeroize::Zeroizing;
 
@@ -65,10 +65,22 @@ fn directory_entries(directory: &Path) -> Vec<String> {
     names
 }
 
+/// Asserts that opening failed on the file — [`KeystoreError::Io`], or
+/// [`KeystoreError::SoftwareStoreDecode`] for a file that is not a keystore's JSON, with
+/// serde_json's error as its source — and that the error mentions `needle` (an `Io` error in
+/// its message, a decode error in its message or its source's).
 fn assert_io_error_mentions(result: Result<SoftwareKeystore, KeystoreError>, needle: &str) {
     match result {
         Err(KeystoreError::Io { message, .. }) => {
             assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+        }
+        Err(error @ KeystoreError::SoftwareStoreDecode { .. }) => {
+            let Some(source) = std::error::Error::source(&error) else {
+                panic!("a decode error without its cause: {error:?}")
+            };
+            assert!(source.is::<serde_json::Error>(), "{source:?}");
+            let text = format!("{error}: {source}");
+            assert!(text.contains(needle), "{text:?} lacks {needle:?}");
         }
         Err(other) => panic!("expected an I/O error mentioning {needle:?}, got {other}"),
         Ok(_) => panic!("expected an I/O error mentioning {needle:?}, the store opened"),
@@ -251,10 +263,12 @@ fn corrupt_files_are_refused_with_a_clear_error() {
         fs::write(&path, &contents).unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
         let result = SoftwareKeystore::open(&path);
-        if let Err(KeystoreError::Io { message, .. }) = &result {
+        if let Err(error) = &result {
+            let chain = ErrorChain(error).to_string();
+            assert!(!chain.contains(key_hex), "an error quotes the key: {chain}");
             assert!(
-                !message.contains(key_hex),
-                "an error quotes the key: {message}"
+                !format!("{error:?}").contains(key_hex),
+                "an error's Debug quotes the key: {error:?}"
             );
         }
         assert_io_error_mentions(result, needle);
@@ -274,6 +288,38 @@ fn corrupt_files_are_refused_with_a_clear_error() {
 
     fs::write(&path, &good).unwrap();
     SoftwareKeystore::open(&path).unwrap();
+}
+
+#[test]
+fn a_file_that_is_not_a_keystores_json_is_a_decode_error_with_serde_json_as_its_cause() {
+    let (_directory, path) = store_path();
+    fs::write(
+        &path,
+        "{\"format\": \"nfcpay-software-keystore\", \"version\": ",
+    )
+    .unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    let error = match SoftwareKeystore::open(&path) {
+        Err(error @ KeystoreError::SoftwareStoreDecode { .. }) => error,
+        Err(other) => panic!("expected a decode error, got {other:?}"),
+        Ok(_) => panic!("a cut-short file opened"),
+    };
+    let Some(source) = std::error::Error::source(&error) else {
+        panic!("the decode error lost its cause: {error:?}")
+    };
+    let Some(json) = source.downcast_ref::<serde_json::Error>() else {
+        panic!("the cause is not serde_json's: {source:?}")
+    };
+    assert!(json.is_eof(), "{json}");
+    // The message names the file and leaves serde_json's words to the chain, which shows
+    // them once.
+    let message = error.to_string();
+    assert!(message.contains(&path.display().to_string()), "{message}");
+    assert!(message.contains("corrupt"), "{message}");
+    assert!(!message.contains(&json.to_string()), "{message}");
+    let chain = ErrorChain(&error).to_string();
+    assert_eq!(chain, format!("{message}: {json}"));
+    assert!(!error.is_unavailable());
 }
 
 #[test]

@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("nfcpay-agent: {}", cli::error_chain(&error));
+            eprintln!("nfcpay-agent: {}", nfcpay_protocol::ErrorChain(&error));
             if let Some(problem) = error.problem() {
                 eprintln!("problem code: {}", problem.code);
                 eprintln!("detail: {}", problem.detail);

@@ -152,7 +152,7 @@ async fn resend_one(
                 out,
                 format_args!(
                     "  refused, final: {}",
-                    crate::cli::error_chain(&undelivered)
+                    nfcpay_protocol::ErrorChain(&undelivered)
                 ),
             )?;
             pending.forget(&half.path)?;
@@ -170,7 +170,7 @@ async fn resend_one(
                 out,
                 format_args!(
                     "  not delivered: {}; kept in {}",
-                    crate::cli::error_chain(&undelivered),
+                    nfcpay_protocol::ErrorChain(&undelivered),
                     half.path.display()
                 ),
             )?;
