@@ -84,14 +84,14 @@ impl Transience {
 /// Classifies a failed attempt (see the module table).
 pub fn transience(error: &PlatformError) -> Transience {
     match error {
-        PlatformError::Connection(_) | PlatformError::Timeout => Transience::Retry,
+        PlatformError::Connection { .. } | PlatformError::Timeout => Transience::Retry,
         PlatformError::Refused(problem) => match problem.status {
             408 | 429 | 500..=599 => Transience::Retry,
             400..=499 => Transience::Final,
             // A refusal with a status that is no error (a redirect, say) is not the protocol's.
             _ => Transience::Stop,
         },
-        PlatformError::Answer(_) | PlatformError::Configuration(_) => Transience::Stop,
+        PlatformError::Answer(_) | PlatformError::Configuration { .. } => Transience::Stop,
     }
 }
 
@@ -125,7 +125,7 @@ pub struct Undelivered {
 pub fn log_retry(attempt: u32, error: &PlatformError, pause: Duration) {
     tracing::warn!(
         attempt,
-        %error,
+        error = %nfcpay_protocol::ErrorChain(error),
         pause_ms = pause.as_millis(),
         "half not answered; sending the same bytes again"
     );
@@ -180,7 +180,10 @@ mod tests {
     #[test]
     fn faults_are_retried_and_refusals_are_final() {
         assert_eq!(
-            transience(&PlatformError::Connection("reset".into())),
+            transience(&PlatformError::Connection {
+                step: "HTTP",
+                source: "reset".into(),
+            }),
             Transience::Retry
         );
         assert_eq!(transience(&PlatformError::Timeout), Transience::Retry);

@@ -61,13 +61,15 @@ pub enum EnrollError {
         /// The unwrapped key's KCV.
         unwrapped: String,
     },
-    /// A file of the terminal's directory could not be read or written.
-    #[error("{path}: {message}")]
+    /// A file of the terminal's directory could not be read or written, or is not what it
+    /// should be.
+    #[error("{}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// What happened.
-        message: String,
+        #[source]
+        source: crate::platform::Cause,
     },
 }
 
@@ -131,7 +133,7 @@ pub async fn enroll(
     terminal_id: &TerminalId,
     code: &Zeroizing<String>,
 ) -> Result<Terminal, EnrollError> {
-    std::fs::create_dir_all(dir).map_err(|error| io_error(dir, &error))?;
+    std::fs::create_dir_all(dir).map_err(|error| io_error(dir, error))?;
     let ca = certificates(target.ca_pem, Path::new("(given CA)"))?;
     let tls_label = label(TLS_KEY_LABEL)?;
     let tls_key = match HsmKeyPair::find(&store, &tls_label)? {
@@ -305,11 +307,8 @@ pub fn platform_client(
 
 fn read_terminal_file(dir: &Path) -> Result<TerminalFile, EnrollError> {
     let path = dir.join(TERMINAL_FILE);
-    let text = std::fs::read(&path).map_err(|error| io_error(&path, &error))?;
-    serde_json::from_slice(&text).map_err(|error| EnrollError::Io {
-        path: path.clone(),
-        message: format!("not a terminal file: {error}"),
-    })
+    let text = std::fs::read(&path).map_err(|error| io_error(&path, error))?;
+    serde_json::from_slice(&text).map_err(|error| io_error(&path, NotATerminalFile(error)))
 }
 
 /// The terminal's client of the platform, authenticated with its certificate and TLS key.
@@ -330,7 +329,7 @@ fn client(
 ) -> Result<PlatformClient, EnrollError> {
     let read = |name: &str| {
         let path = dir.join(name);
-        let pem = std::fs::read(&path).map_err(|error| io_error(&path, &error))?;
+        let pem = std::fs::read(&path).map_err(|error| io_error(&path, error))?;
         certificates(&pem, &path)
     };
     let identity = ClientIdentity {
@@ -348,12 +347,9 @@ fn client(
 fn certificates(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, EnrollError> {
     let certificates = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| io_error(path, &error))?;
+        .map_err(|error| io_error(path, error))?;
     if certificates.is_empty() {
-        return Err(EnrollError::Io {
-            path: path.to_owned(),
-            message: "no certificate".into(),
-        });
+        return Err(io_error(path, "no certificate"));
     }
     Ok(certificates)
 }
@@ -362,23 +358,57 @@ fn certificates(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>,
 /// leaves half a certificate.
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), EnrollError> {
     let path = dir.join(name);
-    atomic_file::write_atomically(&path, bytes, atomic_file::PUBLIC_FILE_MODE).map_err(|error| {
-        let cause = std::error::Error::source(&error).map(ToString::to_string);
-        let message = match cause {
-            Some(cause) => format!("{error}: {cause}"),
-            None => error.to_string(),
-        };
-        io_error(&path, &message)
-    })
+    atomic_file::write_atomically(&path, bytes, atomic_file::PUBLIC_FILE_MODE)
+        .map_err(|error| io_error(&path, error))
 }
 
 fn label(text: &str) -> Result<KeyLabel, EnrollError> {
     Ok(text.parse()?)
 }
 
-fn io_error(path: &Path, error: &dyn std::fmt::Display) -> EnrollError {
+fn io_error(path: &Path, error: impl Into<crate::platform::Cause>) -> EnrollError {
     EnrollError::Io {
         path: path.to_owned(),
-        message: error.to_string(),
+        source: error.into(),
+    }
+}
+
+/// A terminal file that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("not a terminal file")]
+struct NotATerminalFile(#[source] serde_json::Error);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A terminal file that is not JSON: the file, then what it is not, then serde_json's
+    /// words, each once.
+    #[test]
+    fn a_corrupt_terminal_file_names_the_file_and_keeps_the_parse_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(TERMINAL_FILE), b"{ not json").unwrap();
+        let error = read_terminal_file(dir.path()).unwrap_err();
+        let EnrollError::Io { path, source } = &error else {
+            panic!("{error:?}");
+        };
+        assert_eq!(path, &dir.path().join(TERMINAL_FILE));
+        let parse = source
+            .downcast_ref::<NotATerminalFile>()
+            .map(|not| not.0.to_string())
+            .unwrap();
+        let shown = nfcpay_protocol::ErrorChain(&error).to_string();
+        assert_eq!(
+            shown,
+            format!("{}: not a terminal file: {parse}", path.display())
+        );
+
+        let missing = read_terminal_file(&dir.path().join("absent")).unwrap_err();
+        assert!(
+            nfcpay_protocol::ErrorChain(&missing)
+                .to_string()
+                .contains("No such file or directory"),
+            "{missing}"
+        );
     }
 }

@@ -31,6 +31,10 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 /// answer came with; `code` is `"unknown"` when the document has none).
 pub use nfcpay_protocol::api::ProblemDocument as Problem;
 
+/// What went wrong underneath a [`PlatformError`] (rustls, hyper, the socket), kept as its
+/// `source()`.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
 /// Why a call to the platform failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -38,12 +42,24 @@ pub enum PlatformError {
     /// The platform refused the request.
     #[error("platform refused ({}, {}): {}", .0.status, .0.code, .0.detail)]
     Refused(Problem),
-    /// The address is not `host:port`, or the certificates are unusable.
-    #[error("configuration: {0}")]
-    Configuration(String),
+    /// The certificates, the server name or the request are unusable.
+    #[error("configuration: {what}")]
+    Configuration {
+        /// Which: `CA certificate`, `TLS`, `server name`, `request`.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: Cause,
+    },
     /// Connecting, TLS or HTTP failed.
-    #[error("connection to the platform: {0}")]
-    Connection(String),
+    #[error("connection to the platform ({step})")]
+    Connection {
+        /// The step that failed: `connect`, `TLS`, `HTTP`.
+        step: &'static str,
+        /// Why.
+        #[source]
+        source: Cause,
+    },
     /// No answer in time.
     #[error("the platform did not answer in time")]
     Timeout,
@@ -100,19 +116,22 @@ impl PlatformClient {
         ca_certificates: &[CertificateDer<'static>],
         identity: Option<ClientIdentity>,
     ) -> Result<Self, PlatformError> {
-        let configuration = |what: &str, error: &dyn std::fmt::Display| {
-            PlatformError::Configuration(format!("{what}: {error}"))
+        let configuration = |what: &'static str| {
+            move |error: Box<dyn std::error::Error + Send + Sync>| PlatformError::Configuration {
+                what,
+                source: error,
+            }
         };
         let mut roots = rustls::RootCertStore::empty();
         for certificate in ca_certificates {
             roots
                 .add(certificate.clone())
-                .map_err(|error| configuration("CA certificate", &error))?;
+                .map_err(|error| configuration("CA certificate")(error.into()))?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|error| configuration("TLS", &error))?
+            .map_err(|error| configuration("TLS")(error.into()))?
             .with_root_certificates(roots);
         let config = match identity {
             Some(identity) => builder.with_client_cert_resolver(Arc::new(
@@ -124,7 +143,7 @@ impl PlatformClient {
             None => builder.with_no_client_auth(),
         };
         let server_name = ServerName::try_from(server_name.to_owned())
-            .map_err(|error| configuration("server name", &error))?;
+            .map_err(|error| configuration("server name")(error.into()))?;
         Ok(Self {
             address: address.to_owned(),
             server_name,
@@ -250,22 +269,22 @@ impl PlatformClient {
             _ => self.connect().await?,
         };
         let mut sender = sender;
-        sender
-            .ready()
-            .await
-            .map_err(|error| PlatformError::Connection(error.to_string()))?;
+        sender.ready().await.map_err(connection_failed("HTTP"))?;
         let request = Request::builder()
             .method(method)
             .uri(path)
             .header(header::HOST, self.address.as_str())
             .header(header::CONTENT_TYPE, content_type)
             .body(Full::new(Bytes::from(body)))
-            .map_err(|error| PlatformError::Configuration(error.to_string()))?;
+            .map_err(|error| PlatformError::Configuration {
+                what: "request",
+                source: error.into(),
+            })?;
         let answer = tokio::time::timeout(wait + ANSWER_TIMEOUT, async {
             let response = sender
                 .send_request(request)
                 .await
-                .map_err(|error| PlatformError::Connection(error.to_string()))?;
+                .map_err(connection_failed("HTTP"))?;
             let status = response.status();
             let retry_after = response
                 .headers()
@@ -292,17 +311,17 @@ impl PlatformClient {
         let connect = async {
             let tcp = TcpStream::connect(&self.address)
                 .await
-                .map_err(|error| PlatformError::Connection(error.to_string()))?;
+                .map_err(connection_failed("connect"))?;
             tcp.set_nodelay(true)
-                .map_err(|error| PlatformError::Connection(error.to_string()))?;
+                .map_err(connection_failed("connect"))?;
             let tls = self
                 .connector
                 .connect(self.server_name.clone(), tcp)
                 .await
-                .map_err(|error| PlatformError::Connection(format!("TLS: {error}")))?;
+                .map_err(connection_failed("TLS"))?;
             let (sender, driver) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
                 .await
-                .map_err(|error| PlatformError::Connection(error.to_string()))?;
+                .map_err(connection_failed("HTTP"))?;
             tokio::spawn(async move {
                 if let Err(error) = driver.await {
                     tracing::debug!(%error, "platform connection closed");
@@ -313,6 +332,17 @@ impl PlatformClient {
         tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| PlatformError::Timeout)?
+    }
+}
+
+/// Makes a [`PlatformError::Connection`] of an error at `step`.
+fn connection_failed<E>(step: &'static str) -> impl FnOnce(E) -> PlatformError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    move |error| PlatformError::Connection {
+        step,
+        source: Box::new(error),
     }
 }
 
@@ -351,6 +381,43 @@ mod tests {
     use nfcpay_protocol::api::ProblemCode;
 
     use super::*;
+
+    /// Causes are kept as sources and printed once, by the one chain printer.
+    #[tokio::test]
+    async fn a_failure_keeps_its_cause_as_its_source() {
+        let Err(error) = PlatformClient::new("127.0.0.1:1", "not a name!", &[], None) else {
+            panic!("a bad server name was accepted");
+        };
+        assert!(
+            matches!(
+                error,
+                PlatformError::Configuration {
+                    what: "server name",
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        assert!(std::error::Error::source(&error).is_some());
+
+        // Nothing listens on port 1: the connection fails, the socket's error underneath.
+        let client = PlatformClient::new("127.0.0.1:1", "localhost", &[], None).unwrap();
+        let error = client
+            .submit_half_once(HalfKind::A, vec![0], Duration::ZERO)
+            .await
+            .unwrap_err()
+            .error;
+        let PlatformError::Connection { step, source } = &error else {
+            panic!("{error:?}");
+        };
+        assert_eq!(*step, "connect");
+        let shown = nfcpay_protocol::ErrorChain(&error).to_string();
+        assert!(
+            shown.starts_with("connection to the platform (connect): "),
+            "{shown}"
+        );
+        assert_eq!(shown.matches(&source.to_string()).count(), 1, "{shown}");
+    }
 
     #[test]
     fn a_problem_document_is_read_with_the_answer_status() {
