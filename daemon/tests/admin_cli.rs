@@ -5,68 +5,44 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use nfcpay_keystore::components::clear_key_kcv;
+use nfcpay_keystore::testing::{SOFTHSM2_MODULE, SoftHsmDir};
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const MODULE: &str = SOFTHSM2_MODULE;
 const PIN: &str = "admin-cli-pin";
 
 /// A fresh token and a configuration naming it; removed on drop.
 struct Ceremony {
-    dir: tempfile::TempDir,
+    hsm: SoftHsmDir,
     label: String,
 }
 
 impl Ceremony {
     fn new(label: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../softhsm-setup/init-token");
-        let output = Command::new(script)
-            .arg("--dir")
-            .arg(dir.path())
-            .args([
-                "--label",
-                label,
-                "--pin",
-                PIN,
-                "--so-pin",
-                "admin-cli-so-pin",
-            ])
-            .output()
-            .expect("softhsm-setup/init-token runs (`cargo xtask test` installs softhsm2)");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        std::fs::write(dir.path().join("pin"), PIN).unwrap();
-        // The keystore refuses a PIN file its group or others can read.
-        std::fs::set_permissions(
-            dir.path().join("pin"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .unwrap();
+        let hsm = SoftHsmDir::new(PIN);
+        hsm.make_token(label);
         let config = format!(
             "[keystore]\nbackend = \"pkcs11\"\nuri = \"pkcs11:token={label}?module-path={MODULE}&pin-source=file:{}\"\n",
-            dir.path().join("pin").display()
+            hsm.pin_file().display()
         );
-        std::fs::write(dir.path().join("nfcpay.toml"), config).unwrap();
+        std::fs::write(hsm.path().join("nfcpay.toml"), config).unwrap();
         Self {
-            dir,
+            hsm,
             label: label.to_owned(),
         }
     }
 
     fn softhsm_conf(&self) -> PathBuf {
-        self.dir.path().join("softhsm2.conf")
+        self.hsm.conf()
     }
 
     fn admin(&self, args: &[&str], stdin: &str) -> Output {
         let mut child = Command::new(env!("CARGO_BIN_EXE_nfcpay-admin"))
             .arg("--config")
-            .arg(self.dir.path().join("nfcpay.toml"))
+            .arg(self.hsm.path().join("nfcpay.toml"))
             .args(args)
             .env("SOFTHSM2_CONF", self.softhsm_conf())
             .stdin(Stdio::piped())
@@ -374,7 +350,7 @@ fn configuration_errors_exit_with_usage() {
         .output()
         .unwrap();
     assert_eq!(missing.status.code(), Some(64));
-    let bad = ceremony.dir.path().join("bad.toml");
+    let bad = ceremony.hsm.path().join("bad.toml");
     std::fs::write(
         &bad,
         "[keystore]\nbackend = \"pkcs11\"\nuri = \"pkcs11:token=x?pin-value=1234\"\n",

@@ -18,8 +18,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use nfcpay_tests::{Ledger, PlatformFixture, SOFTHSM_MODULE, binary, workspace_root};
+use nfcpay_keystore::testing::SoftHsmDir;
+use nfcpay_tests::{Ledger, PlatformFixture, SOFTHSM_MODULE, binary};
 use tempfile::TempDir;
+
+/// The label and the user PIN of a token terminal's SoftHSM2 token.
+const TOKEN_LABEL: &str = "terminal";
+const TOKEN_PIN: &str = "terminal-pin";
 
 /// The emulator process (`nfcpay-pn532-sim`), killed on drop.
 struct Emulator {
@@ -61,9 +66,9 @@ impl Drop for Emulator {
 /// A terminal directory of the agent (software keystore inside).
 struct AgentTerminal {
     dir: TempDir,
-    /// For a terminal whose keys are in a SoftHSM2 token: its `--keystore` URI and
-    /// `SOFTHSM2_CONF`.
-    token: Option<(String, PathBuf)>,
+    /// For a terminal whose keys are in a SoftHSM2 token: the token's directory (the token
+    /// labelled [`TOKEN_LABEL`]).
+    token: Option<SoftHsmDir>,
 }
 
 impl AgentTerminal {
@@ -77,32 +82,14 @@ impl AgentTerminal {
         }
     }
 
-    /// A terminal whose keys live in a SoftHSM2 token of its own (made in its directory).
+    /// A terminal whose keys live in a SoftHSM2 token of its own.
     fn with_token() -> Self {
-        let mut terminal = Self::new();
-        let dir = terminal.path().join("token");
-        std::fs::create_dir_all(&dir).unwrap();
-        let pin = dir.join("pin");
-        std::fs::write(&pin, "terminal-pin").unwrap();
-        // The keystore refuses a PIN file its group or others can read.
-        std::fs::set_permissions(&pin, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
-        let output = Command::new(workspace_root().join("softhsm-setup/init-token"))
-            .arg("--dir")
-            .arg(&dir)
-            .args(["--label", "terminal", "--pin-file"])
-            .arg(&pin)
-            .arg("--so-pin-file")
-            .arg(&pin)
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{}", text(&output));
-        let uri = format!(
-            "pkcs11:token=terminal?module-path={SOFTHSM_MODULE}&pin-source=file:{}",
-            pin.display()
-        );
-        terminal.token = Some((uri, dir.join("softhsm2.conf")));
-        terminal
+        let hsm = SoftHsmDir::new(TOKEN_PIN);
+        hsm.make_token(TOKEN_LABEL);
+        Self {
+            token: Some(hsm),
+            ..Self::new()
+        }
     }
 
     fn path(&self) -> &Path {
@@ -113,8 +100,14 @@ impl AgentTerminal {
     fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(binary("nfcpay-agent").unwrap());
         command.arg("--dir").arg(self.path());
-        if let Some((uri, conf)) = &self.token {
-            command.args(["--keystore", uri]).env("SOFTHSM2_CONF", conf);
+        if let Some(hsm) = &self.token {
+            let uri = format!(
+                "pkcs11:token={TOKEN_LABEL}?module-path={SOFTHSM_MODULE}&pin-source=file:{}",
+                hsm.pin_file().display()
+            );
+            command
+                .args(["--keystore", &uri])
+                .env("SOFTHSM2_CONF", hsm.conf());
         }
         command
             .args(args)
@@ -844,17 +837,17 @@ fn a_terminal_with_its_keys_in_a_pkcs11_token_enrolls_and_pays() {
     assert_settled_receipt(&payer_output, "3.10 EUR");
     assert_eq!(platform.balance("alice").unwrap(), "96.90 EUR");
 
-    let (_, conf) = payer.token.as_ref().unwrap();
+    let hsm = payer.token.as_ref().unwrap();
     let listing = Command::new("pkcs11-tool")
         .args([
             "--module",
             SOFTHSM_MODULE,
             "--token-label",
-            "terminal",
+            TOKEN_LABEL,
             "--login",
         ])
-        .args(["--pin", "terminal-pin", "--list-objects"])
-        .env("SOFTHSM2_CONF", conf)
+        .args(["--pin", TOKEN_PIN, "--list-objects"])
+        .env("SOFTHSM2_CONF", hsm.conf())
         .output()
         .expect("pkcs11-tool runs (`cargo xtask test` installs opensc)");
     assert!(listing.status.success(), "{}", text(&listing));
