@@ -546,6 +546,35 @@ where
     }
 }
 
+/// Returns once the server's header allowance (`header_read_timeout_ms`) has run out, on the
+/// server's own clock, for every connection that was idle before the call: the server closes
+/// a witness connection whose head, started now, never completes.
+async fn outlast_the_header_allowance(running: &Running) {
+    let mut witness = running
+        .terminal("witness")
+        .tls(running.address)
+        .await
+        .unwrap();
+    assert_eq!(
+        raw_exchange(&mut witness, b"GET /v1/transactions/").await,
+        ""
+    );
+}
+
+/// A kept-alive connection of `client` that has had one half (`body`) accepted.
+async fn open_with_a_half(
+    client: &Client,
+    address: SocketAddr,
+    body: &'static str,
+) -> (SendRequest<Full<Bytes>>, JoinHandle<()>) {
+    let (mut sender, driver) = client.http(address).await.unwrap();
+    let answer = send(&mut sender, Method::POST, "/v1/halves/a", body)
+        .await
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    (sender, driver)
+}
+
 /// Connects with `client`, sends one request and returns the status of the answer, if any;
 /// `None` when the handshake or the first exchange fails without an HTTP answer. In TLS 1.3
 /// the client finishes its side before the server has checked the client's certificate, so
@@ -1108,7 +1137,7 @@ async fn a_slow_head_on_a_kept_alive_connection_is_closed() {
     // Kept alive. The client idles past the first request's head allowance (so the server's
     // connection task is waiting on the long idle allowance), then sends a head that never
     // completes.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    outlast_the_header_allowance(&running).await;
     let rest = raw_exchange(&mut stream, b"GET /v1/transactions/").await;
     assert_eq!(rest, "");
     running.stop().await;
@@ -1305,22 +1334,27 @@ async fn idle_connections_get_the_short_timeout_when_the_listener_is_crowded() {
     .await;
     let client = running.terminal("shop-1");
     let mut open = Vec::new();
-    for body in ["1", "2", "3", "4", "5", "6", "7"] {
-        let (mut sender, driver) = client.http(running.address).await.unwrap();
-        let answer = send(&mut sender, Method::POST, "/v1/halves/a", body)
-            .await
-            .unwrap();
-        assert_eq!(answer.status, StatusCode::ACCEPTED);
-        open.push((sender, driver));
+    for body in ["1", "2", "3", "4", "5", "6"] {
+        open.push(open_with_a_half(&client, running.address, body).await);
     }
-    // Seven of eight slots in use, one free: not crowded, so an idle connection outlives the
-    // header timeout (deliberately waiting past it).
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Seven of eight slots in use (the seventh by the witness), one free: not crowded, so an
+    // idle connection outlives the header timeout.
+    outlast_the_header_allowance(&running).await;
     let (first, _) = &mut open[0];
     let answer = send(first, Method::POST, "/v1/halves/a", "again")
         .await
         .unwrap();
     assert_eq!(answer.status, StatusCode::ACCEPTED);
+    // The witness's slot, once the server has freed it, to the seventh connection.
+    eventually("the witness's slot is free", || async {
+        running
+            .ops_get("/metrics")
+            .await
+            .text()
+            .contains("nfcpayd_open_connections 6\n")
+    })
+    .await;
+    open.push(open_with_a_half(&client, running.address, "7").await);
 
     // The eighth connection crowds the listener: an idle one (idle longer than the header
     // timeout) is closed, which leaves a free slot again; so does the ninth.
