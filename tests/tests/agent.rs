@@ -278,6 +278,38 @@ fn pay_concurrently(
     (payee_output, payer_output)
 }
 
+/// `nfcpay-agent request` of `amount` EUR on the reader `device`, waiting up to 20 s for the
+/// payer's phone, then `extra`.
+fn request_args<'a>(amount: &'a str, device: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "request",
+        "--amount",
+        amount,
+        "--currency",
+        "EUR",
+        "--device",
+        device,
+        "--nfc-wait-s",
+        "20",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// `nfcpay-agent pay` on the reader `device`, waiting up to 20 s for the payee's terminal,
+/// then `extra` (consent among them, or none).
+fn pay_args<'a>(device: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["pay", "--device", device, "--nfc-wait-s", "20"];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// The agent exited 1 (refused or failed) and said `message` on stderr.
+fn assert_fails_saying(output: &Output, message: &str) {
+    assert_eq!(output.status.code(), Some(1), "{}", text(output));
+    assert!(stderr(output).contains(message), "{}", text(output));
+}
+
 fn assert_settled_receipt(output: &Output, amount: &str) {
     assert!(output.status.success(), "{}", text(output));
     let shown = stdout(output);
@@ -310,28 +342,9 @@ fn two_agents_pay_each_other_over_the_emulator_in_either_nfc_role() {
     // The payee's reader as NFC initiator, the payer's as target (the defaults).
     let (payee_output, payer_output) = pay_concurrently(
         &payee,
-        &[
-            "request",
-            "--amount",
-            "12.50",
-            "--currency",
-            "EUR",
-            "--description",
-            "coffee and cake",
-            "--device",
-            payee_reader,
-            "--nfc-wait-s",
-            "20",
-        ],
+        &request_args("12.50", payee_reader, &["--description", "coffee and cake"]),
         &payer,
-        &[
-            "pay",
-            "--yes",
-            "--device",
-            payer_reader,
-            "--nfc-wait-s",
-            "20",
-        ],
+        &pay_args(payer_reader, &["--yes"]),
     );
     assert_settled_receipt(&payee_output, "12.50 EUR");
     assert_settled_receipt(&payer_output, "12.50 EUR");
@@ -362,31 +375,12 @@ fn two_agents_pay_each_other_over_the_emulator_in_either_nfc_role() {
     // Roles swapped: the payee's reader as target, the payer's as initiator; consent by limit.
     let (payee_output, payer_output) = pay_concurrently(
         &payee,
-        &[
-            "request",
-            "--amount",
-            "2.25",
-            "--currency",
-            "EUR",
-            "--device",
-            payee_reader,
-            "--role",
-            "target",
-            "--nfc-wait-s",
-            "20",
-        ],
+        &request_args("2.25", payee_reader, &["--role", "target"]),
         &payer,
-        &[
-            "pay",
-            "--max-amount",
-            "20.00",
-            "--device",
+        &pay_args(
             payer_reader,
-            "--role",
-            "initiator",
-            "--nfc-wait-s",
-            "20",
-        ],
+            &["--max-amount", "20.00", "--role", "initiator"],
+        ),
     );
     assert_settled_receipt(&payee_output, "2.25 EUR");
     assert_settled_receipt(&payer_output, "2.25 EUR");
@@ -403,54 +397,20 @@ fn a_payer_over_its_limit_or_without_consent_pays_nothing() {
     let before = platform.storage().unwrap().dump_state().unwrap();
     let (payee_reader, payer_reader) = (&emulator.connstrings[0], &emulator.connstrings[1]);
     for payer_consent in [&["--max-amount", "10.00"][..], &[][..]] {
-        let payer_args = [
-            &["pay", "--device", payer_reader, "--nfc-wait-s", "20"][..],
-            payer_consent,
-        ]
-        .concat();
+        let payer_args = pay_args(payer_reader, payer_consent);
         let (payee_output, payer_output) = pay_concurrently(
             &payee,
-            &[
-                "request",
-                "--amount",
+            &request_args(
                 "12.50",
-                "--currency",
-                "EUR",
-                "--device",
                 payee_reader,
-                "--nfc-wait-s",
-                "20",
-                "--wait-ms",
-                "0",
-                "--settle-wait-s",
-                "0",
-            ],
+                &["--wait-ms", "0", "--settle-wait-s", "0"],
+            ),
             &payer,
             &payer_args,
         );
         // The payer refuses before sealing anything; the payee's half A stands alone.
-        assert_eq!(
-            payer_output.status.code(),
-            Some(1),
-            "{}",
-            text(&payer_output)
-        );
-        assert!(
-            stderr(&payer_output).contains("no consent"),
-            "{}",
-            text(&payer_output)
-        );
-        assert_eq!(
-            payee_output.status.code(),
-            Some(1),
-            "{}",
-            text(&payee_output)
-        );
-        assert!(
-            stderr(&payee_output).contains("still pending"),
-            "{}",
-            text(&payee_output)
-        );
+        assert_fails_saying(&payer_output, "no consent");
+        assert_fails_saying(&payee_output, "still pending");
         // The message names the command that asks again, and that command answers.
         let shown = stderr(&payee_output);
         let command = shown
@@ -515,28 +475,8 @@ fn a_missing_other_terminal_leaves_no_state_and_a_clear_error() {
             "2",
         ],
     );
-    assert_eq!(
-        payee_output.status.code(),
-        Some(1),
-        "{}",
-        text(&payee_output)
-    );
-    assert!(
-        stderr(&payee_output).contains("NFC: no NFC-DEP target found within"),
-        "{}",
-        text(&payee_output)
-    );
-    assert_eq!(
-        payer_output.status.code(),
-        Some(1),
-        "{}",
-        text(&payer_output)
-    );
-    assert!(
-        stderr(&payer_output).contains("NFC: no NFC-DEP initiator came within"),
-        "{}",
-        text(&payer_output)
-    );
+    assert_fails_saying(&payee_output, "NFC: no NFC-DEP target found within");
+    assert_fails_saying(&payer_output, "NFC: no NFC-DEP initiator came within");
     // The payer taken away while the payee waits as target (the payer process is killed
     // before it reaches the field).
     let mut payer_child = payer.spawn(&[
@@ -562,17 +502,7 @@ fn a_missing_other_terminal_leaves_no_state_and_a_clear_error() {
         "--nfc-wait-s",
         "2",
     ]);
-    assert_eq!(
-        payee_output.status.code(),
-        Some(1),
-        "{}",
-        text(&payee_output)
-    );
-    assert!(
-        stderr(&payee_output).contains("NFC: no NFC-DEP initiator came within"),
-        "{}",
-        text(&payee_output)
-    );
+    assert_fails_saying(&payee_output, "NFC: no NFC-DEP initiator came within");
 
     let after = platform.storage().unwrap().dump_state().unwrap();
     assert_eq!(before, after, "the platform must not change");
@@ -704,42 +634,14 @@ fn a_counter_taken_for_a_half_that_never_landed_is_not_used_again() {
         .unwrap();
     let (payee_output, _payer_output) = pay_concurrently(
         &payee,
-        &[
-            "request",
-            "--amount",
-            "12.50",
-            "--currency",
-            "EUR",
-            "--device",
-            payee_reader,
-            "--nfc-wait-s",
-            "20",
-        ],
+        &request_args("12.50", payee_reader, &[]),
         &payer,
-        &[
-            "pay",
-            "--yes",
-            "--device",
+        &pay_args(
             payer_reader,
-            "--nfc-wait-s",
-            "20",
-            "--wait-ms",
-            "0",
-            "--settle-wait-s",
-            "0",
-        ],
+            &["--yes", "--wait-ms", "0", "--settle-wait-s", "0"],
+        ),
     );
-    assert_eq!(
-        payee_output.status.code(),
-        Some(1),
-        "{}",
-        text(&payee_output)
-    );
-    assert!(
-        stderr(&payee_output).contains("problem code: terminal-suspended"),
-        "{}",
-        text(&payee_output)
-    );
+    assert_fails_saying(&payee_output, "problem code: terminal-suspended");
     assert!(
         stdout(&payee_output).contains("(counter 1)"),
         "{}",
@@ -757,26 +659,9 @@ fn a_counter_taken_for_a_half_that_never_landed_is_not_used_again() {
         .unwrap();
     let (payee_output, payer_output) = pay_concurrently(
         &payee,
-        &[
-            "request",
-            "--amount",
-            "12.50",
-            "--currency",
-            "EUR",
-            "--device",
-            payee_reader,
-            "--nfc-wait-s",
-            "20",
-        ],
+        &request_args("12.50", payee_reader, &[]),
         &payer,
-        &[
-            "pay",
-            "--yes",
-            "--device",
-            payer_reader,
-            "--nfc-wait-s",
-            "20",
-        ],
+        &pay_args(payer_reader, &["--yes"]),
     );
     assert_settled_receipt(&payee_output, "12.50 EUR");
     assert_settled_receipt(&payer_output, "12.50 EUR");
@@ -812,26 +697,9 @@ fn a_terminal_with_its_keys_in_a_pkcs11_token_enrolls_and_pays() {
     let emulator = Emulator::start(2);
     let (payee_output, payer_output) = pay_concurrently(
         &payee,
-        &[
-            "request",
-            "--amount",
-            "3.10",
-            "--currency",
-            "EUR",
-            "--device",
-            &emulator.connstrings[0],
-            "--nfc-wait-s",
-            "20",
-        ],
+        &request_args("3.10", &emulator.connstrings[0], &[]),
         &payer,
-        &[
-            "pay",
-            "--yes",
-            "--device",
-            &emulator.connstrings[1],
-            "--nfc-wait-s",
-            "20",
-        ],
+        &pay_args(&emulator.connstrings[1], &["--yes"]),
     );
     assert_settled_receipt(&payee_output, "3.10 EUR");
     assert_settled_receipt(&payer_output, "3.10 EUR");
@@ -893,34 +761,22 @@ fn halves_kept_through_a_platform_outage_are_resent_byte_identical_and_settle() 
     platform.stop().unwrap();
     let (payee_output, payer_output) = pay_concurrently(
         &payee,
-        &[
-            "request",
-            "--amount",
+        &request_args(
             "12.50",
-            "--currency",
-            "EUR",
-            "--device",
             &emulator.connstrings[0],
-            "--nfc-wait-s",
-            "20",
-            "--attempts",
-            "2",
-            "--save-half",
-            saved_a.to_str().unwrap(),
-        ],
+            &["--attempts", "2", "--save-half", saved_a.to_str().unwrap()],
+        ),
         &payer,
-        &[
-            "pay",
-            "--yes",
-            "--device",
+        &pay_args(
             &emulator.connstrings[1],
-            "--nfc-wait-s",
-            "20",
-            "--attempts",
-            "2",
-            "--save-half",
-            saved_b.to_str().unwrap(),
-        ],
+            &[
+                "--yes",
+                "--attempts",
+                "2",
+                "--save-half",
+                saved_b.to_str().unwrap(),
+            ],
+        ),
     );
     let mut kept = Vec::new();
     for (output, terminal, saved, suffix) in [
@@ -1076,19 +932,9 @@ fn halves_kept_through_a_platform_outage_are_resent_byte_identical_and_settle() 
 
     // A transaction the platform does not know, and one this terminal is no party to.
     let output = payee.run(&["status", "--txn", &"0F".repeat(16)]);
-    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
-    assert!(
-        stderr(&output).contains("problem code: unknown-transaction"),
-        "{}",
-        text(&output)
-    );
+    assert_fails_saying(&output, "problem code: unknown-transaction");
     platform.account("bob", "EUR", None).unwrap();
     let stranger = enrolled(&platform, "bob-phone", "bob");
     let output = stranger.run(&["status", "--txn", &txn]);
-    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
-    assert!(
-        stderr(&output).contains("problem code: not-a-party"),
-        "{}",
-        text(&output)
-    );
+    assert_fails_saying(&output, "problem code: not-a-party");
 }
