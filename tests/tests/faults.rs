@@ -28,6 +28,10 @@ use nfcpay_tests::{Ledger, PlatformFixture, http_get, postgres_required};
 const PAIRS: usize = 3;
 /// The daemon's write and read timeouts in the freeze test (ms), below the freeze.
 const TIMEOUT_MS: u64 = 1_000;
+/// How long PostgreSQL stays frozen in the freeze test.
+const FREEZE: Duration = Duration::from_secs(4);
+/// How far into the freeze `/readyz` must be answering 503: twice the timeouts.
+const READINESS_NOTICE_MAX: Duration = Duration::from_millis(2 * TIMEOUT_MS);
 
 /// A cluster of the test's own, or `None` (skip) where PostgreSQL is not installed and not
 /// required.
@@ -202,11 +206,20 @@ async fn postgres_frozen_costs_503_within_the_timeouts_then_payments_go_on() {
     let frozen_pids = cluster.freeze().expect("PostgreSQL frozen");
     let frozen = Instant::now();
     let ops = platform.ops_address.clone();
-    tokio::time::sleep(Duration::from_millis(2_000)).await;
-    let readiness = tokio::task::spawn_blocking(move || http_get(&ops, "/readyz"))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    // Asked until it answers 503, for at most READINESS_NOTICE_MAX into the freeze.
+    let readiness = tokio::task::spawn_blocking(move || {
+        loop {
+            let readiness = http_get(&ops, "/readyz");
+            let unready = matches!(readiness, Ok((503, _)));
+            if unready || frozen.elapsed() >= READINESS_NOTICE_MAX {
+                break readiness;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep_until(tokio::time::Instant::from_std(frozen + FREEZE)).await;
     cluster.thaw(&frozen_pids).expect("PostgreSQL thawed");
     let thawed = Instant::now();
     let (tally, accounts) = load.finish().await;
