@@ -1,7 +1,7 @@
 //! Test support for this crate's tests and the crates that build on it (feature `testing`;
 //! never enabled in a shipped binary): a keystore that fails on cue ([`FailingKeystore`]), a
-//! throwaway SoftHSM2 directory ([`SoftHsmDir`]) and the PIN-key check values the DUKPT
-//! tests compare.
+//! throwaway SoftHSM2 directory ([`SoftHsmDir`]) and the PIN-key checks the DUKPT tests
+//! make.
 
 mod softhsm;
 
@@ -51,6 +51,30 @@ pub fn host_pin_key_kcv(host: &dyn Keystore, ksn: Ksn) -> Result<Kcv, KeystoreEr
     )?;
     let pin_key = TransientKey::new(host, pin_key);
     host.kcv(pin_key.handle())
+}
+
+/// Checks a terminal's transaction after a crash: its KSN comes after every KSN in
+/// `handed_out` (no counter is ever used twice), and its key in `terminal` derives the same PIN
+/// key as the host's BDK in `host`; then records the KSN in `handed_out`. `context` says which
+/// crash, for the failure message.
+#[allow(clippy::expect_used)] // A failed check fails the test that asked for it.
+pub fn assert_fresh_transaction(
+    terminal: &dyn Keystore,
+    host: &dyn Keystore,
+    handed_out: &mut Vec<Ksn>,
+    (ksn, key): (Ksn, &KeyHandle),
+    context: &str,
+) {
+    assert!(
+        handed_out.iter().all(|earlier| *earlier < ksn),
+        "{ksn} after {context}"
+    );
+    assert_eq!(
+        pin_key_kcv(terminal, key, ksn).expect("the terminal derives its PIN key"),
+        host_pin_key_kcv(host, ksn).expect("the host derives the PIN key"),
+        "{ksn} after {context}"
+    );
+    handed_out.push(ksn);
 }
 
 /// A keystore that, once [armed](Self::arm), fails the `fail_at`-th call (counting from 0) to

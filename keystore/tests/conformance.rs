@@ -72,14 +72,11 @@ fn stores() -> &'static Stores {
 
 fn main() {
     // All tokens first: SoftHSM2 sees only the tokens that exist when the module initialises.
-    let hsm = SoftHsmDir::with_tokens(PIN, &LABELS);
     // SAFETY: `main` runs before this process starts any other thread (the test runner starts
     // its threads later, in `libtest_mimic::run`), so nothing reads the environment
     // concurrently.
     #[allow(unsafe_code)]
-    unsafe {
-        hsm.set_conf_variable();
-    }
+    let hsm = unsafe { SoftHsmDir::for_this_process(PIN, &LABELS) };
     TOKEN_DIR.set(hsm.path().to_owned()).unwrap();
 
     type Check = fn(&dyn Keystore, &dyn Keystore, &dyn Keystore);

@@ -662,7 +662,9 @@ mod tests {
     use nfcpay_keystore::components::clear_key_kcv;
     use nfcpay_keystore::dukpt::{TransientKey, initial_key};
     use nfcpay_keystore::software::SoftwareKeystore;
-    use nfcpay_keystore::testing::{FailingKeystore, host_pin_key_kcv, pin_key_kcv};
+    use nfcpay_keystore::testing::{
+        FailingKeystore, assert_fresh_transaction, host_pin_key_kcv, pin_key_kcv,
+    };
     use nfcpay_keystore::{DeriveBase, Kcv, KeyPurpose};
     use nfcpay_protocol::dukpt::{DerivationData, DeriveKey};
     use zeroize::Zeroizing;
@@ -918,15 +920,13 @@ mod tests {
                 assert_registers_consistent(&terminal, &state);
                 for _ in 0..3 {
                     let (ksn, key) = state.next_transaction().unwrap();
-                    assert!(
-                        handed_out.iter().all(|earlier| *earlier < ksn),
-                        "{ksn} after a crash at step {fail_at} of {crash_counter:#x}"
+                    assert_fresh_transaction(
+                        state.store.as_ref(),
+                        terminal.host.as_ref(),
+                        &mut handed_out,
+                        (ksn, key.handle()),
+                        &format!("a crash at step {fail_at} of {crash_counter:#x}"),
                     );
-                    assert_eq!(
-                        pin_kcv(state.store.as_ref(), key.handle(), ksn),
-                        terminal.host_pin_kcv(ksn)
-                    );
-                    handed_out.push(ksn);
                 }
                 assert_registers_consistent(&terminal, &state);
                 scenarios += 1;

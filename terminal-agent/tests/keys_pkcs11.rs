@@ -24,7 +24,7 @@ use nfcpay_keystore::dukpt::initial_key;
 use nfcpay_keystore::pkcs11::Pkcs11Keystore;
 use nfcpay_keystore::software::SoftwareKeystore;
 use nfcpay_keystore::testing::{
-    FailingKeystore, SOFTHSM2_MODULE, SoftHsmDir, host_pin_key_kcv, pin_key_kcv, token_uri,
+    FailingKeystore, SOFTHSM2_MODULE, SoftHsmDir, assert_fresh_transaction, pin_key_kcv, token_uri,
 };
 use nfcpay_keystore::{KeyPurpose, Keystore, KeystoreError};
 use nfcpay_protocol::InitialKeyId;
@@ -40,13 +40,10 @@ static TOKEN_DIR: OnceLock<PathBuf> = OnceLock::new();
 
 fn main() {
     // All tokens first: SoftHSM2 sees only the tokens that exist when the module initialises.
-    let hsm = SoftHsmDir::with_tokens(PIN, &LABELS);
     // SAFETY: `main` runs before this process starts any other thread (libtest-mimic starts
     // its threads later, in `run`), so nothing reads the environment concurrently.
     #[allow(unsafe_code)]
-    unsafe {
-        hsm.set_conf_variable();
-    }
+    let hsm = unsafe { SoftHsmDir::for_this_process(PIN, &LABELS) };
     TOKEN_DIR.set(hsm.path().to_owned()).unwrap();
     let trials = vec![
         Trial::test(
@@ -148,16 +145,13 @@ fn crash_at_every_step(label: &str) {
             let mut state = TerminalKeyState::open(Arc::clone(&token), dir.path()).unwrap();
             for _ in 0..3 {
                 let (ksn, key) = state.next_transaction().unwrap();
-                assert!(
-                    handed_out.iter().all(|earlier| *earlier < ksn),
-                    "{ksn} after a crash at step {fail_at} of {crash_counter:#x}"
+                assert_fresh_transaction(
+                    token.as_ref(),
+                    &host,
+                    &mut handed_out,
+                    (ksn, key.handle()),
+                    &format!("a crash at step {fail_at} of {crash_counter:#x}"),
                 );
-                assert_eq!(
-                    pin_key_kcv(token.as_ref(), key.handle(), ksn).unwrap(),
-                    host_pin_key_kcv(&host, ksn).unwrap(),
-                    "{ksn}"
-                );
-                handed_out.push(ksn);
             }
             // A used register's key is gone from the token.
             let used = handed_out.last().unwrap().counter().get().trailing_zeros() as usize;

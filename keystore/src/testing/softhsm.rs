@@ -50,12 +50,20 @@ impl SoftHsmDir {
         }
     }
 
-    /// A fresh directory with a token for each of `labels`.
-    pub fn with_tokens(pin: &str, labels: &[&str]) -> Self {
+    /// A fresh directory with a token for each of `labels`, all made before this process's
+    /// `SOFTHSM2_CONF` points at it ([`Self::set_conf_variable`]).
+    ///
+    /// # Safety
+    ///
+    /// As [`Self::set_conf_variable`].
+    #[allow(unsafe_code)]
+    pub unsafe fn for_this_process(pin: &str, labels: &[&str]) -> Self {
         let hsm = Self::new(pin);
         for label in labels {
             hsm.make_token(label);
         }
+        // SAFETY: forwarded to the caller.
+        unsafe { hsm.set_conf_variable() };
         hsm
     }
 
