@@ -11,7 +11,6 @@ use std::process::{Command, Output, Stdio};
 use nfcpay_keystore::components::clear_key_kcv;
 use nfcpay_keystore::testing::{SOFTHSM2_MODULE, SoftHsmDir};
 
-const MODULE: &str = SOFTHSM2_MODULE;
 const PIN: &str = "admin-cli-pin";
 
 /// A fresh token and a configuration naming it; removed on drop.
@@ -25,7 +24,7 @@ impl Ceremony {
         let hsm = SoftHsmDir::new(PIN);
         hsm.make_token(label);
         let config = format!(
-            "[keystore]\nbackend = \"pkcs11\"\nuri = \"pkcs11:token={label}?module-path={MODULE}&pin-source=file:{}\"\n",
+            "[keystore]\nbackend = \"pkcs11\"\nuri = \"pkcs11:token={label}?module-path={SOFTHSM2_MODULE}&pin-source=file:{}\"\n",
             hsm.pin_file().display()
         );
         std::fs::write(hsm.path().join("nfcpay.toml"), config).unwrap();
@@ -78,26 +77,7 @@ impl Ceremony {
 
     /// `pkcs11-tool --list-objects` of the token, logged in.
     fn list_objects(&self) -> String {
-        let output = Command::new("pkcs11-tool")
-            .args([
-                "--module",
-                MODULE,
-                "--token-label",
-                &self.label,
-                "--login",
-                "--pin",
-                PIN,
-            ])
-            .arg("--list-objects")
-            .env("SOFTHSM2_CONF", self.softhsm_conf())
-            .output()
-            .expect("pkcs11-tool runs (`cargo xtask test` installs opensc)");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap()
+        self.hsm.list_objects(&self.label)
     }
 }
 

@@ -705,21 +705,7 @@ fn a_terminal_with_its_keys_in_a_pkcs11_token_enrolls_and_pays() {
     assert_settled_receipt(&payer_output, "3.10 EUR");
     assert_eq!(platform.balance("alice").unwrap(), "96.90 EUR");
 
-    let hsm = payer.token.as_ref().unwrap();
-    let listing = Command::new("pkcs11-tool")
-        .args([
-            "--module",
-            SOFTHSM_MODULE,
-            "--token-label",
-            TOKEN_LABEL,
-            "--login",
-        ])
-        .args(["--pin", TOKEN_PIN, "--list-objects"])
-        .env("SOFTHSM2_CONF", hsm.conf())
-        .output()
-        .expect("pkcs11-tool runs (`cargo xtask test` installs opensc)");
-    assert!(listing.status.success(), "{}", text(&listing));
-    let objects = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let objects = payer.token.as_ref().unwrap().list_objects(TOKEN_LABEL);
     let private_keys: Vec<&str> = objects.split("Private Key Object").skip(1).collect();
     assert_eq!(private_keys.len(), 1, "only the TLS key: {objects}");
     assert!(private_keys[0].contains("nfcpay-terminal-tls"), "{objects}");

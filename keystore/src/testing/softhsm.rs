@@ -114,6 +114,24 @@ impl SoftHsmDir {
         );
     }
 
+    /// What OpenSC's `pkcs11-tool --list-objects` shows of the token `label`, logged in: the
+    /// view of a tool that is not ours, for checking key attributes.
+    #[allow(clippy::expect_used)] // A broken fixture fails the test (module doc).
+    pub fn list_objects(&self, label: &str) -> String {
+        let output = Command::new("pkcs11-tool")
+            .args(["--module", SOFTHSM2_MODULE, "--token-label", label])
+            .args(["--login", "--pin", &self.pin, "--list-objects"])
+            .env("SOFTHSM2_CONF", self.conf())
+            .output()
+            .expect("pkcs11-tool runs (`cargo xtask test` installs opensc)");
+        assert!(
+            output.status.success(),
+            "pkcs11-tool --list-objects failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     /// The URI of the token `label` through SoftHSM2's module, its PIN from the PIN file.
     pub fn uri(&self, label: &str) -> Pkcs11Uri {
         token_uri(self.path(), label, SOFTHSM2_MODULE)
