@@ -9,7 +9,8 @@
 //! leaves the platform untouched; bad enrollment codes load no key; a counter taken for a half
 //! that never landed is not used again; a half kept through a platform outage is sent again,
 //! byte-identical, by `pending --resend` and settles; a payment left pending is asked about
-//! with `status --txn`.
+//! with `status --txn`; through `503`s (the platform's PostgreSQL frozen) each agent waits the
+//! platform's `Retry-After`, sends the same bytes again, and the payment settles once.
 
 // A panic is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -18,8 +19,11 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
+use std::time::{Duration, Instant};
+
 use nfcpay_keystore::testing::SoftHsmDir;
-use nfcpay_tests::{Ledger, PlatformFixture, SOFTHSM_MODULE, binary};
+use nfcpay_tests::postgres::{self, Cluster};
+use nfcpay_tests::{Ledger, PlatformFixture, SOFTHSM_MODULE, binary, http_get, postgres_required};
 use tempfile::TempDir;
 
 /// The label and the user PIN of a token terminal's SoftHSM2 token.
@@ -923,4 +927,114 @@ fn halves_kept_through_a_platform_outage_are_resent_byte_identical_and_settle() 
     let stranger = enrolled(&platform, "bob-phone", "bob");
     let output = stranger.run(&["status", "--txn", &txn]);
     assert_fails_saying(&output, "problem code: not-a-party");
+}
+
+/// Issue 8 with the real agent: while the platform answers `503 unavailable` with
+/// `Retry-After: 1` (its PostgreSQL frozen; the daemon's write and read timeouts 1 s), each
+/// agent waits what the platform asked — 1 s, not its own first backoff of 250 ms — and sends
+/// the same bytes again. PostgreSQL thaws once the daemon has counted a half answered 503 (a
+/// signal, not a guess), and the payment settles once, with both receipts.
+#[test]
+fn agents_wait_the_platforms_retry_after_through_503s_and_settle_once_it_is_back() {
+    let Some(bin_dir) = postgres::bin_dir() else {
+        assert!(
+            !postgres_required(),
+            "PostgreSQL is not installed, but it is required here (CI or \
+             NFCPAY_REQUIRE_POSTGRES): refusing to skip"
+        );
+        eprintln!("PostgreSQL not installed: test skipped");
+        return;
+    };
+    let cluster = Cluster::start(&bin_dir).expect("a PostgreSQL cluster of the test's own");
+    let platform = PlatformFixture::start_with_database_settings(
+        &Ledger::Postgres(cluster.url()),
+        "write_timeout_ms = 1000\nread_timeout_ms = 1000",
+    )
+    .unwrap();
+    platform.account("shop", "EUR", None).unwrap();
+    platform.account("alice", "EUR", Some("100.00")).unwrap();
+    let payee = enrolled(&platform, "shop-1", "shop");
+    let payer = enrolled(&platform, "alice-phone", "alice");
+    let emulator = Emulator::start(2);
+
+    let frozen = cluster.freeze().expect("PostgreSQL frozen");
+    let ops = platform.ops_address.clone();
+    let thaw = std::thread::spawn(move || {
+        // Thawed once a half was answered 503, or after 30 s whatever happened.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline && !answered_unavailable(&ops) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        cluster.thaw(&frozen).expect("PostgreSQL thawed");
+        cluster
+    });
+    let (payee_output, payer_output) = pay_concurrently(
+        &payee,
+        &[
+            "request",
+            "--amount",
+            "12.50",
+            "--currency",
+            "EUR",
+            "--device",
+            &emulator.connstrings[0],
+            "--nfc-wait-s",
+            "20",
+            "--attempts",
+            "10",
+        ],
+        &payer,
+        &[
+            "pay",
+            "--yes",
+            "--device",
+            &emulator.connstrings[1],
+            "--nfc-wait-s",
+            "20",
+            "--attempts",
+            "10",
+        ],
+    );
+    let _cluster = thaw.join().unwrap();
+
+    assert_settled_receipt(&payee_output, "12.50 EUR");
+    assert_settled_receipt(&payer_output, "12.50 EUR");
+    let retries: Vec<String> = [&payee_output, &payer_output]
+        .into_iter()
+        .flat_map(|output| {
+            stderr(output)
+                .lines()
+                .filter(|line| line.contains("sending the same bytes again"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    println!("re-sends: {retries:#?}");
+    assert!(
+        retries
+            .iter()
+            .any(|line| line.contains("503") && line.contains("pause_ms=1000")),
+        "no re-send after a 503 waited the platform's Retry-After: {retries:#?}\n{}\n{}",
+        text(&payee_output),
+        text(&payer_output)
+    );
+    assert_eq!(platform.balance("shop").unwrap(), "12.50 EUR");
+    assert_eq!(platform.balance("alice").unwrap(), "87.50 EUR");
+}
+
+/// Whether the daemon behind `ops` has answered a half `503 unavailable`
+/// (`nfcpayd_halves_total{…,outcome="unavailable"}` above zero).
+fn answered_unavailable(ops: &str) -> bool {
+    let Ok((200, metrics)) = http_get(ops, "/metrics") else {
+        return false;
+    };
+    metrics.lines().any(|line| {
+        line.starts_with("nfcpayd_halves_total{")
+            && line.contains("outcome=\"unavailable\"")
+            && line
+                .rsplit(' ')
+                .next()
+                .and_then(|count| count.parse::<f64>().ok())
+                .is_some_and(|count| count > 0.0)
+    })
 }

@@ -65,6 +65,10 @@ const CA_FILE: &str = "/var/lib/nfcpay/pki/ca.pem";
 const ROTATED_BDK_ID: &str = "0BDC0002";
 /// How long one walk-through may take (it takes seconds; this only bounds a hang).
 const RUN_TIMEOUT: Duration = Duration::from_secs(150);
+/// The highest overall exposure `systemd-analyze security` may give the shipped unit, in
+/// tenths (its `--threshold`): 2.0. The unit scores 1.4; the stand-in does not apply the
+/// sandboxing, so this is what keeps it from eroding.
+const UNIT_EXPOSURE_MAX_TENTHS: u32 = 20;
 /// The file systems made private and empty for a run.
 const PRIVATE_DIRECTORIES: [&str; 4] = ["/var/lib", "/run", "/var/log", "/var/backups"];
 
@@ -80,6 +84,10 @@ pub fn run(root: &Path) -> Result<()> {
     steps.run("system packages", || {
         packages::ensure(packages::FOR_DEPLOY_CHECK)
     })?;
+    steps.run(
+        "the unit's sandboxing (systemd-analyze security, offline)",
+        || check_sandboxing(&root.join("daemon/systemd/nfcpayd.service")),
+    )?;
     let binaries = Binaries::new(root);
     for name in [
         "nfcpayd",
@@ -105,6 +113,31 @@ pub fn run(root: &Path) -> Result<()> {
     outcome?;
     steps.finish();
     Ok(())
+}
+
+/// The systemctl stand-in runs the unit's `ExecStart=` without its sandboxing settings
+/// (`ProtectSystem=`, `SystemCallFilter=`, …): `systemd-analyze security --offline` reads them
+/// from the file and scores the exposure they leave, which must stay at most
+/// [`UNIT_EXPOSURE_MAX_TENTHS`].
+fn check_sandboxing(unit: &Path) -> Result<()> {
+    command::run(
+        Command::new("systemd-analyze")
+            .args([
+                "security",
+                "--offline=true",
+                "--no-pager",
+                &format!("--threshold={UNIT_EXPOSURE_MAX_TENTHS}"),
+            ])
+            .arg(unit),
+    )
+    .with_context(|| {
+        format!(
+            "{}: its sandboxing scores above an exposure of {}.{} (a setting removed?)",
+            unit.display(),
+            UNIT_EXPOSURE_MAX_TENTHS / 10,
+            UNIT_EXPOSURE_MAX_TENTHS % 10
+        )
+    })
 }
 
 /// A copy of this executable under `target/` that later builds cannot replace: `cargo xtask
@@ -885,6 +918,33 @@ mod tests {
         assert_eq!(exports.get("A").map(String::as_str), Some("/x"));
         assert_eq!(exports.get("B").map(String::as_str), Some("p?q&r"));
         assert_eq!(exports.len(), 2);
+    }
+
+    #[test]
+    fn the_shipped_units_sandboxing_passes_and_a_weakened_copy_fails() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let shipped = root.join("daemon/systemd/nfcpayd.service");
+        check_sandboxing(&shipped).expect("the shipped unit's sandboxing");
+
+        let dir = tempfile::tempdir().unwrap();
+        let weakened = dir.path().join("nfcpayd.service");
+        let text = fs::read_to_string(&shipped).unwrap();
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|line| {
+                ![
+                    "SystemCallFilter=",
+                    "ProtectSystem=",
+                    "PrivateUsers=",
+                    "MemoryDeny",
+                ]
+                .iter()
+                .any(|setting| line.starts_with(setting))
+            })
+            .collect();
+        fs::write(&weakened, kept.join("\n")).unwrap();
+        let error = check_sandboxing(&weakened).unwrap_err();
+        assert!(format!("{error:#}").contains("exposure"), "{error:#}");
     }
 
     #[test]

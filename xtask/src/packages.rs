@@ -43,6 +43,10 @@ pub const LINTIAN: Package = Package::new("lintian", "checks the .deb (cargo xta
 pub const DPKG_DEV: Package =
     Package::new("dpkg-dev", "dpkg-shlibdeps for the .deb's dependencies");
 pub const BINUTILS: Package = Package::new("binutils", "strip, for the .deb's binaries");
+pub const SYSTEMD: Package = Package::new(
+    "systemd",
+    "systemd-analyze, to check the unit's sandboxing offline (deploy-check)",
+);
 pub const UTIL_LINUX: Package = Package::new("util-linux", "unshare and runuser for deploy-check");
 pub const PROMETHEUS: Package = Package::new(
     "prometheus",
@@ -67,6 +71,7 @@ pub const FOR_TEST: &[Package] = &[
     OPENSSL,
     IPROUTE2,
     UTIL_LINUX,
+    SYSTEMD,
     LINTIAN,
     DPKG_DEV,
     BINUTILS,
@@ -76,7 +81,7 @@ pub const FOR_TEST: &[Package] = &[
 
 /// Everything `cargo xtask deploy-check` needs.
 pub const FOR_DEPLOY_CHECK: &[Package] = &[
-    SOFTHSM2, OPENSC, POSTGRESQL, SQLITE3, OPENSSL, IPROUTE2, UTIL_LINUX,
+    SOFTHSM2, OPENSC, POSTGRESQL, SQLITE3, OPENSSL, IPROUTE2, UTIL_LINUX, SYSTEMD,
 ];
 
 /// Everything `cargo xtask package` needs.

@@ -3,7 +3,7 @@
 //! `verify` runs on an HSM worker (`super::workers`): steps 2–6 and the receipt's MAC key.
 //! The ledger's commit (steps 7–9) is awaited by the caller; [`Outcome`] is what it decided.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use nfcpay_keystore::dukpt::TransientKey;
@@ -16,6 +16,7 @@ use nfcpay_protocol::{InitialKeyId, Ksn, TerminalId, TxnId};
 use sha2::{Digest, Sha256};
 
 use super::active::ActiveTerminal;
+use super::workers::{self, HsmWorkers};
 use super::{Inner, now_ms, problems};
 use crate::pki::ClientTerminal;
 use crate::server::problem::{Problem, ProblemCode};
@@ -25,16 +26,28 @@ use crate::storage::{
 
 /// A transient HSM key that may cross threads (from the HSM worker that derived it, through
 /// the ledger's commit, to the one that uses it): destroyed when dropped unless taken.
+///
+/// Destroying is an HSM call (a network round trip on a network HSM), so it is made on an HSM
+/// worker: dropped on a worker, the key is destroyed there; dropped elsewhere — an async
+/// thread, when a refused half's request ends or its client goes away — the destruction is
+/// queued for a worker, without waiting. Only when no worker takes it (the queue full, the
+/// workers stopped) is it destroyed on the dropping thread.
 pub struct HeldKey {
     keystore: Arc<dyn Keystore>,
+    workers: Weak<HsmWorkers>,
     key: Option<KeyHandle>,
 }
 
 impl HeldKey {
-    /// Takes charge of destroying `key`.
-    pub(super) fn new(keystore: Arc<dyn Keystore>, key: KeyHandle) -> Self {
+    /// Takes charge of destroying `key`, on one of `workers` when dropped elsewhere.
+    pub(super) fn new(
+        keystore: Arc<dyn Keystore>,
+        workers: Weak<HsmWorkers>,
+        key: KeyHandle,
+    ) -> Self {
         Self {
             keystore,
+            workers,
             key: Some(key),
         }
     }
@@ -47,9 +60,23 @@ impl HeldKey {
 
 impl Drop for HeldKey {
     fn drop(&mut self) {
-        if let Some(key) = self.key.take() {
-            drop(TransientKey::new(self.keystore.as_ref(), key));
+        let Some(key) = self.key.take() else {
+            return;
+        };
+        if !workers::on_worker()
+            && let Some(workers) = self.workers.upgrade()
+        {
+            // Not run (queue full, workers stopped), the job is dropped here, and with it
+            // this key, which then has no workers to go to: destroyed on this thread.
+            let here = Self {
+                keystore: Arc::clone(&self.keystore),
+                workers: Weak::new(),
+                key: Some(key),
+            };
+            let _answer = workers.submit(move || drop(here));
+            return;
         }
+        drop(TransientKey::new(self.keystore.as_ref(), key));
     }
 }
 
@@ -262,7 +289,11 @@ pub(super) fn verify(
     Ok(Verified {
         half,
         received_at_ms: to_i64(received_at_ms),
-        receipt_mac_key: HeldKey::new(Arc::clone(&inner.keystore), receipt_mac_key),
+        receipt_mac_key: HeldKey::new(
+            Arc::clone(&inner.keystore),
+            inner.hsm.clone(),
+            receipt_mac_key,
+        ),
     })
 }
 
@@ -325,4 +356,115 @@ pub(super) fn not_enrolled_certificate() -> Problem {
 
 fn to_i64(ms: u64) -> i64 {
     i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    // A panic is how a test fails.
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::sync::Barrier;
+    use std::time::Duration;
+
+    use nfcpay_keystore::software::SoftwareKeystore;
+    use nfcpay_protocol::dukpt::{DerivationData, KeyAlgorithm};
+
+    use super::*;
+    use crate::service::metered::MeteredKeystore;
+
+    const LONG: Duration = Duration::from_secs(10);
+
+    /// A keystore that counts its calls, with a BDK, and a transient MAC key derived from it.
+    fn keystore_and_key() -> (Arc<MeteredKeystore>, KeyHandle) {
+        let keystore = Arc::new(MeteredKeystore::new(
+            Arc::new(SoftwareKeystore::in_memory()),
+        ));
+        let bdk = "12345678".parse().unwrap();
+        keystore.generate_bdk(bdk, KeyAlgorithm::Aes128).unwrap();
+        let data =
+            DerivationData::initial_key(KeyAlgorithm::Aes128, "1234567890123456".parse().unwrap());
+        let key = keystore
+            .derive(
+                nfcpay_keystore::DeriveBase::Bdk(bdk),
+                &data,
+                KeyPurpose::Mac,
+            )
+            .unwrap();
+        (keystore, key)
+    }
+
+    /// Queues a job that holds a worker of `workers` until `gate` is passed; returns once it runs.
+    fn hold_a_worker(workers: &HsmWorkers, gate: &Arc<Barrier>) -> workers::Answer<()> {
+        let gate = Arc::clone(gate);
+        let (started, running) = std::sync::mpsc::channel();
+        let answer = workers
+            .submit(move || {
+                started.send(()).unwrap();
+                gate.wait();
+            })
+            .unwrap();
+        running.recv().unwrap();
+        answer
+    }
+
+    /// Dropped off the workers (as on an async thread when a refused half's request ends or
+    /// its client goes away), the key is not destroyed on the dropping thread but by a worker,
+    /// once one is free.
+    #[tokio::test]
+    async fn a_key_dropped_off_the_workers_is_destroyed_by_a_worker() {
+        let workers = Arc::new(HsmWorkers::start(1, 8).unwrap());
+        let (keystore, key) = keystore_and_key();
+        let gate = Arc::new(Barrier::new(2));
+        let held_worker = hold_a_worker(&workers, &gate);
+
+        drop(HeldKey::new(
+            keystore.clone(),
+            Arc::downgrade(&workers),
+            key,
+        ));
+        assert_eq!(
+            keystore.count("destroy"),
+            0,
+            "destroyed on the dropping thread while the only worker was busy"
+        );
+
+        gate.wait();
+        held_worker.wait(LONG).await.unwrap();
+        // The destruction was queued first, so a job queued now runs after it.
+        let counted = Arc::clone(&keystore);
+        let destroyed = workers
+            .run(LONG, move || counted.count("destroy"))
+            .await
+            .unwrap();
+        assert_eq!(destroyed, 1, "the key outlived its HeldKey");
+    }
+
+    /// With no worker to take it (the workers gone, or their queue full), the key is destroyed
+    /// where it is dropped; a key taken back is not destroyed at all.
+    #[test]
+    fn a_key_no_worker_takes_is_destroyed_in_place_and_a_taken_one_is_not() {
+        let (keystore, key) = keystore_and_key();
+        let gone = Arc::new(HsmWorkers::start(1, 1).unwrap());
+        let workers = Arc::downgrade(&gone);
+        drop(gone);
+        drop(HeldKey::new(keystore.clone(), workers, key));
+        assert_eq!(keystore.count("destroy"), 1);
+
+        let (keystore, key) = keystore_and_key();
+        let full = Arc::new(HsmWorkers::start(1, 1).unwrap());
+        let gate = Arc::new(Barrier::new(2));
+        let held_worker = hold_a_worker(&full, &gate);
+        let queued = full.submit(|| ()).unwrap(); // the queue's one place
+        drop(HeldKey::new(keystore.clone(), Arc::downgrade(&full), key));
+        assert_eq!(keystore.count("destroy"), 1);
+        gate.wait();
+        drop((held_worker, queued));
+
+        let (keystore, key) = keystore_and_key();
+        let taken = HeldKey::new(keystore.clone(), Weak::new(), key)
+            .into_handle()
+            .unwrap();
+        assert_eq!(keystore.count("destroy"), 0);
+        keystore.destroy(taken).unwrap();
+    }
 }

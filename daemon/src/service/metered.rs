@@ -54,6 +54,14 @@ impl MeteredKeystore {
         self.durations.clone()
     }
 
+    /// How many `operation` calls were made (for tests).
+    #[cfg(test)]
+    pub(crate) fn count(&self, operation: &'static str) -> u64 {
+        self.operations
+            .get_or_create(&OperationLabels { operation })
+            .get()
+    }
+
     /// The counters, to register with the front end's metrics.
     pub fn operations(&self) -> Family<OperationLabels, Counter> {
         self.operations.clone()

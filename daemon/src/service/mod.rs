@@ -36,7 +36,7 @@ pub mod receipts;
 pub mod workers;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -78,8 +78,9 @@ pub fn now_ms() -> u64 {
 /// The platform service: keystore, key cache, ledger and the receipt key.
 pub struct Platform {
     inner: Arc<Inner>,
-    /// The threads that make the halves' HSM calls (their jobs hold `inner`, never this).
-    hsm: workers::HsmWorkers,
+    /// The threads that make the halves' HSM calls (their jobs hold `inner`, never this:
+    /// `inner` has only a weak reference, so the workers never join themselves).
+    hsm: Arc<workers::HsmWorkers>,
     /// HSM jobs not done, by reason (`busy`, `timed_out`, `panicked`, `stopped`).
     hsm_jobs_failed: Family<JobFailureLabels, Counter>,
 }
@@ -92,6 +93,8 @@ struct JobFailureLabels {
 
 struct Inner {
     keystore: Arc<dyn Keystore>,
+    /// Where a transient key dropped off the workers is destroyed ([`halves::HeldKey`]).
+    hsm: Weak<workers::HsmWorkers>,
     keys: HostKeyCache,
     storage: Storage,
     receipt_key: PrivateKeyHandle,
@@ -136,12 +139,14 @@ impl Platform {
             .ok_or(crate::pki::PkiError::Keystore(
                 nfcpay_keystore::KeystoreError::UnknownKey,
             ))?;
-        let hsm = workers::HsmWorkers::start(workers::HSM_WORKERS, workers::HSM_QUEUE_MAX)
-            .map_err(crate::pki::PkiError::Workers)?;
+        let hsm = Arc::new(
+            workers::HsmWorkers::start(workers::HSM_WORKERS, workers::HSM_QUEUE_MAX)
+                .map_err(crate::pki::PkiError::Workers)?,
+        );
         Ok(Self {
-            hsm,
             hsm_jobs_failed: Family::default(),
             inner: Arc::new(Inner {
+                hsm: Arc::downgrade(&hsm),
                 keys: HostKeyCache::new(Arc::clone(&keystore), key_cache_entries),
                 keystore,
                 storage,
@@ -155,6 +160,7 @@ impl Platform {
                 last_checkpoint: std::sync::Mutex::new(None),
                 last_ready: std::sync::Mutex::new(None),
             }),
+            hsm,
         })
     }
 
@@ -348,20 +354,12 @@ impl Api for Platform {
                 .accept_half_async(half, received_at_ms)
                 .await
                 .map_err(problems::storage);
-            // On a refusal the receipt MAC key is destroyed on a worker, not on this thread.
-            let submitted = match submitted {
-                Ok(submitted) => submitted,
-                Err(problem) => {
-                    self.release(awaiting);
-                    return Err(problem);
-                }
-            };
-            let mut outcome = awaiting.outcome(submitted);
+            // On a refusal (or when this request is dropped, its client gone) the receipt MAC
+            // key goes with `awaiting`: `HeldKey` destroys it on a worker, not on this thread.
+            let mut outcome = awaiting.outcome(submitted?);
             if !seal_pending && outcome.view.status == TransactionStatus::Pending {
                 // Sealed once the payment settles or the wait ends, with a key derived then.
-                if let Some(key) = outcome.receipt_mac_key.take() {
-                    self.release(key);
-                }
+                drop(outcome.receipt_mac_key.take());
                 return Ok((outcome, None));
             }
             let inner = Arc::clone(&self.inner);
@@ -523,14 +521,6 @@ impl Platform {
                 })
             })
     }
-
-    /// Drops `held` (destroying the transient keys it holds) on an HSM worker, without waiting;
-    /// if none takes it, here.
-    fn release<T: Send + 'static>(&self, held: T) {
-        if let Err(error) = self.hsm.submit(move || drop(held)) {
-            tracing::debug!(%error, "released a transient key on the caller's thread");
-        }
-    }
 }
 
 #[cfg(test)]
@@ -571,5 +561,77 @@ mod tests {
         };
         assert_eq!(not_ready.component, "database");
         assert_eq!(not_ready.reason, "the ledger's writer has stopped");
+    }
+
+    fn platform() -> (tempfile::TempDir, Platform) {
+        let dir = tempfile::TempDir::new().unwrap();
+        let storage = Storage::open(dir.path().join("ledger.db").to_str().unwrap()).unwrap();
+        let keystore: Arc<dyn Keystore> = Arc::new(SoftwareKeystore::in_memory());
+        let platform = Platform::new(keystore, storage, dir.path().to_owned(), 16).unwrap();
+        (dir, platform)
+    }
+
+    fn failed(platform: &Platform, reason: &'static str) -> u64 {
+        platform
+            .hsm_jobs_failed
+            .get_or_create(&JobFailureLabels { reason })
+            .get()
+    }
+
+    /// A job the HSM does not finish within [`workers::HSM_JOB_TIMEOUT`] (here: stalled until
+    /// released) is answered `503 unavailable`, counted as `timed_out`; paused time, so the
+    /// deadline passes without waiting for it.
+    #[tokio::test(start_paused = true)]
+    async fn an_hsm_job_past_its_deadline_is_unavailable_not_internal() {
+        let (_dir, platform) = platform();
+        let (release, stalled) = std::sync::mpsc::channel::<()>();
+        let answer = platform
+            .hsm_job(move || {
+                let _ = stalled.recv();
+                Ok(())
+            })
+            .await;
+        let problem = answer.unwrap_err();
+        assert_eq!(problem.code(), ProblemCode::Unavailable);
+        assert_eq!(problem.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(failed(&platform, "timed_out"), 1);
+        drop(release);
+    }
+
+    /// With every worker busy and the queue full, one more job is refused at once as
+    /// `503 unavailable` (`busy`); a job that panics is a bug: `500 internal` (`panicked`).
+    #[tokio::test]
+    async fn a_full_hsm_queue_is_unavailable_and_a_panicking_job_internal() {
+        let (_dir, platform) = platform();
+        let (release, stalled) = std::sync::mpsc::channel::<()>();
+        let stalled = Arc::new(std::sync::Mutex::new(stalled));
+        // Stalled jobs until the queue refuses one: the workers all hold one, the queue is full.
+        let mut held = Vec::new();
+        loop {
+            let stalled = Arc::clone(&stalled);
+            match platform.hsm.submit(move || {
+                let _ = stalled.lock().unwrap().recv();
+            }) {
+                Ok(answer) => held.push(answer),
+                Err(error) => {
+                    assert_eq!(error, workers::WorkError::Busy);
+                    break;
+                }
+            }
+            assert!(held.len() <= workers::HSM_WORKERS + workers::HSM_QUEUE_MAX);
+        }
+        assert!(held.len() >= workers::HSM_QUEUE_MAX);
+        let refused = platform.hsm_job(|| Ok(())).await.unwrap_err();
+        assert_eq!(refused.code(), ProblemCode::Unavailable);
+        assert_eq!(failed(&platform, "busy"), 1);
+        drop(release);
+        drop(held);
+
+        let panicked = platform
+            .hsm_job::<()>(|| panic!("a bug in an HSM job"))
+            .await
+            .unwrap_err();
+        assert_eq!(panicked.code(), ProblemCode::Internal);
+        assert_eq!(failed(&platform, "panicked"), 1);
     }
 }

@@ -50,6 +50,16 @@ pub enum WorkError {
 
 type Job = Box<dyn FnOnce() + Send>;
 
+thread_local! {
+    /// Whether this thread is an HSM worker.
+    static ON_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread is an HSM worker (where HSM calls belong).
+pub fn on_worker() -> bool {
+    ON_WORKER.with(std::cell::Cell::get)
+}
+
 /// The workers and their queue. Dropping it lets the workers finish the queued jobs and stop.
 pub struct HsmWorkers {
     queue: Option<SyncSender<Job>>,
@@ -140,6 +150,7 @@ impl Drop for HsmWorkers {
 
 /// A worker's loop: one job at a time until the queue is closed and empty.
 fn work(jobs: &Mutex<Receiver<Job>>) {
+    ON_WORKER.with(|on| on.set(true));
     loop {
         // The lock is held only while waiting for the next job, never while running one.
         let next = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();

@@ -177,11 +177,7 @@ pub(crate) fn read(
         let corrupt = || StorageError::corrupt("used counter row");
         let used = UsedCounter {
             txn_id: txn_id.as_slice().try_into().map_err(|_| corrupt())?,
-            kind: match half.as_str() {
-                "A" => super::model::HalfKind::A,
-                "B" => super::model::HalfKind::B,
-                _ => return Err(corrupt()),
-            },
+            kind: super::model::parse_stored_kind(&half).ok_or_else(corrupt)?,
             envelope_sha256: envelope_sha256
                 .as_slice()
                 .try_into()
@@ -276,7 +272,7 @@ fn write_counters(
             Value::from(used.terminal_id.clone()),
             Value::from(used.counter),
             Value::from(used.txn_id.to_vec()),
-            Value::from(used.kind.as_str()),
+            Value::from(super::model::stored_kind(used.kind)),
             Value::from(used.envelope_sha256.to_vec()),
             Value::from(used.used_at_ms),
         ]

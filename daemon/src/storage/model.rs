@@ -7,22 +7,23 @@ use nfcpay_protocol::{AccountId, Amount, Currency, InitialKeyId, Ksn, TerminalId
 
 use crate::pki::CertificateSerial;
 
-/// Which half of a payment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum HalfKind {
-    /// The payee's request.
-    A,
-    /// The payer's instruction.
-    B,
+/// Which half of a payment: the protocol's own type.
+pub use nfcpay_protocol::messages::HalfKind;
+
+/// `"A"` or `"B"`: a half's kind as the ledger stores it (`used_counters.half`).
+pub(crate) fn stored_kind(kind: HalfKind) -> &'static str {
+    match kind {
+        HalfKind::A => "A",
+        HalfKind::B => "B",
+    }
 }
 
-impl HalfKind {
-    /// `"A"` or `"B"`, as stored.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::A => "A",
-            Self::B => "B",
-        }
+/// The kind [`stored_kind`] stored, or `None` for anything else.
+pub(crate) fn parse_stored_kind(stored: &str) -> Option<HalfKind> {
+    match stored {
+        "A" => Some(HalfKind::A),
+        "B" => Some(HalfKind::B),
+        _ => None,
     }
 }
 
@@ -346,4 +347,19 @@ pub struct AuditBreak {
     pub seq: i64,
     /// What is wrong with it.
     pub reason: &'static str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_kind_reads_back_and_nothing_else_does() {
+        for kind in [HalfKind::A, HalfKind::B] {
+            assert_eq!(parse_stored_kind(stored_kind(kind)), Some(kind));
+        }
+        for stored in ["a", "b", "", "AB", "C", " A"] {
+            assert_eq!(parse_stored_kind(stored), None, "{stored:?}");
+        }
+    }
 }
