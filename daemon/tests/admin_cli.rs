@@ -5,68 +5,43 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use nfcpay_keystore::components::clear_key_kcv;
+use nfcpay_keystore::testing::{SOFTHSM2_MODULE, SoftHsmDir};
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const PIN: &str = "admin-cli-pin";
 
 /// A fresh token and a configuration naming it; removed on drop.
 struct Ceremony {
-    dir: tempfile::TempDir,
+    hsm: SoftHsmDir,
     label: String,
 }
 
 impl Ceremony {
     fn new(label: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../softhsm-setup/init-token");
-        let output = Command::new(script)
-            .arg("--dir")
-            .arg(dir.path())
-            .args([
-                "--label",
-                label,
-                "--pin",
-                PIN,
-                "--so-pin",
-                "admin-cli-so-pin",
-            ])
-            .output()
-            .expect("softhsm-setup/init-token runs (`cargo xtask test` installs softhsm2)");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        std::fs::write(dir.path().join("pin"), PIN).unwrap();
-        // The keystore refuses a PIN file its group or others can read.
-        std::fs::set_permissions(
-            dir.path().join("pin"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .unwrap();
+        let hsm = SoftHsmDir::new(PIN);
+        hsm.make_token(label);
         let config = format!(
-            "[keystore]\nbackend = \"pkcs11\"\nuri = \"pkcs11:token={label}?module-path={MODULE}&pin-source=file:{}\"\n",
-            dir.path().join("pin").display()
+            "[keystore]\nbackend = \"pkcs11\"\nuri = \"pkcs11:token={label}?module-path={SOFTHSM2_MODULE}&pin-source=file:{}\"\n",
+            hsm.pin_file().display()
         );
-        std::fs::write(dir.path().join("nfcpay.toml"), config).unwrap();
+        std::fs::write(hsm.path().join("nfcpay.toml"), config).unwrap();
         Self {
-            dir,
+            hsm,
             label: label.to_owned(),
         }
     }
 
     fn softhsm_conf(&self) -> PathBuf {
-        self.dir.path().join("softhsm2.conf")
+        self.hsm.conf()
     }
 
     fn admin(&self, args: &[&str], stdin: &str) -> Output {
         let mut child = Command::new(env!("CARGO_BIN_EXE_nfcpay-admin"))
             .arg("--config")
-            .arg(self.dir.path().join("nfcpay.toml"))
+            .arg(self.hsm.path().join("nfcpay.toml"))
             .args(args)
             .env("SOFTHSM2_CONF", self.softhsm_conf())
             .stdin(Stdio::piped())
@@ -102,26 +77,7 @@ impl Ceremony {
 
     /// `pkcs11-tool --list-objects` of the token, logged in.
     fn list_objects(&self) -> String {
-        let output = Command::new("pkcs11-tool")
-            .args([
-                "--module",
-                MODULE,
-                "--token-label",
-                &self.label,
-                "--login",
-                "--pin",
-                PIN,
-            ])
-            .arg("--list-objects")
-            .env("SOFTHSM2_CONF", self.softhsm_conf())
-            .output()
-            .expect("pkcs11-tool runs (`cargo xtask test` installs opensc)");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap()
+        self.hsm.list_objects(&self.label)
     }
 }
 
@@ -175,50 +131,19 @@ fn imported_bdk_reproduces_the_published_vectors() {
     );
 
     // Published: transaction key of counter 1, and its AES-128 PIN and MAC-generation keys.
-    let out = ceremony.ok(&["dukpt", "kcv", "--ksn", "123456789012345600000001"], "");
-    assert!(
-        out.contains(&format!(
-            "KCV {}",
-            kcv_of("4F21B565BAD9835E112B6465635EAE44")
-        )),
-        "{out}"
-    );
-    let out = ceremony.ok(
-        &[
-            "dukpt",
-            "kcv",
-            "--ksn",
-            "123456789012345600000001",
-            "--usage",
-            "pin",
-        ],
-        "",
-    );
-    assert!(
-        out.contains(&format!(
-            "KCV {}",
-            kcv_of("AF8CB133A78F8DC2D1359F18527593FB")
-        )),
-        "{out}"
-    );
-    let out = ceremony.ok(
-        &[
-            "dukpt",
-            "kcv",
-            "--ksn",
-            "123456789012345600000001",
-            "--usage",
-            "mac-gen",
-        ],
-        "",
-    );
-    assert!(
-        out.contains(&format!(
-            "KCV {}",
-            kcv_of("A2DC23DE6FDE0824A2BC321E08E4B8B7")
-        )),
-        "{out}"
-    );
+    for (usage, published_key) in [
+        (None, "4F21B565BAD9835E112B6465635EAE44"),
+        (Some("pin"), "AF8CB133A78F8DC2D1359F18527593FB"),
+        (Some("mac-gen"), "A2DC23DE6FDE0824A2BC321E08E4B8B7"),
+    ] {
+        let mut args = vec!["dukpt", "kcv", "--ksn", "123456789012345600000001"];
+        args.extend(usage.iter().flat_map(|usage| ["--usage", usage]));
+        let out = ceremony.ok(&args, "");
+        assert!(
+            out.contains(&format!("KCV {}", kcv_of(published_key))),
+            "{usage:?}: {out}"
+        );
+    }
 
     // The BDK is sensitive and not extractable, and no derived key is left on the token.
     let objects = ceremony.list_objects();
@@ -374,7 +299,7 @@ fn configuration_errors_exit_with_usage() {
         .output()
         .unwrap();
     assert_eq!(missing.status.code(), Some(64));
-    let bad = ceremony.dir.path().join("bad.toml");
+    let bad = ceremony.hsm.path().join("bad.toml");
     std::fs::write(
         &bad,
         "[keystore]\nbackend = \"pkcs11\"\nuri = \"pkcs11:token=x?pin-value=1234\"\n",

@@ -14,7 +14,6 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -26,7 +25,7 @@ use nfcpay_daemon::pki::{
 use nfcpay_keystore::Keystore;
 use nfcpay_keystore::pkcs11::Pkcs11Keystore;
 use nfcpay_keystore::software::SoftwareKeystore;
-use nfcpay_keystore::uri::Pkcs11Uri;
+use nfcpay_keystore::testing::{SOFTHSM2_MODULE, SoftHsmDir, token_uri};
 use nfcpay_protocol::TerminalId;
 use p256::ecdsa::signature::Verifier as _;
 use rcgen::{
@@ -44,7 +43,6 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
 const PIN: &str = "pki-test-pin";
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 /// The token every PKCS#11 check uses, and one more that never gets a CA.
 const MAIN_TOKEN: &str = "pki-main";
 const OTHER_TOKEN: &str = "pki-other";
@@ -154,13 +152,14 @@ type Check = fn(&Fixture);
 
 fn main() {
     let arguments = Arguments::from_args();
-    let root = tempfile::tempdir().unwrap();
+    // The tokens' directory, and the certificates' beside them.
+    let root = SoftHsmDir::new(PIN);
     // SAFETY: `main` runs before this process starts any other thread (the test runner starts
     // its threads later, in `libtest_mimic::run`), so nothing reads the environment
     // concurrently.
     #[allow(unsafe_code)]
     unsafe {
-        std::env::set_var("SOFTHSM2_CONF", root.path().join("softhsm2.conf"));
+        root.set_conf_variable();
     }
     ROOT.set(root.path().to_owned()).unwrap();
 
@@ -259,15 +258,8 @@ fn main() {
         .iter()
         .any(|trial| trial.name().starts_with("pkcs11:") && selected(trial));
     if pkcs11_selected {
-        fs::write(root.path().join("pin"), PIN).unwrap();
-        // The keystore refuses a PIN file its group or others can read.
-        fs::set_permissions(
-            root.path().join("pin"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .unwrap();
         for label in [MAIN_TOKEN, OTHER_TOKEN] {
-            make_token(root.path(), label);
+            root.make_token(label);
         }
     }
     let conclusion = libtest_mimic::run(&arguments, trials);
@@ -275,42 +267,12 @@ fn main() {
     conclusion.exit();
 }
 
-fn make_token(dir: &Path, label: &str) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../softhsm-setup/init-token");
-    let output = Command::new(script)
-        .arg("--dir")
-        .arg(dir)
-        .args([
-            "--label",
-            label,
-            "--pin",
-            PIN,
-            "--so-pin",
-            "pki-test-so-pin",
-        ])
-        .output()
-        .expect(
-            "softhsm-setup/init-token runs (is softhsm2 installed? `cargo xtask test` installs it)",
-        );
-    assert!(
-        output.status.success(),
-        "init-token failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 fn software_store() -> Arc<dyn Keystore> {
     Arc::new(SoftwareKeystore::in_memory())
 }
 
 fn token_store(label: &str, root: &Path) -> Arc<dyn Keystore> {
-    let uri: Pkcs11Uri = format!(
-        "pkcs11:token={label}?module-path={MODULE}&pin-source=file:{}",
-        root.join("pin").display()
-    )
-    .parse()
-    .unwrap();
-    Arc::new(Pkcs11Keystore::open(&uri).unwrap())
+    Arc::new(Pkcs11Keystore::open(&token_uri(root, label, SOFTHSM2_MODULE)).unwrap())
 }
 
 fn terminal(id: &str) -> TerminalId {

@@ -512,6 +512,12 @@ impl Running {
             .map_or(0, |value| value.trim().parse().unwrap())
     }
 
+    /// Asserts that `/metrics` holds `line` (a metric with its labels and value).
+    async fn assert_metric(&self, line: &str) {
+        let metrics = self.ops_get("/metrics").await;
+        assert!(metrics.text().contains(line), "{line}\n{}", metrics.text());
+    }
+
     async fn ops_get(&self, path: &str) -> Answer {
         let tcp = TcpStream::connect(self.ops_address).await.unwrap();
         let (mut sender, _driver) = http_over(tcp).await.unwrap();
@@ -544,6 +550,59 @@ where
         assert!(tokio::time::Instant::now() < deadline, "never: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Sends `body` to `path` once as each of `content_types`, each on a connection of its own:
+/// each is refused `415` before the body is read, and the connection closes.
+async fn assert_media_types_refused(
+    client: &Client,
+    address: SocketAddr,
+    path: &str,
+    content_types: impl IntoIterator<Item = Option<&str>>,
+    body: &'static str,
+) {
+    for content_type in content_types {
+        let (mut sender, _driver) = client.http(address).await.unwrap();
+        let answer = send_as(&mut sender, Method::POST, path, content_type, body)
+            .await
+            .unwrap();
+        answer.assert_problem(ProblemCode::UnsupportedMediaType);
+        assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(
+            answer.headers.get(http::header::CONNECTION).unwrap(),
+            "close",
+            "{content_type:?}"
+        );
+    }
+}
+
+/// Returns once the server's header allowance (`header_read_timeout_ms`) has run out, on the
+/// server's own clock, for every connection that was idle before the call: the server closes
+/// a witness connection whose head, started now, never completes.
+async fn outlast_the_header_allowance(running: &Running) {
+    let mut witness = running
+        .terminal("witness")
+        .tls(running.address)
+        .await
+        .unwrap();
+    assert_eq!(
+        raw_exchange(&mut witness, b"GET /v1/transactions/").await,
+        ""
+    );
+}
+
+/// A kept-alive connection of `client` that has had one half (`body`) accepted.
+async fn open_with_a_half(
+    client: &Client,
+    address: SocketAddr,
+    body: &'static str,
+) -> (SendRequest<Full<Bytes>>, JoinHandle<()>) {
+    let (mut sender, driver) = client.http(address).await.unwrap();
+    let answer = send(&mut sender, Method::POST, "/v1/halves/a", body)
+        .await
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    (sender, driver)
 }
 
 /// Connects with `client`, sends one request and returns the status of the answer, if any;
@@ -855,30 +914,19 @@ async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
 async fn a_half_of_another_media_type_is_refused_with_415() {
     let running = Running::start(|_| {}).await;
     let client = running.terminal("shop-1");
-    for content_type in [
-        None,
-        Some("text/plain"),
-        Some("application/json"),
-        Some("application/octet-streams"),
-    ] {
-        let (mut sender, _driver) = client.http(running.address).await.unwrap();
-        let answer = send_as(
-            &mut sender,
-            Method::POST,
-            "/v1/halves/a",
-            content_type,
-            "half",
-        )
-        .await
-        .unwrap();
-        answer.assert_problem(ProblemCode::UnsupportedMediaType);
-        assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-        assert_eq!(
-            answer.headers.get(http::header::CONNECTION).unwrap(),
-            "close",
-            "{content_type:?}"
-        );
-    }
+    assert_media_types_refused(
+        &client,
+        running.address,
+        "/v1/halves/a",
+        [
+            None,
+            Some("text/plain"),
+            Some("application/json"),
+            Some("application/octet-streams"),
+        ],
+        "half",
+    )
+    .await;
     assert_eq!(running.api.half_calls(), 0);
     // Parameters and letter case do not matter.
     let (mut sender, _driver) = client.http(running.address).await.unwrap();
@@ -893,14 +941,9 @@ async fn a_half_of_another_media_type_is_refused_with_415() {
     .unwrap();
     assert_eq!(answer.status, StatusCode::ACCEPTED, "{answer:?}");
     assert_eq!(running.api.half_calls(), 1);
-    let metrics = running.ops_get("/metrics").await;
-    assert!(
-        metrics
-            .text()
-            .contains(r#"nfcpayd_refusals_total{route="half_a",code="unsupported-media-type"} 4"#),
-        "{}",
-        metrics.text()
-    );
+    running
+        .assert_metric(r#"nfcpayd_refusals_total{route="half_a",code="unsupported-media-type"} 4"#)
+        .await;
     running.stop().await;
 }
 
@@ -910,30 +953,19 @@ async fn a_half_of_another_media_type_is_refused_with_415() {
 async fn an_enrollment_of_another_media_type_is_refused_with_415() {
     let running = Running::start(|_| {}).await;
     let enrollee = running.enrollee();
-    for content_type in [
-        None,
-        Some("text/plain"),
-        Some("application/octet-stream"),
-        Some("application/jsonp"),
-    ] {
-        let (mut sender, _driver) = enrollee.http(running.enroll_address).await.unwrap();
-        let answer = send_as(
-            &mut sender,
-            Method::POST,
-            "/v1/enroll",
-            content_type,
-            r#"{"code":"c9"}"#,
-        )
-        .await
-        .unwrap();
-        answer.assert_problem(ProblemCode::UnsupportedMediaType);
-        assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-        assert_eq!(
-            answer.headers.get(http::header::CONNECTION).unwrap(),
-            "close",
-            "{content_type:?}"
-        );
-    }
+    assert_media_types_refused(
+        &enrollee,
+        running.enroll_address,
+        "/v1/enroll",
+        [
+            None,
+            Some("text/plain"),
+            Some("application/octet-stream"),
+            Some("application/jsonp"),
+        ],
+        r#"{"code":"c9"}"#,
+    )
+    .await;
     assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
     // Parameters and letter case do not matter.
     let (mut sender, _driver) = enrollee.http(running.enroll_address).await.unwrap();
@@ -948,14 +980,9 @@ async fn an_enrollment_of_another_media_type_is_refused_with_415() {
     .unwrap();
     assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
     assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 1);
-    let metrics = running.ops_get("/metrics").await;
-    assert!(
-        metrics
-            .text()
-            .contains(r#"nfcpayd_refusals_total{route="enroll",code="unsupported-media-type"} 4"#),
-        "{}",
-        metrics.text()
-    );
+    running
+        .assert_metric(r#"nfcpayd_refusals_total{route="enroll",code="unsupported-media-type"} 4"#)
+        .await;
     running.stop().await;
 }
 
@@ -1066,14 +1093,9 @@ async fn a_slow_request_head_is_closed_without_an_answer() {
     let answer = raw_exchange(&mut stream, b"POST /v1/halves/a HTTP/1.1\r\nHost: loc").await;
     assert_eq!(answer, "");
     assert_eq!(running.api.half_calls(), 0);
-    let metrics = running.ops_get("/metrics").await;
-    assert!(
-        metrics
-            .text()
-            .contains(r#"nfcpayd_connection_timeouts_total{phase="header"} 1"#),
-        "{}",
-        metrics.text()
-    );
+    running
+        .assert_metric(r#"nfcpayd_connection_timeouts_total{phase="header"} 1"#)
+        .await;
     running.stop().await;
 }
 
@@ -1108,7 +1130,7 @@ async fn a_slow_head_on_a_kept_alive_connection_is_closed() {
     // Kept alive. The client idles past the first request's head allowance (so the server's
     // connection task is waiting on the long idle allowance), then sends a head that never
     // completes.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    outlast_the_header_allowance(&running).await;
     let rest = raw_exchange(&mut stream, b"GET /v1/transactions/").await;
     assert_eq!(rest, "");
     running.stop().await;
@@ -1270,14 +1292,9 @@ async fn an_address_over_its_share_is_closed_at_once_and_others_are_served() {
         .await
         .unwrap();
     assert_eq!(answer.status, StatusCode::OK);
-    let metrics = running.ops_get("/metrics").await;
-    assert!(
-        metrics
-            .text()
-            .contains(r#"nfcpayd_connections_refused_per_address_total{listener="enrollment"} 1"#),
-        "{}",
-        metrics.text()
-    );
+    running
+        .assert_metric(r#"nfcpayd_connections_refused_per_address_total{listener="enrollment"} 1"#)
+        .await;
     // The share comes back when a held connection closes.
     drop(held.pop());
     eventually("the address gets its share back", || async {
@@ -1305,22 +1322,27 @@ async fn idle_connections_get_the_short_timeout_when_the_listener_is_crowded() {
     .await;
     let client = running.terminal("shop-1");
     let mut open = Vec::new();
-    for body in ["1", "2", "3", "4", "5", "6", "7"] {
-        let (mut sender, driver) = client.http(running.address).await.unwrap();
-        let answer = send(&mut sender, Method::POST, "/v1/halves/a", body)
-            .await
-            .unwrap();
-        assert_eq!(answer.status, StatusCode::ACCEPTED);
-        open.push((sender, driver));
+    for body in ["1", "2", "3", "4", "5", "6"] {
+        open.push(open_with_a_half(&client, running.address, body).await);
     }
-    // Seven of eight slots in use, one free: not crowded, so an idle connection outlives the
-    // header timeout (deliberately waiting past it).
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Seven of eight slots in use (the seventh by the witness), one free: not crowded, so an
+    // idle connection outlives the header timeout.
+    outlast_the_header_allowance(&running).await;
     let (first, _) = &mut open[0];
     let answer = send(first, Method::POST, "/v1/halves/a", "again")
         .await
         .unwrap();
     assert_eq!(answer.status, StatusCode::ACCEPTED);
+    // The witness's slot, once the server has freed it, to the seventh connection.
+    eventually("the witness's slot is free", || async {
+        running
+            .ops_get("/metrics")
+            .await
+            .text()
+            .contains("nfcpayd_open_connections 6\n")
+    })
+    .await;
+    open.push(open_with_a_half(&client, running.address, "7").await);
 
     // The eighth connection crowds the listener: an idle one (idle longer than the header
     // timeout) is closed, which leaves a free slot again; so does the ninth.
@@ -1397,17 +1419,12 @@ async fn a_terminal_over_its_rate_gets_429_rate_limited() {
         .unwrap();
     assert_eq!(answer.status, StatusCode::ACCEPTED);
 
-    let metrics = running.ops_get("/metrics").await;
-    assert!(
-        metrics
-            .text()
-            .contains("nfcpayd_rate_limited_requests_total 1")
-    );
-    assert!(
-        metrics
-            .text()
-            .contains(r#"nfcpayd_http_requests_total{route="half_a",status="429"} 1"#)
-    );
+    running
+        .assert_metric("nfcpayd_rate_limited_requests_total 1")
+        .await;
+    running
+        .assert_metric(r#"nfcpayd_http_requests_total{route="half_a",status="429"} 1"#)
+        .await;
     running.stop().await;
 }
 

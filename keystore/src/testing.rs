@@ -1,17 +1,81 @@
-//! Test doubles over a real keystore, for the crates that build on this one (feature
-//! `testing`; never enabled in a shipped binary).
+//! Test support for this crate's tests and the crates that build on it (feature `testing`;
+//! never enabled in a shipped binary): a keystore that fails on cue ([`FailingKeystore`]), a
+//! throwaway SoftHSM2 directory ([`SoftHsmDir`]) and the PIN-key checks the DUKPT tests
+//! make.
+
+mod softhsm;
+
+pub use softhsm::{SOFTHSM2_MODULE, SoftHsmDir, token_uri};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use nfcpay_protocol::BdkId;
-use nfcpay_protocol::dukpt::{DerivationData, KeyAlgorithm};
+use nfcpay_protocol::dukpt::{DerivationData, KeyAlgorithm, WorkingKeyUsage};
+use nfcpay_protocol::{BdkId, Ksn};
 use zeroize::Zeroizing;
 
+use crate::dukpt::{TransientKey, working_key, working_key_from};
 use crate::{
     BdkInfo, CMAC_BYTES, DeriveBase, ECDSA_P256_SIGNATURE_BYTES, EcPublicKey, GCM_NONCE_BYTES, Kcv,
     KeyHandle, KeyLabel, KeyPurpose, Keystore, KeystoreError, PrivateKeyHandle,
 };
+
+/// The KCV of the PIN-encryption key of `ksn` that `store` derives from `transaction_key` (a
+/// terminal's transaction or register key): how a test compares a terminal's key with the
+/// host's ([`host_pin_key_kcv`]) without either revealing it.
+pub fn pin_key_kcv(
+    store: &dyn Keystore,
+    transaction_key: &KeyHandle,
+    ksn: Ksn,
+) -> Result<Kcv, KeystoreError> {
+    let pin_key = working_key_from(
+        store,
+        transaction_key,
+        ksn,
+        WorkingKeyUsage::PinEncryption,
+        None,
+        KeyPurpose::Check,
+    )?;
+    let pin_key = TransientKey::new(store, pin_key);
+    store.kcv(pin_key.handle())
+}
+
+/// The KCV of the PIN-encryption key of `ksn` that the host derives from the BDK in `host`.
+pub fn host_pin_key_kcv(host: &dyn Keystore, ksn: Ksn) -> Result<Kcv, KeystoreError> {
+    let pin_key = working_key(
+        host,
+        ksn,
+        WorkingKeyUsage::PinEncryption,
+        None,
+        KeyPurpose::Check,
+    )?;
+    let pin_key = TransientKey::new(host, pin_key);
+    host.kcv(pin_key.handle())
+}
+
+/// Checks a terminal's transaction after a crash: its KSN comes after every KSN in
+/// `handed_out` (no counter is ever used twice), and its key in `terminal` derives the same PIN
+/// key as the host's BDK in `host`; then records the KSN in `handed_out`. `context` says which
+/// crash, for the failure message.
+#[allow(clippy::expect_used)] // A failed check fails the test that asked for it.
+pub fn assert_fresh_transaction(
+    terminal: &dyn Keystore,
+    host: &dyn Keystore,
+    handed_out: &mut Vec<Ksn>,
+    (ksn, key): (Ksn, &KeyHandle),
+    context: &str,
+) {
+    assert!(
+        handed_out.iter().all(|earlier| *earlier < ksn),
+        "{ksn} after {context}"
+    );
+    assert_eq!(
+        pin_key_kcv(terminal, key, ksn).expect("the terminal derives its PIN key"),
+        host_pin_key_kcv(host, ksn).expect("the host derives the PIN key"),
+        "{ksn} after {context}"
+    );
+    handed_out.push(ksn);
+}
 
 /// A keystore that, once [armed](Self::arm), fails the `fail_at`-th call (counting from 0) to
 /// the calls that change a terminal's key state (`derive`, `persist_key`, `delete_key`), like

@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use libtest_mimic::{Arguments, Trial};
-use std::process::Command;
 
 use nfcpay_keystore::components::clear_key_kcv;
 use nfcpay_keystore::dukpt::{
@@ -29,7 +28,7 @@ use nfcpay_keystore::dukpt::{
 };
 use nfcpay_keystore::pkcs11::Pkcs11Keystore;
 use nfcpay_keystore::software::SoftwareKeystore;
-use nfcpay_keystore::uri::Pkcs11Uri;
+use nfcpay_keystore::testing::{SOFTHSM2_MODULE, SoftHsmDir, token_uri};
 use nfcpay_keystore::{DeriveBase, KeyLabel, KeyPurpose, Keystore, KeystoreError};
 use nfcpay_protocol::dukpt::{DerivationData, KeyAlgorithm, TerminalState, WorkingKeyUsage};
 use nfcpay_protocol::{BdkId, InitialKeyId, Ksn, TransactionCounter};
@@ -39,15 +38,14 @@ use x9_24_3_vectors::{AES128_BDK, AES128_TERMINAL_KSN_SEQUENCE, AES256_BDK, BdkV
 use zeroize::Zeroizing;
 
 const PIN: &str = "conformance-pin";
-/// The PKCS#11 module: SoftHSM2, or the module named by [`MODULE_VARIABLE`] (`cargo xtask
-/// test` runs the suite again through p11-kit's proxy module, which reaches SoftHSM2 through
-/// its registration in `/usr/share/p11-kit/modules/`).
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 /// The environment variable that names another PKCS#11 module for the suite.
 const MODULE_VARIABLE: &str = "NFCPAY_TEST_PKCS11_MODULE";
 
+/// The PKCS#11 module: SoftHSM2, or the module named by [`MODULE_VARIABLE`] (`cargo xtask
+/// test` runs the suite again through p11-kit's proxy module, which reaches SoftHSM2 through
+/// its registration in `/usr/share/p11-kit/modules/`).
 fn module() -> String {
-    std::env::var(MODULE_VARIABLE).unwrap_or_else(|_| MODULE.to_owned())
+    std::env::var(MODULE_VARIABLE).unwrap_or_else(|_| SOFTHSM2_MODULE.to_owned())
 }
 
 /// The stores every check runs against, opened once per process.
@@ -66,33 +64,20 @@ fn stores() -> &'static Stores {
     STORES.get_or_init(|| {
         let dir = TOKEN_DIR.get().expect("main sets the token directory");
         Stores {
-            pkcs11: LABELS.map(|label| pkcs11_store(label, &dir.join("pin"))),
+            pkcs11: LABELS.map(|label| pkcs11_store(label, dir)),
             software: [(); 3].map(|()| SoftwareKeystore::in_memory()),
         }
     })
 }
 
 fn main() {
-    let dir = tempfile::tempdir().unwrap();
+    // All tokens first: SoftHSM2 sees only the tokens that exist when the module initialises.
     // SAFETY: `main` runs before this process starts any other thread (the test runner starts
     // its threads later, in `libtest_mimic::run`), so nothing reads the environment
     // concurrently.
     #[allow(unsafe_code)]
-    unsafe {
-        std::env::set_var("SOFTHSM2_CONF", dir.path().join("softhsm2.conf"));
-    }
-    std::fs::write(dir.path().join("pin"), PIN).unwrap();
-    // The keystore refuses a PIN file its group or others can read.
-    std::fs::set_permissions(
-        dir.path().join("pin"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
-    // All tokens first: SoftHSM2 sees only the tokens that exist when the module initialises.
-    for label in LABELS {
-        make_token(dir.path(), label);
-    }
-    TOKEN_DIR.set(dir.path().to_owned()).unwrap();
+    let hsm = unsafe { SoftHsmDir::for_this_process(PIN, &LABELS) };
+    TOKEN_DIR.set(hsm.path().to_owned()).unwrap();
 
     type Check = fn(&dyn Keystore, &dyn Keystore, &dyn Keystore);
     let per_backend: [(&str, Check); 7] = [
@@ -143,43 +128,12 @@ fn main() {
         }));
     }
     let conclusion = libtest_mimic::run(&Arguments::from_args(), trials);
-    drop(dir);
+    drop(hsm);
     conclusion.exit();
 }
 
-fn make_token(dir: &Path, label: &str) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../softhsm-setup/init-token");
-    let output = Command::new(script)
-        .args(["--dir"])
-        .arg(dir)
-        .args([
-            "--label",
-            label,
-            "--pin",
-            PIN,
-            "--so-pin",
-            "conformance-so-pin",
-        ])
-        .output()
-        .expect(
-            "softhsm-setup/init-token runs (is softhsm2 installed? `cargo xtask test` installs it)",
-        );
-    assert!(
-        output.status.success(),
-        "init-token failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-fn pkcs11_store(label: &str, pin_file: &Path) -> Pkcs11Keystore {
-    let uri: Pkcs11Uri = format!(
-        "pkcs11:token={label}?module-path={}&pin-source=file:{}",
-        module(),
-        pin_file.display()
-    )
-    .parse()
-    .unwrap();
-    Pkcs11Keystore::open(&uri).unwrap()
+fn pkcs11_store(label: &str, dir: &Path) -> Pkcs11Keystore {
+    Pkcs11Keystore::open(&token_uri(dir, label, &module())).unwrap()
 }
 
 fn bytes(hex_digits: &str) -> Zeroizing<Vec<u8>> {

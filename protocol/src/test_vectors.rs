@@ -101,6 +101,20 @@ pub struct BdkVectors {
     pub transactions: &'static [TransactionVectors],
 }
 
+impl BdkVectors {
+    /// The published working key of `usage` (as in [`WorkingKeyVector::usage`]) for `ksn` (24
+    /// hex digits, as published), if the supplement has one.
+    pub fn working_key(&self, ksn: &str, usage: &str) -> Option<&'static WorkingKeyVector> {
+        let transactions: &'static [TransactionVectors] = self.transactions;
+        transactions
+            .iter()
+            .find(|transaction| transaction.ksn == ksn)?
+            .working_keys
+            .iter()
+            .find(|working| working.usage == usage)
+    }
+}
+
 /// Published values for one KSN.
 pub struct TransactionVectors {
     /// 24 hex digits: initial key ID (8 bytes) | transaction counter (4 bytes, big endian).

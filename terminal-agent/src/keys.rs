@@ -660,11 +660,13 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use nfcpay_keystore::components::clear_key_kcv;
-    use nfcpay_keystore::dukpt::{TransientKey, initial_key, working_key, working_key_from};
+    use nfcpay_keystore::dukpt::{TransientKey, initial_key};
     use nfcpay_keystore::software::SoftwareKeystore;
-    use nfcpay_keystore::testing::FailingKeystore;
+    use nfcpay_keystore::testing::{
+        FailingKeystore, assert_fresh_transaction, host_pin_key_kcv, pin_key_kcv,
+    };
     use nfcpay_keystore::{DeriveBase, Kcv, KeyPurpose};
-    use nfcpay_protocol::dukpt::{DerivationData, DeriveKey, WorkingKeyUsage};
+    use nfcpay_protocol::dukpt::{DerivationData, DeriveKey};
     use zeroize::Zeroizing;
 
     use super::*;
@@ -714,16 +716,7 @@ mod tests {
 
         /// The host's KCV of the PIN key of `ksn`.
         fn host_pin_kcv(&self, ksn: Ksn) -> Kcv {
-            let key = working_key(
-                self.host.as_ref(),
-                ksn,
-                WorkingKeyUsage::PinEncryption,
-                None,
-                KeyPurpose::Check,
-            )
-            .unwrap();
-            let key = TransientKey::new(self.host.as_ref(), key);
-            self.host.kcv(key.handle()).unwrap()
+            host_pin_key_kcv(self.host.as_ref(), ksn).unwrap()
         }
     }
 
@@ -768,17 +761,7 @@ mod tests {
 
     /// The KCV of the PIN key derived from a terminal's transaction (or register) key.
     fn pin_kcv(store: &dyn Keystore, key: &KeyHandle, ksn: Ksn) -> Kcv {
-        let pin = working_key_from(
-            store,
-            key,
-            ksn,
-            WorkingKeyUsage::PinEncryption,
-            None,
-            KeyPurpose::Check,
-        )
-        .unwrap();
-        let pin = TransientKey::new(store, pin);
-        store.kcv(pin.handle()).unwrap()
+        pin_key_kcv(store, key, ksn).unwrap()
     }
 
     fn ksn_of(state: &TerminalKeyState, counter: u32) -> Ksn {
@@ -829,16 +812,7 @@ mod tests {
             assert_registers_consistent(&terminal, &state);
             let (ksn, key) = state.next_transaction().unwrap();
             assert_eq!(ksn.to_string(), *expected);
-            let published = AES128_BDK
-                .transactions
-                .iter()
-                .find(|transaction| transaction.ksn == *expected)
-                .unwrap();
-            let pin = published
-                .working_keys
-                .iter()
-                .find(|working| working.usage == "PIN")
-                .unwrap();
+            let pin = AES128_BDK.working_key(expected, "PIN").unwrap();
             let expected_kcv = clear_key_kcv(&hex::decode(pin.key).unwrap()).unwrap();
             assert_eq!(
                 pin_kcv(state.store.as_ref(), key.handle(), ksn),
@@ -946,15 +920,13 @@ mod tests {
                 assert_registers_consistent(&terminal, &state);
                 for _ in 0..3 {
                     let (ksn, key) = state.next_transaction().unwrap();
-                    assert!(
-                        handed_out.iter().all(|earlier| *earlier < ksn),
-                        "{ksn} after a crash at step {fail_at} of {crash_counter:#x}"
+                    assert_fresh_transaction(
+                        state.store.as_ref(),
+                        terminal.host.as_ref(),
+                        &mut handed_out,
+                        (ksn, key.handle()),
+                        &format!("a crash at step {fail_at} of {crash_counter:#x}"),
                     );
-                    assert_eq!(
-                        pin_kcv(state.store.as_ref(), key.handle(), ksn),
-                        terminal.host_pin_kcv(ksn)
-                    );
-                    handed_out.push(ksn);
                 }
                 assert_registers_consistent(&terminal, &state);
                 scenarios += 1;

@@ -13,52 +13,38 @@
 
 use nfcpay_protocol::test_vectors as x9_24_3_vectors;
 
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use cryptoki::context::Pkcs11;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use libtest_mimic::{Arguments, Trial};
 use nfcpay_keystore::components::clear_key_kcv;
-use nfcpay_keystore::dukpt::{TransientKey, initial_key, working_key, working_key_from};
+use nfcpay_keystore::dukpt::initial_key;
 use nfcpay_keystore::pkcs11::Pkcs11Keystore;
 use nfcpay_keystore::software::SoftwareKeystore;
-use nfcpay_keystore::testing::FailingKeystore;
-use nfcpay_keystore::uri::Pkcs11Uri;
-use nfcpay_keystore::{Kcv, KeyHandle, KeyPurpose, Keystore, KeystoreError};
-use nfcpay_protocol::dukpt::{KeyAlgorithm, WorkingKeyUsage};
-use nfcpay_protocol::{InitialKeyId, Ksn};
+use nfcpay_keystore::testing::{
+    FailingKeystore, SOFTHSM2_MODULE, SoftHsmDir, assert_fresh_transaction, pin_key_kcv, token_uri,
+};
+use nfcpay_keystore::{KeyPurpose, Keystore, KeystoreError};
+use nfcpay_protocol::InitialKeyId;
+use nfcpay_protocol::dukpt::KeyAlgorithm;
 use nfcpay_terminal_agent::keys::{STATE_FILE_NAME, TerminalKeyState, register_label};
 use x9_24_3_vectors::{AES128_BDK, AES128_TERMINAL_KSN_SEQUENCE};
 use zeroize::Zeroizing;
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const PIN: &str = "keys-pkcs11-pin";
 const LABELS: [&str; 3] = ["keys-vectors", "keys-crash", "keys-attributes"];
 
-static TOKEN_DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+static TOKEN_DIR: OnceLock<PathBuf> = OnceLock::new();
 
 fn main() {
-    let dir = tempfile::tempdir().unwrap();
+    // All tokens first: SoftHSM2 sees only the tokens that exist when the module initialises.
     // SAFETY: `main` runs before this process starts any other thread (libtest-mimic starts
     // its threads later, in `run`), so nothing reads the environment concurrently.
     #[allow(unsafe_code)]
-    unsafe {
-        std::env::set_var("SOFTHSM2_CONF", dir.path().join("softhsm2.conf"));
-    }
-    std::fs::write(dir.path().join("pin"), PIN).unwrap();
-    // The keystore refuses a PIN file its group or others can read.
-    std::fs::set_permissions(
-        dir.path().join("pin"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
-    // All tokens first: SoftHSM2 sees only the tokens that exist when the module initialises.
-    for label in LABELS {
-        make_token(dir.path(), label);
-    }
-    TOKEN_DIR.set(dir).unwrap();
+    let hsm = unsafe { SoftHsmDir::for_this_process(PIN, &LABELS) };
+    TOKEN_DIR.set(hsm.path().to_owned()).unwrap();
     let trials = vec![
         Trial::test(
             "pkcs11::published vectors across a reopen between every transaction",
@@ -79,40 +65,14 @@ fn main() {
             Ok(())
         }),
     ];
-    libtest_mimic::run(&Arguments::from_args(), trials).exit();
-}
-
-fn make_token(dir: &Path, label: &str) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../softhsm-setup/init-token");
-    let output = Command::new(script)
-        .arg("--dir")
-        .arg(dir)
-        .args([
-            "--label",
-            label,
-            "--pin",
-            PIN,
-            "--so-pin",
-            "keys-pkcs11-so-pin",
-        ])
-        .output()
-        .expect("softhsm-setup/init-token runs (is softhsm2 installed?)");
-    assert!(
-        output.status.success(),
-        "init-token failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let conclusion = libtest_mimic::run(&Arguments::from_args(), trials);
+    drop(hsm);
+    conclusion.exit();
 }
 
 fn token_store(label: &str) -> Arc<Pkcs11Keystore> {
-    let dir = TOKEN_DIR.get().unwrap().path();
-    let uri: Pkcs11Uri = format!(
-        "pkcs11:token={label}?module-path={MODULE}&pin-source=file:{}",
-        dir.join("pin").display()
-    )
-    .parse()
-    .unwrap();
-    Arc::new(Pkcs11Keystore::open(&uri).unwrap())
+    let dir = TOKEN_DIR.get().unwrap();
+    Arc::new(Pkcs11Keystore::open(&token_uri(dir, label, SOFTHSM2_MODULE)).unwrap())
 }
 
 fn initial_key_id() -> InitialKeyId {
@@ -141,33 +101,6 @@ fn load(store: Arc<dyn Keystore>, dir: &Path) -> TerminalKeyState {
         .unwrap()
 }
 
-fn pin_kcv(store: &dyn Keystore, key: &KeyHandle, ksn: Ksn) -> Kcv {
-    let pin = working_key_from(
-        store,
-        key,
-        ksn,
-        WorkingKeyUsage::PinEncryption,
-        None,
-        KeyPurpose::Check,
-    )
-    .unwrap();
-    let pin = TransientKey::new(store, pin);
-    store.kcv(pin.handle()).unwrap()
-}
-
-fn host_pin_kcv(host: &dyn Keystore, ksn: Ksn) -> Kcv {
-    let pin = working_key(
-        host,
-        ksn,
-        WorkingKeyUsage::PinEncryption,
-        None,
-        KeyPurpose::Check,
-    )
-    .unwrap();
-    let pin = TransientKey::new(host, pin);
-    host.kcv(pin.handle()).unwrap()
-}
-
 fn published_vectors(label: &str) {
     let store: Arc<dyn Keystore> = token_store(label);
     let dir = tempfile::tempdir().unwrap();
@@ -176,18 +109,12 @@ fn published_vectors(label: &str) {
         let mut state = TerminalKeyState::open(Arc::clone(&store), dir.path()).unwrap();
         let (ksn, key) = state.next_transaction().unwrap();
         assert_eq!(ksn.to_string(), *expected);
-        let published = AES128_BDK
-            .transactions
-            .iter()
-            .find(|transaction| transaction.ksn == *expected)
-            .unwrap();
-        let pin = published
-            .working_keys
-            .iter()
-            .find(|working| working.usage == "PIN")
-            .unwrap();
+        let pin = AES128_BDK.working_key(expected, "PIN").unwrap();
         let expected_kcv = clear_key_kcv(&hex::decode(pin.key).unwrap()).unwrap();
-        assert_eq!(pin_kcv(store.as_ref(), key.handle(), ksn), expected_kcv);
+        assert_eq!(
+            pin_key_kcv(store.as_ref(), key.handle(), ksn).unwrap(),
+            expected_kcv
+        );
     }
     let state = TerminalKeyState::open(Arc::clone(&store), dir.path()).unwrap();
     assert_eq!(state.status().next_counter, Some(9));
@@ -218,16 +145,13 @@ fn crash_at_every_step(label: &str) {
             let mut state = TerminalKeyState::open(Arc::clone(&token), dir.path()).unwrap();
             for _ in 0..3 {
                 let (ksn, key) = state.next_transaction().unwrap();
-                assert!(
-                    handed_out.iter().all(|earlier| *earlier < ksn),
-                    "{ksn} after a crash at step {fail_at} of {crash_counter:#x}"
+                assert_fresh_transaction(
+                    token.as_ref(),
+                    &host,
+                    &mut handed_out,
+                    (ksn, key.handle()),
+                    &format!("a crash at step {fail_at} of {crash_counter:#x}"),
                 );
-                assert_eq!(
-                    pin_kcv(token.as_ref(), key.handle(), ksn),
-                    host_pin_kcv(&host, ksn),
-                    "{ksn}"
-                );
-                handed_out.push(ksn);
             }
             // A used register's key is gone from the token.
             let used = handed_out.last().unwrap().counter().get().trailing_zeros() as usize;
@@ -248,7 +172,7 @@ fn registers_stay_in_the_token(label: &str) {
         std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
         0o600
     );
-    let context = Pkcs11::new(MODULE).unwrap();
+    let context = Pkcs11::new(SOFTHSM2_MODULE).unwrap();
     let slot = context
         .get_slots_with_token()
         .unwrap()

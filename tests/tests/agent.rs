@@ -21,11 +21,14 @@ use std::process::{Child, Command, Output, Stdio};
 
 use std::time::{Duration, Instant};
 
+use nfcpay_keystore::testing::SoftHsmDir;
 use nfcpay_tests::postgres::{self, Cluster};
-use nfcpay_tests::{
-    Ledger, PlatformFixture, SOFTHSM_MODULE, binary, http_get, postgres_required, workspace_root,
-};
+use nfcpay_tests::{Ledger, PlatformFixture, SOFTHSM_MODULE, binary, http_get, postgres_required};
 use tempfile::TempDir;
+
+/// The label and the user PIN of a token terminal's SoftHSM2 token.
+const TOKEN_LABEL: &str = "terminal";
+const TOKEN_PIN: &str = "terminal-pin";
 
 /// The emulator process (`nfcpay-pn532-sim`), killed on drop.
 struct Emulator {
@@ -67,9 +70,9 @@ impl Drop for Emulator {
 /// A terminal directory of the agent (software keystore inside).
 struct AgentTerminal {
     dir: TempDir,
-    /// For a terminal whose keys are in a SoftHSM2 token: its `--keystore` URI and
-    /// `SOFTHSM2_CONF`.
-    token: Option<(String, PathBuf)>,
+    /// For a terminal whose keys are in a SoftHSM2 token: the token's directory (the token
+    /// labelled [`TOKEN_LABEL`]).
+    token: Option<SoftHsmDir>,
 }
 
 impl AgentTerminal {
@@ -83,32 +86,14 @@ impl AgentTerminal {
         }
     }
 
-    /// A terminal whose keys live in a SoftHSM2 token of its own (made in its directory).
+    /// A terminal whose keys live in a SoftHSM2 token of its own.
     fn with_token() -> Self {
-        let mut terminal = Self::new();
-        let dir = terminal.path().join("token");
-        std::fs::create_dir_all(&dir).unwrap();
-        let pin = dir.join("pin");
-        std::fs::write(&pin, "terminal-pin").unwrap();
-        // The keystore refuses a PIN file its group or others can read.
-        std::fs::set_permissions(&pin, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
-        let output = Command::new(workspace_root().join("softhsm-setup/init-token"))
-            .arg("--dir")
-            .arg(&dir)
-            .args(["--label", "terminal", "--pin-file"])
-            .arg(&pin)
-            .arg("--so-pin-file")
-            .arg(&pin)
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{}", text(&output));
-        let uri = format!(
-            "pkcs11:token=terminal?module-path={SOFTHSM_MODULE}&pin-source=file:{}",
-            pin.display()
-        );
-        terminal.token = Some((uri, dir.join("softhsm2.conf")));
-        terminal
+        let hsm = SoftHsmDir::new(TOKEN_PIN);
+        hsm.make_token(TOKEN_LABEL);
+        Self {
+            token: Some(hsm),
+            ..Self::new()
+        }
     }
 
     fn path(&self) -> &Path {
@@ -119,8 +104,14 @@ impl AgentTerminal {
     fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(binary("nfcpay-agent").unwrap());
         command.arg("--dir").arg(self.path());
-        if let Some((uri, conf)) = &self.token {
-            command.args(["--keystore", uri]).env("SOFTHSM2_CONF", conf);
+        if let Some(hsm) = &self.token {
+            let uri = format!(
+                "pkcs11:token={TOKEN_LABEL}?module-path={SOFTHSM_MODULE}&pin-source=file:{}",
+                hsm.pin_file().display()
+            );
+            command
+                .args(["--keystore", &uri])
+                .env("SOFTHSM2_CONF", hsm.conf());
         }
         command
             .args(args)
@@ -291,6 +282,38 @@ fn pay_concurrently(
     (payee_output, payer_output)
 }
 
+/// `nfcpay-agent request` of `amount` EUR on the reader `device`, waiting up to 20 s for the
+/// payer's phone, then `extra`.
+fn request_args<'a>(amount: &'a str, device: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "request",
+        "--amount",
+        amount,
+        "--currency",
+        "EUR",
+        "--device",
+        device,
+        "--nfc-wait-s",
+        "20",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// `nfcpay-agent pay` on the reader `device`, waiting up to 20 s for the payee's terminal,
+/// then `extra` (consent among them, or none).
+fn pay_args<'a>(device: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["pay", "--device", device, "--nfc-wait-s", "20"];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// The agent exited 1 (refused or failed) and said `message` on stderr.
+fn assert_fails_saying(output: &Output, message: &str) {
+    assert_eq!(output.status.code(), Some(1), "{}", text(output));
+    assert!(stderr(output).contains(message), "{}", text(output));
+}
+
 fn assert_settled_receipt(output: &Output, amount: &str) {
     assert!(output.status.success(), "{}", text(output));
     let shown = stdout(output);
@@ -323,28 +346,9 @@ fn two_agents_pay_each_other_over_the_emulator_in_either_nfc_role() {
     // The payee's reader as NFC initiator, the payer's as target (the defaults).
     let (payee_output, payer_output) = pay_concurrently(
         &payee,
-        &[
-            "request",
-            "--amount",
-            "12.50",
-            "--currency",
-            "EUR",
-            "--description",
-            "coffee and cake",
-            "--device",
-            payee_reader,
-            "--nfc-wait-s",
-            "20",
-        ],
+        &request_args("12.50", payee_reader, &["--description", "coffee and cake"]),
         &payer,
-        &[
-            "pay",
-            "--yes",
-            "--device",
-            payer_reader,
-            "--nfc-wait-s",
-            "20",
-        ],
+        &pay_args(payer_reader, &["--yes"]),
     );
     assert_settled_receipt(&payee_output, "12.50 EUR");
     assert_settled_receipt(&payer_output, "12.50 EUR");
@@ -375,31 +379,12 @@ fn two_agents_pay_each_other_over_the_emulator_in_either_nfc_role() {
     // Roles swapped: the payee's reader as target, the payer's as initiator; consent by limit.
     let (payee_output, payer_output) = pay_concurrently(
         &payee,
-        &[
-            "request",
-            "--amount",
-            "2.25",
-            "--currency",
-            "EUR",
-            "--device",
-            payee_reader,
-            "--role",
-            "target",
-            "--nfc-wait-s",
-            "20",
-        ],
+        &request_args("2.25", payee_reader, &["--role", "target"]),
         &payer,
-        &[
-            "pay",
-            "--max-amount",
-            "20.00",
-            "--device",
+        &pay_args(
             payer_reader,
-            "--role",
-            "initiator",
-            "--nfc-wait-s",
-            "20",
-        ],
+            &["--max-amount", "20.00", "--role", "initiator"],
+        ),
     );
     assert_settled_receipt(&payee_output, "2.25 EUR");
     assert_settled_receipt(&payer_output, "2.25 EUR");
@@ -416,54 +401,20 @@ fn a_payer_over_its_limit_or_without_consent_pays_nothing() {
     let before = platform.storage().unwrap().dump_state().unwrap();
     let (payee_reader, payer_reader) = (&emulator.connstrings[0], &emulator.connstrings[1]);
     for payer_consent in [&["--max-amount", "10.00"][..], &[][..]] {
-        let payer_args = [
-            &["pay", "--device", payer_reader, "--nfc-wait-s", "20"][..],
-            payer_consent,
-        ]
-        .concat();
+        let payer_args = pay_args(payer_reader, payer_consent);
         let (payee_output, payer_output) = pay_concurrently(
             &payee,
-            &[
-                "request",
-                "--amount",
+            &request_args(
                 "12.50",
-                "--currency",
-                "EUR",
-                "--device",
                 payee_reader,
-                "--nfc-wait-s",
-                "20",
-                "--wait-ms",
-                "0",
-                "--settle-wait-s",
-                "0",
-            ],
+                &["--wait-ms", "0", "--settle-wait-s", "0"],
+            ),
             &payer,
             &payer_args,
         );
         // The payer refuses before sealing anything; the payee's half A stands alone.
-        assert_eq!(
-            payer_output.status.code(),
-            Some(1),
-            "{}",
-            text(&payer_output)
-        );
-        assert!(
-            stderr(&payer_output).contains("no consent"),
-            "{}",
-            text(&payer_output)
-        );
-        assert_eq!(
-            payee_output.status.code(),
-            Some(1),
-            "{}",
-            text(&payee_output)
-        );
-        assert!(
-            stderr(&payee_output).contains("still pending"),
-            "{}",
-            text(&payee_output)
-        );
+        assert_fails_saying(&payer_output, "no consent");
+        assert_fails_saying(&payee_output, "still pending");
         // The message names the command that asks again, and that command answers.
         let shown = stderr(&payee_output);
         let command = shown
@@ -528,28 +479,8 @@ fn a_missing_other_terminal_leaves_no_state_and_a_clear_error() {
             "2",
         ],
     );
-    assert_eq!(
-        payee_output.status.code(),
-        Some(1),
-        "{}",
-        text(&payee_output)
-    );
-    assert!(
-        stderr(&payee_output).contains("NFC: no NFC-DEP target found within"),
-        "{}",
-        text(&payee_output)
-    );
-    assert_eq!(
-        payer_output.status.code(),
-        Some(1),
-        "{}",
-        text(&payer_output)
-    );
-    assert!(
-        stderr(&payer_output).contains("NFC: no NFC-DEP initiator came within"),
-        "{}",
-        text(&payer_output)
-    );
+    assert_fails_saying(&payee_output, "NFC: no NFC-DEP target found within");
+    assert_fails_saying(&payer_output, "NFC: no NFC-DEP initiator came within");
     // The payer taken away while the payee waits as target (the payer process is killed
     // before it reaches the field).
     let mut payer_child = payer.spawn(&[
@@ -575,17 +506,7 @@ fn a_missing_other_terminal_leaves_no_state_and_a_clear_error() {
         "--nfc-wait-s",
         "2",
     ]);
-    assert_eq!(
-        payee_output.status.code(),
-        Some(1),
-        "{}",
-        text(&payee_output)
-    );
-    assert!(
-        stderr(&payee_output).contains("NFC: no NFC-DEP initiator came within"),
-        "{}",
-        text(&payee_output)
-    );
+    assert_fails_saying(&payee_output, "NFC: no NFC-DEP initiator came within");
 
     let after = platform.storage().unwrap().dump_state().unwrap();
     assert_eq!(before, after, "the platform must not change");
@@ -717,42 +638,14 @@ fn a_counter_taken_for_a_half_that_never_landed_is_not_used_again() {
         .unwrap();
     let (payee_output, _payer_output) = pay_concurrently(
         &payee,
-        &[
-            "request",
-            "--amount",
-            "12.50",
-            "--currency",
-            "EUR",
-            "--device",
-            payee_reader,
-            "--nfc-wait-s",
-            "20",
-        ],
+        &request_args("12.50", payee_reader, &[]),
         &payer,
-        &[
-            "pay",
-            "--yes",
-            "--device",
+        &pay_args(
             payer_reader,
-            "--nfc-wait-s",
-            "20",
-            "--wait-ms",
-            "0",
-            "--settle-wait-s",
-            "0",
-        ],
+            &["--yes", "--wait-ms", "0", "--settle-wait-s", "0"],
+        ),
     );
-    assert_eq!(
-        payee_output.status.code(),
-        Some(1),
-        "{}",
-        text(&payee_output)
-    );
-    assert!(
-        stderr(&payee_output).contains("problem code: terminal-suspended"),
-        "{}",
-        text(&payee_output)
-    );
+    assert_fails_saying(&payee_output, "problem code: terminal-suspended");
     assert!(
         stdout(&payee_output).contains("(counter 1)"),
         "{}",
@@ -770,26 +663,9 @@ fn a_counter_taken_for_a_half_that_never_landed_is_not_used_again() {
         .unwrap();
     let (payee_output, payer_output) = pay_concurrently(
         &payee,
-        &[
-            "request",
-            "--amount",
-            "12.50",
-            "--currency",
-            "EUR",
-            "--device",
-            payee_reader,
-            "--nfc-wait-s",
-            "20",
-        ],
+        &request_args("12.50", payee_reader, &[]),
         &payer,
-        &[
-            "pay",
-            "--yes",
-            "--device",
-            payer_reader,
-            "--nfc-wait-s",
-            "20",
-        ],
+        &pay_args(payer_reader, &["--yes"]),
     );
     assert_settled_receipt(&payee_output, "12.50 EUR");
     assert_settled_receipt(&payer_output, "12.50 EUR");
@@ -825,46 +701,15 @@ fn a_terminal_with_its_keys_in_a_pkcs11_token_enrolls_and_pays() {
     let emulator = Emulator::start(2);
     let (payee_output, payer_output) = pay_concurrently(
         &payee,
-        &[
-            "request",
-            "--amount",
-            "3.10",
-            "--currency",
-            "EUR",
-            "--device",
-            &emulator.connstrings[0],
-            "--nfc-wait-s",
-            "20",
-        ],
+        &request_args("3.10", &emulator.connstrings[0], &[]),
         &payer,
-        &[
-            "pay",
-            "--yes",
-            "--device",
-            &emulator.connstrings[1],
-            "--nfc-wait-s",
-            "20",
-        ],
+        &pay_args(&emulator.connstrings[1], &["--yes"]),
     );
     assert_settled_receipt(&payee_output, "3.10 EUR");
     assert_settled_receipt(&payer_output, "3.10 EUR");
     assert_eq!(platform.balance("alice").unwrap(), "96.90 EUR");
 
-    let (_, conf) = payer.token.as_ref().unwrap();
-    let listing = Command::new("pkcs11-tool")
-        .args([
-            "--module",
-            SOFTHSM_MODULE,
-            "--token-label",
-            "terminal",
-            "--login",
-        ])
-        .args(["--pin", "terminal-pin", "--list-objects"])
-        .env("SOFTHSM2_CONF", conf)
-        .output()
-        .expect("pkcs11-tool runs (`cargo xtask test` installs opensc)");
-    assert!(listing.status.success(), "{}", text(&listing));
-    let objects = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let objects = payer.token.as_ref().unwrap().list_objects(TOKEN_LABEL);
     let private_keys: Vec<&str> = objects.split("Private Key Object").skip(1).collect();
     assert_eq!(private_keys.len(), 1, "only the TLS key: {objects}");
     assert!(private_keys[0].contains("nfcpay-terminal-tls"), "{objects}");
@@ -906,34 +751,22 @@ fn halves_kept_through_a_platform_outage_are_resent_byte_identical_and_settle() 
     platform.stop().unwrap();
     let (payee_output, payer_output) = pay_concurrently(
         &payee,
-        &[
-            "request",
-            "--amount",
+        &request_args(
             "12.50",
-            "--currency",
-            "EUR",
-            "--device",
             &emulator.connstrings[0],
-            "--nfc-wait-s",
-            "20",
-            "--attempts",
-            "2",
-            "--save-half",
-            saved_a.to_str().unwrap(),
-        ],
+            &["--attempts", "2", "--save-half", saved_a.to_str().unwrap()],
+        ),
         &payer,
-        &[
-            "pay",
-            "--yes",
-            "--device",
+        &pay_args(
             &emulator.connstrings[1],
-            "--nfc-wait-s",
-            "20",
-            "--attempts",
-            "2",
-            "--save-half",
-            saved_b.to_str().unwrap(),
-        ],
+            &[
+                "--yes",
+                "--attempts",
+                "2",
+                "--save-half",
+                saved_b.to_str().unwrap(),
+            ],
+        ),
     );
     let mut kept = Vec::new();
     for (output, terminal, saved, suffix) in [
@@ -1089,21 +922,11 @@ fn halves_kept_through_a_platform_outage_are_resent_byte_identical_and_settle() 
 
     // A transaction the platform does not know, and one this terminal is no party to.
     let output = payee.run(&["status", "--txn", &"0F".repeat(16)]);
-    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
-    assert!(
-        stderr(&output).contains("problem code: unknown-transaction"),
-        "{}",
-        text(&output)
-    );
+    assert_fails_saying(&output, "problem code: unknown-transaction");
     platform.account("bob", "EUR", None).unwrap();
     let stranger = enrolled(&platform, "bob-phone", "bob");
     let output = stranger.run(&["status", "--txn", &txn]);
-    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
-    assert!(
-        stderr(&output).contains("problem code: not-a-party"),
-        "{}",
-        text(&output)
-    );
+    assert_fails_saying(&output, "problem code: not-a-party");
 }
 
 /// Issue 8 with the real agent: while the platform answers `503 unavailable` with

@@ -28,6 +28,10 @@ use nfcpay_tests::{Ledger, PlatformFixture, http_get, postgres_required};
 const PAIRS: usize = 3;
 /// The daemon's write and read timeouts in the freeze test (ms), below the freeze.
 const TIMEOUT_MS: u64 = 1_000;
+/// How long PostgreSQL stays frozen in the freeze test.
+const FREEZE: Duration = Duration::from_secs(4);
+/// How far into the freeze `/readyz` must be answering 503: twice the timeouts.
+const READINESS_NOTICE_MAX: Duration = Duration::from_millis(2 * TIMEOUT_MS);
 
 /// A cluster of the test's own, or `None` (skip) where PostgreSQL is not installed and not
 /// required.
@@ -42,6 +46,49 @@ fn own_cluster() -> Option<Cluster> {
         return None;
     };
     Some(Cluster::start(&bin_dir).expect("a PostgreSQL cluster of the test's own"))
+}
+
+/// Terminal pairs paying in the background until a deadline, and what they were answered.
+struct Load {
+    payers: Vec<tokio::task::JoinHandle<()>>,
+    accounts: Vec<nfcpay_protocol::AccountId>,
+    tally: Arc<Mutex<Tally>>,
+}
+
+impl Load {
+    /// Enrolls [`PAIRS`] terminal pairs on `platform` and has them pay for `duration`.
+    async fn start(platform: &PlatformFixture, duration: Duration) -> Self {
+        let (pairs, accounts) = faults::enroll_pairs(platform, PAIRS)
+            .await
+            .expect("terminals");
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let payers = faults::start_paying(pairs, Instant::now() + duration, &tally);
+        Self {
+            payers,
+            accounts,
+            tally,
+        }
+    }
+
+    /// Waits for every payer to stop; returns what they were answered, and their accounts.
+    async fn finish(self) -> (Tally, Vec<nfcpay_protocol::AccountId>) {
+        for payer in self.payers {
+            payer.await.unwrap();
+        }
+        let tally = std::mem::take(&mut *self.tally.lock().unwrap());
+        (tally, self.accounts)
+    }
+}
+
+/// Prints how long after `back` (the end of the fault, at `event`) the first payment settled,
+/// and asserts that one did.
+fn a_payment_settled_after(name: &str, tally: &Tally, back: Instant, event: &str) {
+    let first_settled = tally.first_settled_after(back);
+    println!("{name}: first payment settled {first_settled:?} after {event}");
+    assert!(
+        first_settled.is_some(),
+        "{name}: no payment settled after {event}"
+    );
 }
 
 /// Checks what every fault test must hold, and prints the figures.
@@ -87,12 +134,7 @@ async fn postgres_restarted_and_crashed_under_load_costs_no_500_and_no_payment()
         return;
     };
     let platform = PlatformFixture::start(&Ledger::Postgres(cluster.url())).expect("platform");
-    let (pairs, accounts) = faults::enroll_pairs(&platform, PAIRS)
-        .await
-        .expect("terminals");
-    let tally = Arc::new(Mutex::new(Tally::default()));
-    let started = Instant::now();
-    let payers = faults::start_paying(pairs, started + Duration::from_secs(8), &tally);
+    let load = Load::start(&platform, Duration::from_secs(8)).await;
 
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let cluster = Arc::new(cluster);
@@ -126,11 +168,8 @@ async fn postgres_restarted_and_crashed_under_load_costs_no_500_and_no_payment()
     .await
     .unwrap()
     .expect("PostgreSQL recovered after a crash");
-    for payer in payers {
-        payer.await.unwrap();
-    }
+    let (tally, accounts) = load.finish().await;
 
-    let tally = tally.lock().unwrap();
     for (what, back) in [("restart", restarted), ("crash", recovered)] {
         println!(
             "postgres {what}: first payment settled {:?} after the server was back",
@@ -161,32 +200,33 @@ async fn postgres_frozen_costs_503_within_the_timeouts_then_payments_go_on() {
         &format!("write_timeout_ms = {TIMEOUT_MS}\nread_timeout_ms = {TIMEOUT_MS}"),
     )
     .expect("platform");
-    let (pairs, accounts) = faults::enroll_pairs(&platform, PAIRS)
-        .await
-        .expect("terminals");
-    let tally = Arc::new(Mutex::new(Tally::default()));
-    let started = Instant::now();
-    let payers = faults::start_paying(pairs, started + Duration::from_secs(9), &tally);
+    let load = Load::start(&platform, Duration::from_secs(9)).await;
 
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let frozen_pids = cluster.freeze().expect("PostgreSQL frozen");
     let frozen = Instant::now();
     let ops = platform.ops_address.clone();
-    tokio::time::sleep(Duration::from_millis(2_000)).await;
-    let readiness = tokio::task::spawn_blocking(move || http_get(&ops, "/readyz"))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    // Asked until it answers 503, for at most READINESS_NOTICE_MAX into the freeze.
+    let readiness = tokio::task::spawn_blocking(move || {
+        loop {
+            let readiness = http_get(&ops, "/readyz");
+            let unready = matches!(readiness, Ok((503, _)));
+            if unready || frozen.elapsed() >= READINESS_NOTICE_MAX {
+                break readiness;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep_until(tokio::time::Instant::from_std(frozen + FREEZE)).await;
     cluster.thaw(&frozen_pids).expect("PostgreSQL thawed");
     let thawed = Instant::now();
-    for payer in payers {
-        payer.await.unwrap();
-    }
+    let (tally, accounts) = load.finish().await;
 
     let (status, body) = readiness.expect("/readyz answers while the database is frozen");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("not ready: database: "), "{body}");
-    let tally = tally.lock().unwrap();
     let during_freeze: Vec<_> = tally
         .answers
         .iter()
@@ -226,12 +266,7 @@ async fn postgres_frozen_costs_503_within_the_timeouts_then_payments_go_on() {
 #[tokio::test(flavor = "multi_thread")]
 async fn nfcpayd_killed_under_load_keeps_every_acknowledged_payment_once() {
     let mut platform = PlatformFixture::start(&Ledger::Sqlite).expect("platform");
-    let (pairs, accounts) = faults::enroll_pairs(&platform, PAIRS)
-        .await
-        .expect("terminals");
-    let tally = Arc::new(Mutex::new(Tally::default()));
-    let started = Instant::now();
-    let payers = faults::start_paying(pairs, started + Duration::from_secs(6), &tally);
+    let load = Load::start(&platform, Duration::from_secs(6)).await;
 
     tokio::time::sleep(Duration::from_millis(2_000)).await;
     let platform = tokio::task::spawn_blocking(move || {
@@ -242,18 +277,13 @@ async fn nfcpayd_killed_under_load_keeps_every_acknowledged_payment_once() {
     .await
     .unwrap();
     let (platform, restarted) = platform.expect("nfcpayd restarted");
-    for payer in payers {
-        payer.await.unwrap();
-    }
+    let (tally, accounts) = load.finish().await;
 
-    let tally = tally.lock().unwrap();
-    println!(
-        "nfcpayd kill -9: first payment settled {:?} after the restarted daemon was ready",
-        tally.first_settled_after(restarted)
-    );
-    assert!(
-        tally.first_settled_after(restarted).is_some(),
-        "no payment settled after the restart"
+    a_payment_settled_after(
+        "nfcpayd kill -9",
+        &tally,
+        restarted,
+        "the restarted daemon was ready",
     );
     check_run("nfcpayd kill -9", &platform, &tally, &accounts);
 }
@@ -284,12 +314,7 @@ async fn postgres_failover_to_a_synchronous_standby_loses_no_acknowledged_paymen
     let mut platform = PlatformFixture::start(&Ledger::Postgres(url)).expect("platform");
     platform.start_extra_daemon().expect("a second daemon");
     let daemons = platform.daemon_pids();
-    let (pairs, accounts) = faults::enroll_pairs(&platform, PAIRS)
-        .await
-        .expect("terminals");
-    let tally = Arc::new(Mutex::new(Tally::default()));
-    let started = Instant::now();
-    let payers = faults::start_paying(pairs, started + Duration::from_secs(8), &tally);
+    let load = Load::start(&platform, Duration::from_secs(8)).await;
 
     tokio::time::sleep(Duration::from_millis(2_000)).await;
     let (primary, standby, promoted) = tokio::task::spawn_blocking(move || {
@@ -300,18 +325,13 @@ async fn postgres_failover_to_a_synchronous_standby_loses_no_acknowledged_paymen
     .await
     .unwrap()
     .expect("primary killed, standby promoted");
-    for payer in payers {
-        payer.await.unwrap();
-    }
+    let (tally, accounts) = load.finish().await;
 
-    let tally = tally.lock().unwrap();
-    println!(
-        "postgres failover: first payment settled {:?} after the standby was promoted",
-        tally.first_settled_after(promoted)
-    );
-    assert!(
-        tally.first_settled_after(promoted).is_some(),
-        "no payment settled after the failover"
+    a_payment_settled_after(
+        "postgres failover",
+        &tally,
+        promoted,
+        "the standby was promoted",
     );
     assert_eq!(platform.daemon_pids(), daemons);
     for pid in daemons {

@@ -146,6 +146,44 @@ impl Market {
         problem
     }
 
+    /// The payee's half A, submitted without waiting: refused with `status` and `code`, the
+    /// ledger unchanged.
+    async fn half_a_refused(&self, half_a: Vec<u8>, status: u16, code: &str) -> Problem {
+        self.refused(
+            self.payee.submit(HalfKind::A, half_a, NO_WAIT),
+            status,
+            code,
+        )
+        .await
+    }
+
+    /// The payer's half B, submitted without waiting: refused with `status` and `code`, the
+    /// ledger unchanged.
+    async fn half_b_refused(&self, half_b: Vec<u8>, status: u16, code: &str) -> Problem {
+        self.refused(
+            self.payer.submit(HalfKind::B, half_b, NO_WAIT),
+            status,
+            code,
+        )
+        .await
+    }
+
+    /// The payee's half A, submitted without waiting: answered pending, a receipt the payee
+    /// opens with `keys`.
+    async fn half_a_pending(&self, keys: &TransactionKeys, half_a: Vec<u8>) -> Receipt {
+        let submitted = self.payee.submit(HalfKind::A, half_a, NO_WAIT);
+        self.answered(&self.payee, keys, submitted, ReceiptStatus::Pending)
+            .await
+    }
+
+    /// The payer's half B, submitted without waiting: the payment settles, a receipt the
+    /// payer opens with `keys`.
+    async fn half_b_settles(&self, keys: &TransactionKeys, half_b: Vec<u8>) -> Receipt {
+        let submitted = self.payer.submit(HalfKind::B, half_b, NO_WAIT);
+        self.answered(&self.payer, keys, submitted, ReceiptStatus::Settled)
+            .await
+    }
+
     /// Awaits `call` and checks that it is answered, without a problem, with a receipt of
     /// `status` that `recipient` can open with `keys`.
     async fn answered(
@@ -169,22 +207,10 @@ impl Market {
     async fn settle(&mut self, amount: &str) -> (Vec<u8>, TransactionKeys, TransactionKeys) {
         let request = self.payee.request(amount, "EUR", "settled").unwrap();
         let (payee_keys, half_a) = self.payee.seal(HalfKind::A, &request).unwrap();
-        self.answered(
-            &self.payee,
-            &payee_keys,
-            self.payee.submit(HalfKind::A, half_a, NO_WAIT),
-            ReceiptStatus::Pending,
-        )
-        .await;
+        self.half_a_pending(&payee_keys, half_a).await;
         let instruction = self.payer.instruction(&request).unwrap();
         let (payer_keys, half_b) = self.payer.seal(HalfKind::B, &instruction).unwrap();
-        self.answered(
-            &self.payer,
-            &payer_keys,
-            self.payer.submit(HalfKind::B, half_b, NO_WAIT),
-            ReceiptStatus::Settled,
-        )
-        .await;
+        self.half_b_settles(&payer_keys, half_b).await;
         (request, payee_keys, payer_keys)
     }
 
@@ -472,13 +498,7 @@ async fn tampered_halves(ledger: Ledger) {
     );
     for (field, index, mask, status, code) in cases {
         let tampered = flipped(&half_a, index, mask);
-        let problem = market
-            .refused(
-                market.payee.submit(HalfKind::A, tampered, NO_WAIT),
-                status,
-                code,
-            )
-            .await;
+        let problem = market.half_a_refused(tampered, status, code).await;
         eprintln!("flipped {field}: {} {}", problem.code, problem.detail);
     }
     // Each refusal is logged with its problem code and the sender (the log is written as the
@@ -512,23 +532,10 @@ async fn tampered_halves(ledger: Ledger) {
     let late = keys
         .seal_half(HalfKind::A, market.payee.id(), &request, now_ms() - 600_000)
         .unwrap();
-    market
-        .refused(
-            market.payee.submit(HalfKind::A, late, NO_WAIT),
-            400,
-            "clock-skew",
-        )
-        .await;
+    market.half_a_refused(late, 400, "clock-skew").await;
 
     // None of them used the KSN: the genuine half goes through, and its payment settles.
-    market
-        .answered(
-            &market.payee,
-            &keys,
-            market.payee.submit(HalfKind::A, half_a, NO_WAIT),
-            ReceiptStatus::Pending,
-        )
-        .await;
+    market.half_a_pending(&keys, half_a).await;
     let instruction = market.payer.instruction(&request).unwrap();
     let (payer_keys, half_b) = market.payer.seal(HalfKind::B, &instruction).unwrap();
     let at = HeaderLayout::of(&half_b);
@@ -546,14 +553,7 @@ async fn tampered_halves(ledger: Ledger) {
             )
             .await;
     }
-    market
-        .answered(
-            &market.payer,
-            &payer_keys,
-            market.payer.submit(HalfKind::B, half_b, NO_WAIT),
-            ReceiptStatus::Settled,
-        )
-        .await;
+    market.half_b_settles(&payer_keys, half_b).await;
     assert_eq!(market.platform.balance("alice").unwrap(), "87.50 EUR");
     market.audit_intact();
 }
@@ -563,24 +563,10 @@ async fn replayed_halves(ledger: Ledger) {
     let mut market = Market::open(&ledger).await;
     let request = market.payee.request("12.50", "EUR", "replayed").unwrap();
     let (payee_keys, half_a) = market.payee.seal(HalfKind::A, &request).unwrap();
-    market
-        .answered(
-            &market.payee,
-            &payee_keys,
-            market.payee.submit(HalfKind::A, half_a.clone(), NO_WAIT),
-            ReceiptStatus::Pending,
-        )
-        .await;
+    market.half_a_pending(&payee_keys, half_a.clone()).await;
     let instruction = market.payer.instruction(&request).unwrap();
     let (payer_keys, half_b) = market.payer.seal(HalfKind::B, &instruction).unwrap();
-    let settled = market
-        .answered(
-            &market.payer,
-            &payer_keys,
-            market.payer.submit(HalfKind::B, half_b.clone(), NO_WAIT),
-            ReceiptStatus::Settled,
-        )
-        .await;
+    let settled = market.half_b_settles(&payer_keys, half_b.clone()).await;
 
     // Byte-identical re-sends after settlement: 200, the same settled receipt, nothing new.
     let before = market.snapshot();
@@ -610,56 +596,24 @@ async fn replayed_halves(ledger: Ledger) {
         .seal_half(HalfKind::B, market.payer.id(), &instruction, now_ms())
         .unwrap();
     assert_ne!(resealed, half_b);
-    market
-        .refused(
-            market.payer.submit(HalfKind::B, resealed, NO_WAIT),
-            409,
-            "replayed-ksn",
-        )
-        .await;
+    market.half_b_refused(resealed, 409, "replayed-ksn").await;
     // …and another payment altogether, on both sides.
     let other_request = market.payee.request("1.00", "EUR", "other").unwrap();
     let other_a = payee_keys
         .seal_half(HalfKind::A, market.payee.id(), &other_request, now_ms())
         .unwrap();
-    market
-        .refused(
-            market.payee.submit(HalfKind::A, other_a, NO_WAIT),
-            409,
-            "replayed-ksn",
-        )
-        .await;
+    market.half_a_refused(other_a, 409, "replayed-ksn").await;
     let other_instruction = market.payer.instruction(&other_request).unwrap();
     let other_b = payer_keys
         .seal_half(HalfKind::B, market.payer.id(), &other_instruction, now_ms())
         .unwrap();
-    market
-        .refused(
-            market.payer.submit(HalfKind::B, other_b, NO_WAIT),
-            409,
-            "replayed-ksn",
-        )
-        .await;
+    market.half_b_refused(other_b, 409, "replayed-ksn").await;
 
     // Under fresh KSNs the other payment goes through.
     let (keys, half) = market.payee.seal(HalfKind::A, &other_request).unwrap();
-    market
-        .answered(
-            &market.payee,
-            &keys,
-            market.payee.submit(HalfKind::A, half, NO_WAIT),
-            ReceiptStatus::Pending,
-        )
-        .await;
+    market.half_a_pending(&keys, half).await;
     let (keys, half) = market.payer.seal(HalfKind::B, &other_instruction).unwrap();
-    market
-        .answered(
-            &market.payer,
-            &keys,
-            market.payer.submit(HalfKind::B, half, NO_WAIT),
-            ReceiptStatus::Settled,
-        )
-        .await;
+    market.half_b_settles(&keys, half).await;
     assert_eq!(market.platform.balance("alice").unwrap(), "86.50 EUR");
     market.audit_intact();
 }
@@ -685,29 +639,9 @@ async fn stale_counters(ledger: Ledger) {
     assert!(counter(&early_keys) < counter(&late_keys) - 1024);
     assert!(counter(&inside_keys) > counter(&late_keys) - 1024);
 
-    market
-        .answered(
-            &market.payee,
-            &late_keys,
-            market.payee.submit(HalfKind::A, late_half, NO_WAIT),
-            ReceiptStatus::Pending,
-        )
-        .await;
-    market
-        .refused(
-            market.payee.submit(HalfKind::A, early_half, NO_WAIT),
-            409,
-            "stale-ksn",
-        )
-        .await;
-    market
-        .answered(
-            &market.payee,
-            &inside_keys,
-            market.payee.submit(HalfKind::A, inside_half, NO_WAIT),
-            ReceiptStatus::Pending,
-        )
-        .await;
+    market.half_a_pending(&late_keys, late_half).await;
+    market.half_a_refused(early_half, 409, "stale-ksn").await;
+    market.half_a_pending(&inside_keys, inside_half).await;
     market.audit_intact();
 }
 
@@ -775,24 +709,10 @@ async fn client_certificates(ledger: Ledger) {
     }
 
     // The payee's own certificate: accepted.
-    market
-        .answered(
-            &market.payee,
-            &keys,
-            market.payee.submit(HalfKind::A, half_a, NO_WAIT),
-            ReceiptStatus::Pending,
-        )
-        .await;
+    market.half_a_pending(&keys, half_a).await;
     let instruction = market.payer.instruction(&request).unwrap();
     let (keys, half_b) = market.payer.seal(HalfKind::B, &instruction).unwrap();
-    market
-        .answered(
-            &market.payer,
-            &keys,
-            market.payer.submit(HalfKind::B, half_b, NO_WAIT),
-            ReceiptStatus::Settled,
-        )
-        .await;
+    market.half_b_settles(&keys, half_b).await;
     market.audit_intact();
 }
 
@@ -826,11 +746,7 @@ async fn superseded_certificates(ledger: Ledger) {
         let request = market.payee.request("2.00", "EUR", attempt).unwrap();
         let (_, half_a) = market.payee.seal(HalfKind::A, &request).unwrap();
         let problem = market
-            .refused(
-                market.payee.submit(HalfKind::A, half_a, NO_WAIT),
-                403,
-                "terminal-mismatch",
-            )
+            .half_a_refused(half_a, 403, "terminal-mismatch")
             .await;
         assert!(
             problem.detail.contains("enrolled certificate"),
@@ -895,11 +811,7 @@ async fn suspended_and_revoked_terminals(ledger: Ledger) {
         .admin_ok(&["terminals", "suspend", "--id", "shop-1"])
         .unwrap();
     market
-        .refused(
-            market.payee.submit(HalfKind::A, half_a.clone(), NO_WAIT),
-            403,
-            "terminal-suspended",
-        )
+        .half_a_refused(half_a.clone(), 403, "terminal-suspended")
         .await;
     let status = market
         .payee
@@ -917,25 +829,14 @@ async fn suspended_and_revoked_terminals(ledger: Ledger) {
         .platform
         .admin_ok(&["terminals", "reactivate", "--id", "shop-1"])
         .unwrap();
-    market
-        .answered(
-            &market.payee,
-            &payee_keys,
-            market.payee.submit(HalfKind::A, half_a, NO_WAIT),
-            ReceiptStatus::Pending,
-        )
-        .await;
+    market.half_a_pending(&payee_keys, half_a).await;
 
     market
         .platform
         .admin_ok(&["terminals", "revoke", "--id", "alice-phone"])
         .unwrap();
     market
-        .refused(
-            market.payer.submit(HalfKind::B, half_b.clone(), NO_WAIT),
-            403,
-            "terminal-revoked",
-        )
+        .half_b_refused(half_b.clone(), 403, "terminal-revoked")
         .await;
     market
         .refused(
@@ -954,13 +855,7 @@ async fn suspended_and_revoked_terminals(ledger: Ledger) {
         .admin(&["terminals", "reactivate", "--id", "alice-phone"], "")
         .unwrap();
     assert!(!reactivate.status.success());
-    market
-        .refused(
-            market.payer.submit(HalfKind::B, half_b, NO_WAIT),
-            403,
-            "terminal-revoked",
-        )
-        .await;
+    market.half_b_refused(half_b, 403, "terminal-revoked").await;
     assert_eq!(market.platform.balance("alice").unwrap(), "99.00 EUR");
     market.audit_intact();
 }
@@ -975,14 +870,7 @@ async fn mismatched_halves(ledger: Ledger) {
         .unwrap();
     let request = market.payee.request("12.50", "EUR", "mismatched").unwrap();
     let (keys, half_a) = market.payee.seal(HalfKind::A, &request).unwrap();
-    market
-        .answered(
-            &market.payee,
-            &keys,
-            market.payee.submit(HalfKind::A, half_a, NO_WAIT),
-            ReceiptStatus::Pending,
-        )
-        .await;
+    market.half_a_pending(&keys, half_a).await;
 
     // A half A naming an account that is not its terminal's, one the ledger does not have,
     // and a payment in another currency than the payee's account.
@@ -990,57 +878,27 @@ async fn mismatched_halves(ledger: Ledger) {
         request.payee_account_id = "bob".parse().unwrap();
     });
     let (_, half) = market.payee.seal(HalfKind::A, &foreign_account).unwrap();
-    market
-        .refused(
-            market.payee.submit(HalfKind::A, half, NO_WAIT),
-            403,
-            "foreign-account",
-        )
-        .await;
+    market.half_a_refused(half, 403, "foreign-account").await;
     let unknown_account = request_with(&market.payee, |request| {
         request.payee_account_id = "nobody".parse().unwrap();
     });
     let (_, half) = market.payee.seal(HalfKind::A, &unknown_account).unwrap();
-    market
-        .refused(
-            market.payee.submit(HalfKind::A, half, NO_WAIT),
-            422,
-            "unknown-account",
-        )
-        .await;
+    market.half_a_refused(half, 422, "unknown-account").await;
     let dollars = market.payee.request("12.50", "USD", "dollars").unwrap();
     let (_, half) = market.payee.seal(HalfKind::A, &dollars).unwrap();
-    market
-        .refused(
-            market.payee.submit(HalfKind::A, half, NO_WAIT),
-            422,
-            "account-currency",
-        )
-        .await;
+    market.half_a_refused(half, 422, "account-currency").await;
 
     // Halves whose message names another terminal than the one sending it.
     let foreign_payee = request_with(&market.payee, |request| {
         request.payee_terminal_id = "alice-phone".parse().unwrap();
     });
     let (_, half) = market.payee.seal(HalfKind::A, &foreign_payee).unwrap();
-    market
-        .refused(
-            market.payee.submit(HalfKind::A, half, NO_WAIT),
-            403,
-            "terminal-mismatch",
-        )
-        .await;
+    market.half_a_refused(half, 403, "terminal-mismatch").await;
     let foreign_payer = instruction_with(&market.payer, &request, |instruction| {
         instruction.payer_terminal_id = "shop-1".parse().unwrap();
     });
     let (_, half) = market.payer.seal(HalfKind::B, &foreign_payer).unwrap();
-    market
-        .refused(
-            market.payer.submit(HalfKind::B, half, NO_WAIT),
-            403,
-            "terminal-mismatch",
-        )
-        .await;
+    market.half_b_refused(half, 403, "terminal-mismatch").await;
 
     type Change = fn(&mut PaymentInstruction);
     let cases: [(&str, Change, u16, &str); 7] = [
@@ -1089,26 +947,13 @@ async fn mismatched_halves(ledger: Ledger) {
     for (what, change, status, code) in cases {
         let instruction = instruction_with(&market.payer, &request, change);
         let (_, half_b) = market.payer.seal(HalfKind::B, &instruction).unwrap();
-        let problem = market
-            .refused(
-                market.payer.submit(HalfKind::B, half_b, NO_WAIT),
-                status,
-                code,
-            )
-            .await;
+        let problem = market.half_b_refused(half_b, status, code).await;
         eprintln!("{what}: {}", problem.detail);
     }
 
     let instruction = market.payer.instruction(&request).unwrap();
     let (keys, half_b) = market.payer.seal(HalfKind::B, &instruction).unwrap();
-    market
-        .answered(
-            &market.payer,
-            &keys,
-            market.payer.submit(HalfKind::B, half_b, NO_WAIT),
-            ReceiptStatus::Settled,
-        )
-        .await;
+    market.half_b_settles(&keys, half_b).await;
     assert_eq!(market.platform.balance("alice").unwrap(), "87.50 EUR");
     assert_eq!(market.platform.balance("bob").unwrap(), "50.00 EUR");
     market.audit_intact();
@@ -1123,13 +968,7 @@ async fn expired_requests(ledger: Ledger) {
         request.validity = RequestValidity::new(now - 120_000, now - 60_000).unwrap();
     });
     let (_, half_a) = market.payee.seal(HalfKind::A, &expired).unwrap();
-    market
-        .refused(
-            market.payee.submit(HalfKind::A, half_a, NO_WAIT),
-            410,
-            "expired",
-        )
-        .await;
+    market.half_a_refused(half_a, 410, "expired").await;
 
     // Half B carries no expiry: it waits; the expired half A is refused all the same.
     let instruction = market.payer.instruction(&expired).unwrap();
@@ -1143,13 +982,7 @@ async fn expired_requests(ledger: Ledger) {
         )
         .await;
     let (_, half_a) = market.payee.seal(HalfKind::A, &expired).unwrap();
-    market
-        .refused(
-            market.payee.submit(HalfKind::A, half_a, NO_WAIT),
-            410,
-            "expired",
-        )
-        .await;
+    market.half_a_refused(half_a, 410, "expired").await;
 
     // Valid for 1.5 s more when half A arrives; half B comes after the expiry sweep.
     let now = now_ms();
@@ -1157,14 +990,7 @@ async fn expired_requests(ledger: Ledger) {
         request.validity = RequestValidity::new(now - 1_000, now + 1_500).unwrap();
     });
     let (payee_keys, half_a) = market.payee.seal(HalfKind::A, &short).unwrap();
-    market
-        .answered(
-            &market.payee,
-            &payee_keys,
-            market.payee.submit(HalfKind::A, half_a, NO_WAIT),
-            ReceiptStatus::Pending,
-        )
-        .await;
+    market.half_a_pending(&payee_keys, half_a).await;
     wait_until_expired(&market.storage, txn_id_of(&short)).await;
     let status = market
         .payee
@@ -1177,13 +1003,7 @@ async fn expired_requests(ledger: Ledger) {
     assert_eq!(receipt.status(), ReceiptStatus::Expired);
     let instruction = market.payer.instruction(&short).unwrap();
     let (_, half_b) = market.payer.seal(HalfKind::B, &instruction).unwrap();
-    market
-        .refused(
-            market.payer.submit(HalfKind::B, half_b, NO_WAIT),
-            410,
-            "expired",
-        )
-        .await;
+    market.half_b_refused(half_b, 410, "expired").await;
     assert_eq!(market.platform.balance("alice").unwrap(), "100.00 EUR");
 
     // Dated a day ahead: its lifetime would not even have started.
@@ -1192,13 +1012,7 @@ async fn expired_requests(ledger: Ledger) {
         request.validity = RequestValidity::new(tomorrow, tomorrow + 600_000).unwrap();
     });
     let (_, half_a) = market.payee.seal(HalfKind::A, &future).unwrap();
-    market
-        .refused(
-            market.payee.submit(HalfKind::A, half_a, NO_WAIT),
-            400,
-            "clock-skew",
-        )
-        .await;
+    market.half_a_refused(half_a, 400, "clock-skew").await;
     market.audit_intact();
 }
 
@@ -1229,11 +1043,7 @@ async fn unknown_bdks(ledger: Ledger) {
         .seal_half(HalfKind::A, market.payee.id(), &request, now_ms())
         .unwrap();
     market
-        .refused(
-            market.payee.submit(HalfKind::A, foreign_half, NO_WAIT),
-            403,
-            "terminal-mismatch",
-        )
+        .half_a_refused(foreign_half, 403, "terminal-mismatch")
         .await;
 
     // A terminal enrolled under a second BDK, which then disappears from the token.
@@ -1317,13 +1127,7 @@ async fn oversized_and_garbage_bodies(ledger: Ledger) {
         half_a[..half_a.len() - 1].to_vec(),
         padded,
     ] {
-        market
-            .refused(
-                market.payee.submit(HalfKind::A, body, NO_WAIT),
-                400,
-                "malformed",
-            )
-            .await;
+        market.half_a_refused(body, 400, "malformed").await;
     }
     market
         .refused(
@@ -1336,23 +1140,10 @@ async fn oversized_and_garbage_bodies(ledger: Ledger) {
     let instruction = market.payer.instruction(&request).unwrap();
     for plaintext in [b"sealed, but not a request".as_slice(), &instruction] {
         let (_, sealed) = market.payee.seal(HalfKind::A, plaintext).unwrap();
-        market
-            .refused(
-                market.payee.submit(HalfKind::A, sealed, NO_WAIT),
-                400,
-                "malformed",
-            )
-            .await;
+        market.half_a_refused(sealed, 400, "malformed").await;
     }
 
-    market
-        .answered(
-            &market.payee,
-            &keys,
-            market.payee.submit(HalfKind::A, half_a, NO_WAIT),
-            ReceiptStatus::Pending,
-        )
-        .await;
+    market.half_a_pending(&keys, half_a).await;
     market.audit_intact();
 }
 
@@ -1362,22 +1153,11 @@ async fn insufficient_funds(ledger: Ledger) {
     let mut market = Market::open_with_funds(&ledger, "5.00").await;
     let request = market.payee.request("12.50", "EUR", "too dear").unwrap();
     let (keys, half_a) = market.payee.seal(HalfKind::A, &request).unwrap();
-    market
-        .answered(
-            &market.payee,
-            &keys,
-            market.payee.submit(HalfKind::A, half_a, NO_WAIT),
-            ReceiptStatus::Pending,
-        )
-        .await;
+    market.half_a_pending(&keys, half_a).await;
     let instruction = market.payer.instruction(&request).unwrap();
     let (payer_keys, half_b) = market.payer.seal(HalfKind::B, &instruction).unwrap();
     market
-        .refused(
-            market.payer.submit(HalfKind::B, half_b.clone(), NO_WAIT),
-            422,
-            "insufficient-funds",
-        )
+        .half_b_refused(half_b.clone(), 422, "insufficient-funds")
         .await;
     assert_eq!(market.platform.balance("alice").unwrap(), "5.00 EUR");
     assert_eq!(market.platform.balance("shop").unwrap(), "0.00 EUR");
@@ -1386,14 +1166,7 @@ async fn insufficient_funds(ledger: Ledger) {
         .platform
         .admin_ok(&["accounts", "fund", "--id", "alice", "--amount", "10.00"])
         .unwrap();
-    market
-        .answered(
-            &market.payer,
-            &payer_keys,
-            market.payer.submit(HalfKind::B, half_b, NO_WAIT),
-            ReceiptStatus::Settled,
-        )
-        .await;
+    market.half_b_settles(&payer_keys, half_b).await;
     assert_eq!(market.platform.balance("alice").unwrap(), "2.50 EUR");
     assert_eq!(market.platform.balance("shop").unwrap(), "12.50 EUR");
     market.audit_intact();
@@ -1405,23 +1178,9 @@ async fn resent_halves(ledger: Ledger) {
     let mut market = Market::open(&ledger).await;
     let request = market.payee.request("12.50", "EUR", "resent").unwrap();
     let (payee_keys, half_a) = market.payee.seal(HalfKind::A, &request).unwrap();
-    let first = market
-        .answered(
-            &market.payee,
-            &payee_keys,
-            market.payee.submit(HalfKind::A, half_a.clone(), NO_WAIT),
-            ReceiptStatus::Pending,
-        )
-        .await;
+    let first = market.half_a_pending(&payee_keys, half_a.clone()).await;
     let before = market.snapshot();
-    let again = market
-        .answered(
-            &market.payee,
-            &payee_keys,
-            market.payee.submit(HalfKind::A, half_a.clone(), NO_WAIT),
-            ReceiptStatus::Pending,
-        )
-        .await;
+    let again = market.half_a_pending(&payee_keys, half_a.clone()).await;
     assert_eq!(again, first);
     // Byte for byte: the same receipt body and CMAC, and a signature computed anew (SoftHSM2's
     // ECDSA draws a random nonce, so its bytes differ) that verifies.
@@ -1475,14 +1234,7 @@ async fn resent_halves(ledger: Ledger) {
 
     let instruction = market.payer.instruction(&request).unwrap();
     let (payer_keys, half_b) = market.payer.seal(HalfKind::B, &instruction).unwrap();
-    market
-        .answered(
-            &market.payer,
-            &payer_keys,
-            market.payer.submit(HalfKind::B, half_b, NO_WAIT),
-            ReceiptStatus::Settled,
-        )
-        .await;
+    market.half_b_settles(&payer_keys, half_b).await;
 
     let before = market.snapshot();
     market
@@ -1494,31 +1246,13 @@ async fn resent_halves(ledger: Ledger) {
         )
         .await;
     assert_eq!(market.snapshot(), before, "a re-send changed the ledger");
-    market
-        .refused(
-            market.payee.submit(HalfKind::A, conflicting_a, NO_WAIT),
-            409,
-            "conflict",
-        )
-        .await;
+    market.half_a_refused(conflicting_a, 409, "conflict").await;
     let (_, conflicting_a) = market.payee.seal(HalfKind::A, &other_request).unwrap();
-    market
-        .refused(
-            market.payee.submit(HalfKind::A, conflicting_a, NO_WAIT),
-            409,
-            "conflict",
-        )
-        .await;
+    market.half_a_refused(conflicting_a, 409, "conflict").await;
     // Another half B of the payer for the settled payment (consented at another time).
     let later = instruction_with(&market.payer, &request, |i| i.consented_at_ms += 1);
     let (_, conflicting_b) = market.payer.seal(HalfKind::B, &later).unwrap();
-    market
-        .refused(
-            market.payer.submit(HalfKind::B, conflicting_b, NO_WAIT),
-            409,
-            "conflict",
-        )
-        .await;
+    market.half_b_refused(conflicting_b, 409, "conflict").await;
     assert_eq!(market.platform.balance("alice").unwrap(), "87.50 EUR");
     market.audit_intact();
 }
@@ -1619,14 +1353,7 @@ async fn transaction_status(ledger: Ledger) {
     let request = market.payee.request("12.50", "EUR", "status").unwrap();
     let txn_id = txn_id_of(&request);
     let (payee_keys, half_a) = market.payee.seal(HalfKind::A, &request).unwrap();
-    market
-        .answered(
-            &market.payee,
-            &payee_keys,
-            market.payee.submit(HalfKind::A, half_a, NO_WAIT),
-            ReceiptStatus::Pending,
-        )
-        .await;
+    market.half_a_pending(&payee_keys, half_a).await;
     // The payer has no half in yet: not a party for the platform.
     market
         .refused(
@@ -1637,14 +1364,7 @@ async fn transaction_status(ledger: Ledger) {
         .await;
     let instruction = market.payer.instruction(&request).unwrap();
     let (payer_keys, half_b) = market.payer.seal(HalfKind::B, &instruction).unwrap();
-    market
-        .answered(
-            &market.payer,
-            &payer_keys,
-            market.payer.submit(HalfKind::B, half_b, NO_WAIT),
-            ReceiptStatus::Settled,
-        )
-        .await;
+    market.half_b_settles(&payer_keys, half_b).await;
 
     for (party, keys) in [(&market.payee, &payee_keys), (&market.payer, &payer_keys)] {
         let bytes = party.terminal.platform.transaction(txn_id).await.unwrap();
@@ -1779,14 +1499,7 @@ async fn racing_halves_settle_once(ledger: Ledger) {
 
     let request = market.payee.request("10.00", "EUR", "race 1").unwrap();
     let (keys, half_a) = market.payee.seal(HalfKind::A, &request).unwrap();
-    market
-        .answered(
-            &market.payee,
-            &keys,
-            market.payee.submit(HalfKind::A, half_a, NO_WAIT),
-            ReceiptStatus::Pending,
-        )
-        .await;
+    market.half_a_pending(&keys, half_a).await;
     let instruction = market.payer.instruction(&request).unwrap();
     let (first_keys, first_b) = market.payer.seal(HalfKind::B, &instruction).unwrap();
     let other = instruction_with(&market.payer, &request, |i| i.consented_at_ms += 1);
@@ -1808,14 +1521,7 @@ async fn racing_halves_settle_once(ledger: Ledger) {
 
     let request = market.payee.request("10.00", "EUR", "race 2").unwrap();
     let (keys, half_a) = market.payee.seal(HalfKind::A, &request).unwrap();
-    market
-        .answered(
-            &market.payee,
-            &keys,
-            market.payee.submit(HalfKind::A, half_a, NO_WAIT),
-            ReceiptStatus::Pending,
-        )
-        .await;
+    market.half_a_pending(&keys, half_a).await;
     let instruction = market.payer.instruction(&request).unwrap();
     let (keys, half_b) = market.payer.seal(HalfKind::B, &instruction).unwrap();
     let (first, second) = tokio::join!(
@@ -1878,33 +1584,15 @@ async fn the_audit_chain_survives_a_mixed_run(ledger: Ledger) {
                 "authentication-failed",
             )
             .await;
-        market
-            .answered(
-                &market.payee,
-                &keys,
-                market.payee.submit(HalfKind::A, half_a, NO_WAIT),
-                ReceiptStatus::Pending,
-            )
-            .await;
+        market.half_a_pending(&keys, half_a).await;
         let instruction = market.payer.instruction(&request).unwrap();
         let (keys, half_b) = market.payer.seal(HalfKind::B, &instruction).unwrap();
         if enough {
-            market
-                .answered(
-                    &market.payer,
-                    &keys,
-                    market.payer.submit(HalfKind::B, half_b.clone(), NO_WAIT),
-                    ReceiptStatus::Settled,
-                )
-                .await;
+            market.half_b_settles(&keys, half_b.clone()).await;
             settled += 1;
         } else {
             market
-                .refused(
-                    market.payer.submit(HalfKind::B, half_b.clone(), NO_WAIT),
-                    422,
-                    "insufficient-funds",
-                )
+                .half_b_refused(half_b.clone(), 422, "insufficient-funds")
                 .await;
         }
     }
