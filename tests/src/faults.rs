@@ -213,7 +213,7 @@ async fn submit_resending(
                 format!("{} {}", problem.status, problem.code),
                 problem.status == 503,
             ),
-            Err(PlatformError::Connection(_)) => ("connection".to_owned(), true),
+            Err(PlatformError::Connection { .. }) => ("connection".to_owned(), true),
             Err(PlatformError::Timeout) => ("timeout".to_owned(), true),
             Err(_) => ("answer".to_owned(), false),
         };

@@ -55,6 +55,26 @@ pub struct Cluster {
     killed: std::sync::atomic::AtomicBool,
 }
 
+/// A cluster of the calling test's own, or `None` (the test skips) where PostgreSQL is not
+/// installed and not required ([`crate::postgres_required`]: there a missing PostgreSQL fails
+/// the test instead).
+///
+/// # Panics
+/// When PostgreSQL is required but not installed, or the cluster does not start.
+#[allow(clippy::panic, clippy::expect_used)] // how a test fails
+pub fn own_cluster() -> Option<Cluster> {
+    let Some(bin_dir) = bin_dir() else {
+        assert!(
+            !crate::postgres_required(),
+            "PostgreSQL is not installed, but it is required here (CI or \
+             NFCPAY_REQUIRE_POSTGRES): refusing to skip"
+        );
+        eprintln!("PostgreSQL not installed: test skipped");
+        return None;
+    };
+    Some(Cluster::start(&bin_dir).expect("a PostgreSQL cluster of the test's own"))
+}
+
 impl Cluster {
     /// Makes and starts a cluster with the programs in `bin_dir` (see [`bin_dir`]).
     pub fn start(bin_dir: &Path) -> Result<Self> {

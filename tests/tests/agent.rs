@@ -22,8 +22,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use nfcpay_keystore::testing::SoftHsmDir;
-use nfcpay_tests::postgres::{self, Cluster};
-use nfcpay_tests::{Ledger, PlatformFixture, SOFTHSM_MODULE, binary, http_get, postgres_required};
+use nfcpay_tests::postgres;
+use nfcpay_tests::{Ledger, PlatformFixture, SOFTHSM_MODULE, binary, http_get};
 use tempfile::TempDir;
 
 /// The label and the user PIN of a token terminal's SoftHSM2 token.
@@ -936,16 +936,9 @@ fn halves_kept_through_a_platform_outage_are_resent_byte_identical_and_settle() 
 /// signal, not a guess), and the payment settles once, with both receipts.
 #[test]
 fn agents_wait_the_platforms_retry_after_through_503s_and_settle_once_it_is_back() {
-    let Some(bin_dir) = postgres::bin_dir() else {
-        assert!(
-            !postgres_required(),
-            "PostgreSQL is not installed, but it is required here (CI or \
-             NFCPAY_REQUIRE_POSTGRES): refusing to skip"
-        );
-        eprintln!("PostgreSQL not installed: test skipped");
+    let Some(cluster) = postgres::own_cluster() else {
         return;
     };
-    let cluster = Cluster::start(&bin_dir).expect("a PostgreSQL cluster of the test's own");
     let platform = PlatformFixture::start_with_database_settings(
         &Ledger::Postgres(cluster.url()),
         "write_timeout_ms = 1000\nread_timeout_ms = 1000",
@@ -970,30 +963,9 @@ fn agents_wait_the_platforms_retry_after_through_503s_and_settle_once_it_is_back
     });
     let (payee_output, payer_output) = pay_concurrently(
         &payee,
-        &[
-            "request",
-            "--amount",
-            "12.50",
-            "--currency",
-            "EUR",
-            "--device",
-            &emulator.connstrings[0],
-            "--nfc-wait-s",
-            "20",
-            "--attempts",
-            "10",
-        ],
+        &request_args("12.50", &emulator.connstrings[0], &["--attempts", "10"]),
         &payer,
-        &[
-            "pay",
-            "--yes",
-            "--device",
-            &emulator.connstrings[1],
-            "--nfc-wait-s",
-            "20",
-            "--attempts",
-            "10",
-        ],
+        &pay_args(&emulator.connstrings[1], &["--yes", "--attempts", "10"]),
     );
     let _cluster = thaw.join().unwrap();
 

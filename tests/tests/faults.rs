@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use nfcpay_tests::faults::{self, Tally};
 use nfcpay_tests::loadgen::check_ledger;
 use nfcpay_tests::postgres::{self, Cluster};
-use nfcpay_tests::{Ledger, PlatformFixture, http_get, postgres_required};
+use nfcpay_tests::{Ledger, PlatformFixture, http_get};
 
 /// Terminal pairs paying during a fault.
 const PAIRS: usize = 3;
@@ -32,21 +32,6 @@ const TIMEOUT_MS: u64 = 1_000;
 const FREEZE: Duration = Duration::from_secs(4);
 /// How far into the freeze `/readyz` must be answering 503: twice the timeouts.
 const READINESS_NOTICE_MAX: Duration = Duration::from_millis(2 * TIMEOUT_MS);
-
-/// A cluster of the test's own, or `None` (skip) where PostgreSQL is not installed and not
-/// required.
-fn own_cluster() -> Option<Cluster> {
-    let Some(bin_dir) = postgres::bin_dir() else {
-        assert!(
-            !postgres_required(),
-            "PostgreSQL is not installed, but it is required here (CI or \
-             NFCPAY_REQUIRE_POSTGRES): refusing to skip"
-        );
-        eprintln!("PostgreSQL not installed: test skipped");
-        return None;
-    };
-    Some(Cluster::start(&bin_dir).expect("a PostgreSQL cluster of the test's own"))
-}
 
 /// Terminal pairs paying in the background until a deadline, and what they were answered.
 struct Load {
@@ -130,7 +115,7 @@ fn check_run(
 /// Restart (clean) and crash (immediate stop, WAL recovery) of PostgreSQL under load.
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_restarted_and_crashed_under_load_costs_no_500_and_no_payment() {
-    let Some(cluster) = own_cluster() else {
+    let Some(cluster) = postgres::own_cluster() else {
         return;
     };
     let platform = PlatformFixture::start(&Ledger::Postgres(cluster.url())).expect("platform");
@@ -192,7 +177,7 @@ async fn postgres_restarted_and_crashed_under_load_costs_no_500_and_no_payment()
 /// PostgreSQL frozen with SIGSTOP for 4 s under load, the daemon's write and read timeouts 1 s.
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_frozen_costs_503_within_the_timeouts_then_payments_go_on() {
-    let Some(cluster) = own_cluster() else {
+    let Some(cluster) = postgres::own_cluster() else {
         return;
     };
     let platform = PlatformFixture::start_with_database_settings(
@@ -296,7 +281,7 @@ async fn nfcpayd_killed_under_load_keeps_every_acknowledged_payment_once() {
 /// promoted database exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_failover_to_a_synchronous_standby_loses_no_acknowledged_payment() {
-    let Some(primary) = own_cluster() else {
+    let Some(primary) = postgres::own_cluster() else {
         return;
     };
     let setup = Instant::now();

@@ -789,7 +789,9 @@ async fn no_connection<T: Debug>(
 ) -> String {
     let before = market.snapshot();
     let reason = match call.await {
-        Err(PlatformError::Connection(reason)) => reason,
+        Err(error @ PlatformError::Connection { .. }) => {
+            nfcpay_protocol::ErrorChain(&error).to_string()
+        }
         other => panic!("expected a refused handshake, got {other:?}"),
     };
     assert_eq!(market.snapshot(), before);
