@@ -423,7 +423,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, AgentError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|error| AgentError::Internal(format!("tokio runtime: {error}")))
+        .map_err(|error| AgentError::internal_caused("tokio runtime", error))
 }
 
 #[cfg(test)]

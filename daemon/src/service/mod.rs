@@ -629,7 +629,10 @@ mod tests {
         // The stalled jobs end once released; until the queue has room, jobs are still busy.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while platform.hsm_job(|| Ok(())).await.is_err() {
-            assert!(std::time::Instant::now() < deadline, "the queue never drained");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the queue never drained"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
 

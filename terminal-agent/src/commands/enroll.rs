@@ -96,7 +96,7 @@ pub async fn run(
 fn write_terminal_file(dir: &Path, terminal: &Terminal) -> Result<(), AgentError> {
     let path = dir.join(TERMINAL_FILE);
     let json = serde_json::to_vec_pretty(&terminal.file)
-        .map_err(|error| AgentError::Internal(error.to_string()))?;
+        .map_err(|error| AgentError::internal_caused("terminal file", error))?;
     atomic_file::write_atomically(&path, &json, atomic_file::PUBLIC_FILE_MODE).map_err(|error| {
         let source = match error {
             AtomicWriteError::Save(source) | AtomicWriteError::SyncDirectory(source) => source,

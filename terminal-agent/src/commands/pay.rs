@@ -183,7 +183,7 @@ async fn nfc_receive(nfc: NfcSettings) -> Result<Vec<u8>, AgentError> {
         }
     })
     .await
-    .map_err(|error| AgentError::Internal(format!("NFC thread: {error}")))?
+    .map_err(|error| AgentError::internal_caused("NFC thread", error))?
     .map_err(AgentError::Nfc)
 }
 

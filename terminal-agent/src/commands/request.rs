@@ -65,7 +65,7 @@ pub async fn run(
         amount,
         kind: options.kind,
         validity: RequestValidity::new(created_at_ms, created_at_ms + REQUEST_VALIDITY_MS)
-            .map_err(|error| AgentError::Internal(error.to_string()))?,
+            .map_err(|error| AgentError::internal_caused("request validity", error))?,
         description: options.description,
     };
     let request_bytes = request.encode();
@@ -130,7 +130,7 @@ async fn nfc_send(nfc: NfcSettings, message: Vec<u8>) -> Result<(), AgentError> 
         }
     })
     .await
-    .map_err(|error| AgentError::Internal(format!("NFC thread: {error}")))?
+    .map_err(|error| AgentError::internal_caused("NFC thread", error))?
     .map_err(AgentError::Nfc)
 }
 
@@ -138,7 +138,7 @@ fn random_txn_id() -> Result<TxnId, AgentError> {
     loop {
         let mut bytes = [0u8; 16];
         getrandom::fill(&mut bytes)
-            .map_err(|error| AgentError::Internal(format!("no randomness: {error}")))?;
+            .map_err(|error| AgentError::internal_caused("no randomness", error))?;
         // All zero is the only refused value: draw again.
         if let Ok(txn_id) = TxnId::try_from(bytes) {
             return Ok(txn_id);

@@ -125,9 +125,37 @@ pub enum AgentError {
         /// What is wrong.
         reason: String,
     },
-    /// A background task (the NFC thread) or the async runtime failed.
-    #[error("internal: {0}")]
-    Internal(String),
+    /// A background task (the NFC thread), the async runtime or a file of the agent's own
+    /// failed, or the platform answered what cannot be.
+    #[error("internal: {what}")]
+    Internal {
+        /// What failed.
+        what: String,
+        /// Why, when something underneath said.
+        #[source]
+        source: Option<crate::platform::Cause>,
+    },
+}
+
+impl AgentError {
+    /// An [`AgentError::Internal`] of `what`, with no cause underneath.
+    pub fn internal(what: impl Into<String>) -> Self {
+        Self::Internal {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// An [`AgentError::Internal`] of `what`, caused by `error`.
+    pub fn internal_caused(
+        what: impl Into<String>,
+        error: impl Into<crate::platform::Cause>,
+    ) -> Self {
+        Self::Internal {
+            what: what.into(),
+            source: Some(error.into()),
+        }
+    }
 }
 
 /// A half kept in `DIR/pending/` that got no final answer.
@@ -257,7 +285,7 @@ impl TerminalPlace {
             format!("{}\n", choice.as_text()).as_bytes(),
             nfcpay_keystore::atomic_file::PUBLIC_FILE_MODE,
         )
-        .map_err(|error| AgentError::Internal(format!("{}: {error}", path.display())))
+        .map_err(|error| AgentError::internal_caused(path.display().to_string(), error))
     }
 
     /// Opens the keystore (creating the directory and a software keystore when missing).
@@ -452,7 +480,7 @@ pub(super) fn finish(receipt: &Receipt, out: &mut dyn Write) -> Result<(), Agent
     match receipt.status() {
         ReceiptStatus::Settled => Ok(()),
         ReceiptStatus::Expired => Err(AgentError::Expired("before both halves arrived")),
-        ReceiptStatus::Pending => Err(AgentError::Internal("pending receipt as final".into())),
+        ReceiptStatus::Pending => Err(AgentError::internal("pending receipt as final")),
     }
 }
 
@@ -592,6 +620,31 @@ pub(super) fn status_name(status: ReceiptStatus) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file of the agent's own it cannot write: the file named, the I/O error underneath
+    /// kept as the source and printed once.
+    #[test]
+    fn an_unwritable_choice_file_keeps_its_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let place = TerminalPlace {
+            dir: dir.path().join("absent"),
+            keystore: None,
+        };
+        let error = place
+            .remember_keystore(&KeystoreChoice::Software)
+            .unwrap_err();
+        let AgentError::Internal {
+            what,
+            source: Some(source),
+        } = &error
+        else {
+            panic!("{error:?}");
+        };
+        assert!(what.ends_with(KEYSTORE_CHOICE_FILE), "{what}");
+        let shown = nfcpay_protocol::ErrorChain(&error).to_string();
+        assert!(shown.starts_with(&format!("internal: {what}: ")), "{shown}");
+        assert_eq!(shown.matches(&source.to_string()).count(), 1, "{shown}");
+    }
 
     #[test]
     fn the_keystore_chosen_at_enrollment_is_remembered_and_a_given_one_overrides_it() {

@@ -27,7 +27,7 @@ pub async fn run_transaction(
         &terminal.receipt_public_key,
     )?;
     if receipt.fields().txn_id != txn_id {
-        return Err(AgentError::Internal(format!(
+        return Err(AgentError::internal(format!(
             "the platform answered about transaction {} when asked about {txn_id}",
             receipt.fields().txn_id
         )));

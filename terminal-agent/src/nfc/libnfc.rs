@@ -451,10 +451,7 @@ fn probe(connstring: &Connstring) -> Probe {
             Probe::Opened { name, chip }
         }
         Err(error) => Probe::Failed {
-            error: match std::error::Error::source(&error) {
-                Some(source) => format!("{error}: {source}"),
-                None => error.to_string(),
-            },
+            error: nfcpay_protocol::ErrorChain(&error).to_string(),
         },
     }
 }
