@@ -4,25 +4,25 @@
 //! cargo run -p nfcpay-keystore --example derive_rate
 //! ```
 //!
-//! With no arguments it makes a throwaway SoftHSM2 token with `softhsm-setup/init-token` and
+//! With no arguments it makes a throwaway SoftHSM2 token (`SoftHsmDir`, through
+//! `softhsm-setup/init-token`) and
 //! runs itself again with `SOFTHSM2_CONF` set (the variable must be set before
 //! `C_Initialize`, and setting it from inside the process is not thread-safe). Figures only:
 //! nothing here asserts a rate.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nfcpay_keystore::dukpt;
 use nfcpay_keystore::pkcs11::Pkcs11Keystore;
+use nfcpay_keystore::testing::{SOFTHSM2_MODULE, SoftHsmDir};
 use nfcpay_keystore::{DeriveBase, KeyPurpose, Keystore};
 use nfcpay_protocol::dukpt::{DerivationData, KeyAlgorithm, WorkingKeyUsage};
 use nfcpay_protocol::{BdkId, Ksn, TransactionCounter};
 use zeroize::Zeroizing;
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const URI_VARIABLE: &str = "NFCPAY_DERIVE_RATE_URI";
 /// How long each measurement runs.
 const MEASURE_FOR: Duration = Duration::from_secs(3);
@@ -35,39 +35,18 @@ fn main() {
 }
 
 fn run_with_a_fresh_token() {
-    let directory = tempfile::tempdir().unwrap();
-    let init_token = Path::new(env!("CARGO_MANIFEST_DIR")).join("../softhsm-setup/init-token");
-    let status = Command::new(init_token)
-        .args(["--dir".as_ref(), directory.path().as_os_str()])
-        .args([
-            "--label",
-            "derive-rate",
-            "--pin",
-            "123456",
-            "--so-pin",
-            "12345678",
-        ])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "init-token failed");
-    let pin_file = directory.path().join("pin");
-    std::fs::write(&pin_file, "123456\n").unwrap();
-    // The keystore refuses a PIN file its group or others can read.
-    std::fs::set_permissions(
-        &pin_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    let hsm = SoftHsmDir::new("123456");
+    hsm.make_token("derive-rate");
     let uri = format!(
-        "pkcs11:token=derive-rate?module-path={MODULE}&pin-source=file:{}",
-        pin_file.display()
+        "pkcs11:token=derive-rate?module-path={SOFTHSM2_MODULE}&pin-source=file:{}",
+        hsm.pin_file().display()
     );
     let status = Command::new(std::env::current_exe().unwrap())
-        .env("SOFTHSM2_CONF", directory.path().join("softhsm2.conf"))
+        .env("SOFTHSM2_CONF", hsm.conf())
         .env(URI_VARIABLE, uri)
         .status()
         .unwrap();
+    drop(hsm);
     std::process::exit(status.code().unwrap_or(1));
 }
 

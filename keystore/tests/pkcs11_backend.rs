@@ -8,8 +8,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
-use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use aes::cipher::{Array, BlockCipherEncrypt, KeyInit, consts::U16};
@@ -20,6 +18,7 @@ use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 use nfcpay_keystore::dukpt;
 use nfcpay_keystore::pkcs11::Pkcs11Keystore;
+use nfcpay_keystore::testing::SoftHsmDir;
 use nfcpay_keystore::uri::Pkcs11Uri;
 use nfcpay_keystore::{
     DeriveBase, EcPublicKey, Kcv, KeyLabel, KeyPurpose, Keystore, KeystoreError,
@@ -29,10 +28,9 @@ use nfcpay_protocol::{BdkId, InitialKeyId, Ksn};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const MODULE: &str = nfcpay_keystore::testing::SOFTHSM2_MODULE;
 const TOKEN_LABEL: &str = "nfcpay-keystore-test";
 const PIN: &str = "123456";
-const SO_PIN: &str = "12345678";
 
 /// X9.24-3-2017 test vectors (AES-128 BDK set).
 const KAT_BDK: &str = "FEDCBA9876543210F1F1F1F1F1F1F1F1";
@@ -47,7 +45,7 @@ struct Fixture {
     /// The test's own view of the token, to inspect objects (same module instance).
     context: Pkcs11,
     slot: Slot,
-    _directory: tempfile::TempDir,
+    hsm: SoftHsmDir,
 }
 
 static FIXTURE: OnceLock<Fixture> = OnceLock::new();
@@ -60,41 +58,15 @@ fn fixture() -> (MutexGuard<'static, ()>, &'static Fixture) {
 
 #[allow(unsafe_code)]
 fn make_fixture() -> Fixture {
-    let directory = tempfile::Builder::new()
-        .prefix("pkcs11-backend-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap();
-    let init_token = Path::new(env!("CARGO_MANIFEST_DIR")).join("../softhsm-setup/init-token");
-    let output = Command::new(init_token)
-        .args(["--dir".as_ref(), directory.path().as_os_str()])
-        .args(["--label", TOKEN_LABEL, "--pin", PIN, "--so-pin", SO_PIN])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "init-token failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let config = directory.path().join("softhsm2.conf");
-    assert!(String::from_utf8_lossy(&output.stdout).starts_with("export SOFTHSM2_CONF="));
+    let hsm = SoftHsmDir::new(PIN);
+    hsm.make_token(TOKEN_LABEL);
+    // The PIN file as an editor leaves it, with a final newline (which the keystore strips).
+    std::fs::write(hsm.pin_file(), format!("{PIN}\n")).unwrap();
     // SAFETY: the environment is written once, inside `OnceLock` initialisation under the
     // SERIAL lock that every test takes before doing anything else, and before any
     // `C_Initialize`; no other thread of this binary reads or writes the environment then.
-    unsafe { std::env::set_var("SOFTHSM2_CONF", &config) };
-    let pin_file = directory.path().join("pin");
-    std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
-    // The keystore refuses a PIN file its group or others can read.
-    std::fs::set_permissions(
-        &pin_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
-    let uri: Pkcs11Uri = format!(
-        "pkcs11:token={TOKEN_LABEL}?module-path={MODULE}&pin-source=file:{}",
-        pin_file.display()
-    )
-    .parse()
-    .unwrap();
+    unsafe { hsm.set_conf_variable() };
+    let uri = hsm.uri(TOKEN_LABEL);
     let store = Pkcs11Keystore::open(&uri).unwrap();
     let context = Pkcs11::new(MODULE).unwrap();
     let slot = context
@@ -108,7 +80,7 @@ fn make_fixture() -> Fixture {
         uri,
         context,
         slot,
-        _directory: directory,
+        hsm,
     }
 }
 
@@ -650,8 +622,8 @@ fn a_token_that_disappears_and_returns_is_recovered() {
     let kcv = store.kcv(&old_key).unwrap();
     store.check_health().unwrap();
 
-    let tokens = fixture._directory.path().join("tokens");
-    let away = fixture._directory.path().join("tokens.away");
+    let tokens = fixture.hsm.path().join("tokens");
+    let away = fixture.hsm.path().join("tokens.away");
     std::fs::rename(&tokens, &away).unwrap();
     // Signatures use a session copy of the key, which outlives the token's files; readiness
     // signs with the token object and sees the loss, and the store starts recovering.
