@@ -5,10 +5,9 @@
 //! ```
 //!
 //! With no arguments it makes a throwaway SoftHSM2 token (`SoftHsmDir`, through
-//! `softhsm-setup/init-token`) and
-//! runs itself again with `SOFTHSM2_CONF` set (the variable must be set before
-//! `C_Initialize`, and setting it from inside the process is not thread-safe). Figures only:
-//! nothing here asserts a rate.
+//! `softhsm-setup/init-token`) and runs itself again with `SOFTHSM2_CONF` set (the variable
+//! must be set before `C_Initialize`, and setting it from inside the process is not
+//! thread-safe). Figures only: nothing here asserts a rate.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
