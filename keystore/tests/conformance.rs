@@ -29,7 +29,7 @@ use nfcpay_keystore::dukpt::{
 use nfcpay_keystore::pkcs11::Pkcs11Keystore;
 use nfcpay_keystore::software::SoftwareKeystore;
 use nfcpay_keystore::testing::{SOFTHSM2_MODULE, SoftHsmDir, token_uri};
-use nfcpay_keystore::{DeriveBase, KeyLabel, KeyPurpose, Keystore, KeystoreError};
+use nfcpay_keystore::{DeriveBase, EcPublicKey, KeyLabel, KeyPurpose, Keystore, KeystoreError};
 use nfcpay_protocol::dukpt::{DerivationData, KeyAlgorithm, TerminalState, WorkingKeyUsage};
 use nfcpay_protocol::{BdkId, InitialKeyId, Ksn, TransactionCounter};
 use proptest::prelude::*;
@@ -80,7 +80,7 @@ fn main() {
     TOKEN_DIR.set(hsm.path().to_owned()).unwrap();
 
     type Check = fn(&dyn Keystore, &dyn Keystore, &dyn Keystore);
-    let per_backend: [(&str, Check); 7] = [
+    let per_backend: [(&str, Check); 8] = [
         ("AES-128 BDK vectors", |a, _, _| {
             known_answers(a, &AES128_BDK)
         }),
@@ -98,6 +98,10 @@ fn main() {
         ("persistent keys by label", |_, _, main| {
             persistent_keys(main)
         }),
+        (
+            "the enrollment KEK is the documented construction",
+            |a, _, _| enrollment_kek_construction(a),
+        ),
     ];
     let mut trials = Vec::new();
     for (name, check) in per_backend {
@@ -533,6 +537,75 @@ fn enrollment_interop(platform: &dyn Keystore, terminal: &dyn Keystore) {
     );
     platform.destroy_ec(platform_private).unwrap();
     terminal.destroy_ec(terminal_private).unwrap();
+}
+
+/// The enrollment KEK is what docs/key-management.md says, computed on the host from the
+/// outside: Z, the x-coordinate ECDH with the store's (persistent) key pair shares, then
+/// KEK = AES-256-ECB(Z, SHA-256(context)); the store's KEK wraps the published initial key to
+/// the same bytes as AES key wrap under the host's KEK. The KEK only wraps; a key not made for
+/// export is not wrapped; another context's KEK does not unwrap.
+fn enrollment_kek_construction(store: &dyn Keystore) {
+    use aes::cipher::{Array, BlockCipherEncrypt, KeyInit, consts::U16};
+    use sha2::Digest;
+
+    ensure_bdk(store, &AES128_BDK);
+    let initial_key_id: InitialKeyId = AES128_BDK.initial_key_id.parse().unwrap();
+    let label: KeyLabel = "conf-enrollment-kek".parse().unwrap();
+    let (private, public) = store.generate_ec_p256(&label, true).unwrap();
+    let host_secret = p256::SecretKey::from_slice(&[0x11; 32]).unwrap();
+    let host_public = EcPublicKey::try_from(&host_secret.public_key().to_sec1_bytes()[..]).unwrap();
+    let context = b"nfcpay enrollment v1|T-0042";
+    let kek = TransientKey::new(
+        store,
+        store.ecdh_kek(&private, &host_public, context).unwrap(),
+    );
+    assert_eq!(kek.handle().algorithm(), KeyAlgorithm::Aes256);
+    let ik = TransientKey::new(
+        store,
+        initial_key(store, initial_key_id, KeyPurpose::Export).unwrap(),
+    );
+    let wrapped = store.wrap_key(kek.handle(), ik.handle()).unwrap();
+
+    let shared =
+        host_secret.diffie_hellman(&p256::PublicKey::from_sec1_bytes(public.as_bytes()).unwrap());
+    let mut host_kek: [u8; 32] = sha2::Sha256::digest(context).into();
+    let (blocks, _) = Array::<u8, U16>::slice_as_chunks_mut(&mut host_kek);
+    aes::Aes256::new_from_slice(shared.raw_secret_bytes().as_slice())
+        .unwrap()
+        .encrypt_blocks(blocks);
+    let mut wrapped_on_host = [0u8; 24];
+    aes_kw::AesKw::<aes::Aes256>::new_from_slice(&host_kek)
+        .unwrap()
+        .wrap_key(&bytes(AES128_BDK.initial_key), &mut wrapped_on_host)
+        .unwrap();
+    assert_eq!(wrapped, wrapped_on_host);
+
+    assert!(matches!(
+        store.kcv(kek.handle()),
+        Err(KeystoreError::KeyNotPermitted)
+    ));
+    let not_for_export = TransientKey::new(
+        store,
+        initial_key(store, initial_key_id, KeyPurpose::Derive).unwrap(),
+    );
+    assert!(matches!(
+        store.wrap_key(kek.handle(), not_for_export.handle()),
+        Err(KeystoreError::KeyNotPermitted)
+    ));
+    let other = TransientKey::new(
+        store,
+        store.ecdh_kek(&private, &host_public, b"other").unwrap(),
+    );
+    assert!(matches!(
+        store.unwrap_key(
+            other.handle(),
+            &wrapped,
+            KeyAlgorithm::Aes128,
+            KeyPurpose::Check
+        ),
+        Err(KeystoreError::AuthenticationFailed)
+    ));
+    store.destroy_ec(private).unwrap();
 }
 
 /// Property: for random BDKs (each algorithm) and random valid KSNs, both stores derive keys

@@ -20,12 +20,9 @@ use nfcpay_keystore::dukpt;
 use nfcpay_keystore::pkcs11::Pkcs11Keystore;
 use nfcpay_keystore::testing::SoftHsmDir;
 use nfcpay_keystore::uri::Pkcs11Uri;
-use nfcpay_keystore::{
-    DeriveBase, EcPublicKey, Kcv, KeyLabel, KeyPurpose, Keystore, KeystoreError,
-};
+use nfcpay_keystore::{DeriveBase, Kcv, KeyLabel, KeyPurpose, Keystore, KeystoreError};
 use nfcpay_protocol::dukpt::{DerivationData, KeyAlgorithm, WorkingKeyUsage};
 use nfcpay_protocol::{BdkId, InitialKeyId, Ksn};
-use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 const MODULE: &str = nfcpay_keystore::testing::SOFTHSM2_MODULE;
@@ -465,100 +462,6 @@ fn ecdsa_signatures_verify_on_the_host() {
     store.destroy_ec(found).unwrap();
     assert!(store.find_ec_p256(&label).unwrap().is_none());
     assert!(fixture.objects_labelled("test-ecdsa").is_empty());
-}
-
-#[test]
-fn ecdh_keks_agree_and_wrap_keys_between_stores() {
-    let (_serial, fixture) = fixture();
-    let store = &fixture.store;
-    let (platform, platform_public) = store
-        .generate_ec_p256(&"test-ecdh-platform".parse().unwrap(), true)
-        .unwrap();
-    let (terminal, terminal_public) = store
-        .generate_ec_p256(&"unused".parse().unwrap(), false)
-        .unwrap();
-    let context = b"enrollment 42";
-    let platform_kek = store
-        .ecdh_kek(&platform, &terminal_public, context)
-        .unwrap();
-    let terminal_kek = store
-        .ecdh_kek(&terminal, &platform_public, context)
-        .unwrap();
-
-    let id = bdk_id("A7000001");
-    store.import_bdk(id, &key_bytes(KAT_BDK)).unwrap();
-    let initial_key_id: InitialKeyId = "A700000100000001".parse().unwrap();
-    let data = DerivationData::initial_key(KeyAlgorithm::Aes128, initial_key_id);
-    let exported = store
-        .derive(DeriveBase::Bdk(id), &data, KeyPurpose::Export)
-        .unwrap();
-    let wrapped = store.wrap_key(&platform_kek, &exported).unwrap();
-    assert_eq!(wrapped.len(), 24);
-    let unwrapped = store
-        .unwrap_key(
-            &terminal_kek,
-            &wrapped,
-            KeyAlgorithm::Aes128,
-            KeyPurpose::Check,
-        )
-        .unwrap();
-    let expected = aes_ecb(&key_bytes(KAT_BDK), data.as_bytes());
-    assert_eq!(store.kcv(&unwrapped).unwrap(), host_kcv(&expected[..16]));
-
-    // A key that is not an export key cannot be wrapped.
-    let kept = store
-        .derive(DeriveBase::Bdk(id), &data, KeyPurpose::Derive)
-        .unwrap();
-    assert!(matches!(
-        store.wrap_key(&platform_kek, &kept),
-        Err(KeystoreError::KeyNotPermitted)
-    ));
-    // The wrong KEK, or tampered data, fails authentication.
-    let other_kek = store
-        .ecdh_kek(&platform, &terminal_public, b"other")
-        .unwrap();
-    assert!(matches!(
-        store.unwrap_key(
-            &other_kek,
-            &wrapped,
-            KeyAlgorithm::Aes128,
-            KeyPurpose::Check
-        ),
-        Err(KeystoreError::AuthenticationFailed)
-    ));
-
-    // A host computation (what the software backend does) gives the same KEK: Z is the
-    // shared x-coordinate, KEK = AES-256-ECB(Z, SHA-256(context)).
-    let host_secret = p256::SecretKey::from_slice(&[0x11; 32]).unwrap();
-    let host_public = EcPublicKey::try_from(&host_secret.public_key().to_sec1_bytes()[..]).unwrap();
-    let host_kek_in_token = store.ecdh_kek(&platform, &host_public, context).unwrap();
-    let platform_point = p256::PublicKey::from_sec1_bytes(platform_public.as_bytes()).unwrap();
-    let shared = host_secret.diffie_hellman(&platform_point);
-    let host_kek = aes_ecb(
-        shared.raw_secret_bytes().as_slice(),
-        &Sha256::digest(context),
-    );
-    let wrapped_in_token = store.wrap_key(&host_kek_in_token, &exported).unwrap();
-    let mut wrapped_on_host = [0u8; 24];
-    aes_kw::AesKw::<aes::Aes256>::new_from_slice(&host_kek)
-        .unwrap()
-        .wrap_key(&expected[..16], &mut wrapped_on_host)
-        .unwrap();
-    assert_eq!(wrapped_in_token, wrapped_on_host);
-
-    for key in [
-        platform_kek,
-        terminal_kek,
-        exported,
-        unwrapped,
-        kept,
-        other_kek,
-        host_kek_in_token,
-    ] {
-        store.destroy(key).unwrap();
-    }
-    store.destroy_ec(platform).unwrap();
-    store.destroy_ec(terminal).unwrap();
 }
 
 #[test]
