@@ -53,6 +53,19 @@ pub enum EnrollError {
     /// The platform's answer is not a valid enrollment.
     #[error("enrollment answer: {0}")]
     Answer(String),
+    /// The platform's answer is not the enrollment JSON.
+    #[error("enrollment answer: not the enrollment JSON")]
+    AnswerJson(#[source] serde_json::Error),
+    /// A document of the terminal's own (the request, the certificate signing request, the
+    /// terminal file) could not be encoded.
+    #[error("cannot encode the {what}")]
+    Encoding {
+        /// Which document.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: crate::platform::Cause,
+    },
     /// The unwrapped initial key's KCV differs from the platform's.
     #[error("the unwrapped initial key's KCV {unwrapped} differs from the platform's {expected}")]
     KcvMismatch {
@@ -150,7 +163,10 @@ pub async fn enroll(
         params
             .serialize_request(&tls_key)
             .and_then(|csr| csr.pem())
-            .map_err(|error| EnrollError::Answer(format!("CSR: {error}")))?
+            .map_err(|error| EnrollError::Encoding {
+                what: "certificate signing request",
+                source: error.into(),
+            })?
     };
     let (ecdh, ecdh_public) = store.generate_ec_p256(&label(ECDH_KEY_LABEL)?, false)?;
     let result = async {
@@ -160,12 +176,14 @@ pub async fn enroll(
             csr: csr.clone(),
             ecdh_public_key: hex::encode_upper(ecdh_public.as_bytes()),
         })
-        .map_err(|error| EnrollError::Answer(error.to_string()))?;
+        .map_err(|error| EnrollError::Encoding {
+            what: "enrollment request",
+            source: error.into(),
+        })?;
         let request = Zeroizing::new(request);
         let enrollment = PlatformClient::new(target.enroll_address, target.server_name, &ca, None)?;
         let answer = enrollment.enroll(request.to_vec()).await?;
-        let answer: EnrollmentAnswer = serde_json::from_slice(&answer)
-            .map_err(|error| EnrollError::Answer(error.to_string()))?;
+        let answer = parse_answer(&answer)?;
         load_answer(&store, dir, target, terminal_id, &ecdh, answer, tls_key)
     }
     .await;
@@ -258,7 +276,10 @@ fn load_answer(
         initial_key_id: initial_key_id.to_string(),
         initial_key_kcv: kcv,
     };
-    let json = serde_json::to_vec_pretty(&file).map_err(|error| invalid(&error.to_string()))?;
+    let json = serde_json::to_vec_pretty(&file).map_err(|error| EnrollError::Encoding {
+        what: "terminal file",
+        source: error.into(),
+    })?;
     write(dir, TERMINAL_FILE, &json)?;
     let platform = client(&file, dir, &tls_key)?;
     tracing::info!(terminal = %terminal_id, initial_key_id = %initial_key_id, kcv = %file.initial_key_kcv, "enrolled");
@@ -362,6 +383,11 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), EnrollError> {
         .map_err(|error| io_error(&path, error))
 }
 
+/// The platform's enrollment answer, from its JSON.
+fn parse_answer(bytes: &[u8]) -> Result<EnrollmentAnswer, EnrollError> {
+    serde_json::from_slice(bytes).map_err(EnrollError::AnswerJson)
+}
+
 fn label(text: &str) -> Result<KeyLabel, EnrollError> {
     Ok(text.parse()?)
 }
@@ -381,6 +407,21 @@ struct NotATerminalFile(#[source] serde_json::Error);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An answer that is not the enrollment JSON: said once, serde_json's words underneath.
+    #[test]
+    fn an_answer_that_is_not_the_enrollment_json_keeps_the_parse_error() {
+        for answer in [&b"<html>502</html>"[..], b"{}", b"{\"terminal_id\": 7}"] {
+            let error = parse_answer(answer).unwrap_err();
+            let EnrollError::AnswerJson(parse) = &error else {
+                panic!("{error:?}");
+            };
+            assert_eq!(
+                nfcpay_protocol::ErrorChain(&error).to_string(),
+                format!("enrollment answer: not the enrollment JSON: {parse}")
+            );
+        }
+    }
 
     /// A terminal file that is not JSON: the file, then what it is not, then serde_json's
     /// words, each once.
