@@ -1375,7 +1375,18 @@ fn an_async_half_settles_and_its_wait_is_bounded_like_a_blocking_one(db: &Db) {
         "{late:?}"
     );
     drop(hold);
-    assert!(held.join().unwrap().is_err());
+    // The held write's own caller gives up at its deadline, before the hold is dropped; but a
+    // thread descheduled past its deadline on a loaded machine may find the answer already
+    // there when it wakes. (That the held batch then commits is shown by
+    // `a_write_not_committed_in_time_is_answered_unavailable_and_later_work_goes_on`.)
+    let held = held.join().unwrap();
+    assert!(
+        matches!(
+            held,
+            Ok(()) | Err(StorageError::Timeout { what: "write", .. })
+        ),
+        "{held:?}"
+    );
 
     w.storage.inject_writer_fault(WriterFault::StopThread);
     // The first item taken stops the thread; once it is gone, a half finds no writer.
