@@ -1582,7 +1582,8 @@ fn postgres_statement_timeout_cancels_a_slow_statement_but_not_the_commit() {
     storage.account(&account("acct-commit")).unwrap();
 }
 
-/// The PostgreSQL session of every pooled connection carries the configured deadlines.
+/// The PostgreSQL session of every pooled connection carries the configured deadlines, flushes
+/// each commit, and plans key lookups as index scans even on fresh tables.
 #[test]
 fn postgres_connections_carry_statement_and_lock_timeouts() {
     let Some(db) = Db::postgres() else {
@@ -1598,6 +1599,8 @@ fn postgres_connections_carry_statement_and_lock_timeouts() {
     let settings = storage.session_settings().unwrap();
     assert!(settings.contains("statement_timeout=1234ms"), "{settings}");
     assert!(settings.contains("lock_timeout=567ms"), "{settings}");
+    assert!(settings.contains("synchronous_commit=on"), "{settings}");
+    assert!(settings.contains("enable_seqscan=off"), "{settings}");
 }
 
 /// A transaction ID whose first byte is `prefix`: payments of the tests above share their

@@ -248,7 +248,7 @@ pub(crate) fn append(
     if !log.records.is_empty() {
         let mut insert = Statement::new(
             "INSERT INTO audit_log \
-             (chain_id, seq, at_ms, kind, subject, details, prev_hash, hash) VALUES ",
+             (chain_id, seq, at_ms, kind, subject, details, prev_hash, hash) ",
         );
         let mut rows = Vec::with_capacity(log.records.len());
         for record in &log.records {
@@ -277,7 +277,7 @@ pub(crate) fn append(
             head.hash = hash;
         }
         insert.rows(rows);
-        insert.execute(connection)?;
+        insert.execute_in(connection)?;
         *statements += 1;
     }
     // Written as a `Statement` so that it is prepared once per connection.
@@ -294,7 +294,7 @@ pub(crate) fn append(
         .bind(chain.head.seq)
         .sql(" AND lease_owner = ")
         .bind(chain.owner.clone());
-    let moved = update.execute(connection)?;
+    let moved = update.execute_in(connection)?;
     *statements += 1;
     if moved != 1 {
         return Err(lost_chain());

@@ -151,7 +151,7 @@ pub(crate) fn read(
             )
         })
         .collect();
-    let mut query = Statement::new("WITH v (terminal_id, counter) AS (VALUES ");
+    let mut query = Statement::new("WITH v (terminal_id, counter) AS (");
     query
         .rows(
             pairs
@@ -163,7 +163,7 @@ pub(crate) fn read(
              u.used_at_ms FROM v JOIN used_counters AS u \
              ON u.terminal_id = v.terminal_id AND u.counter = v.counter",
         );
-    let used: Vec<UsedCounterRow> = query.load(connection)?;
+    let used: Vec<UsedCounterRow> = query.load_in(connection)?;
     *statements += 1;
     for UsedCounterRow {
         terminal_id,
@@ -265,7 +265,7 @@ fn write_counters(
     }
     let mut insert = Statement::new(
         "INSERT INTO used_counters \
-         (terminal_id, counter, txn_id, half, envelope_sha256, used_at_ms) VALUES ",
+         (terminal_id, counter, txn_id, half, envelope_sha256, used_at_ms) ",
     );
     insert.rows(batch.new_used.iter().map(|used| {
         [
@@ -277,7 +277,7 @@ fn write_counters(
             Value::from(used.used_at_ms),
         ]
     }));
-    insert.execute(connection)?;
+    insert.execute_in(connection)?;
     *statements += 1;
 
     let mut moved: Vec<(&str, i64)> = batch
@@ -295,15 +295,15 @@ fn write_counters(
             .iter()
             .map(|&(id, highest)| [Value::from(id), Value::from(highest)])
     };
-    let mut update = Statement::new("WITH v (id, highest) AS (VALUES ");
+    let mut update = Statement::new("WITH v (id, highest) AS (");
     update
         .rows(windows())
         .sql(") UPDATE terminals SET highest_counter = v.highest FROM v WHERE terminals.id = v.id");
-    update.execute(connection)?;
+    update.execute_in(connection)?;
     *statements += 1;
 
     // Counters at or below a window's floor are refused as stale anyway.
-    let mut prune = Statement::new("WITH v (id, highest) AS (VALUES ");
+    let mut prune = Statement::new("WITH v (id, highest) AS (");
     prune.rows(windows());
     match connection {
         AnyConnection::Postgresql(_) => prune.sql(
@@ -318,7 +318,7 @@ fn write_counters(
         ),
     };
     const _: () = assert!(super::settlement::REPLAY_WINDOW == 1024);
-    prune.execute(connection)?;
+    prune.execute_in(connection)?;
     *statements += 1;
     Ok(())
 }
@@ -341,7 +341,7 @@ fn write_bookings(
         return Ok(HashMap::new());
     }
     let mut insert = Statement::new(
-        "INSERT INTO transfers (kind, txn_id, amount_minor, currency, created_at_ms) VALUES ",
+        "INSERT INTO transfers (kind, txn_id, amount_minor, currency, created_at_ms) ",
     );
     insert.rows(batch.bookings.iter().map(|booking| {
         [
@@ -353,7 +353,7 @@ fn write_bookings(
         ]
     }));
     insert.sql(" RETURNING id, txn_id");
-    let inserted: Vec<InsertedTransfer> = insert.load(connection)?;
+    let inserted: Vec<InsertedTransfer> = insert.load_in(connection)?;
     *statements += 1;
     let mut ids = HashMap::with_capacity(inserted.len());
     for transfer in inserted {
@@ -367,7 +367,7 @@ fn write_bookings(
 
     let mut postings = Statement::new(
         "INSERT INTO postings \
-         (transfer_id, account_id, amount_minor, balance_after_minor, created_at_ms) VALUES ",
+         (transfer_id, account_id, amount_minor, balance_after_minor, created_at_ms) ",
     );
     let mut rows = Vec::with_capacity(2 * batch.bookings.len());
     for booking in &batch.bookings {
@@ -389,7 +389,7 @@ fn write_bookings(
         }
     }
     postings.rows(rows);
-    postings.execute(connection)?;
+    postings.execute_in(connection)?;
     *statements += 1;
 
     let mut changed: Vec<(&str, i64)> = batch
@@ -399,7 +399,7 @@ fn write_bookings(
         .map(|account| (account.view.id.as_str(), account.view.balance_minor))
         .collect();
     changed.sort_unstable();
-    let mut update = Statement::new("WITH v (id, balance) AS (VALUES ");
+    let mut update = Statement::new("WITH v (id, balance) AS (");
     update
         .rows(
             changed
@@ -407,7 +407,7 @@ fn write_bookings(
                 .map(|&(id, balance)| [Value::from(id), Value::from(balance)]),
         )
         .sql(") UPDATE accounts SET balance_minor = v.balance FROM v WHERE accounts.id = v.id");
-    update.execute(connection)?;
+    update.execute_in(connection)?;
     *statements += 1;
     Ok(ids)
 }
@@ -429,9 +429,9 @@ fn write_transactions(
     }
     let columns = TransactionRow::COLUMNS.join(", ");
     if !new_rows.is_empty() {
-        let mut insert = Statement::new(&format!("INSERT INTO transactions ({columns}) VALUES "));
+        let mut insert = Statement::new(&format!("INSERT INTO transactions ({columns}) "));
         insert.rows(new_rows.iter().map(|row| row.values()));
-        insert.execute(connection)?;
+        insert.execute_in(connection)?;
         *statements += 1;
     }
     if !changed_rows.is_empty() {
@@ -441,7 +441,7 @@ fn write_transactions(
             .map(|column| format!("{column} = v.{column}"))
             .collect::<Vec<_>>()
             .join(", ");
-        let mut update = Statement::new(&format!("WITH v ({columns}) AS (VALUES "));
+        let mut update = Statement::new(&format!("WITH v ({columns}) AS ("));
         update
             .rows(changed_rows.iter().map(|row| row.values()))
             .sql(&format!(
@@ -449,7 +449,7 @@ fn write_transactions(
              WHERE transactions.txn_id = v.txn_id AND transactions.status = '{}'",
                 TransactionStatus::Pending.as_str()
             ));
-        let updated = update.execute(connection)?;
+        let updated = update.execute_in(connection)?;
         *statements += 1;
         if updated != changed_rows.len() {
             return Err(lost_race());

@@ -613,12 +613,17 @@ impl Storage {
             if !matches!(connection, AnyConnection::Postgresql(_)) {
                 return Ok(String::new());
             }
-            let (statement, lock) = diesel::select((
+            let (statement, lock, commit, seqscan) = diesel::select((
                 sql::<Text>("current_setting('statement_timeout')"),
                 sql::<Text>("current_setting('lock_timeout')"),
+                sql::<Text>("current_setting('synchronous_commit')"),
+                sql::<Text>("current_setting('enable_seqscan')"),
             ))
-            .get_result::<(String, String)>(connection)?;
-            Ok(format!("statement_timeout={statement} lock_timeout={lock}"))
+            .get_result::<(String, String, String, String)>(connection)?;
+            Ok(format!(
+                "statement_timeout={statement} lock_timeout={lock} \
+                 synchronous_commit={commit} enable_seqscan={seqscan}"
+            ))
         })
     }
 

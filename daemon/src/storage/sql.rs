@@ -1,21 +1,32 @@
 //! Set-based statements: one SQL text with any number of rows, for both databases.
 //!
 //! The batch writer (`batch`) reads and writes every row a group commit touches with a
-//! constant number of statements — `WHERE id IN (…)`, `INSERT … VALUES (…), (…)`,
-//! `WITH v(…) AS (VALUES …) UPDATE … FROM v` — whatever the batch size. Diesel's query builder
+//! constant number of statements — `WHERE id IN (…)`, `INSERT … <rows>`,
+//! `WITH v(…) AS (<rows>) UPDATE … FROM v` — whatever the batch size. Diesel's query builder
 //! cannot express the multi-row `UPDATE … FROM`, and its `sql_query` is never cached, so this
 //! module has its own small statement type: SQL text with typed bind parameters, rendered with
-//! each backend's placeholders (`$1` or `?`) by diesel itself, and safe to cache, so a
-//! statement of a given shape (table, columns, number of rows) is prepared once per connection.
+//! each backend's placeholders (`$1` or `?`) by diesel itself, and safe to cache.
+//!
+//! A set of rows ([`Statement::rows`]) is rendered as each database reads a table best:
+//! `VALUES (?, ?), (?, ?), …` on SQLite, and `SELECT * FROM unnest($1, $2, …)` with one array
+//! per column on PostgreSQL. The PostgreSQL text therefore does not depend on the number of
+//! rows: each statement is parsed and planned once per connection and then runs on its cached
+//! plan, where a `VALUES` list would be a new statement for every batch size. (SQLite has no
+//! arrays; parsing is cheap there.)
 //!
 //! Values are bound, never formatted into the text: only identifiers written in this crate
 //! go into the SQL.
 
-use diesel::backend::{Backend, DieselReserveSpecialization};
+use diesel::backend::Backend;
+use diesel::pg::Pg;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::query_dsl::LoadQuery;
 use diesel::serialize::ToSql;
-use diesel::sql_types::{BigInt, Binary, HasSqlType, Nullable, Text, Untyped};
-use diesel::{QueryResult, RunQueryDsl};
+use diesel::sql_types::{Array, BigInt, Binary, HasSqlType, Nullable, Text, Untyped};
+use diesel::sqlite::Sqlite;
+use diesel::{PgConnection, QueryResult, RunQueryDsl, SqliteConnection};
+
+use super::connection::AnyConnection;
 
 /// One bound value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +85,144 @@ impl From<Option<Vec<u8>>> for Value {
 enum Part {
     Sql(String),
     Bind(Value),
+    Rows(Rows),
+}
+
+/// One column of a set of rows, all of one type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Column {
+    Text(Vec<Option<String>>),
+    Int(Vec<Option<i64>>),
+    Bytes(Vec<Option<Vec<u8>>>),
+}
+
+impl Column {
+    fn of(value: &Value) -> Self {
+        match value {
+            Value::Text(_) => Self::Text(Vec::new()),
+            Value::Int(_) => Self::Int(Vec::new()),
+            Value::Bytes(_) => Self::Bytes(Vec::new()),
+        }
+    }
+
+    /// Appends `value`; false if it is not of the column's type.
+    fn push(&mut self, value: Value) -> bool {
+        match (self, value) {
+            (Self::Text(column), Value::Text(value)) => column.push(value),
+            (Self::Int(column), Value::Int(value)) => column.push(value),
+            (Self::Bytes(column), Value::Bytes(value)) => column.push(value),
+            _ => return false,
+        }
+        true
+    }
+}
+
+/// Rows of bound values, kept by column: what [`Statement::rows`] renders as a table.
+#[derive(Debug, Clone, Default)]
+struct Rows {
+    columns: Vec<Column>,
+    count: usize,
+    /// Why the rows cannot be rendered (a row of another width or type than the first).
+    invalid: Option<&'static str>,
+}
+
+impl Rows {
+    fn push(&mut self, row: impl IntoIterator<Item = Value>) {
+        let first = self.count == 0;
+        let mut width = 0;
+        for value in row {
+            if first {
+                self.columns.push(Column::of(&value));
+            }
+            match self.columns.get_mut(width) {
+                Some(column) => {
+                    if !column.push(value) {
+                        self.refuse("a row's value is not of its column's type");
+                    }
+                }
+                None => self.refuse("a row is wider than the first"),
+            }
+            width += 1;
+        }
+        if width < self.columns.len() {
+            self.refuse("a row is narrower than the first");
+        }
+        self.count += 1;
+    }
+
+    /// Keeps the first reason the rows cannot be rendered.
+    fn refuse(&mut self, reason: &'static str) {
+        self.invalid.get_or_insert(reason);
+    }
+
+    fn check(&self) -> QueryResult<()> {
+        let invalid = match self.invalid {
+            Some(reason) => reason,
+            None if self.count == 0 || self.columns.is_empty() => "an empty set of rows",
+            None => return Ok(()),
+        };
+        Err(diesel::result::Error::QueryBuilderError(invalid.into()))
+    }
+
+    /// `VALUES (?, ?), (?, ?), …`: one placeholder per value.
+    fn walk_values<'b, DB>(&'b self, out: &mut AstPass<'_, 'b, DB>) -> QueryResult<()>
+    where
+        DB: Backend
+            + HasSqlType<Nullable<Text>>
+            + HasSqlType<Nullable<BigInt>>
+            + HasSqlType<Nullable<Binary>>,
+        Option<String>: ToSql<Nullable<Text>, DB>,
+        Option<i64>: ToSql<Nullable<BigInt>, DB>,
+        Option<Vec<u8>>: ToSql<Nullable<Binary>, DB>,
+    {
+        self.check()?;
+        out.push_sql("VALUES ");
+        for row in 0..self.count {
+            out.push_sql(if row == 0 { "(" } else { ", (" });
+            for (index, column) in self.columns.iter().enumerate() {
+                if index > 0 {
+                    out.push_sql(", ");
+                }
+                match column {
+                    Column::Text(values) => {
+                        out.push_bind_param::<Nullable<Text>, _>(&values[row])?;
+                    }
+                    Column::Int(values) => {
+                        out.push_bind_param::<Nullable<BigInt>, _>(&values[row])?;
+                    }
+                    Column::Bytes(values) => {
+                        out.push_bind_param::<Nullable<Binary>, _>(&values[row])?;
+                    }
+                }
+            }
+            out.push_sql(")");
+        }
+        Ok(())
+    }
+
+    /// `SELECT * FROM unnest($1, $2, …)`: one array per column, whatever the number of rows.
+    fn walk_arrays<'b>(&'b self, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        self.check()?;
+        out.push_sql("SELECT * FROM unnest(");
+        for (index, column) in self.columns.iter().enumerate() {
+            if index > 0 {
+                out.push_sql(", ");
+            }
+            match column {
+                Column::Text(values) => {
+                    out.push_bind_param::<Array<Nullable<Text>>, _>(values)?;
+                }
+                Column::Int(values) => {
+                    out.push_bind_param::<Array<Nullable<BigInt>>, _>(values)?;
+                }
+                Column::Bytes(values) => {
+                    out.push_bind_param::<Array<Nullable<Binary>>, _>(values)?;
+                }
+            }
+        }
+        out.push_sql(")");
+        Ok(())
+    }
 }
 
 /// A statement under construction: SQL text interleaved with bound values.
@@ -105,30 +254,39 @@ impl Statement {
         self
     }
 
-    /// Appends `(v1, v2, …)`, one placeholder per value.
-    pub(crate) fn row(&mut self, values: impl IntoIterator<Item = Value>) -> &mut Self {
-        self.sql("(");
-        for (index, value) in values.into_iter().enumerate() {
-            if index > 0 {
-                self.sql(", ");
-            }
-            self.bind(value);
-        }
-        self.sql(")")
-    }
-
-    /// Appends `(…), (…), …`: the rows of a `VALUES` list.
+    /// Appends a table of `rows` (at least one, all of the first's width and types): `VALUES
+    /// (…), (…)` on SQLite, `SELECT * FROM unnest(…)` with one array per column on
+    /// PostgreSQL. Write it where SQL takes a query: after `INSERT INTO t (…)`, inside
+    /// `WITH v (…) AS (…)`.
     pub(crate) fn rows<R>(&mut self, rows: impl IntoIterator<Item = R>) -> &mut Self
     where
         R: IntoIterator<Item = Value>,
     {
-        for (index, row) in rows.into_iter().enumerate() {
-            if index > 0 {
-                self.sql(", ");
-            }
-            self.row(row);
+        let mut set = Rows::default();
+        for row in rows {
+            set.push(row);
         }
+        self.parts.push(Part::Rows(set));
         self
+    }
+
+    /// Executes the statement; the number of rows it changed.
+    pub(crate) fn execute_in(self, connection: &mut AnyConnection) -> QueryResult<usize> {
+        match connection {
+            AnyConnection::Postgresql(postgres) => RunQueryDsl::execute(self, postgres),
+            AnyConnection::Sqlite(sqlite) => RunQueryDsl::execute(self, sqlite),
+        }
+    }
+
+    /// Runs the statement and loads what it returns.
+    pub(crate) fn load_in<U>(self, connection: &mut AnyConnection) -> QueryResult<Vec<U>>
+    where
+        Self: LoadQuery<'static, PgConnection, U> + LoadQuery<'static, SqliteConnection, U>,
+    {
+        match connection {
+            AnyConnection::Postgresql(postgres) => RunQueryDsl::load(self, postgres),
+            AnyConnection::Sqlite(sqlite) => RunQueryDsl::load(self, sqlite),
+        }
     }
 
     /// How many values are bound.
@@ -136,8 +294,12 @@ impl Statement {
     pub(crate) fn bind_count(&self) -> usize {
         self.parts
             .iter()
-            .filter(|part| matches!(part, Part::Bind(_)))
-            .count()
+            .map(|part| match part {
+                Part::Sql(_) => 0,
+                Part::Bind(_) => 1,
+                Part::Rows(rows) => rows.count * rows.columns.len(),
+            })
+            .sum()
     }
 }
 
@@ -153,18 +315,22 @@ impl Query for Statement {
 
 impl<Conn> RunQueryDsl<Conn> for Statement {}
 
-impl<DB> QueryFragment<DB> for Statement
-where
-    DB: Backend
-        + DieselReserveSpecialization
-        + HasSqlType<Nullable<Text>>
-        + HasSqlType<Nullable<BigInt>>
-        + HasSqlType<Nullable<Binary>>,
-    Option<String>: ToSql<Nullable<Text>, DB>,
-    Option<i64>: ToSql<Nullable<BigInt>, DB>,
-    Option<Vec<u8>>: ToSql<Nullable<Binary>, DB>,
-{
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
+impl Statement {
+    /// Walks the text and the single binds, handing each set of rows to `rows`.
+    fn walk<'b, DB>(
+        &'b self,
+        out: &mut AstPass<'_, 'b, DB>,
+        mut rows: impl FnMut(&'b Rows, &mut AstPass<'_, 'b, DB>) -> QueryResult<()>,
+    ) -> QueryResult<()>
+    where
+        DB: Backend
+            + HasSqlType<Nullable<Text>>
+            + HasSqlType<Nullable<BigInt>>
+            + HasSqlType<Nullable<Binary>>,
+        Option<String>: ToSql<Nullable<Text>, DB>,
+        Option<i64>: ToSql<Nullable<BigInt>, DB>,
+        Option<Vec<u8>>: ToSql<Nullable<Binary>, DB>,
+    {
         // Safe to cache: the same text always has the same binds, in number and types.
         for part in &self.parts {
             match part {
@@ -178,51 +344,140 @@ where
                 Part::Bind(Value::Bytes(value)) => {
                     out.push_bind_param::<Nullable<Binary>, _>(value)?;
                 }
+                Part::Rows(set) => rows(set, out)?,
             }
         }
         Ok(())
     }
 }
 
+impl QueryFragment<Pg> for Statement {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        self.walk(&mut out, |rows, out| rows.walk_arrays(out))
+    }
+}
+
+impl QueryFragment<Sqlite> for Statement {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+        self.walk(&mut out, |rows, out| rows.walk_values(out))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use diesel::debug_query;
-    use diesel::pg::Pg;
-    use diesel::sqlite::Sqlite;
 
     use super::*;
 
     fn example() -> Statement {
-        let mut statement = Statement::new("INSERT INTO t (a, b) VALUES ");
+        let mut statement = Statement::new("INSERT INTO t (a, b) ");
         statement.rows([
             [Value::from("x"), Value::from(1_i64)],
-            [Value::from(None::<String>), Value::from(vec![1_u8, 2])],
+            [Value::from(None::<String>), Value::from(None::<i64>)],
         ]);
         statement.sql(" RETURNING a");
         statement
     }
 
     #[test]
-    fn placeholders_follow_the_backend() {
+    fn rows_are_values_on_sqlite_and_one_array_per_column_on_postgres() {
         let statement = example();
         assert_eq!(statement.bind_count(), 4);
-        let postgres = debug_query::<Pg, _>(&statement).to_string();
-        assert!(
-            postgres.starts_with("INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4) RETURNING a"),
-            "{postgres}"
-        );
         let sqlite = debug_query::<Sqlite, _>(&statement).to_string();
         assert!(
             sqlite.starts_with("INSERT INTO t (a, b) VALUES (?, ?), (?, ?) RETURNING a"),
             "{sqlite}"
         );
+        let postgres = debug_query::<Pg, _>(&statement).to_string();
+        assert!(
+            postgres.starts_with("INSERT INTO t (a, b) SELECT * FROM unnest($1, $2) RETURNING a"),
+            "{postgres}"
+        );
+        assert!(
+            postgres.ends_with(r#"-- binds: [[Some("x"), None], [Some(1), None]]"#),
+            "{postgres}"
+        );
+    }
+
+    #[test]
+    fn the_postgres_text_does_not_depend_on_the_number_of_rows() {
+        let text = |count: i64| {
+            let mut statement = Statement::new("WITH v (a) AS (");
+            statement
+                .rows((0..count).map(|n| [Value::from(n)]))
+                .sql(") SELECT a FROM v");
+            let postgres = debug_query::<Pg, _>(&statement).to_string();
+            let sqlite = debug_query::<Sqlite, _>(&statement).to_string();
+            (
+                postgres[..postgres.find(" -- binds").unwrap_or(postgres.len())].to_owned(),
+                sqlite[..sqlite.find(" -- binds").unwrap_or(sqlite.len())].to_owned(),
+            )
+        };
+        let (postgres_1, sqlite_1) = text(1);
+        let (postgres_3, sqlite_3) = text(3);
+        assert_eq!(postgres_1, postgres_3);
+        assert_eq!(
+            postgres_1,
+            "WITH v (a) AS (SELECT * FROM unnest($1)) SELECT a FROM v"
+        );
+        assert_ne!(sqlite_1, sqlite_3);
     }
 
     #[test]
     fn values_are_bound_not_formatted() {
-        let mut statement = Statement::new("SELECT 1 WHERE a IN ");
-        statement.row([Value::from("'; DROP TABLE t; --")]);
+        let mut statement = Statement::new("SELECT 1 WHERE a IN (");
+        statement
+            .rows([[Value::from("'; DROP TABLE t; --")]])
+            .sql(")");
         let sqlite = debug_query::<Sqlite, _>(&statement).to_string();
-        assert!(sqlite.starts_with("SELECT 1 WHERE a IN (?)"), "{sqlite}");
+        assert!(
+            sqlite.starts_with("SELECT 1 WHERE a IN (VALUES (?))"),
+            "{sqlite}"
+        );
+        let postgres = debug_query::<Pg, _>(&statement).to_string();
+        assert!(
+            postgres.starts_with("SELECT 1 WHERE a IN (SELECT * FROM unnest($1))"),
+            "{postgres}"
+        );
+    }
+
+    #[test]
+    fn rows_of_mixed_shapes_or_none_are_refused_not_rendered() {
+        let refused = |rows: Vec<Vec<Value>>| {
+            let mut statement = Statement::new("INSERT INTO t ");
+            statement.rows(rows);
+            let error = QueryFragment::<Sqlite>::to_sql(
+                &statement,
+                &mut <Sqlite as Backend>::QueryBuilder::default(),
+                &Sqlite,
+            )
+            .err()
+            .map(|error| error.to_string());
+            let postgres = QueryFragment::<Pg>::to_sql(
+                &statement,
+                &mut <Pg as Backend>::QueryBuilder::default(),
+                &Pg,
+            )
+            .err()
+            .map(|error| error.to_string());
+            assert_eq!(error, postgres);
+            error
+        };
+        let text = Value::from("x");
+        let int = Value::from(1_i64);
+        assert_eq!(refused(vec![]).as_deref(), Some("an empty set of rows"));
+        assert_eq!(
+            refused(vec![vec![text.clone()], vec![int.clone()]]).as_deref(),
+            Some("a row's value is not of its column's type")
+        );
+        assert_eq!(
+            refused(vec![vec![text.clone()], vec![text.clone(), text.clone()]]).as_deref(),
+            Some("a row is wider than the first")
+        );
+        assert_eq!(
+            refused(vec![vec![text.clone(), int.clone()], vec![text.clone()]]).as_deref(),
+            Some("a row is narrower than the first")
+        );
+        assert_eq!(refused(vec![vec![text.clone(), int.clone()]]), None);
     }
 }
