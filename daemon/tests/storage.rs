@@ -158,6 +158,7 @@ suite!(
     signed_checkpoints_catch_a_cut_chain_and_a_wrong_key,
     group_commit_settles_200_concurrent_payments,
     both_halves_in_one_batch_answer_pending_then_settled,
+    a_batch_costs_the_same_statements_whatever_its_size,
     two_storages_racing_the_halves_settle_exactly_once,
     accounts_refuse_bad_input,
     a_panicking_batch_fails_alone_and_the_writer_carries_on,
@@ -1134,6 +1135,74 @@ fn both_halves_in_one_batch_answer_pending_then_settled(db: &Db) {
     let other = answers.iter().find(|a| !a.settled_now).unwrap();
     assert_eq!(other.view.status, TransactionStatus::Pending, "{answers:?}");
     assert_eq!(balance(&w, &w.payee.account), 3_00);
+}
+
+/// A batch's statements do not grow with its halves: one half alone and twenty halves (ten
+/// payments, inserted and settled in one batch) each cost at most the documented number
+/// (docs/ledger.md: 16 on SQLite, 9 on PostgreSQL, `BEGIN` and `COMMIT` included).
+fn a_batch_costs_the_same_statements_whatever_its_size(db: &Db) {
+    let most = if db.postgres.is_some() { 9.0 } else { 16.0 };
+    let w = Arc::new(world(db));
+    let metrics = w.storage.writer_metrics();
+    let batches = || {
+        (
+            metrics.statements_per_batch.count(),
+            metrics.statements_per_batch.sum(),
+        )
+    };
+
+    let before = batches();
+    w.storage
+        .accept_half(half_a(&w, txn(70), 1, eur_amount(1_00)), NOW_MS)
+        .unwrap();
+    let after = batches();
+    assert_eq!(after.0 - before.0, 1);
+    let alone = after.1 - before.1;
+    assert!(
+        alone > 0.0 && alone <= most,
+        "{alone} statements for one half"
+    );
+
+    let hold = w.storage.hold_next_commit();
+    let blocker = {
+        let w = Arc::clone(&w);
+        std::thread::spawn(move || w.storage.create_account(&account("held-2"), eur(), 0))
+    };
+    assert!(hold.wait_until_holding(Duration::from_secs(10)));
+    let before = batches();
+    let halves_before = metrics.halves_per_batch.sum();
+    let halves: Vec<_> = (0..10_u32)
+        .flat_map(|i| {
+            [
+                half_a(&w, txn(80 + i), 2 + i, eur_amount(1_00)),
+                half_b(&w, txn(80 + i), 1 + i, eur_amount(1_00)),
+            ]
+        })
+        .map(|half| {
+            let w = Arc::clone(&w);
+            std::thread::spawn(move || w.storage.accept_half(half, NOW_MS).unwrap())
+        })
+        .collect();
+    // The halves queue behind the held batch (their threads have had time to queue them).
+    std::thread::sleep(Duration::from_millis(300));
+    drop(hold);
+    blocker.join().unwrap().unwrap();
+    let settled = halves
+        .into_iter()
+        .map(|thread| thread.join().unwrap())
+        .filter(|answer| answer.settled_now)
+        .count();
+    assert_eq!(settled, 10);
+    let after = batches();
+    let (count, sum) = (after.0 - before.0, after.1 - before.1);
+    assert_eq!(metrics.halves_per_batch.sum() - halves_before, 20.0);
+    // Normally one batch of twenty; however a loaded machine splits them, each is bounded.
+    assert!((1..=20).contains(&count), "{count} batches");
+    assert!(
+        sum <= most * count as f64,
+        "{sum} statements in {count} batches of twenty halves"
+    );
+    assert_eq!(balance(&w, &w.payee.account), 10 * 1_00);
 }
 
 fn two_storages_racing_the_halves_settle_exactly_once(db: &Db) {

@@ -29,7 +29,7 @@ use super::StorageError;
 use super::connection::AnyConnection;
 use super::model::{AuditBreak, AuditReport, ChainHead};
 use super::schema::{audit_chains, audit_checkpoints, audit_log};
-use super::sql::{Statement, Value};
+use super::sql::{Statement, Value, Writes};
 
 /// The `prev_hash` of chain 1's first record (the chain from before chains existed).
 pub const GENESIS_HASH: [u8; 32] = [0; 32];
@@ -244,6 +244,22 @@ pub(crate) fn append(
     now_ms: i64,
     statements: &mut u32,
 ) -> Result<ChainHead, StorageError> {
+    let mut writes = Writes::default();
+    let head = queue_append(&mut writes, chain, log, now_ms);
+    *statements += writes.statements_on(connection);
+    writes.execute_in(connection)?;
+    Ok(head)
+}
+
+/// [`append`], queued on `writes` (to run with the batch's other writes): the records' insert
+/// and the move of the chain's head, which fails the writes with [`lost_chain`] if another
+/// writer moved the head or took the lease. Returns the new head.
+pub(crate) fn queue_append(
+    writes: &mut Writes,
+    chain: &Chain,
+    log: &AuditLog,
+    now_ms: i64,
+) -> ChainHead {
     let mut head = chain.head.clone();
     if !log.records.is_empty() {
         let mut insert = Statement::new(
@@ -277,8 +293,7 @@ pub(crate) fn append(
             head.hash = hash;
         }
         insert.rows(rows);
-        insert.execute_in(connection)?;
-        *statements += 1;
+        writes.push(insert);
     }
     // Written as a `Statement` so that it is prepared once per connection.
     let mut update = Statement::new("UPDATE audit_chains SET head_seq = ");
@@ -294,12 +309,8 @@ pub(crate) fn append(
         .bind(chain.head.seq)
         .sql(" AND lease_owner = ")
         .bind(chain.owner.clone());
-    let moved = update.execute_in(connection)?;
-    *statements += 1;
-    if moved != 1 {
-        return Err(lost_chain());
-    }
-    Ok(head)
+    writes.push_expecting(update, 1, lost_chain);
+    head
 }
 
 /// Gives the chain up (its lease ends now), so the next writer may resume it.

@@ -1,7 +1,9 @@
 //! The set-based group commit of halves: read every row a batch touches with a few
 //! `WHERE key IN (…)` queries, let [`Batch::decide`] judge each half in memory, then write what
 //! changed with multi-row statements. The number of statements per batch does not depend on
-//! the number of halves in it (at most 15 between `BEGIN` and `COMMIT`, audit included).
+//! the number of halves in it (at most 14 between `BEGIN` and `COMMIT` on SQLite, audit
+//! included; on PostgreSQL the writes after the transfers are one combined statement, see
+//! [`Writes`], so at most 7).
 //!
 //! # Locks (PostgreSQL)
 //!
@@ -32,7 +34,7 @@ use super::settlement::{
     Batch, BatchAccount, BatchTerminal, BatchTransaction, QueuedHalf, TransactionRow, TxnKey,
     UsedCounter, lost_race,
 };
-use super::sql::{Statement, Value};
+use super::sql::{Statement, Value, Writes};
 use super::terminals::{self as terminal_rows, TerminalRow};
 
 /// The first key of the advisory locks a batch takes per payment ("nfcp"); the second is
@@ -239,29 +241,30 @@ fn connection_is_postgres(connection: &AnyConnection) -> bool {
     matches!(connection, AnyConnection::Postgresql(_))
 }
 
-/// Writes what the batch changed: at most eight statements. Asks `audit` for the settlements'
-/// records (the writer appends them to its chain). A transaction row that is no longer pending
-/// when written means another writer got there first: [`lost_race`], and the batch runs again.
+/// Writes what the batch changed. The settlements' transfers are inserted at once (their IDs
+/// go into the payments' rows and the audit records, which `audit` is asked for); every other
+/// write is queued on `writes` (at most seven), for the caller to run with the audit append
+/// as one combined write. A transaction row that is no longer pending when written means
+/// another writer got there first: [`lost_race`], and the batch runs again.
 pub(crate) fn write(
     connection: &mut AnyConnection,
     batch: &mut Batch,
     audit: &mut AuditLog,
+    writes: &mut Writes,
     statements: &mut u32,
 ) -> Result<(), StorageError> {
-    write_counters(connection, batch, statements)?;
-    let ids = write_bookings(connection, batch, statements)?;
+    let ids = insert_transfers(connection, batch, statements)?;
     batch.assign_settlements(&ids, audit)?;
-    write_transactions(connection, batch, statements)
+    write_counters(connection, batch, writes);
+    write_bookings(batch, &ids, writes)?;
+    write_transactions(batch, writes);
+    Ok(())
 }
 
 /// The used counters, the terminals' windows, and the counters that fell out of them.
-fn write_counters(
-    connection: &mut AnyConnection,
-    batch: &Batch,
-    statements: &mut u32,
-) -> Result<(), StorageError> {
+fn write_counters(connection: &AnyConnection, batch: &Batch, writes: &mut Writes) {
     if batch.new_used.is_empty() {
-        return Ok(());
+        return;
     }
     let mut insert = Statement::new(
         "INSERT INTO used_counters \
@@ -277,8 +280,7 @@ fn write_counters(
             Value::from(used.used_at_ms),
         ]
     }));
-    insert.execute_in(connection)?;
-    *statements += 1;
+    writes.push(insert);
 
     let mut moved: Vec<(&str, i64)> = batch
         .terminals
@@ -287,7 +289,7 @@ fn write_counters(
         .map(|terminal| (terminal.view.id.as_str(), terminal.highest_counter))
         .collect();
     if moved.is_empty() {
-        return Ok(());
+        return;
     }
     moved.sort_unstable();
     let windows = || {
@@ -299,8 +301,7 @@ fn write_counters(
     update
         .rows(windows())
         .sql(") UPDATE terminals SET highest_counter = v.highest FROM v WHERE terminals.id = v.id");
-    update.execute_in(connection)?;
-    *statements += 1;
+    writes.push(update);
 
     // Counters at or below a window's floor are refused as stale anyway.
     let mut prune = Statement::new("WITH v (id, highest) AS (");
@@ -318,9 +319,7 @@ fn write_counters(
         ),
     };
     const _: () = assert!(super::settlement::REPLAY_WINDOW == 1024);
-    prune.execute_in(connection)?;
-    *statements += 1;
-    Ok(())
+    writes.push(prune);
 }
 
 #[derive(QueryableByName)]
@@ -331,8 +330,8 @@ struct InsertedTransfer {
     txn_id: Option<Vec<u8>>,
 }
 
-/// The settlements' transfers, postings and balances; returns each transfer's ID by payment.
-fn write_bookings(
+/// Inserts the settlements' transfers; returns each one's ID by payment.
+fn insert_transfers(
     connection: &mut AnyConnection,
     batch: &Batch,
     statements: &mut u32,
@@ -364,7 +363,18 @@ fn write_bookings(
             .ok_or_else(|| StorageError::corrupt("an inserted transfer without its payment"))?;
         ids.insert(key, transfer.id);
     }
+    Ok(ids)
+}
 
+/// The settlements' postings (under their transfers, `ids`) and the accounts' balances.
+fn write_bookings(
+    batch: &Batch,
+    ids: &HashMap<TxnKey, i64>,
+    writes: &mut Writes,
+) -> Result<(), StorageError> {
+    if batch.bookings.is_empty() {
+        return Ok(());
+    }
     let mut postings = Statement::new(
         "INSERT INTO postings \
          (transfer_id, account_id, amount_minor, balance_after_minor, created_at_ms) ",
@@ -389,8 +399,7 @@ fn write_bookings(
         }
     }
     postings.rows(rows);
-    postings.execute_in(connection)?;
-    *statements += 1;
+    writes.push(postings);
 
     let mut changed: Vec<(&str, i64)> = batch
         .accounts
@@ -407,17 +416,12 @@ fn write_bookings(
                 .map(|&(id, balance)| [Value::from(id), Value::from(balance)]),
         )
         .sql(") UPDATE accounts SET balance_minor = v.balance FROM v WHERE accounts.id = v.id");
-    update.execute_in(connection)?;
-    *statements += 1;
-    Ok(ids)
+    writes.push(update);
+    Ok(())
 }
 
 /// New payments are inserted; stored ones that changed are updated only while still pending.
-fn write_transactions(
-    connection: &mut AnyConnection,
-    batch: &Batch,
-    statements: &mut u32,
-) -> Result<(), StorageError> {
+fn write_transactions(batch: &Batch, writes: &mut Writes) {
     let mut new_rows: Vec<&TransactionRow> = Vec::new();
     let mut changed_rows: Vec<&TransactionRow> = Vec::new();
     for entry in batch.transactions.values().filter(|entry| entry.changed) {
@@ -431,8 +435,7 @@ fn write_transactions(
     if !new_rows.is_empty() {
         let mut insert = Statement::new(&format!("INSERT INTO transactions ({columns}) "));
         insert.rows(new_rows.iter().map(|row| row.values()));
-        insert.execute_in(connection)?;
-        *statements += 1;
+        writes.push(insert);
     }
     if !changed_rows.is_empty() {
         let assignments = TransactionRow::COLUMNS
@@ -449,11 +452,6 @@ fn write_transactions(
              WHERE transactions.txn_id = v.txn_id AND transactions.status = '{}'",
                 TransactionStatus::Pending.as_str()
             ));
-        let updated = update.execute_in(connection)?;
-        *statements += 1;
-        if updated != changed_rows.len() {
-            return Err(lost_race());
-        }
+        writes.push_expecting(update, changed_rows.len(), lost_race);
     }
-    Ok(())
 }

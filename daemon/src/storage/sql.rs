@@ -26,6 +26,7 @@ use diesel::sql_types::{Array, BigInt, Binary, HasSqlType, Nullable, Text, Untyp
 use diesel::sqlite::Sqlite;
 use diesel::{PgConnection, QueryResult, RunQueryDsl, SqliteConnection};
 
+use super::StorageError;
 use super::connection::AnyConnection;
 
 /// One bound value.
@@ -270,14 +271,6 @@ impl Statement {
         self
     }
 
-    /// Executes the statement; the number of rows it changed.
-    pub(crate) fn execute_in(self, connection: &mut AnyConnection) -> QueryResult<usize> {
-        match connection {
-            AnyConnection::Postgresql(postgres) => RunQueryDsl::execute(self, postgres),
-            AnyConnection::Sqlite(sqlite) => RunQueryDsl::execute(self, sqlite),
-        }
-    }
-
     /// Runs the statement and loads what it returns.
     pub(crate) fn load_in<U>(self, connection: &mut AnyConnection) -> QueryResult<Vec<U>>
     where
@@ -300,6 +293,123 @@ impl Statement {
                 Part::Rows(rows) => rows.count * rows.columns.len(),
             })
             .sum()
+    }
+}
+
+/// Writes whose only answer is how many rows each changed. On SQLite they run one after the
+/// other; on PostgreSQL they go as **one** statement, each write a data-modifying `WITH` member
+/// (`WITH w0 AS (INSERT … RETURNING 1), w1 AS (UPDATE … RETURNING 1) SELECT ARRAY[count(w0),
+/// …]`), so a batch's writes cost one round trip however many tables they touch.
+///
+/// The members of that one statement see the same snapshot: none may read what another
+/// writes, and no row may be written by two members. Every write pushed here must be an
+/// `INSERT`, `UPDATE` or `DELETE` without a `RETURNING` clause of its own.
+#[derive(Default)]
+pub(crate) struct Writes {
+    statements: Vec<Statement>,
+    /// Per statement: the number of rows it must change, and the error if it changes another.
+    expected: Vec<Option<Expected>>,
+}
+
+/// A write's expected row count, and the error if it changes another number of rows.
+type Expected = (usize, fn() -> StorageError);
+
+/// The rows each member of a combined write changed (PostgreSQL).
+#[derive(diesel::QueryableByName)]
+struct WriteCounts {
+    #[diesel(sql_type = Array<BigInt>)]
+    counts: Vec<i64>,
+}
+
+impl Writes {
+    /// Adds a write that may change any number of rows.
+    pub(crate) fn push(&mut self, statement: Statement) {
+        self.statements.push(statement);
+        self.expected.push(None);
+    }
+
+    /// Adds a write that must change exactly `rows` rows; if it changes another number, the
+    /// writes fail with `otherwise()` (and the caller's transaction is rolled back).
+    pub(crate) fn push_expecting(
+        &mut self,
+        statement: Statement,
+        rows: usize,
+        otherwise: fn() -> StorageError,
+    ) {
+        self.statements.push(statement);
+        self.expected.push(Some((rows, otherwise)));
+    }
+
+    /// How many statements the writes cost on `connection`'s database.
+    pub(crate) fn statements_on(&self, connection: &AnyConnection) -> u32 {
+        let count = match connection {
+            AnyConnection::Postgresql(_) => usize::from(!self.statements.is_empty()),
+            AnyConnection::Sqlite(_) => self.statements.len(),
+        };
+        u32::try_from(count).unwrap_or(u32::MAX)
+    }
+
+    /// Runs the writes in order and checks the counts of those pushed with
+    /// [`Writes::push_expecting`].
+    pub(crate) fn execute_in(self, connection: &mut AnyConnection) -> Result<(), StorageError> {
+        let expected = self.expected;
+        let counts = Self::counts(self.statements, connection)?;
+        for (count, expected) in counts.into_iter().zip(expected) {
+            if let Some((rows, otherwise)) = expected
+                && count != rows
+            {
+                return Err(otherwise());
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `statements`; the number of rows each changed.
+    fn counts(
+        statements: Vec<Statement>,
+        connection: &mut AnyConnection,
+    ) -> QueryResult<Vec<usize>> {
+        if statements.is_empty() {
+            return Ok(Vec::new());
+        }
+        let postgres = match connection {
+            AnyConnection::Sqlite(sqlite) => {
+                return statements
+                    .into_iter()
+                    .map(|statement| RunQueryDsl::execute(statement, sqlite))
+                    .collect();
+            }
+            AnyConnection::Postgresql(postgres) => postgres,
+        };
+        let members = statements.len();
+        let mut combined = Statement::new("WITH ");
+        for (index, statement) in statements.into_iter().enumerate() {
+            if index > 0 {
+                combined.sql(", ");
+            }
+            combined.sql(&format!("w{index} AS ("));
+            combined.parts.extend(statement.parts);
+            combined.sql(" RETURNING 1)");
+        }
+        combined.sql(" SELECT ARRAY[");
+        for index in 0..members {
+            if index > 0 {
+                combined.sql(", ");
+            }
+            combined.sql(&format!("(SELECT count(*) FROM w{index})"));
+        }
+        combined.sql("] AS counts");
+        let rows: Vec<WriteCounts> = RunQueryDsl::load(combined, postgres)?;
+        let counts = rows.into_iter().next().map(|row| row.counts);
+        match counts {
+            Some(counts) if counts.len() == members => Ok(counts
+                .into_iter()
+                .map(|count| usize::try_from(count).unwrap_or(0))
+                .collect()),
+            _ => Err(diesel::result::Error::DeserializationError(
+                "a combined write did not answer one count per member".into(),
+            )),
+        }
     }
 }
 
@@ -479,5 +589,78 @@ mod tests {
             Some("a row is narrower than the first")
         );
         assert_eq!(refused(vec![vec![text.clone(), int.clone()]]), None);
+    }
+
+    /// The connections a combined write is tried on: SQLite in memory, and PostgreSQL when
+    /// `NFCPAY_TEST_DATABASE_URL` names one (temporary tables only).
+    fn connections() -> Vec<AnyConnection> {
+        use diesel::Connection as _;
+        let mut connections = vec![AnyConnection::Sqlite(
+            SqliteConnection::establish(":memory:").expect("in-memory SQLite"),
+        )];
+        if let Ok(url) = std::env::var("NFCPAY_TEST_DATABASE_URL") {
+            connections.push(AnyConnection::Postgresql(
+                PgConnection::establish(&url).expect("the test database"),
+            ));
+        }
+        connections
+    }
+
+    fn update(id: i64, value: i64) -> Statement {
+        let mut statement = Statement::new("UPDATE w_test SET v = ");
+        statement.bind(value).sql(" WHERE id = ").bind(id);
+        statement
+    }
+
+    #[test]
+    fn combined_writes_run_in_order_and_check_their_counts() {
+        use diesel::connection::SimpleConnection as _;
+        for mut connection in connections() {
+            match &mut connection {
+                AnyConnection::Sqlite(sqlite) => sqlite.batch_execute(
+                    "CREATE TEMP TABLE w_test (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)",
+                ),
+                AnyConnection::Postgresql(postgres) => postgres.batch_execute(
+                    "CREATE TEMP TABLE w_test (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)",
+                ),
+            }
+            .expect("a temporary table");
+            let mut writes = Writes::default();
+            let mut insert = Statement::new("INSERT INTO w_test (id, v) ");
+            insert.rows((1..=3_i64).map(|id| [Value::from(id), Value::from(0_i64)]));
+            writes.push(insert);
+            assert_eq!(writes.statements_on(&connection), 1);
+            writes.execute_in(&mut connection).expect("the insert");
+
+            let mut writes = Writes::default();
+            writes.push(update(1, 10));
+            writes.push_expecting(update(2, 20), 1, || StorageError::Overloaded);
+            writes.push(update(404, 1));
+            let expected = match connection {
+                AnyConnection::Postgresql(_) => 1,
+                AnyConnection::Sqlite(_) => 3,
+            };
+            assert_eq!(writes.statements_on(&connection), expected);
+            writes.execute_in(&mut connection).expect("the updates");
+
+            let mut writes = Writes::default();
+            writes.push(update(3, 30));
+            writes.push_expecting(update(404, 1), 1, || StorageError::Overloaded);
+            let error = writes.execute_in(&mut connection).err();
+            assert!(matches!(error, Some(StorageError::Overloaded)), "{error:?}");
+
+            let read = Statement::new("SELECT id, v FROM w_test ORDER BY id");
+            #[derive(diesel::QueryableByName, Debug, PartialEq)]
+            struct Row {
+                #[diesel(sql_type = BigInt)]
+                id: i64,
+                #[diesel(sql_type = BigInt)]
+                v: i64,
+            }
+            let rows: Vec<Row> = read.load_in(&mut connection).expect("the rows");
+            let rows: Vec<(i64, i64)> = rows.into_iter().map(|row| (row.id, row.v)).collect();
+            // The failed writes ran (the caller's transaction rolls them back).
+            assert_eq!(rows, [(1, 10), (2, 20), (3, 30)]);
+        }
     }
 }

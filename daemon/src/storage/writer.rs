@@ -47,6 +47,7 @@ use super::audit::{self, AuditLog, Chain};
 use super::connection::{AnyConnection, ConnectionPool};
 use super::model::Submitted;
 use super::settlement::{QueuedHalf, Verdict};
+use super::sql::Writes;
 use super::{StorageError, batch};
 
 /// Items waiting for the writer; beyond this, writes fail fast with [`StorageError::Overloaded`].
@@ -700,8 +701,19 @@ impl WriterState {
                 let verdicts: Vec<Result<Verdict, StorageError>> =
                     queued.iter().map(|half| batch.decide(half)).collect();
                 let mut audit = AuditLog::default();
-                batch::write(connection, &mut batch, &mut audit, &mut statements)?;
-                let head = audit::append(connection, chain, &audit, now_ms(), &mut statements)?;
+                // Everything but the transfers goes as one combined write (one statement on
+                // PostgreSQL), the audit append included.
+                let mut writes = Writes::default();
+                batch::write(
+                    connection,
+                    &mut batch,
+                    &mut audit,
+                    &mut writes,
+                    &mut statements,
+                )?;
+                let head = audit::queue_append(&mut writes, chain, &audit, now_ms());
+                statements += writes.statements_on(connection);
+                writes.execute_in(connection)?;
                 let answers: Vec<Result<Submitted, StorageError>> = verdicts
                     .into_iter()
                     .map(|verdict| verdict.and_then(|verdict| batch.submitted(verdict)))
