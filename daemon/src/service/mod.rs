@@ -605,13 +605,27 @@ mod tests {
         let (_dir, platform) = platform();
         let (release, stalled) = std::sync::mpsc::channel::<()>();
         let stalled = Arc::new(std::sync::Mutex::new(stalled));
-        // Stalled jobs until the queue refuses one: the workers all hold one, the queue is full.
-        let mut held = Vec::new();
-        loop {
+        let (started, running) = std::sync::mpsc::channel::<()>();
+        let stall = || {
             let stalled = Arc::clone(&stalled);
-            match platform.hsm.submit(move || {
+            let started = started.clone();
+            move || {
+                let _ = started.send(());
                 let _ = stalled.lock().unwrap().recv();
-            }) {
+            }
+        };
+        // First every worker holds a stalled job (each has said so), so that no worker takes
+        // a job from the queue while it is filled below.
+        let mut held = Vec::new();
+        for _ in 0..workers::HSM_WORKERS {
+            held.push(platform.hsm.submit(stall()).unwrap());
+        }
+        for _ in 0..workers::HSM_WORKERS {
+            running.recv_timeout(Duration::from_secs(10)).unwrap();
+        }
+        // Then stalled jobs until the queue refuses one: the queue is full.
+        loop {
+            match platform.hsm.submit(stall()) {
                 Ok(answer) => held.push(answer),
                 Err(error) => {
                     assert_eq!(error, workers::WorkError::Busy);
@@ -620,7 +634,7 @@ mod tests {
             }
             assert!(held.len() <= workers::HSM_WORKERS + workers::HSM_QUEUE_MAX);
         }
-        assert!(held.len() >= workers::HSM_QUEUE_MAX);
+        assert_eq!(held.len(), workers::HSM_WORKERS + workers::HSM_QUEUE_MAX);
         let refused = platform.hsm_job(|| Ok(())).await.unwrap_err();
         assert_eq!(refused.code(), ProblemCode::Unavailable);
         assert_eq!(failed(&platform, "busy"), 1);
