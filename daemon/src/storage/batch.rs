@@ -303,7 +303,10 @@ fn write_counters(connection: &AnyConnection, batch: &Batch, writes: &mut Writes
         .sql(") UPDATE terminals SET highest_counter = v.highest FROM v WHERE terminals.id = v.id");
     writes.push(update);
 
-    // Counters at or below a window's floor are refused as stale anyway.
+    // Counters at or below a window's floor are refused as stale anyway. On PostgreSQL this
+    // runs in one statement with the insert above and does not see its rows: a counter of this
+    // batch already under the new floor (a terminal that jumped ahead) stays until the
+    // terminal's next prune, refused as stale meanwhile like any other.
     let mut prune = Statement::new("WITH v (id, highest) AS (");
     prune.rows(windows());
     match connection {
