@@ -6,6 +6,8 @@
 //! # Layout
 //! - [`cpu_time_ms`]: user + system CPU of a process so far.
 //! - [`hsm_operations`]: the sum of `nfcpay_hsm_operations_total` on one daemon.
+//! - [`DaemonFigures`]: the ledger writer's batches and the terminal listener's request times,
+//!   from the daemon's histograms.
 //! - [`register_idle_terminals`]: N pending terminals inserted through [`Storage`].
 //! - [`check_ledger`]: the exactly-once verdict over the receipts the run collected.
 
@@ -97,6 +99,88 @@ pub fn hsm_operations(ops_address: &str) -> Result<Option<f64>> {
         .iter()
         .filter_map(|name| sum_metric(&body, name))
         .reduce(|total, sum| total + sum))
+}
+
+/// Running totals of a daemon's ledger writer and terminal listener, read from the `_sum` and
+/// `_count` of its histograms: the difference of two readings describes the window between.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DaemonFigures {
+    /// Batches of halves committed.
+    pub batches: f64,
+    /// Halves in those batches.
+    pub halves: f64,
+    /// SQL statements of those batches, `BEGIN` and `COMMIT` included.
+    pub statements: f64,
+    /// Seconds from `BEGIN` to durable `COMMIT`, summed over the batches.
+    pub commit_seconds: f64,
+    /// Requests answered on the terminal listener.
+    pub requests: f64,
+    /// Seconds from the end of each request's head to its answer, summed.
+    pub request_seconds: f64,
+}
+
+impl DaemonFigures {
+    /// The figures of the daemon whose operations listener is `ops_address`; zeros for what it
+    /// does not export.
+    pub fn read(ops_address: &str) -> Result<Self> {
+        Ok(Self::parse(&metrics_text(ops_address)?))
+    }
+
+    fn parse(text: &str) -> Self {
+        let value = |name: &str| sum_metric(text, &format!("nfcpayd_{name}")).unwrap_or(0.0);
+        Self {
+            batches: value("ledger_halves_per_batch_count"),
+            halves: value("ledger_halves_per_batch_sum"),
+            statements: value("ledger_statements_per_batch_sum"),
+            commit_seconds: value("ledger_batch_commit_seconds_sum"),
+            requests: value("http_request_duration_seconds_count"),
+            request_seconds: value("http_request_duration_seconds_sum"),
+        }
+    }
+
+    /// What happened between `before` and this reading.
+    pub fn since(self, before: Self) -> Self {
+        Self {
+            batches: self.batches - before.batches,
+            halves: self.halves - before.halves,
+            statements: self.statements - before.statements,
+            commit_seconds: self.commit_seconds - before.commit_seconds,
+            requests: self.requests - before.requests,
+            request_seconds: self.request_seconds - before.request_seconds,
+        }
+    }
+
+    /// The figures of several daemons together.
+    pub fn plus(self, other: Self) -> Self {
+        Self {
+            batches: self.batches + other.batches,
+            halves: self.halves + other.halves,
+            statements: self.statements + other.statements,
+            commit_seconds: self.commit_seconds + other.commit_seconds,
+            requests: self.requests + other.requests,
+            request_seconds: self.request_seconds + other.request_seconds,
+        }
+    }
+
+    /// Mean halves per batch; `None` without a batch.
+    pub fn halves_per_batch(&self) -> Option<f64> {
+        (self.batches > 0.0).then(|| self.halves / self.batches)
+    }
+
+    /// Mean statements per batch; `None` without a batch.
+    pub fn statements_per_batch(&self) -> Option<f64> {
+        (self.batches > 0.0).then(|| self.statements / self.batches)
+    }
+
+    /// Mean milliseconds from `BEGIN` to durable `COMMIT`; `None` without a batch.
+    pub fn batch_ms(&self) -> Option<f64> {
+        (self.batches > 0.0).then(|| 1000.0 * self.commit_seconds / self.batches)
+    }
+
+    /// Mean milliseconds a request spent in the daemon; `None` without a request.
+    pub fn request_ms(&self) -> Option<f64> {
+        (self.requests > 0.0).then(|| 1000.0 * self.request_seconds / self.requests)
+    }
 }
 
 /// The sum of every sample of counter `name` in Prometheus/OpenMetrics text, or `None` when
@@ -461,6 +545,40 @@ mod tests {
             Some(3.0)
         );
         assert_eq!(sum_metric("other_total 3\n", name), None);
+    }
+
+    #[test]
+    fn daemon_figures_come_from_histogram_sums_and_counts() {
+        let reading = |batches: u32, halves: u32| {
+            format!(
+                "# TYPE nfcpayd_ledger_halves_per_batch histogram\n\
+                 nfcpayd_ledger_halves_per_batch_sum {halves}.0\n\
+                 nfcpayd_ledger_halves_per_batch_count {batches}\n\
+                 nfcpayd_ledger_halves_per_batch_bucket{{le=\"64.0\"}} {batches}\n\
+                 nfcpayd_ledger_statements_per_batch_sum {}\n\
+                 nfcpayd_ledger_batch_commit_seconds_sum {}\n\
+                 nfcpayd_http_request_duration_seconds_sum{{route=\"/v1/halves/a\"}} 0.5\n\
+                 nfcpayd_http_request_duration_seconds_sum{{route=\"/v1/halves/b\"}} 0.25\n\
+                 nfcpayd_http_request_duration_seconds_count{{route=\"/v1/halves/a\"}} {halves}\n\
+                 # EOF\n",
+                9 * batches,
+                f64::from(batches) * 0.004,
+            )
+        };
+        let before = DaemonFigures::parse(&reading(2, 100));
+        let after = DaemonFigures::parse(&reading(12, 700));
+        let window = after.since(before);
+        assert_eq!(window.batches, 10.0);
+        assert_eq!(window.halves_per_batch(), Some(60.0));
+        assert_eq!(window.statements_per_batch(), Some(9.0));
+        assert!((window.batch_ms().unwrap() - 4.0).abs() < 1e-9);
+        assert_eq!(after.requests, 700.0);
+        assert!((after.request_ms().unwrap() - 750.0 / 700.0).abs() < 1e-9);
+        assert_eq!(window.plus(window).batches, 20.0);
+        let nothing = DaemonFigures::parse("# EOF\n");
+        assert_eq!(nothing, DaemonFigures::default());
+        assert_eq!(nothing.halves_per_batch(), None);
+        assert_eq!(nothing.request_ms(), None);
     }
 
     #[test]

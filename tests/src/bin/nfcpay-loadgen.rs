@@ -35,8 +35,9 @@ use nfcpay_protocol::messages::HalfKind;
 use nfcpay_protocol::{AccountId, Currency, InitialKeyId, TxnId};
 use nfcpay_terminal_agent::platform::PlatformError;
 use nfcpay_tests::loadgen::{
-    LedgerVerdict, SettledPayment, check_ledger, cpu_time_ms, daemon_metric, hsm_operations,
-    own_cpu_time_ms, quantile, register_idle_terminals, register_idle_terminals_postgres, rss_kib,
+    DaemonFigures, LedgerVerdict, SettledPayment, check_ledger, cpu_time_ms, daemon_metric,
+    hsm_operations, own_cpu_time_ms, quantile, register_idle_terminals,
+    register_idle_terminals_postgres, rss_kib,
 };
 use nfcpay_tests::{
     DaemonEndpoints, FIXTURE_BDK_ID, Ledger, PlatformFixture, SOFTHSM_MODULE, TestTerminal,
@@ -245,6 +246,8 @@ struct Run {
     /// HSM operations the daemons counted in the window; `None` when they do not export the
     /// counter.
     hsm_operations: Option<f64>,
+    /// The daemons' ledger batches and request times in the window.
+    figures: DaemonFigures,
     /// What `--idle-connections` measured.
     idle: Option<IdleConnections>,
 }
@@ -299,6 +302,14 @@ async fn load(args: &Args, platform: &PlatformFixture) -> Result<Run> {
             .map(|daemon| hsm_operations(&daemon.ops_address))
             .sum()
     };
+    let figures = || -> Result<DaemonFigures> {
+        endpoints
+            .iter()
+            .try_fold(DaemonFigures::default(), |total, daemon| {
+                Ok(total.plus(DaemonFigures::read(&daemon.ops_address)?))
+            })
+    };
+    let figures_before = figures()?;
     let hsm_before = hsm_counted()?;
     let daemon_before = daemon_cpu()?;
     let loadgen_before = own_cpu_time_ms()?;
@@ -321,6 +332,7 @@ async fn load(args: &Args, platform: &PlatformFixture) -> Result<Run> {
     let loadgen_cpu_ms = own_cpu_time_ms()? - loadgen_before;
     let daemon_cpu_ms = daemon_cpu()? - daemon_before;
     let hsm_after = hsm_counted()?;
+    let figures = figures()?.since(figures_before);
     latencies_us.sort_unstable();
     Ok(Run {
         elapsed_s,
@@ -332,6 +344,7 @@ async fn load(args: &Args, platform: &PlatformFixture) -> Result<Run> {
         hsm_operations: hsm_before
             .zip(hsm_after)
             .map(|(before, after)| after - before),
+        figures,
         idle,
     })
 }
@@ -589,6 +602,10 @@ impl Report<'_> {
             "hsm_ratio": round(self.bound().map(|bound| self.payments_per_s() / bound), 4),
             "hsm_derivations_per_s": round(self.probe.map(|probe| probe.derivations_per_s), 0),
             "hsm_signs_per_s": round(self.probe.map(|probe| probe.signs_per_s), 0),
+            "halves_per_batch": round(self.run.figures.halves_per_batch(), 1),
+            "statements_per_batch": round(self.run.figures.statements_per_batch(), 1),
+            "batch_ms": round(self.run.figures.batch_ms(), 2),
+            "daemon_half_ms": round(self.run.figures.request_ms(), 2),
             "terminals": self.args.terminals,
             "daemons": self.args.daemons,
             "registered": self.args.registered,
@@ -650,6 +667,18 @@ impl Report<'_> {
                 "HSM ops per payment:  - (nfcpayd does not export nfcpay_hsm_operations_total)"
             ),
         }
+        let figures = &self.run.figures;
+        let mean = |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
+        println!(
+            "ledger batches:       {} halves, {} statements, {} from BEGIN to COMMIT (means)",
+            mean(figures.halves_per_batch()),
+            mean(figures.statements_per_batch()),
+            ms(figures.batch_ms())
+        );
+        println!(
+            "time in nfcpayd:      {} per half (head read to answer, mean)",
+            ms(figures.request_ms())
+        );
         if let Some(probe) = self.probe {
             println!(
                 "HSM derivations/s:    {:.0} (SoftHSM2, one thread, AES-256 from the BDK)",
