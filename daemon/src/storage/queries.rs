@@ -134,14 +134,8 @@ impl Storage {
             accounts::table
                 .order(accounts::id.asc())
                 .limit(ACCOUNTS_LIST_MAX)
-                .select((
-                    accounts::id,
-                    accounts::currency,
-                    accounts::balance_minor,
-                    accounts::limit_minor,
-                    accounts::created_at_ms,
-                ))
-                .load::<ledger::AccountRow>(connection)?
+                .select(ledger::AccountRow::as_select())
+                .load(connection)?
                 .into_iter()
                 .map(ledger::account_view)
                 .collect()
@@ -169,28 +163,10 @@ impl Storage {
                 Some(transfer_id) => postings::table
                     .filter(postings::transfer_id.eq(transfer_id))
                     .order(postings::id.asc())
-                    .select((
-                        postings::id,
-                        postings::transfer_id,
-                        postings::account_id,
-                        postings::amount_minor,
-                        postings::balance_after_minor,
-                        postings::created_at_ms,
-                    ))
-                    .load::<(i64, i64, String, i64, i64, i64)>(connection)?
+                    .select(ledger::PostingRow::as_select())
+                    .load(connection)?
                     .into_iter()
-                    .map(|(id, transfer_id, account, amount, balance, at)| {
-                        Ok(PostingView {
-                            id,
-                            transfer_id,
-                            account_id: account.parse().map_err(|_| {
-                                StorageError::corrupt(format!("account id {account:?}"))
-                            })?,
-                            amount_minor: amount,
-                            balance_after_minor: balance,
-                            created_at_ms: at,
-                        })
-                    })
+                    .map(ledger::posting_view)
                     .collect::<Result<_, StorageError>>()?,
             };
             let audit = audit_log::table
