@@ -211,17 +211,14 @@ pub(crate) fn read(
     }
     let query = accounts::table
         .filter(accounts::id.eq_any(account_ids.iter().map(String::as_str)))
-        .order(accounts::id.asc())
-        .select((
-            accounts::id,
-            accounts::currency,
-            accounts::balance_minor,
-            accounts::limit_minor,
-            accounts::created_at_ms,
-        ));
+        .order(accounts::id.asc());
+    // `as_select` is made for one backend, so each arm selects its own.
     let rows: Vec<AccountRow> = match connection {
-        AnyConnection::Postgresql(postgres) => query.for_no_key_update().load(postgres)?,
-        AnyConnection::Sqlite(sqlite) => query.load(sqlite)?,
+        AnyConnection::Postgresql(postgres) => query
+            .select(AccountRow::as_select())
+            .for_no_key_update()
+            .load(postgres)?,
+        AnyConnection::Sqlite(sqlite) => query.select(AccountRow::as_select()).load(sqlite)?,
     };
     *statements += 1;
     for row in rows {

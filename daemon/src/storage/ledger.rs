@@ -28,10 +28,25 @@ pub fn funding_account_id(currency: Currency) -> AccountId {
     text.parse().expect("a funding account identifier is valid")
 }
 
-pub(super) type AccountRow = (String, String, i64, Option<i64>, i64);
+/// An `accounts` row, as stored.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = accounts)]
+pub(super) struct AccountRow {
+    id: String,
+    currency: String,
+    balance_minor: i64,
+    limit_minor: Option<i64>,
+    created_at_ms: i64,
+}
 
 pub(super) fn account_view(row: AccountRow) -> Result<AccountView, StorageError> {
-    let (id, currency, balance_minor, limit_minor, created_at_ms) = row;
+    let AccountRow {
+        id,
+        currency,
+        balance_minor,
+        limit_minor,
+        created_at_ms,
+    } = row;
     Ok(AccountView {
         id: id
             .parse()
@@ -52,13 +67,7 @@ pub(crate) fn load(
 ) -> Result<AccountView, StorageError> {
     let row: Option<AccountRow> = accounts::table
         .find(id.as_str())
-        .select((
-            accounts::id,
-            accounts::currency,
-            accounts::balance_minor,
-            accounts::limit_minor,
-            accounts::created_at_ms,
-        ))
+        .select(AccountRow::as_select())
         .first(connection)
         .optional()?;
     account_view(row.ok_or_else(|| StorageError::UnknownAccount(id.clone()))?)
@@ -275,7 +284,38 @@ pub(crate) fn transfer(
     Ok(transfer_id)
 }
 
-type PostingRow = (i64, i64, String, i64, i64, i64);
+/// A `postings` row, as stored.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = postings)]
+pub(super) struct PostingRow {
+    id: i64,
+    transfer_id: i64,
+    account_id: String,
+    amount_minor: i64,
+    balance_after_minor: i64,
+    created_at_ms: i64,
+}
+
+pub(super) fn posting_view(row: PostingRow) -> Result<PostingView, StorageError> {
+    let PostingRow {
+        id,
+        transfer_id,
+        account_id,
+        amount_minor,
+        balance_after_minor,
+        created_at_ms,
+    } = row;
+    Ok(PostingView {
+        id,
+        transfer_id,
+        account_id: account_id
+            .parse()
+            .map_err(|_| StorageError::corrupt(format!("account id {account_id:?}")))?,
+        amount_minor,
+        balance_after_minor,
+        created_at_ms,
+    })
+}
 
 /// An account's postings, oldest first (at most the newest [`POSTINGS_LIST_MAX`]).
 pub(crate) fn postings(
@@ -287,30 +327,8 @@ pub(crate) fn postings(
         .filter(postings::account_id.eq(id.as_str()))
         .order(postings::id.desc())
         .limit(POSTINGS_LIST_MAX)
-        .select((
-            postings::id,
-            postings::transfer_id,
-            postings::account_id,
-            postings::amount_minor,
-            postings::balance_after_minor,
-            postings::created_at_ms,
-        ))
+        .select(PostingRow::as_select())
         .load(connection)?;
     rows.reverse();
-    rows.into_iter()
-        .map(
-            |(id, transfer_id, account_id, amount_minor, balance_after_minor, created_at_ms)| {
-                Ok(PostingView {
-                    id,
-                    transfer_id,
-                    account_id: account_id
-                        .parse()
-                        .map_err(|_| StorageError::corrupt(format!("account id {account_id:?}")))?,
-                    amount_minor,
-                    balance_after_minor,
-                    created_at_ms,
-                })
-            },
-        )
-        .collect()
+    rows.into_iter().map(posting_view).collect()
 }

@@ -7,6 +7,7 @@ use nfcpay_protocol::{TerminalId, TxnId};
 
 use super::model::{AccountView, PostingView, TransactionStatus};
 use super::schema::{accounts, audit_log, postings, transactions};
+use super::settlement::TransactionRow;
 use super::{Storage, StorageError, ledger};
 
 /// [`Storage::accounts_list`] returns at most this many accounts.
@@ -105,97 +106,6 @@ pub struct TransactionFilter {
     pub limit: u32,
 }
 
-/// A `transactions` row, as the operator sees it.
-#[derive(Debug, Clone, Queryable, Selectable)]
-#[diesel(table_name = transactions)]
-struct Row {
-    txn_id: Vec<u8>,
-    status: String,
-    expires_at_ms: i64,
-    created_at_ms: i64,
-    a_terminal_id: Option<String>,
-    a_account_id: Option<String>,
-    a_ksn: Option<Vec<u8>>,
-    a_envelope_sha256: Option<Vec<u8>>,
-    a_request_digest: Option<Vec<u8>>,
-    a_amount_minor: Option<i64>,
-    a_currency: Option<String>,
-    a_received_at_ms: Option<i64>,
-    b_terminal_id: Option<String>,
-    b_account_id: Option<String>,
-    b_ksn: Option<Vec<u8>>,
-    b_envelope_sha256: Option<Vec<u8>>,
-    b_request_digest: Option<Vec<u8>>,
-    b_payee_terminal_id: Option<String>,
-    b_amount_minor: Option<i64>,
-    b_currency: Option<String>,
-    b_received_at_ms: Option<i64>,
-    settlement_id: Option<i64>,
-    settled_at_ms: Option<i64>,
-    expired_at_ms: Option<i64>,
-}
-
-impl Row {
-    fn summary(self) -> Result<TransactionSummary, StorageError> {
-        let txn_id = <[u8; 16]>::try_from(self.txn_id.as_slice())
-            .ok()
-            .and_then(|bytes| TxnId::try_from(bytes).ok())
-            .ok_or_else(|| StorageError::corrupt("transaction ID"))?;
-        let half = |terminal: Option<String>,
-                    account: Option<String>,
-                    ksn: Option<Vec<u8>>,
-                    envelope: Option<Vec<u8>>,
-                    digest: Option<Vec<u8>>,
-                    amount: Option<i64>,
-                    currency: Option<String>,
-                    received: Option<i64>,
-                    payee: Option<String>| {
-            Some(HalfRecord {
-                terminal_id: terminal?,
-                account_id: account?,
-                ksn: hex::encode_upper(ksn?),
-                envelope_sha256: hex::encode_upper(envelope?),
-                request_digest: hex::encode_upper(digest?),
-                amount_minor: amount?,
-                currency: currency?,
-                received_at_ms: received?,
-                payee_terminal_id: payee,
-            })
-        };
-        Ok(TransactionSummary {
-            txn_id,
-            status: self.status.parse()?,
-            created_at_ms: self.created_at_ms,
-            expires_at_ms: self.expires_at_ms,
-            half_a: half(
-                self.a_terminal_id,
-                self.a_account_id,
-                self.a_ksn,
-                self.a_envelope_sha256,
-                self.a_request_digest,
-                self.a_amount_minor,
-                self.a_currency,
-                self.a_received_at_ms,
-                None,
-            ),
-            half_b: half(
-                self.b_terminal_id,
-                self.b_account_id,
-                self.b_ksn,
-                self.b_envelope_sha256,
-                self.b_request_digest,
-                self.b_amount_minor,
-                self.b_currency,
-                self.b_received_at_ms,
-                self.b_payee_terminal_id,
-            ),
-            settlement_id: self.settlement_id,
-            settled_at_ms: self.settled_at_ms,
-            expired_at_ms: self.expired_at_ms,
-        })
-    }
-}
-
 /// The connection pool now, for `/metrics`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolState {
@@ -224,14 +134,8 @@ impl Storage {
             accounts::table
                 .order(accounts::id.asc())
                 .limit(ACCOUNTS_LIST_MAX)
-                .select((
-                    accounts::id,
-                    accounts::currency,
-                    accounts::balance_minor,
-                    accounts::limit_minor,
-                    accounts::created_at_ms,
-                ))
-                .load::<ledger::AccountRow>(connection)?
+                .select(ledger::AccountRow::as_select())
+                .load(connection)?
                 .into_iter()
                 .map(ledger::account_view)
                 .collect()
@@ -247,7 +151,7 @@ impl Storage {
         self.read(|connection| {
             let Some(row) = transactions::table
                 .find(key.clone())
-                .select(Row::as_select())
+                .select(TransactionRow::as_select())
                 .first(connection)
                 .optional()?
             else {
@@ -259,28 +163,10 @@ impl Storage {
                 Some(transfer_id) => postings::table
                     .filter(postings::transfer_id.eq(transfer_id))
                     .order(postings::id.asc())
-                    .select((
-                        postings::id,
-                        postings::transfer_id,
-                        postings::account_id,
-                        postings::amount_minor,
-                        postings::balance_after_minor,
-                        postings::created_at_ms,
-                    ))
-                    .load::<(i64, i64, String, i64, i64, i64)>(connection)?
+                    .select(ledger::PostingRow::as_select())
+                    .load(connection)?
                     .into_iter()
-                    .map(|(id, transfer_id, account, amount, balance, at)| {
-                        Ok(PostingView {
-                            id,
-                            transfer_id,
-                            account_id: account.parse().map_err(|_| {
-                                StorageError::corrupt(format!("account id {account:?}"))
-                            })?,
-                            amount_minor: amount,
-                            balance_after_minor: balance,
-                            created_at_ms: at,
-                        })
-                    })
+                    .map(ledger::posting_view)
                     .collect::<Result<_, StorageError>>()?,
             };
             let audit = audit_log::table
@@ -330,7 +216,9 @@ impl Storage {
         let limit = i64::from(filter.limit.min(TRANSACTIONS_LIST_MAX));
         // Built anew on each try: a read is run again on a fresh connection if its own broke.
         self.read(|connection| {
-            let mut query = transactions::table.select(Row::as_select()).into_boxed();
+            let mut query = transactions::table
+                .select(TransactionRow::as_select())
+                .into_boxed();
             if let Some(status) = filter.status {
                 query = query.filter(transactions::status.eq(status.as_str()));
             }
@@ -351,9 +239,9 @@ impl Storage {
                     transactions::txn_id.asc(),
                 ))
                 .limit(limit)
-                .load::<Row>(connection)?
+                .load::<TransactionRow>(connection)?
                 .into_iter()
-                .map(Row::summary)
+                .map(TransactionRow::summary)
                 .collect()
         })
     }

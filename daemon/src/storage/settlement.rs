@@ -21,6 +21,7 @@ use super::model::{
     AcceptedHalf, AccountView, HalfContent, HalfKind, Submitted, TerminalState, TerminalView,
     TransactionStatus, TransactionView,
 };
+use super::queries::{HalfRecord, TransactionSummary};
 use super::schema::transactions;
 use super::sql::Value;
 
@@ -313,6 +314,80 @@ impl TransactionRow {
                 .transpose()?,
             settled_at_ms: self.settled_at_ms,
             expires_at_ms: self.expires_at_ms,
+        })
+    }
+
+    /// The row as the operator sees it (`nfcpay-admin transactions …`).
+    pub(crate) fn summary(self) -> Result<TransactionSummary, StorageError> {
+        let txn_id = <[u8; 16]>::try_from(self.txn_id.as_slice())
+            .ok()
+            .and_then(|bytes| TxnId::try_from(bytes).ok())
+            .ok_or_else(|| StorageError::corrupt("transaction ID"))?;
+        // One half's columns, in the order of the row's (half B's payee terminal last).
+        type HalfColumns = (
+            Option<String>,
+            Option<String>,
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+            Option<i64>,
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+        );
+        let half = |(
+            terminal,
+            account,
+            ksn,
+            envelope,
+            digest,
+            amount,
+            currency,
+            received,
+            payee,
+        ): HalfColumns| {
+            Some(HalfRecord {
+                terminal_id: terminal?,
+                account_id: account?,
+                ksn: hex::encode_upper(ksn?),
+                envelope_sha256: hex::encode_upper(envelope?),
+                request_digest: hex::encode_upper(digest?),
+                amount_minor: amount?,
+                currency: currency?,
+                received_at_ms: received?,
+                payee_terminal_id: payee,
+            })
+        };
+        Ok(TransactionSummary {
+            txn_id,
+            status: self.status.parse()?,
+            created_at_ms: self.created_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            half_a: half((
+                self.a_terminal_id,
+                self.a_account_id,
+                self.a_ksn,
+                self.a_envelope_sha256,
+                self.a_request_digest,
+                self.a_amount_minor,
+                self.a_currency,
+                self.a_received_at_ms,
+                None,
+            )),
+            half_b: half((
+                self.b_terminal_id,
+                self.b_account_id,
+                self.b_ksn,
+                self.b_envelope_sha256,
+                self.b_request_digest,
+                self.b_amount_minor,
+                self.b_currency,
+                self.b_received_at_ms,
+                self.b_payee_terminal_id,
+            )),
+            settlement_id: self.settlement_id,
+            settled_at_ms: self.settled_at_ms,
+            expired_at_ms: self.expired_at_ms,
         })
     }
 }
