@@ -13,6 +13,10 @@ use crate::{command, deploy, fuzz, package, packages};
 pub fn run(root: &Path) -> Result<()> {
     let mut steps = Steps::new("test");
     steps.run("system packages", || packages::ensure(packages::FOR_TEST))?;
+    steps.run("free disk space for the builds", || {
+        disk_space(root);
+        Ok(())
+    })?;
     steps.run("cargo fmt --check", || {
         command::run(cargo_in(root).args(["fmt", "--all", "--", "--check"]))
     })?;
@@ -55,6 +59,37 @@ pub fn run(root: &Path) -> Result<()> {
     })?;
     steps.finish();
     Ok(())
+}
+
+/// About what a run from a clean clone writes under `target/` (7.9 GiB measured on 2026-12-03:
+/// the debug build and tests, the release build, the fuzz targets' builds and corpora), with a
+/// margin.
+const DISK_NEEDED_GIB: u64 = 10;
+
+/// Says how much space is free where the builds go, and warns when it is less than a clean
+/// run needs: a build that fills the disk fails much later and less clearly ("No space left on
+/// device" from a linker). Only a warning: an existing `target/` needs less.
+fn disk_space(root: &Path) {
+    let target = root.join("target");
+    let place = if target.exists() { &target } else { root };
+    match rustix::fs::statvfs(place) {
+        Ok(stats) => {
+            let free_gib = stats.f_bavail.saturating_mul(stats.f_frsize) >> 30;
+            println!("{free_gib} GiB free under {}", place.display());
+            if free_gib < DISK_NEEDED_GIB {
+                println!(
+                    "warning: a run from a clean clone writes about {DISK_NEEDED_GIB} GiB under \
+                     {}; with {free_gib} GiB free the builds may fail with \
+                     \"No space left on device\" (free space, or `cargo clean` old checkouts)",
+                    target.display()
+                );
+            }
+        }
+        Err(error) => println!(
+            "could not read the free space under {}: {error}",
+            place.display()
+        ),
+    }
 }
 
 /// The workspace's tests, with the database URL in their environment. nextest runs the
