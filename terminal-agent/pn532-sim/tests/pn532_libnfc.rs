@@ -7,12 +7,14 @@
 // Test harness: a failed expectation here is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader, Write};
+mod support;
+
+use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nfcpay_pn532_sim::command::code;
@@ -21,11 +23,10 @@ use nfcpay_pn532_sim::frame::{
 };
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::process::{Pid, Signal, kill_process};
+use support::{EMULATOR_EVENT_WAIT_MAX, Emulator};
 
 /// Longest any libnfc tool may run in these tests.
 const TOOL_RUN_MAX: Duration = Duration::from_secs(15);
-/// Longest to wait for the emulator to report something.
-const EMULATOR_EVENT_WAIT_MAX: Duration = Duration::from_secs(10);
 /// Longest to wait for one frame on a line the test drives itself.
 const LINE_FRAME_WAIT_MAX: Duration = Duration::from_secs(10);
 
@@ -33,117 +34,6 @@ const LINE_FRAME_WAIT_MAX: Duration = Duration::from_secs(10);
 const PACKAGE_LIBNFC_BIN: &str = "libnfc-bin";
 /// Debian package of nfc-dep-target and nfc-dep-initiator.
 const PACKAGE_LIBNFC_EXAMPLES: &str = "libnfc-examples";
-
-/// The emulator process; killed on drop.
-struct Emulator {
-    child: Option<Child>,
-    connstrings: Vec<String>,
-    log: Receiver<String>,
-}
-
-impl Emulator {
-    fn start(devices: usize) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nfcpay-pn532-sim"))
-            .args(["--devices", &devices.to_string()])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start nfcpay-pn532-sim");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let (log_sender, log) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if log_sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let mut emulator = Self {
-            child: Some(child),
-            connstrings: Vec::new(),
-            log,
-        };
-        // The connection strings are the readiness signal: the lines exist once printed. If
-        // the emulator dies instead, stdout closes and reading ends.
-        emulator.connstrings = read_connstrings(stdout, devices);
-        assert_eq!(
-            emulator.connstrings.len(),
-            devices,
-            "emulator printed {:?}; its log: {:?}",
-            emulator.connstrings,
-            emulator.log.try_iter().collect::<Vec<_>>()
-        );
-        for connstring in &emulator.connstrings {
-            assert!(
-                connstring.starts_with("pn532_uart:/dev/pts/"),
-                "unexpected connstring {connstring}"
-            );
-        }
-        emulator
-    }
-
-    fn connstring(&self, device: usize) -> &str {
-        &self.connstrings[device]
-    }
-
-    fn pty_path(&self, device: usize) -> PathBuf {
-        PathBuf::from(
-            self.connstrings[device]
-                .strip_prefix("pn532_uart:")
-                .expect("connstring names the pn532_uart driver"),
-        )
-    }
-
-    /// Waits until the emulator logs a line containing every one of `needles`.
-    fn wait_for_log(&self, needles: &[&str]) {
-        let deadline = Instant::now() + EMULATOR_EVENT_WAIT_MAX;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.log.recv_timeout(left) {
-                Ok(line) if needles.iter().all(|needle| line.contains(needle)) => return,
-                Ok(line) => seen.push(line),
-                Err(_) => panic!("emulator never logged {needles:?}; it logged {seen:#?}"),
-            }
-        }
-    }
-
-    /// Sends `signal` and waits (bounded) for the emulator to exit.
-    fn stop_with(mut self, signal: Signal) -> ExitStatus {
-        let child = self.child.take().expect("the emulator runs until stopped");
-        kill_process(Pid::from_child(&child), signal).expect("signal the emulator");
-        let (sender, receiver) = mpsc::channel();
-        let mut child = child;
-        std::thread::spawn(move || {
-            let _ = sender.send(child.wait());
-        });
-        receiver
-            .recv_timeout(EMULATOR_EVENT_WAIT_MAX)
-            .expect("emulator exits after the signal")
-            .expect("wait for the emulator")
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn read_connstrings(stdout: ChildStdout, devices: usize) -> Vec<String> {
-    BufReader::new(stdout)
-        .lines()
-        .take(devices)
-        .map_while(Result::ok)
-        .collect()
-}
 
 /// A running libnfc tool; killed on drop.
 struct Tool {
