@@ -357,6 +357,10 @@ impl FakeApi {
     fn half_calls(&self) -> usize {
         self.half_calls.load(Ordering::SeqCst)
     }
+
+    fn enroll_calls(&self) -> usize {
+        self.enroll_calls.load(Ordering::SeqCst)
+    }
 }
 
 impl Api for FakeApi {
@@ -502,6 +506,26 @@ impl Running {
         Client::anonymous(&self.ca)
     }
 
+    /// An HTTP connection of `terminal` to the terminal listener.
+    async fn http_as_terminal(&self, terminal: &str) -> (SendRequest<Full<Bytes>>, JoinHandle<()>) {
+        self.terminal(terminal).http(self.address).await.unwrap()
+    }
+
+    /// A TLS connection of `terminal` to the terminal listener, for writing raw HTTP.
+    async fn tls_as_terminal(&self, terminal: &str) -> TlsStream<TcpStream> {
+        self.terminal(terminal).tls(self.address).await.unwrap()
+    }
+
+    /// An HTTP connection of an enrollee to the enrollment listener.
+    async fn http_as_enrollee(&self) -> (SendRequest<Full<Bytes>>, JoinHandle<()>) {
+        self.enrollee().http(self.enroll_address).await.unwrap()
+    }
+
+    /// A TLS connection of an enrollee to the enrollment listener, for writing raw HTTP.
+    async fn tls_as_enrollee(&self) -> TlsStream<TcpStream> {
+        self.enrollee().tls(self.enroll_address).await.unwrap()
+    }
+
     /// How many handshakes the front end counts as failed so far.
     async fn handshake_failures(&self) -> u64 {
         let metrics = self.ops_get("/metrics").await;
@@ -580,11 +604,7 @@ async fn assert_media_types_refused(
 /// server's own clock, for every connection that was idle before the call: the server closes
 /// a witness connection whose head, started now, never completes.
 async fn outlast_the_header_allowance(running: &Running) {
-    let mut witness = running
-        .terminal("witness")
-        .tls(running.address)
-        .await
-        .unwrap();
+    let mut witness = running.tls_as_terminal("witness").await;
     assert_eq!(
         raw_exchange(&mut witness, b"GET /v1/transactions/").await,
         ""
@@ -638,11 +658,7 @@ async fn raw_exchange(stream: &mut TlsStream<TcpStream>, bytes: &[u8]) -> String
 #[tokio::test]
 async fn a_terminal_reaches_each_route_and_gets_the_services_answers() {
     let running = Running::start(|_| {}).await;
-    let (mut sender, _driver) = running
-        .terminal("shop-1")
-        .http(running.address)
-        .await
-        .unwrap();
+    let (mut sender, _driver) = running.http_as_terminal("shop-1").await;
 
     let pending = send(&mut sender, Method::POST, "/v1/halves/a", "request")
         .await
@@ -702,7 +718,7 @@ async fn a_terminal_reaches_each_route_and_gets_the_services_answers() {
         .await
         .unwrap();
     enrolled.assert_problem(ProblemCode::NotFound);
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
+    assert_eq!(running.api.enroll_calls(), 0);
     running.stop().await;
 }
 
@@ -723,7 +739,7 @@ async fn without_a_client_certificate_the_terminal_listener_fails_the_handshake(
         assert_eq!(status, None, "{path}: an HTTP answer without a certificate");
     }
     assert_eq!(running.api.half_calls(), 0);
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
+    assert_eq!(running.api.enroll_calls(), 0);
     eventually("the four failed handshakes are counted", || async {
         running.handshake_failures().await == 4
     })
@@ -742,7 +758,7 @@ async fn the_enrollment_listener_serves_enrollment_without_a_certificate_and_not
     assert_eq!(enrolled.status, StatusCode::OK);
     assert_eq!(enrolled.content_type(), "application/json");
     assert_eq!(enrolled.text(), r#"{"terminal_id":"c2"}"#);
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(running.api.enroll_calls(), 1);
     // An enrollment connection is not kept alive: the server closes it after the answer.
     tokio::time::timeout(PATIENCE, driver)
         .await
@@ -780,7 +796,7 @@ async fn the_enrollment_listener_serves_enrollment_without_a_certificate_and_not
         .await
         .unwrap();
     query.assert_problem(ProblemCode::Malformed);
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(running.api.enroll_calls(), 1);
     running.stop().await;
 }
 
@@ -889,7 +905,7 @@ async fn a_tls_1_2_client_is_refused_on_both_listeners() {
     }
 
     assert_eq!(running.api.half_calls(), 0);
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
+    assert_eq!(running.api.enroll_calls(), 0);
     running.stop().await;
 }
 
@@ -966,7 +982,7 @@ async fn an_enrollment_of_another_media_type_is_refused_with_415() {
         r#"{"code":"c9"}"#,
     )
     .await;
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
+    assert_eq!(running.api.enroll_calls(), 0);
     // Parameters and letter case do not matter.
     let (mut sender, _driver) = enrollee.http(running.enroll_address).await.unwrap();
     let answer = send_as(
@@ -979,7 +995,7 @@ async fn an_enrollment_of_another_media_type_is_refused_with_415() {
     .await
     .unwrap();
     assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(running.api.enroll_calls(), 1);
     running
         .assert_metric(r#"nfcpayd_refusals_total{route="enroll",code="unsupported-media-type"} 4"#)
         .await;
@@ -1063,11 +1079,7 @@ async fn a_body_over_the_limit_is_refused_before_the_service_sees_it() {
 #[tokio::test]
 async fn a_slow_body_gets_408_timeout() {
     let running = Running::start(|config| config.body_read_timeout_ms = 300).await;
-    let mut stream = running
-        .terminal("shop-1")
-        .tls(running.address)
-        .await
-        .unwrap();
+    let mut stream = running.tls_as_terminal("shop-1").await;
     // The head says 100 bytes; 10 come, then nothing.
     let request = "POST /v1/halves/a HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/octet-stream\r\n\
          Content-Length: 100\r\n\r\n0123456789";
@@ -1085,11 +1097,7 @@ async fn a_slow_body_gets_408_timeout() {
 #[tokio::test]
 async fn a_slow_request_head_is_closed_without_an_answer() {
     let running = Running::start(|config| config.header_read_timeout_ms = 300).await;
-    let mut stream = running
-        .terminal("shop-1")
-        .tls(running.address)
-        .await
-        .unwrap();
+    let mut stream = running.tls_as_terminal("shop-1").await;
     let answer = raw_exchange(&mut stream, b"POST /v1/halves/a HTTP/1.1\r\nHost: loc").await;
     assert_eq!(answer, "");
     assert_eq!(running.api.half_calls(), 0);
@@ -1108,11 +1116,7 @@ async fn a_slow_head_on_a_kept_alive_connection_is_closed() {
         config.keep_alive_idle_timeout_ms = 120_000;
     })
     .await;
-    let mut stream = running
-        .terminal("shop-1")
-        .tls(running.address)
-        .await
-        .unwrap();
+    let mut stream = running.tls_as_terminal("shop-1").await;
     let txn = "00112233445566778899AABBCCDDEEFF";
     let request = format!("GET /v1/transactions/{txn} HTTP/1.1\r\nHost: localhost\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -1139,11 +1143,7 @@ async fn a_slow_head_on_a_kept_alive_connection_is_closed() {
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed() {
     let running = Running::start(|config| config.keep_alive_idle_timeout_ms = 300).await;
-    let (mut sender, driver) = running
-        .terminal("shop-1")
-        .http(running.address)
-        .await
-        .unwrap();
+    let (mut sender, driver) = running.http_as_terminal("shop-1").await;
     let answer = send(&mut sender, Method::POST, "/v1/halves/a", "half")
         .await
         .unwrap();
@@ -1221,11 +1221,7 @@ async fn an_idle_flood_on_the_enrollment_listener_leaves_terminals_their_capacit
     });
 
     // A terminal pays as usual on its own listener, which the flood does not touch.
-    let (mut terminal, terminal_driver) = running
-        .terminal("shop-1")
-        .http(running.address)
-        .await
-        .unwrap();
+    let (mut terminal, terminal_driver) = running.http_as_terminal("shop-1").await;
     for body in ["one", "two", "three"] {
         let answer = tokio::time::timeout(
             PATIENCE,
@@ -1243,7 +1239,7 @@ async fn an_idle_flood_on_the_enrollment_listener_leaves_terminals_their_capacit
             .is_err(),
         "an enrollee was served while idle connections held every enrollment permit"
     );
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
+    assert_eq!(running.api.enroll_calls(), 0);
 
     // The flood gone, the enrollee is served, while the terminal still holds its only permit.
     drop(flood);
@@ -1252,7 +1248,7 @@ async fn an_idle_flood_on_the_enrollment_listener_leaves_terminals_their_capacit
         .expect("served once the flood closed")
         .unwrap();
     assert_eq!(answer.status, StatusCode::OK);
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(running.api.enroll_calls(), 1);
     drop(terminal);
     terminal_driver.abort();
     running.stop().await;
@@ -1385,11 +1381,7 @@ async fn a_terminal_over_its_rate_gets_429_rate_limited() {
         config.terminal_request_burst = 3;
     })
     .await;
-    let (mut sender, _driver) = running
-        .terminal("shop-1")
-        .http(running.address)
-        .await
-        .unwrap();
+    let (mut sender, _driver) = running.http_as_terminal("shop-1").await;
     for _ in 0..3 {
         let answer = send(&mut sender, Method::POST, "/v1/halves/a", "half")
             .await
@@ -1409,11 +1401,7 @@ async fn a_terminal_over_its_rate_gets_429_rate_limited() {
     assert_eq!(running.api.half_calls(), 3);
 
     // Another terminal has its own bucket.
-    let (mut other, _driver) = running
-        .terminal("shop-2")
-        .http(running.address)
-        .await
-        .unwrap();
+    let (mut other, _driver) = running.http_as_terminal("shop-2").await;
     let answer = send(&mut other, Method::POST, "/v1/halves/a", "half")
         .await
         .unwrap();
@@ -1449,7 +1437,7 @@ async fn enrollment_is_rate_limited_per_address_and_its_body_capped() {
     // Over the cap: refused on its declared length, before the service sees it.
     let too_large = enroll(vec![b'x'; 4097]).await;
     too_large.assert_problem(ProblemCode::BodyTooLarge);
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
+    assert_eq!(running.api.enroll_calls(), 0);
 
     let enrolled = enroll(br#"{"code":"c4"}"#.to_vec()).await;
     assert_eq!(enrolled.status, StatusCode::OK);
@@ -1457,32 +1445,24 @@ async fn enrollment_is_rate_limited_per_address_and_its_body_capped() {
     let limited = enroll(br#"{"code":"c5"}"#.to_vec()).await;
     limited.assert_problem(ProblemCode::RateLimited);
     assert!(limited.headers.contains_key(http::header::RETRY_AFTER));
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(running.api.enroll_calls(), 1);
 
     // A slow enrollment body gets 408 like any other.
     running.stop().await;
     let running = Running::start(|config| config.body_read_timeout_ms = 300).await;
-    let mut stream = running
-        .enrollee()
-        .tls(running.enroll_address)
-        .await
-        .unwrap();
+    let mut stream = running.tls_as_enrollee().await;
     let request = "POST /v1/enroll HTTP/1.1\r\nHost: localhost\r\n\
                    Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{";
     let answer = raw_exchange(&mut stream, request.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
+    assert_eq!(running.api.enroll_calls(), 0);
     running.stop().await;
 }
 
 #[tokio::test]
 async fn malformed_paths_methods_and_queries_get_problems() {
     let running = Running::start(|_| {}).await;
-    let (mut sender, _driver) = running
-        .terminal("shop-1")
-        .http(running.address)
-        .await
-        .unwrap();
+    let (mut sender, _driver) = running.http_as_terminal("shop-1").await;
     for (method, path, code) in [
         (Method::GET, "/", ProblemCode::NotFound),
         (Method::POST, "/v1/halves/c", ProblemCode::NotFound),
@@ -1524,11 +1504,7 @@ async fn malformed_paths_methods_and_queries_get_problems() {
     assert_eq!(running.api.half_calls(), 0);
 
     // A request line hyper cannot parse gets 400 and a closed connection.
-    let mut stream = running
-        .terminal("shop-1")
-        .tls(running.address)
-        .await
-        .unwrap();
+    let mut stream = running.tls_as_terminal("shop-1").await;
     let answer = raw_exchange(
         &mut stream,
         b"POST /v1/halves/a HTTP/1.1\r\nHost localhost\r\n\r\n",
@@ -1589,11 +1565,7 @@ async fn an_answer_before_which_the_connection_closes_says_connection_close() {
     }
 
     // The enrollment listener keeps nothing alive, and says so.
-    let (mut sender, _driver) = running
-        .enrollee()
-        .http(running.enroll_address)
-        .await
-        .unwrap();
+    let (mut sender, _driver) = running.http_as_enrollee().await;
     let enrolled = send(&mut sender, Method::POST, "/v1/enroll", r#"{"code":"c7"}"#)
         .await
         .unwrap();
@@ -1623,11 +1595,7 @@ async fn health_readiness_and_metrics_on_the_operations_listener() {
         not_ready.text()
     );
 
-    let (mut sender, _driver) = running
-        .terminal("shop-1")
-        .http(running.address)
-        .await
-        .unwrap();
+    let (mut sender, _driver) = running.http_as_terminal("shop-1").await;
     send(&mut sender, Method::POST, "/v1/halves/a", "half")
         .await
         .unwrap();
@@ -1675,11 +1643,7 @@ async fn health_readiness_and_metrics_on_the_operations_listener() {
 async fn shutdown_drains_an_in_flight_request_then_run_returns() {
     let running = Running::start(|_| {}).await;
     *running.api.slow_duration.lock().unwrap() = Duration::from_millis(500);
-    let (mut sender, _driver) = running
-        .terminal("shop-1")
-        .http(running.address)
-        .await
-        .unwrap();
+    let (mut sender, _driver) = running.http_as_terminal("shop-1").await;
     let in_flight =
         tokio::spawn(async move { send(&mut sender, Method::POST, "/v1/halves/a", "slow").await });
     running.api.slow_entered.notified().await;
@@ -1701,11 +1665,7 @@ async fn shutdown_drains_an_in_flight_request_then_run_returns() {
 async fn shutdown_gives_up_on_requests_past_the_drain_deadline() {
     let running = Running::start(|config| config.drain_timeout_ms = 200).await;
     *running.api.slow_duration.lock().unwrap() = Duration::from_secs(3600);
-    let (mut sender, _driver) = running
-        .terminal("shop-1")
-        .http(running.address)
-        .await
-        .unwrap();
+    let (mut sender, _driver) = running.http_as_terminal("shop-1").await;
     let in_flight =
         tokio::spawn(async move { send(&mut sender, Method::POST, "/v1/halves/a", "slow").await });
     running.api.slow_entered.notified().await;
@@ -1745,11 +1705,7 @@ async fn reload_swaps_the_server_certificate_for_new_connections() {
     assert_eq!(leaf_of(&after), new_leaf);
     assert_ne!(new_leaf, old_leaf);
     // The enrollment listener's configuration is rebuilt from the same material.
-    let enrollment = running
-        .enrollee()
-        .tls(running.enroll_address)
-        .await
-        .unwrap();
+    let enrollment = running.tls_as_enrollee().await;
     assert_eq!(leaf_of(&enrollment), new_leaf);
     // Both the new connection and the one opened before the reload work.
     let (mut new_connection, _driver) = http_over(after).await.unwrap();
@@ -1783,11 +1739,7 @@ async fn sighup_reloads_the_certificates() {
         leaf_of(&client.tls(running.address).await.unwrap()) == new_leaf
     })
     .await;
-    let enrollment = running
-        .enrollee()
-        .tls(running.enroll_address)
-        .await
-        .unwrap();
+    let enrollment = running.tls_as_enrollee().await;
     assert_eq!(leaf_of(&enrollment), new_leaf);
     reloads.abort();
     running.stop().await;
