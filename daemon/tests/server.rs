@@ -357,6 +357,10 @@ impl FakeApi {
     fn half_calls(&self) -> usize {
         self.half_calls.load(Ordering::SeqCst)
     }
+
+    fn enroll_calls(&self) -> usize {
+        self.enroll_calls.load(Ordering::SeqCst)
+    }
 }
 
 impl Api for FakeApi {
@@ -502,6 +506,26 @@ impl Running {
         Client::anonymous(&self.ca)
     }
 
+    /// An HTTP connection of `terminal` to the terminal listener.
+    async fn http_as_terminal(&self, terminal: &str) -> (SendRequest<Full<Bytes>>, JoinHandle<()>) {
+        self.terminal(terminal).http(self.address).await.unwrap()
+    }
+
+    /// A TLS connection of `terminal` to the terminal listener, for writing raw HTTP.
+    async fn tls_as_terminal(&self, terminal: &str) -> TlsStream<TcpStream> {
+        self.terminal(terminal).tls(self.address).await.unwrap()
+    }
+
+    /// An HTTP connection of an enrollee to the enrollment listener.
+    async fn http_as_enrollee(&self) -> (SendRequest<Full<Bytes>>, JoinHandle<()>) {
+        self.enrollee().http(self.enroll_address).await.unwrap()
+    }
+
+    /// A TLS connection of an enrollee to the enrollment listener, for writing raw HTTP.
+    async fn tls_as_enrollee(&self) -> TlsStream<TcpStream> {
+        self.enrollee().tls(self.enroll_address).await.unwrap()
+    }
+
     /// How many handshakes the front end counts as failed so far.
     async fn handshake_failures(&self) -> u64 {
         let metrics = self.ops_get("/metrics").await;
@@ -518,9 +542,19 @@ impl Running {
         assert!(metrics.text().contains(line), "{line}\n{}", metrics.text());
     }
 
-    async fn ops_get(&self, path: &str) -> Answer {
+    /// Whether `/metrics` holds `line` now; for [`eventually`].
+    async fn metrics_contain(&self, line: &str) -> bool {
+        self.ops_get("/metrics").await.text().contains(line)
+    }
+
+    /// An HTTP connection to the operations listener, which speaks plain HTTP.
+    async fn http_to_operations(&self) -> (SendRequest<Full<Bytes>>, JoinHandle<()>) {
         let tcp = TcpStream::connect(self.ops_address).await.unwrap();
-        let (mut sender, _driver) = http_over(tcp).await.unwrap();
+        http_over(tcp).await.unwrap()
+    }
+
+    async fn ops_get(&self, path: &str) -> Answer {
+        let (mut sender, _driver) = self.http_to_operations().await;
         send(&mut sender, Method::GET, path, Bytes::new())
             .await
             .unwrap()
@@ -562,10 +596,7 @@ async fn assert_media_types_refused(
     body: &'static str,
 ) {
     for content_type in content_types {
-        let (mut sender, _driver) = client.http(address).await.unwrap();
-        let answer = send_as(&mut sender, Method::POST, path, content_type, body)
-            .await
-            .unwrap();
+        let answer = post_once_as(client, address, path, content_type, body).await;
         answer.assert_problem(ProblemCode::UnsupportedMediaType);
         assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
         assert_eq!(
@@ -576,15 +607,25 @@ async fn assert_media_types_refused(
     }
 }
 
+/// Posts `body` to `path` with this `Content-Type` on a connection of its own.
+async fn post_once_as(
+    client: &Client,
+    address: SocketAddr,
+    path: &str,
+    content_type: Option<&str>,
+    body: &'static str,
+) -> Answer {
+    let (mut sender, _driver) = client.http(address).await.unwrap();
+    send_as(&mut sender, Method::POST, path, content_type, body)
+        .await
+        .unwrap()
+}
+
 /// Returns once the server's header allowance (`header_read_timeout_ms`) has run out, on the
 /// server's own clock, for every connection that was idle before the call: the server closes
 /// a witness connection whose head, started now, never completes.
 async fn outlast_the_header_allowance(running: &Running) {
-    let mut witness = running
-        .terminal("witness")
-        .tls(running.address)
-        .await
-        .unwrap();
+    let mut witness = running.tls_as_terminal("witness").await;
     assert_eq!(
         raw_exchange(&mut witness, b"GET /v1/transactions/").await,
         ""
@@ -598,11 +639,34 @@ async fn open_with_a_half(
     body: &'static str,
 ) -> (SendRequest<Full<Bytes>>, JoinHandle<()>) {
     let (mut sender, driver) = client.http(address).await.unwrap();
-    let answer = send(&mut sender, Method::POST, "/v1/halves/a", body)
+    send_accepted_half(&mut sender, body).await;
+    (sender, driver)
+}
+
+/// Sends half A with `body`, which the fake takes as pending: asserts `202 Accepted`.
+async fn send_accepted_half(
+    sender: &mut SendRequest<Full<Bytes>>,
+    body: impl Into<Bytes>,
+) -> Answer {
+    let answer = send(sender, Method::POST, "/v1/halves/a", body)
         .await
         .unwrap();
-    assert_eq!(answer.status, StatusCode::ACCEPTED);
-    (sender, driver)
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{answer:?}");
+    answer
+}
+
+/// Sends a half that the fake service holds for `duration` before it answers, and returns
+/// once the service has it: the request is in flight.
+async fn a_slow_half_in_flight(
+    running: &Running,
+    duration: Duration,
+) -> JoinHandle<hyper::Result<Answer>> {
+    *running.api.slow_duration.lock().unwrap() = duration;
+    let (mut sender, _driver) = running.http_as_terminal("shop-1").await;
+    let in_flight =
+        tokio::spawn(async move { send(&mut sender, Method::POST, "/v1/halves/a", "slow").await });
+    running.api.slow_entered.notified().await;
+    in_flight
 }
 
 /// Connects with `client`, sends one request and returns the status of the answer, if any;
@@ -638,16 +702,9 @@ async fn raw_exchange(stream: &mut TlsStream<TcpStream>, bytes: &[u8]) -> String
 #[tokio::test]
 async fn a_terminal_reaches_each_route_and_gets_the_services_answers() {
     let running = Running::start(|_| {}).await;
-    let (mut sender, _driver) = running
-        .terminal("shop-1")
-        .http(running.address)
-        .await
-        .unwrap();
+    let (mut sender, _driver) = running.http_as_terminal("shop-1").await;
 
-    let pending = send(&mut sender, Method::POST, "/v1/halves/a", "request")
-        .await
-        .unwrap();
-    assert_eq!(pending.status, StatusCode::ACCEPTED);
+    let pending = send_accepted_half(&mut sender, "request").await;
     assert_eq!(pending.content_type(), "application/octet-stream");
     assert_eq!(pending.text(), "A|shop-1|0|request");
 
@@ -702,7 +759,7 @@ async fn a_terminal_reaches_each_route_and_gets_the_services_answers() {
         .await
         .unwrap();
     enrolled.assert_problem(ProblemCode::NotFound);
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
+    assert_eq!(running.api.enroll_calls(), 0);
     running.stop().await;
 }
 
@@ -723,7 +780,7 @@ async fn without_a_client_certificate_the_terminal_listener_fails_the_handshake(
         assert_eq!(status, None, "{path}: an HTTP answer without a certificate");
     }
     assert_eq!(running.api.half_calls(), 0);
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
+    assert_eq!(running.api.enroll_calls(), 0);
     eventually("the four failed handshakes are counted", || async {
         running.handshake_failures().await == 4
     })
@@ -734,15 +791,14 @@ async fn without_a_client_certificate_the_terminal_listener_fails_the_handshake(
 #[tokio::test]
 async fn the_enrollment_listener_serves_enrollment_without_a_certificate_and_nothing_else() {
     let running = Running::start(|_| {}).await;
-    let enrollee = running.enrollee();
-    let (mut sender, driver) = enrollee.http(running.enroll_address).await.unwrap();
+    let (mut sender, driver) = running.http_as_enrollee().await;
     let enrolled = send(&mut sender, Method::POST, "/v1/enroll", r#"{"code":"c2"}"#)
         .await
         .unwrap();
     assert_eq!(enrolled.status, StatusCode::OK);
     assert_eq!(enrolled.content_type(), "application/json");
     assert_eq!(enrolled.text(), r#"{"terminal_id":"c2"}"#);
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(running.api.enroll_calls(), 1);
     // An enrollment connection is not kept alive: the server closes it after the answer.
     tokio::time::timeout(PATIENCE, driver)
         .await
@@ -750,7 +806,7 @@ async fn the_enrollment_listener_serves_enrollment_without_a_certificate_and_not
         .unwrap();
 
     // The terminal routes do not exist here, with or without a certificate.
-    let terminal = running.terminal("shop-1");
+    let (enrollee, terminal) = (running.enrollee(), running.terminal("shop-1"));
     for client in [&enrollee, &terminal] {
         for (method, path) in [
             (Method::POST, "/v1/halves/a"),
@@ -769,18 +825,18 @@ async fn the_enrollment_listener_serves_enrollment_without_a_certificate_and_not
     }
     assert_eq!(running.api.half_calls(), 0);
 
-    let (mut sender, _driver) = enrollee.http(running.enroll_address).await.unwrap();
+    let (mut sender, _driver) = running.http_as_enrollee().await;
     let wrong_method = send(&mut sender, Method::GET, "/v1/enroll", Bytes::new())
         .await
         .unwrap();
     wrong_method.assert_problem(ProblemCode::MethodNotAllowed);
     assert_eq!(wrong_method.headers[http::header::ALLOW], "POST");
-    let (mut sender, _driver) = enrollee.http(running.enroll_address).await.unwrap();
+    let (mut sender, _driver) = running.http_as_enrollee().await;
     let query = send(&mut sender, Method::POST, "/v1/enroll?wait_ms=1", "{}")
         .await
         .unwrap();
     query.assert_problem(ProblemCode::Malformed);
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(running.api.enroll_calls(), 1);
     running.stop().await;
 }
 
@@ -801,10 +857,7 @@ async fn only_the_terminal_listener_asks_for_a_client_certificate() {
 
     // The control: the same client is asked on the terminal listener, and served.
     let (mut sender, _driver) = client.http(running.address).await.unwrap();
-    let answer = send(&mut sender, Method::POST, "/v1/halves/a", "half")
-        .await
-        .unwrap();
-    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    let answer = send_accepted_half(&mut sender, "half").await;
     assert_eq!(answer.text(), "A|shop-1|0|half");
     assert!(resolver.asked());
     running.stop().await;
@@ -889,7 +942,7 @@ async fn a_tls_1_2_client_is_refused_on_both_listeners() {
     }
 
     assert_eq!(running.api.half_calls(), 0);
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
+    assert_eq!(running.api.enroll_calls(), 0);
     running.stop().await;
 }
 
@@ -929,16 +982,14 @@ async fn a_half_of_another_media_type_is_refused_with_415() {
     .await;
     assert_eq!(running.api.half_calls(), 0);
     // Parameters and letter case do not matter.
-    let (mut sender, _driver) = client.http(running.address).await.unwrap();
-    let answer = send_as(
-        &mut sender,
-        Method::POST,
+    let answer = post_once_as(
+        &client,
+        running.address,
         "/v1/halves/a",
         Some("Application/Octet-Stream; x=1"),
         "half",
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(answer.status, StatusCode::ACCEPTED, "{answer:?}");
     assert_eq!(running.api.half_calls(), 1);
     running
@@ -966,20 +1017,18 @@ async fn an_enrollment_of_another_media_type_is_refused_with_415() {
         r#"{"code":"c9"}"#,
     )
     .await;
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
+    assert_eq!(running.api.enroll_calls(), 0);
     // Parameters and letter case do not matter.
-    let (mut sender, _driver) = enrollee.http(running.enroll_address).await.unwrap();
-    let answer = send_as(
-        &mut sender,
-        Method::POST,
+    let answer = post_once_as(
+        &enrollee,
+        running.enroll_address,
         "/v1/enroll",
         Some("Application/JSON; charset=utf-8"),
         r#"{"code":"c9"}"#,
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(running.api.enroll_calls(), 1);
     running
         .assert_metric(r#"nfcpayd_refusals_total{route="enroll",code="unsupported-media-type"} 4"#)
         .await;
@@ -1027,25 +1076,21 @@ async fn a_certificate_that_names_no_terminal_strictly_gets_no_answer() {
 #[tokio::test]
 async fn a_body_over_the_limit_is_refused_before_the_service_sees_it() {
     let running = Running::start(|_| {}).await;
-    let client = running.terminal("shop-1");
 
     // Exactly at the limit is fine.
-    let (mut sender, _driver) = client.http(running.address).await.unwrap();
-    let answer = send(&mut sender, Method::POST, "/v1/halves/a", vec![b'x'; 4096])
-        .await
-        .unwrap();
-    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    let (mut sender, _driver) = running.http_as_terminal("shop-1").await;
+    send_accepted_half(&mut sender, vec![b'x'; 4096]).await;
     assert_eq!(running.api.half_calls(), 1);
 
     // Declared over the limit: refused on the Content-Length alone.
-    let (mut sender, _driver) = client.http(running.address).await.unwrap();
+    let (mut sender, _driver) = running.http_as_terminal("shop-1").await;
     let answer = send(&mut sender, Method::POST, "/v1/halves/a", vec![b'x'; 4097])
         .await
         .unwrap();
     answer.assert_problem(ProblemCode::BodyTooLarge);
 
     // Chunked, so the length is only known while reading: refused once the cap is passed.
-    let mut stream = client.tls(running.address).await.unwrap();
+    let mut stream = running.tls_as_terminal("shop-1").await;
     let chunk = "x".repeat(3000);
     let request = format!(
         "POST /v1/halves/b HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/octet-stream\r\n\
@@ -1063,11 +1108,7 @@ async fn a_body_over_the_limit_is_refused_before_the_service_sees_it() {
 #[tokio::test]
 async fn a_slow_body_gets_408_timeout() {
     let running = Running::start(|config| config.body_read_timeout_ms = 300).await;
-    let mut stream = running
-        .terminal("shop-1")
-        .tls(running.address)
-        .await
-        .unwrap();
+    let mut stream = running.tls_as_terminal("shop-1").await;
     // The head says 100 bytes; 10 come, then nothing.
     let request = "POST /v1/halves/a HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/octet-stream\r\n\
          Content-Length: 100\r\n\r\n0123456789";
@@ -1085,11 +1126,7 @@ async fn a_slow_body_gets_408_timeout() {
 #[tokio::test]
 async fn a_slow_request_head_is_closed_without_an_answer() {
     let running = Running::start(|config| config.header_read_timeout_ms = 300).await;
-    let mut stream = running
-        .terminal("shop-1")
-        .tls(running.address)
-        .await
-        .unwrap();
+    let mut stream = running.tls_as_terminal("shop-1").await;
     let answer = raw_exchange(&mut stream, b"POST /v1/halves/a HTTP/1.1\r\nHost: loc").await;
     assert_eq!(answer, "");
     assert_eq!(running.api.half_calls(), 0);
@@ -1108,11 +1145,7 @@ async fn a_slow_head_on_a_kept_alive_connection_is_closed() {
         config.keep_alive_idle_timeout_ms = 120_000;
     })
     .await;
-    let mut stream = running
-        .terminal("shop-1")
-        .tls(running.address)
-        .await
-        .unwrap();
+    let mut stream = running.tls_as_terminal("shop-1").await;
     let txn = "00112233445566778899AABBCCDDEEFF";
     let request = format!("GET /v1/transactions/{txn} HTTP/1.1\r\nHost: localhost\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -1139,15 +1172,8 @@ async fn a_slow_head_on_a_kept_alive_connection_is_closed() {
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed() {
     let running = Running::start(|config| config.keep_alive_idle_timeout_ms = 300).await;
-    let (mut sender, driver) = running
-        .terminal("shop-1")
-        .http(running.address)
-        .await
-        .unwrap();
-    let answer = send(&mut sender, Method::POST, "/v1/halves/a", "half")
-        .await
-        .unwrap();
-    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    let (mut sender, driver) = running.http_as_terminal("shop-1").await;
+    send_accepted_half(&mut sender, "half").await;
     // Kept alive after the answer, then closed by the server once idle too long.
     tokio::time::timeout(PATIENCE, driver)
         .await
@@ -1163,10 +1189,7 @@ async fn a_connection_over_the_cap_waits_until_one_closes() {
     let running = Running::start(|config| config.connections_max = 1).await;
     let client = running.terminal("shop-1");
     let (mut first, first_driver) = client.http(running.address).await.unwrap();
-    let answer = send(&mut first, Method::POST, "/v1/halves/a", "one")
-        .await
-        .unwrap();
-    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    send_accepted_half(&mut first, "one").await;
 
     let address = running.address;
     let second_client = client.clone();
@@ -1221,11 +1244,7 @@ async fn an_idle_flood_on_the_enrollment_listener_leaves_terminals_their_capacit
     });
 
     // A terminal pays as usual on its own listener, which the flood does not touch.
-    let (mut terminal, terminal_driver) = running
-        .terminal("shop-1")
-        .http(running.address)
-        .await
-        .unwrap();
+    let (mut terminal, terminal_driver) = running.http_as_terminal("shop-1").await;
     for body in ["one", "two", "three"] {
         let answer = tokio::time::timeout(
             PATIENCE,
@@ -1243,7 +1262,7 @@ async fn an_idle_flood_on_the_enrollment_listener_leaves_terminals_their_capacit
             .is_err(),
         "an enrollee was served while idle connections held every enrollment permit"
     );
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
+    assert_eq!(running.api.enroll_calls(), 0);
 
     // The flood gone, the enrollee is served, while the terminal still holds its only permit.
     drop(flood);
@@ -1252,7 +1271,7 @@ async fn an_idle_flood_on_the_enrollment_listener_leaves_terminals_their_capacit
         .expect("served once the flood closed")
         .unwrap();
     assert_eq!(answer.status, StatusCode::OK);
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(running.api.enroll_calls(), 1);
     drop(terminal);
     terminal_driver.abort();
     running.stop().await;
@@ -1329,17 +1348,12 @@ async fn idle_connections_get_the_short_timeout_when_the_listener_is_crowded() {
     // idle connection outlives the header timeout.
     outlast_the_header_allowance(&running).await;
     let (first, _) = &mut open[0];
-    let answer = send(first, Method::POST, "/v1/halves/a", "again")
-        .await
-        .unwrap();
-    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    send_accepted_half(first, "again").await;
     // The witness's slot, once the server has freed it, to the seventh connection.
     eventually("the witness's slot is free", || async {
         running
-            .ops_get("/metrics")
+            .metrics_contain("nfcpayd_open_connections 6\n")
             .await
-            .text()
-            .contains("nfcpayd_open_connections 6\n")
     })
     .await;
     open.push(open_with_a_half(&client, running.address, "7").await);
@@ -1349,23 +1363,18 @@ async fn idle_connections_get_the_short_timeout_when_the_listener_is_crowded() {
     let mut newcomers = Vec::new();
     for (round, body) in [(1, "8"), (2, "9")] {
         let (mut sender, driver) = client.http(running.address).await.unwrap();
-        let answer = send(&mut sender, Method::POST, "/v1/halves/a", body)
-            .await
-            .unwrap();
-        assert_eq!(answer.status, StatusCode::ACCEPTED);
+        send_accepted_half(&mut sender, body).await;
         newcomers.push((sender, driver));
         let closed =
             format!(r#"nfcpayd_connection_timeouts_total{{phase="idle_crowded"}} {round}"#);
         eventually("an idle connection is closed for the newcomer", || async {
-            running.ops_get("/metrics").await.text().contains(&closed)
+            running.metrics_contain(&closed).await
         })
         .await;
         eventually("seven connections are open again", || async {
             running
-                .ops_get("/metrics")
+                .metrics_contain("nfcpayd_open_connections 7\n")
                 .await
-                .text()
-                .contains("nfcpayd_open_connections 7\n")
         })
         .await;
     }
@@ -1385,16 +1394,9 @@ async fn a_terminal_over_its_rate_gets_429_rate_limited() {
         config.terminal_request_burst = 3;
     })
     .await;
-    let (mut sender, _driver) = running
-        .terminal("shop-1")
-        .http(running.address)
-        .await
-        .unwrap();
+    let (mut sender, _driver) = running.http_as_terminal("shop-1").await;
     for _ in 0..3 {
-        let answer = send(&mut sender, Method::POST, "/v1/halves/a", "half")
-            .await
-            .unwrap();
-        assert_eq!(answer.status, StatusCode::ACCEPTED);
+        send_accepted_half(&mut sender, "half").await;
     }
     let limited = send(&mut sender, Method::POST, "/v1/halves/a", "half")
         .await
@@ -1409,15 +1411,8 @@ async fn a_terminal_over_its_rate_gets_429_rate_limited() {
     assert_eq!(running.api.half_calls(), 3);
 
     // Another terminal has its own bucket.
-    let (mut other, _driver) = running
-        .terminal("shop-2")
-        .http(running.address)
-        .await
-        .unwrap();
-    let answer = send(&mut other, Method::POST, "/v1/halves/a", "half")
-        .await
-        .unwrap();
-    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    let (mut other, _driver) = running.http_as_terminal("shop-2").await;
+    send_accepted_half(&mut other, "half").await;
 
     running
         .assert_metric("nfcpayd_rate_limited_requests_total 1")
@@ -1449,7 +1444,7 @@ async fn enrollment_is_rate_limited_per_address_and_its_body_capped() {
     // Over the cap: refused on its declared length, before the service sees it.
     let too_large = enroll(vec![b'x'; 4097]).await;
     too_large.assert_problem(ProblemCode::BodyTooLarge);
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
+    assert_eq!(running.api.enroll_calls(), 0);
 
     let enrolled = enroll(br#"{"code":"c4"}"#.to_vec()).await;
     assert_eq!(enrolled.status, StatusCode::OK);
@@ -1457,32 +1452,24 @@ async fn enrollment_is_rate_limited_per_address_and_its_body_capped() {
     let limited = enroll(br#"{"code":"c5"}"#.to_vec()).await;
     limited.assert_problem(ProblemCode::RateLimited);
     assert!(limited.headers.contains_key(http::header::RETRY_AFTER));
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(running.api.enroll_calls(), 1);
 
     // A slow enrollment body gets 408 like any other.
     running.stop().await;
     let running = Running::start(|config| config.body_read_timeout_ms = 300).await;
-    let mut stream = running
-        .enrollee()
-        .tls(running.enroll_address)
-        .await
-        .unwrap();
+    let mut stream = running.tls_as_enrollee().await;
     let request = "POST /v1/enroll HTTP/1.1\r\nHost: localhost\r\n\
                    Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{";
     let answer = raw_exchange(&mut stream, request.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
-    assert_eq!(running.api.enroll_calls.load(Ordering::SeqCst), 0);
+    assert_eq!(running.api.enroll_calls(), 0);
     running.stop().await;
 }
 
 #[tokio::test]
 async fn malformed_paths_methods_and_queries_get_problems() {
     let running = Running::start(|_| {}).await;
-    let (mut sender, _driver) = running
-        .terminal("shop-1")
-        .http(running.address)
-        .await
-        .unwrap();
+    let (mut sender, _driver) = running.http_as_terminal("shop-1").await;
     for (method, path, code) in [
         (Method::GET, "/", ProblemCode::NotFound),
         (Method::POST, "/v1/halves/c", ProblemCode::NotFound),
@@ -1524,11 +1511,7 @@ async fn malformed_paths_methods_and_queries_get_problems() {
     assert_eq!(running.api.half_calls(), 0);
 
     // A request line hyper cannot parse gets 400 and a closed connection.
-    let mut stream = running
-        .terminal("shop-1")
-        .tls(running.address)
-        .await
-        .unwrap();
+    let mut stream = running.tls_as_terminal("shop-1").await;
     let answer = raw_exchange(
         &mut stream,
         b"POST /v1/halves/a HTTP/1.1\r\nHost localhost\r\n\r\n",
@@ -1544,8 +1527,7 @@ async fn malformed_paths_methods_and_queries_get_problems() {
 #[tokio::test]
 async fn an_answer_before_which_the_connection_closes_says_connection_close() {
     let running = Running::start(|_| {}).await;
-    let terminal = running.terminal("shop-1");
-    let (mut sender, _driver) = terminal.http(running.address).await.unwrap();
+    let (mut sender, _driver) = running.http_as_terminal("shop-1").await;
     // Refused without a body, or answered after reading it: kept alive, nothing said.
     for (path, body, status) in [
         (
@@ -1577,7 +1559,7 @@ async fn an_answer_before_which_the_connection_closes_says_connection_close() {
         "GET /v1/transactions/00112233445566778899AABBCCDDEEFF HTTP/1.1\r\nHost: localhost\r\n\
          Transfer-Encoding: chunked\r\n\r\n4\r\nhalf\r\n0\r\n\r\n",
     ] {
-        let mut stream = terminal.tls(running.address).await.unwrap();
+        let mut stream = running.tls_as_terminal("shop-1").await;
         let answer = raw_exchange(&mut stream, request.as_bytes()).await;
         assert!(answer.starts_with("HTTP/1.1 "), "{request}: {answer}");
         assert!(
@@ -1589,11 +1571,7 @@ async fn an_answer_before_which_the_connection_closes_says_connection_close() {
     }
 
     // The enrollment listener keeps nothing alive, and says so.
-    let (mut sender, _driver) = running
-        .enrollee()
-        .http(running.enroll_address)
-        .await
-        .unwrap();
+    let (mut sender, _driver) = running.http_as_enrollee().await;
     let enrolled = send(&mut sender, Method::POST, "/v1/enroll", r#"{"code":"c7"}"#)
         .await
         .unwrap();
@@ -1623,11 +1601,7 @@ async fn health_readiness_and_metrics_on_the_operations_listener() {
         not_ready.text()
     );
 
-    let (mut sender, _driver) = running
-        .terminal("shop-1")
-        .http(running.address)
-        .await
-        .unwrap();
+    let (mut sender, _driver) = running.http_as_terminal("shop-1").await;
     send(&mut sender, Method::POST, "/v1/halves/a", "half")
         .await
         .unwrap();
@@ -1655,8 +1629,7 @@ async fn health_readiness_and_metrics_on_the_operations_listener() {
         assert!(text.contains(line), "{line} missing from\n{text}");
     }
 
-    let tcp = TcpStream::connect(running.ops_address).await.unwrap();
-    let (mut ops, _driver) = http_over(tcp).await.unwrap();
+    let (mut ops, _driver) = running.http_to_operations().await;
     let wrong_method = send(&mut ops, Method::POST, "/metrics", Bytes::new())
         .await
         .unwrap();
@@ -1674,15 +1647,7 @@ async fn health_readiness_and_metrics_on_the_operations_listener() {
 #[tokio::test]
 async fn shutdown_drains_an_in_flight_request_then_run_returns() {
     let running = Running::start(|_| {}).await;
-    *running.api.slow_duration.lock().unwrap() = Duration::from_millis(500);
-    let (mut sender, _driver) = running
-        .terminal("shop-1")
-        .http(running.address)
-        .await
-        .unwrap();
-    let in_flight =
-        tokio::spawn(async move { send(&mut sender, Method::POST, "/v1/halves/a", "slow").await });
-    running.api.slow_entered.notified().await;
+    let in_flight = a_slow_half_in_flight(&running, Duration::from_millis(500)).await;
 
     let (address, enroll_address) = (running.address, running.enroll_address);
     let anonymous = running.enrollee();
@@ -1700,15 +1665,7 @@ async fn shutdown_drains_an_in_flight_request_then_run_returns() {
 #[tokio::test]
 async fn shutdown_gives_up_on_requests_past_the_drain_deadline() {
     let running = Running::start(|config| config.drain_timeout_ms = 200).await;
-    *running.api.slow_duration.lock().unwrap() = Duration::from_secs(3600);
-    let (mut sender, _driver) = running
-        .terminal("shop-1")
-        .http(running.address)
-        .await
-        .unwrap();
-    let in_flight =
-        tokio::spawn(async move { send(&mut sender, Method::POST, "/v1/halves/a", "slow").await });
-    running.api.slow_entered.notified().await;
+    let in_flight = a_slow_half_in_flight(&running, Duration::from_secs(3600)).await;
     running.stop().await;
     // The connection was closed without an answer.
     assert!(in_flight.await.unwrap().is_err());
@@ -1720,44 +1677,44 @@ fn leaf_of(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
         .into_owned()
 }
 
+/// Puts fresh server material (a certificate for `common_name` under `ca`) where the next
+/// reload takes it from; returns its leaf certificate.
+fn stage_material(
+    next_material: &NextMaterial,
+    ca: &Ca,
+    common_name: &str,
+) -> CertificateDer<'static> {
+    let material = ca.server_material(common_name);
+    let new_leaf = material.chain[0].clone();
+    *next_material.lock().unwrap() = Some(material);
+    new_leaf
+}
+
 #[tokio::test]
 async fn reload_swaps_the_server_certificate_for_new_connections() {
     let next_material = NextMaterial::default();
     let running = Running::start_with_reload(|_| {}, Arc::clone(&next_material)).await;
-    let client = running.terminal("shop-1");
-    let before = client.tls(running.address).await.unwrap();
+    let before = running.tls_as_terminal("shop-1").await;
     let old_leaf = leaf_of(&before);
     let (mut old_connection, _driver) = http_over(before).await.unwrap();
 
     // A failed reload keeps the current certificate.
     assert!(running.tls.reload().is_err());
-    assert_eq!(
-        leaf_of(&client.tls(running.address).await.unwrap()),
-        old_leaf
-    );
+    assert_eq!(leaf_of(&running.tls_as_terminal("shop-1").await), old_leaf);
 
-    let material = running.ca.server_material("server-2");
-    let new_leaf = material.chain[0].clone();
-    *next_material.lock().unwrap() = Some(material);
+    let new_leaf = stage_material(&next_material, &running.ca, "server-2");
     running.tls.reload().unwrap();
 
-    let after = client.tls(running.address).await.unwrap();
+    let after = running.tls_as_terminal("shop-1").await;
     assert_eq!(leaf_of(&after), new_leaf);
     assert_ne!(new_leaf, old_leaf);
     // The enrollment listener's configuration is rebuilt from the same material.
-    let enrollment = running
-        .enrollee()
-        .tls(running.enroll_address)
-        .await
-        .unwrap();
+    let enrollment = running.tls_as_enrollee().await;
     assert_eq!(leaf_of(&enrollment), new_leaf);
     // Both the new connection and the one opened before the reload work.
     let (mut new_connection, _driver) = http_over(after).await.unwrap();
     for sender in [&mut old_connection, &mut new_connection] {
-        let answer = send(sender, Method::POST, "/v1/halves/a", "half")
-            .await
-            .unwrap();
-        assert_eq!(answer.status, StatusCode::ACCEPTED);
+        send_accepted_half(sender, "half").await;
     }
     running.stop().await;
 }
@@ -1766,9 +1723,7 @@ async fn reload_swaps_the_server_certificate_for_new_connections() {
 async fn sighup_reloads_the_certificates() {
     let next_material = NextMaterial::default();
     let running = Running::start_with_reload(|_| {}, Arc::clone(&next_material)).await;
-    let material = running.ca.server_material("server-after-sighup");
-    let new_leaf = material.chain[0].clone();
-    *next_material.lock().unwrap() = Some(material);
+    let new_leaf = stage_material(&next_material, &running.ca, "server-after-sighup");
 
     let hangups = signals::hangups().unwrap();
     let reloads = tokio::spawn(signals::reload_on_hangup(hangups, Arc::clone(&running.tls)));
@@ -1778,16 +1733,11 @@ async fn sighup_reloads_the_certificates() {
         .unwrap();
     assert!(status.success());
 
-    let client = running.terminal("shop-1");
     eventually("a new connection sees the new certificate", || async {
-        leaf_of(&client.tls(running.address).await.unwrap()) == new_leaf
+        leaf_of(&running.tls_as_terminal("shop-1").await) == new_leaf
     })
     .await;
-    let enrollment = running
-        .enrollee()
-        .tls(running.enroll_address)
-        .await
-        .unwrap();
+    let enrollment = running.tls_as_enrollee().await;
     assert_eq!(leaf_of(&enrollment), new_leaf);
     reloads.abort();
     running.stop().await;

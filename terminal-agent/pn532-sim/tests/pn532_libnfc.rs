@@ -7,12 +7,14 @@
 // Test harness: a failed expectation here is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader, Write};
+mod support;
+
+use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nfcpay_pn532_sim::command::code;
@@ -21,11 +23,10 @@ use nfcpay_pn532_sim::frame::{
 };
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::process::{Pid, Signal, kill_process};
+use support::{EMULATOR_EVENT_WAIT_MAX, Emulator};
 
 /// Longest any libnfc tool may run in these tests.
 const TOOL_RUN_MAX: Duration = Duration::from_secs(15);
-/// Longest to wait for the emulator to report something.
-const EMULATOR_EVENT_WAIT_MAX: Duration = Duration::from_secs(10);
 /// Longest to wait for one frame on a line the test drives itself.
 const LINE_FRAME_WAIT_MAX: Duration = Duration::from_secs(10);
 
@@ -34,116 +35,14 @@ const PACKAGE_LIBNFC_BIN: &str = "libnfc-bin";
 /// Debian package of nfc-dep-target and nfc-dep-initiator.
 const PACKAGE_LIBNFC_EXAMPLES: &str = "libnfc-examples";
 
-/// The emulator process; killed on drop.
-struct Emulator {
-    child: Option<Child>,
-    connstrings: Vec<String>,
-    log: Receiver<String>,
-}
+/// A libnfc command-line tool: its name, and the Debian package to install when it is missing.
+#[derive(Clone, Copy)]
+struct LibnfcTool(&'static str, &'static str);
 
-impl Emulator {
-    fn start(devices: usize) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nfcpay-pn532-sim"))
-            .args(["--devices", &devices.to_string()])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start nfcpay-pn532-sim");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let (log_sender, log) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if log_sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let mut emulator = Self {
-            child: Some(child),
-            connstrings: Vec::new(),
-            log,
-        };
-        // The connection strings are the readiness signal: the lines exist once printed. If
-        // the emulator dies instead, stdout closes and reading ends.
-        emulator.connstrings = read_connstrings(stdout, devices);
-        assert_eq!(
-            emulator.connstrings.len(),
-            devices,
-            "emulator printed {:?}; its log: {:?}",
-            emulator.connstrings,
-            emulator.log.try_iter().collect::<Vec<_>>()
-        );
-        for connstring in &emulator.connstrings {
-            assert!(
-                connstring.starts_with("pn532_uart:/dev/pts/"),
-                "unexpected connstring {connstring}"
-            );
-        }
-        emulator
-    }
-
-    fn connstring(&self, device: usize) -> &str {
-        &self.connstrings[device]
-    }
-
-    fn pty_path(&self, device: usize) -> PathBuf {
-        PathBuf::from(
-            self.connstrings[device]
-                .strip_prefix("pn532_uart:")
-                .expect("connstring names the pn532_uart driver"),
-        )
-    }
-
-    /// Waits until the emulator logs a line containing every one of `needles`.
-    fn wait_for_log(&self, needles: &[&str]) {
-        let deadline = Instant::now() + EMULATOR_EVENT_WAIT_MAX;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.log.recv_timeout(left) {
-                Ok(line) if needles.iter().all(|needle| line.contains(needle)) => return,
-                Ok(line) => seen.push(line),
-                Err(_) => panic!("emulator never logged {needles:?}; it logged {seen:#?}"),
-            }
-        }
-    }
-
-    /// Sends `signal` and waits (bounded) for the emulator to exit.
-    fn stop_with(mut self, signal: Signal) -> ExitStatus {
-        let child = self.child.take().expect("the emulator runs until stopped");
-        kill_process(Pid::from_child(&child), signal).expect("signal the emulator");
-        let (sender, receiver) = mpsc::channel();
-        let mut child = child;
-        std::thread::spawn(move || {
-            let _ = sender.send(child.wait());
-        });
-        receiver
-            .recv_timeout(EMULATOR_EVENT_WAIT_MAX)
-            .expect("emulator exits after the signal")
-            .expect("wait for the emulator")
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn read_connstrings(stdout: ChildStdout, devices: usize) -> Vec<String> {
-    BufReader::new(stdout)
-        .lines()
-        .take(devices)
-        .map_while(Result::ok)
-        .collect()
-}
+const NFC_SCAN_DEVICE: LibnfcTool = LibnfcTool("nfc-scan-device", PACKAGE_LIBNFC_BIN);
+const NFC_LIST: LibnfcTool = LibnfcTool("nfc-list", PACKAGE_LIBNFC_BIN);
+const NFC_DEP_TARGET: LibnfcTool = LibnfcTool("nfc-dep-target", PACKAGE_LIBNFC_EXAMPLES);
+const NFC_DEP_INITIATOR: LibnfcTool = LibnfcTool("nfc-dep-initiator", PACKAGE_LIBNFC_EXAMPLES);
 
 /// A running libnfc tool; killed on drop.
 struct Tool {
@@ -154,14 +53,16 @@ struct Tool {
 /// What a libnfc tool printed.
 #[derive(Debug)]
 struct ToolRun {
+    tool: &'static str,
     status: ExitStatus,
     stdout: String,
     stderr: String,
 }
 
 impl Tool {
-    /// Starts `name` (from Debian package `package`) on one emulated reader.
-    fn start(name: &'static str, package: &str, args: &[&str], connstring: &str) -> Self {
+    /// Starts `tool` on one emulated reader.
+    fn start(tool: LibnfcTool, args: &[&str], connstring: &str) -> Self {
+        let LibnfcTool(name, package) = tool;
         let path = find_tool(name, package);
         let child = Command::new(path)
             .args(args)
@@ -191,6 +92,7 @@ impl Tool {
         });
         match receiver.recv_timeout(TOOL_RUN_MAX) {
             Ok(Ok(output)) => ToolRun {
+                tool: self.name,
                 status: output.status,
                 stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
                 stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
@@ -223,8 +125,28 @@ impl Drop for Tool {
     }
 }
 
-fn run_tool(name: &'static str, package: &str, args: &[&str], connstring: &str) -> ToolRun {
-    Tool::start(name, package, args, connstring).finish()
+impl ToolRun {
+    fn assert_success(&self) {
+        assert!(self.status.success(), "{} failed: {self:#?}", self.tool);
+    }
+
+    fn assert_stdout_contains(&self, text: &str) {
+        assert!(
+            self.stdout.contains(text),
+            "{text:?} not printed: {self:#?}"
+        );
+    }
+
+    fn assert_stderr_contains(&self, text: &str) {
+        assert!(
+            self.stderr.contains(text),
+            "{text:?} not printed: {self:#?}"
+        );
+    }
+}
+
+fn run_tool(tool: LibnfcTool, args: &[&str], connstring: &str) -> ToolRun {
+    Tool::start(tool, args, connstring).finish()
 }
 
 /// Finds a libnfc tool on PATH, failing with the package to install when it is missing.
@@ -241,8 +163,13 @@ fn find_tool(name: &str, package: &str) -> PathBuf {
         })
 }
 
-fn assert_success(run: &ToolRun, tool: &str) {
-    assert!(run.status.success(), "{tool} failed: {run:#?}");
+/// Starts nfc-dep-target on reader 0 and returns once it is armed: the emulator says device 0
+/// runs TgInitAsTarget. Also returns the `pty=` field that names reader 0 in the emulator's log.
+fn arm_dep_target(emulator: &Emulator) -> (Tool, String) {
+    let target = Tool::start(NFC_DEP_TARGET, &[], emulator.connstring(0));
+    let pty = format!("pty={:?}", emulator.pty_path(0).display().to_string());
+    emulator.wait_for_log(&["target armed", &pty]);
+    (target, pty)
 }
 
 #[test]
@@ -250,184 +177,96 @@ fn nfc_scan_device_opens_the_emulated_pn532() {
     let emulator = Emulator::start(2);
     for device in 0..2 {
         let connstring = emulator.connstring(device);
-        let run = run_tool("nfc-scan-device", PACKAGE_LIBNFC_BIN, &["-v"], connstring);
-        assert_success(&run, "nfc-scan-device");
-        assert!(run.stdout.contains("1 NFC device(s) found"), "{run:#?}");
-        assert!(run.stdout.contains(connstring), "{run:#?}");
+        let run = run_tool(NFC_SCAN_DEVICE, &["-v"], connstring);
+        run.assert_success();
+        run.assert_stdout_contains("1 NFC device(s) found");
+        run.assert_stdout_contains(connstring);
         // libnfc read the firmware version and decoded it as a PN532 v1.6.
-        assert!(run.stdout.contains("chip: PN532 v1.6"), "{run:#?}");
-        assert!(run.stdout.contains("D.E.P."), "{run:#?}");
+        run.assert_stdout_contains("chip: PN532 v1.6");
+        run.assert_stdout_contains("D.E.P.");
     }
 }
 
 #[test]
 fn nfc_list_opens_the_emulated_pn532_and_finds_no_card() {
     let emulator = Emulator::start(1);
-    let run = run_tool(
-        "nfc-list",
-        PACKAGE_LIBNFC_BIN,
-        &["-v"],
-        emulator.connstring(0),
-    );
-    assert_success(&run, "nfc-list");
-    assert!(run.stdout.contains("NFC device: "), "{run:#?}");
-    assert!(run.stdout.contains(" opened"), "{run:#?}");
-    assert!(
-        run.stdout.contains("0 ISO14443A passive target(s) found"),
-        "{run:#?}"
-    );
-    assert!(
-        run.stdout
-            .contains("0 Felica (212 kbps) passive target(s) found"),
-        "{run:#?}"
-    );
+    let run = run_tool(NFC_LIST, &["-v"], emulator.connstring(0));
+    run.assert_success();
+    run.assert_stdout_contains("NFC device: ");
+    run.assert_stdout_contains(" opened");
+    run.assert_stdout_contains("0 ISO14443A passive target(s) found");
+    run.assert_stdout_contains("0 Felica (212 kbps) passive target(s) found");
     assert!(!run.stderr.contains("Unable to open"), "{run:#?}");
 }
 
 #[test]
 fn nfc_dep_target_and_initiator_exchange_through_the_shared_field() {
     let emulator = Emulator::start(2);
-    let target = Tool::start(
-        "nfc-dep-target",
-        PACKAGE_LIBNFC_EXAMPLES,
-        &[],
-        emulator.connstring(0),
-    );
-    // Readiness: the emulator says device 0 runs TgInitAsTarget.
-    let pty = format!("pty={:?}", emulator.pty_path(0).display().to_string());
-    emulator.wait_for_log(&["target armed", &pty]);
+    let (target, _) = arm_dep_target(&emulator);
 
-    let initiator = run_tool(
-        "nfc-dep-initiator",
-        PACKAGE_LIBNFC_EXAMPLES,
-        &[],
-        emulator.connstring(1),
-    );
+    let initiator = run_tool(NFC_DEP_INITIATOR, &[], emulator.connstring(1));
     let target = target.finish();
 
-    assert_success(&initiator, "nfc-dep-initiator");
-    assert_success(&target, "nfc-dep-target");
+    initiator.assert_success();
+    target.assert_success();
     // nfc-dep-initiator sends "Hello World!" and prints the target's answer.
-    assert!(
-        initiator.stdout.contains("Sending: Hello World!"),
-        "{initiator:#?}"
-    );
-    assert!(
-        initiator.stdout.contains("Received: Hello Mars!"),
-        "{initiator:#?}"
-    );
+    initiator.assert_stdout_contains("Sending: Hello World!");
+    initiator.assert_stdout_contains("Received: Hello Mars!");
     // The initiator saw the target's NFCID3 and general bytes from TgInitAsTarget.
-    assert!(
-        initiator
-            .stdout
-            .contains("NFCID3: 12  34  56  78  9a  bc  de  ff  00  00"),
-        "{initiator:#?}"
-    );
+    initiator.assert_stdout_contains("NFCID3: 12  34  56  78  9a  bc  de  ff  00  00");
     // nfc-dep-target prints what it received and what it answered.
-    assert!(
-        target.stdout.contains("Received: Hello World!"),
-        "{target:#?}"
-    );
-    assert!(
-        target.stdout.contains("Sending: Hello Mars!"),
-        "{target:#?}"
-    );
-    assert!(target.stdout.contains("Data sent."), "{target:#?}");
+    target.assert_stdout_contains("Received: Hello World!");
+    target.assert_stdout_contains("Sending: Hello Mars!");
+    target.assert_stdout_contains("Data sent.");
 }
 
 #[test]
 fn nfc_list_sees_an_armed_dep_target_as_an_iso14443a_card() {
     let emulator = Emulator::start(2);
-    let target = Tool::start(
-        "nfc-dep-target",
-        PACKAGE_LIBNFC_EXAMPLES,
-        &[],
-        emulator.connstring(0),
-    );
-    let pty = format!("pty={:?}", emulator.pty_path(0).display().to_string());
-    emulator.wait_for_log(&["target armed", &pty]);
+    let (target, _) = arm_dep_target(&emulator);
 
-    let run = run_tool(
-        "nfc-list",
-        PACKAGE_LIBNFC_BIN,
-        &["-t", "1"],
-        emulator.connstring(1),
-    );
-    assert_success(&run, "nfc-list");
-    assert!(
-        run.stdout.contains("1 ISO14443A passive target(s) found"),
-        "{run:#?}"
-    );
+    let run = run_tool(NFC_LIST, &["-t", "1"], emulator.connstring(1));
+    run.assert_success();
+    run.assert_stdout_contains("1 ISO14443A passive target(s) found");
     // UID: 0x08 then the three NFCID1 bytes nfc-dep-target configures; SAK 0x40 (NFC-DEP).
-    assert!(run.stdout.contains("08  12  34  56"), "{run:#?}");
-    assert!(run.stdout.contains("SAK (SEL_RES): 40"), "{run:#?}");
+    run.assert_stdout_contains("08  12  34  56");
+    run.assert_stdout_contains("SAK (SEL_RES): 40");
 
     // SIGINT makes nfc-dep-target abort TgInitAsTarget with an ACK frame; it then exits.
     target.interrupt();
     let target = target.finish();
     assert!(!target.status.success(), "{target:#?}");
-    assert!(
-        target.stdout.contains("Waiting for initiator request"),
-        "{target:#?}"
-    );
+    target.assert_stdout_contains("Waiting for initiator request");
 }
 
 #[test]
 fn initiator_without_a_target_fails_instead_of_hanging() {
     let emulator = Emulator::start(2);
-    let run = run_tool(
-        "nfc-dep-initiator",
-        PACKAGE_LIBNFC_EXAMPLES,
-        &[],
-        emulator.connstring(1),
-    );
+    let run = run_tool(NFC_DEP_INITIATOR, &[], emulator.connstring(1));
     assert!(!run.status.success(), "{run:#?}");
-    assert!(
-        run.stderr.contains("nfc_initiator_select_dep_target"),
-        "{run:#?}"
-    );
+    run.assert_stderr_contains("nfc_initiator_select_dep_target");
     // The reader is still usable afterwards.
-    let run = run_tool("nfc-list", PACKAGE_LIBNFC_BIN, &[], emulator.connstring(1));
-    assert_success(&run, "nfc-list");
-    assert!(run.stdout.contains(" opened"), "{run:#?}");
+    let run = run_tool(NFC_LIST, &[], emulator.connstring(1));
+    run.assert_success();
+    run.assert_stdout_contains(" opened");
 }
 
 #[test]
 fn a_killed_libnfc_process_leaves_the_field_and_the_reader_usable() {
     let emulator = Emulator::start(2);
-    let target = Tool::start(
-        "nfc-dep-target",
-        PACKAGE_LIBNFC_EXAMPLES,
-        &[],
-        emulator.connstring(0),
-    );
-    let pty = format!("pty={:?}", emulator.pty_path(0).display().to_string());
-    emulator.wait_for_log(&["target armed", &pty]);
+    let (target, pty) = arm_dep_target(&emulator);
     // SIGKILL: libnfc neither releases the target nor restores the line settings.
     drop(target);
     emulator.wait_for_log(&["host line closed", &pty]);
 
     // The armed target left the field with its host...
-    let run = run_tool(
-        "nfc-list",
-        PACKAGE_LIBNFC_BIN,
-        &["-v", "-t", "1"],
-        emulator.connstring(1),
-    );
-    assert_success(&run, "nfc-list");
-    assert!(
-        run.stdout.contains("0 ISO14443A passive target(s) found"),
-        "{run:#?}"
-    );
+    let run = run_tool(NFC_LIST, &["-v", "-t", "1"], emulator.connstring(1));
+    run.assert_success();
+    run.assert_stdout_contains("0 ISO14443A passive target(s) found");
     // ...and its reader opens again.
-    let run = run_tool(
-        "nfc-list",
-        PACKAGE_LIBNFC_BIN,
-        &["-t", "1"],
-        emulator.connstring(0),
-    );
-    assert_success(&run, "nfc-list");
-    assert!(run.stdout.contains(" opened"), "{run:#?}");
+    let run = run_tool(NFC_LIST, &["-t", "1"], emulator.connstring(0));
+    run.assert_success();
+    run.assert_stdout_contains(" opened");
 }
 
 /// The test plays the target's host itself on device 0, speaking PN532 frames, and closes its
@@ -444,12 +283,7 @@ fn initiator_gets_an_error_when_the_target_vanishes_mid_exchange() {
     line.send(code::TG_INIT_AS_TARGET, &target_config);
     assert_eq!(line.next_frame(), Frame::Ack);
     // The ACK comes once the target is armed, so the initiator can start now.
-    let initiator = Tool::start(
-        "nfc-dep-initiator",
-        PACKAGE_LIBNFC_EXAMPLES,
-        &[],
-        emulator.connstring(1),
-    );
+    let initiator = Tool::start(NFC_DEP_INITIATOR, &[], emulator.connstring(1));
     let activation = line.next_response(code::TG_INIT_AS_TARGET);
     assert_eq!(
         activation[0] & 0x04,
@@ -466,10 +300,7 @@ fn initiator_gets_an_error_when_the_target_vanishes_mid_exchange() {
     drop(line);
     let run = initiator.finish();
     assert!(!run.status.success(), "{run:#?}");
-    assert!(
-        run.stderr.contains("nfc_initiator_transceive_bytes"),
-        "{run:#?}"
-    );
+    run.assert_stderr_contains("nfc_initiator_transceive_bytes");
     assert!(!run.stdout.contains("Received:"), "{run:#?}");
     emulator.wait_for_log(&["DEP target left the field"]);
 }

@@ -5,9 +5,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal, kill_process};
 
 /// Longest to wait for the emulator to report something.
 pub const EMULATOR_EVENT_WAIT_MAX: Duration = Duration::from_secs(10);
@@ -74,6 +77,15 @@ impl Emulator {
         &self.connstrings[device]
     }
 
+    /// The pseudo-terminal of reader `device`: the host's end of its line.
+    pub fn pty_path(&self, device: usize) -> PathBuf {
+        PathBuf::from(
+            self.connstrings[device]
+                .strip_prefix("pn532_uart:")
+                .expect("connstring names the pn532_uart driver"),
+        )
+    }
+
     /// Waits until the emulator logs a line containing every one of `needles`.
     pub fn wait_for_log(&self, needles: &[&str]) {
         let deadline = Instant::now() + EMULATOR_EVENT_WAIT_MAX;
@@ -86,6 +98,21 @@ impl Emulator {
                 Err(_) => panic!("emulator never logged {needles:?}; it logged {seen:#?}"),
             }
         }
+    }
+
+    /// Sends `signal` and waits (bounded) for the emulator to exit.
+    pub fn stop_with(mut self, signal: Signal) -> ExitStatus {
+        let child = self.child.take().expect("the emulator runs until stopped");
+        kill_process(Pid::from_child(&child), signal).expect("signal the emulator");
+        let (sender, receiver) = mpsc::channel();
+        let mut child = child;
+        std::thread::spawn(move || {
+            let _ = sender.send(child.wait());
+        });
+        receiver
+            .recv_timeout(EMULATOR_EVENT_WAIT_MAX)
+            .expect("emulator exits after the signal")
+            .expect("wait for the emulator")
     }
 }
 
