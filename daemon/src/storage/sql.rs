@@ -165,17 +165,8 @@ impl Rows {
         Err(diesel::result::Error::QueryBuilderError(invalid.into()))
     }
 
-    /// `VALUES (?, ?), (?, ?), …`: one placeholder per value.
-    fn walk_values<'b, DB>(&'b self, out: &mut AstPass<'_, 'b, DB>) -> QueryResult<()>
-    where
-        DB: Backend
-            + HasSqlType<Nullable<Text>>
-            + HasSqlType<Nullable<BigInt>>
-            + HasSqlType<Nullable<Binary>>,
-        Option<String>: ToSql<Nullable<Text>, DB>,
-        Option<i64>: ToSql<Nullable<BigInt>, DB>,
-        Option<Vec<u8>>: ToSql<Nullable<Binary>, DB>,
-    {
+    /// `VALUES (?, ?), (?, ?), …`: one placeholder per value (SQLite).
+    fn walk_values<'b>(&'b self, out: &mut AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
         self.check()?;
         out.push_sql("VALUES ");
         for row in 0..self.count {
