@@ -292,6 +292,7 @@ mod tests {
             "url = \"mysql://h/db\"",
             "write_timeout_ms = 0",
             "read_timeout_ms = 0",
+            "commit_delay_us = 1000001",
         ] {
             let file = write(&format!("{keystore}[database]\n{database}\n"));
             let refused = Config::load_with_environment(file.path(), []);

@@ -166,6 +166,8 @@ suite!(
     a_write_not_committed_in_time_is_answered_unavailable_and_later_work_goes_on,
     a_broken_pooled_connection_is_replaced_without_an_error,
     an_async_half_settles_and_its_wait_is_bounded_like_a_blocking_one,
+    the_writer_waits_for_halves_on_their_way_and_only_for_them,
+    the_commit_delay_never_costs_a_caller_its_deadline,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -1734,4 +1736,86 @@ fn postgres_writers_do_not_wait_for_each_other() {
     let report = w.storage.audit_verify().unwrap();
     assert!(report.is_intact(), "{report:?}");
     assert!(report.chains.len() >= 2, "{report:?}");
+}
+
+/// The commit delay (`commit_delay_us`): while a half is on its way (`Storage::half_coming`),
+/// the writer holds the batch it has for it, so both share one commit; with none on its way,
+/// a half commits at once whatever the delay.
+fn the_writer_waits_for_halves_on_their_way_and_only_for_them(db: &Db) {
+    let config = DatabaseConfig {
+        commit_delay_us: 20_000_000,
+        write_timeout_ms: 60_000,
+        ..DatabaseConfig::with_url(&db.url)
+    };
+    let w = Arc::new(world_on(Storage::open_with(&config).unwrap()));
+    let metrics = w.storage.writer_metrics();
+    let batches = || {
+        (
+            metrics.halves_per_batch.count(),
+            metrics.halves_per_batch.sum(),
+        )
+    };
+
+    // Nobody on the way: a lone half does not wait (the delay is 20 s; this bound is only
+    // there to tell "waited" from "did not").
+    let before = batches();
+    let started = std::time::Instant::now();
+    let alone = w
+        .storage
+        .accept_half(half_a(&w, txn(1), 1, eur_amount(1_00)), NOW_MS)
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(alone.view.status, TransactionStatus::Pending);
+    assert_eq!(batches().0 - before.0, 1);
+
+    // Half B is on its way while half A reaches the writer: they share a commit.
+    let before = batches();
+    let coming = w.storage.half_coming();
+    let first = {
+        let w = Arc::clone(&w);
+        std::thread::spawn(move || {
+            w.storage
+                .accept_half(half_a(&w, txn(2), 2, eur_amount(2_00)), NOW_MS)
+                .unwrap()
+        })
+    };
+    // Without the delay, half A would be committed alone long before this.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !first.is_finished(),
+        "half A did not wait for the half on its way"
+    );
+    // As the service does: B is queued, then no longer counted as on its way.
+    let queued = w
+        .storage
+        .accept_half_async(half_b(&w, txn(2), 1, eur_amount(2_00)), NOW_MS);
+    drop(coming);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let b = runtime.block_on(queued).unwrap();
+    let a = first.join().unwrap();
+    assert!(b.settled_now && !a.settled_now, "{a:?} {b:?}");
+    let after = batches();
+    assert_eq!((after.0 - before.0, after.1 - before.1), (1, 2.0));
+    assert_eq!(balance(&w, &w.payee.account), 2_00);
+}
+
+/// However long the commit delay, a batch waiting for halves on their way begins in time for
+/// its callers: a half is committed within its write timeout even while another is said to be
+/// on its way forever.
+fn the_commit_delay_never_costs_a_caller_its_deadline(db: &Db) {
+    let config = DatabaseConfig {
+        commit_delay_us: 60_000_000,
+        write_timeout_ms: 1_000,
+        ..DatabaseConfig::with_url(&db.url)
+    };
+    let w = world_on(Storage::open_with(&config).unwrap());
+    let _never_arrives = w.storage.half_coming();
+    let answer = w
+        .storage
+        .accept_half(half_a(&w, txn(1), 1, eur_amount(1_00)), NOW_MS)
+        .unwrap();
+    assert_eq!(answer.view.status, TransactionStatus::Pending);
 }

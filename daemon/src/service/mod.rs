@@ -339,6 +339,8 @@ impl Api for Platform {
         // KSN it records and every line it logs belong to the request.
         let span = tracing::Span::current();
         let accepted = async {
+            // Under load the ledger's writer waits a moment for this half while it is verified.
+            let coming = self.inner.storage.half_coming();
             let verified = {
                 let span = span.clone();
                 self.hsm_job(move || {
@@ -348,12 +350,10 @@ impl Api for Platform {
                 .await?
             };
             let (half, received_at_ms, awaiting) = verified.into_parts();
-            let submitted = self
-                .inner
-                .storage
-                .accept_half_async(half, received_at_ms)
-                .await
-                .map_err(problems::storage);
+            let submitted = self.inner.storage.accept_half_async(half, received_at_ms);
+            // Queued (or refused): no longer on its way.
+            drop(coming);
+            let submitted = submitted.await.map_err(problems::storage);
             // On a refusal (or when this request is dropped, its client gone) the receipt MAC
             // key goes with `awaiting`: `HeldKey` destroys it on a worker, not on this thread.
             let mut outcome = awaiting.outcome(submitted?);

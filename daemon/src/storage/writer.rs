@@ -17,6 +17,12 @@
 //! again, at most [`JOB_ATTEMPTS_MAX`] times. A batch of halves that fails for another reason is
 //! split and each half run alone, so one half the database refuses cannot fail the others.
 //!
+//! **Commit delay.** A commit costs about the same for one half as for sixty (a WAL flush, the
+//! fixed statements), so while other halves are on their way to the writer (being verified on
+//! an HSM worker: see [`HalfComing`]) the writer waits up to `[database] commit_delay_us` for
+//! them before it begins, as PostgreSQL's `commit_delay` does for its WAL flush. With none on
+//! their way it begins at once: a lone payment never waits.
+//!
 //! Every wait has a deadline. A caller waits for its commit at most the write timeout
 //! (`[database] write_timeout_ms`) and is then answered [`StorageError::Timeout`]; the writer
 //! drops unrun what it takes from the queue after its caller's deadline. A batch that fails
@@ -32,7 +38,7 @@
 //! fails with [`StorageError::WriterStopped`] and so does `/readyz`.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -59,6 +65,8 @@ pub const JOB_ATTEMPTS_MAX: u32 = 8;
 /// Pause before running again a batch whose connection broke, times the attempt: the server
 /// may be restarting.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
+/// While lingering for halves on their way, the writer looks this often whether any are left.
+const LINGER_POLL: Duration = Duration::from_micros(250);
 /// An idle writer renews its chain's lease this often.
 const LEASE_RENEW_INTERVAL: Duration =
     Duration::from_millis(audit::CHAIN_LEASE_MS.unsigned_abs() / 3);
@@ -284,6 +292,36 @@ impl Item {
     }
 }
 
+/// What the writer takes from the queue for one commit.
+#[derive(Default)]
+struct Batch {
+    jobs: Vec<(Box<dyn Job>, Instant)>,
+    halves: Vec<HalfItem>,
+    /// The earliest deadline of the items taken.
+    first_deadline: Option<Instant>,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.jobs.len() + self.halves.len()
+    }
+
+    /// Takes `item`, or answers it `Timeout` (after `waited_ms`) if its caller has given up.
+    fn take(&mut self, item: Item, waited_ms: u64) {
+        let deadline = item.deadline();
+        if deadline <= Instant::now() {
+            // Its caller has been answered `Timeout` already: running it now would only
+            // commit what nobody waits for.
+            return item.expire(waited_ms);
+        }
+        self.first_deadline = Some(self.first_deadline.map_or(deadline, |d| d.min(deadline)));
+        match item {
+            Item::Job(job, deadline) => self.jobs.push((job, deadline)),
+            Item::Half(half) => self.halves.push(half),
+        }
+    }
+}
+
 /// Since when the writer has been inside one batch, for readiness: milliseconds since the
 /// writer started, plus one; 0 while it waits for work.
 #[derive(Clone)]
@@ -323,9 +361,23 @@ impl Busy {
     }
 }
 
+/// A half on its way to the writer (being verified), which the writer may wait for so that it
+/// shares the next commit. Drop it once the half is queued, or refused before it was.
+#[must_use = "the half counts as coming until this is dropped"]
+pub struct HalfComing {
+    coming: Arc<AtomicUsize>,
+}
+
+impl Drop for HalfComing {
+    fn drop(&mut self) {
+        self.coming.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The handle callers use; dropping it lets the thread finish the queue and stop.
 pub(crate) struct Writer {
     queue: Option<SyncSender<Item>>,
+    coming: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
     metrics: WriterMetrics,
     hold: HoldState,
@@ -335,9 +387,15 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer thread; each write waits at most `write_timeout` for its commit.
-    pub(crate) fn start(pool: ConnectionPool, write_timeout: Duration) -> std::io::Result<Self> {
+    /// Starts the writer thread; each write waits at most `write_timeout` for its commit, and
+    /// a batch of halves waits at most `commit_delay` for the halves still on their way.
+    pub(crate) fn start(
+        pool: ConnectionPool,
+        write_timeout: Duration,
+        commit_delay: Duration,
+    ) -> std::io::Result<Self> {
         let (queue, items) = mpsc::sync_channel(WRITE_QUEUE_MAX);
+        let coming = Arc::new(AtomicUsize::new(0));
         let metrics = WriterMetrics::default();
         let hold: HoldState = Arc::new((Mutex::new(HoldPhase::Off), Condvar::new()));
         let fault: FaultState = Arc::new(AtomicU8::new(WriterFault::None as u8));
@@ -345,6 +403,8 @@ impl Writer {
         let mut state = WriterState {
             busy: busy.clone(),
             write_timeout,
+            commit_delay,
+            coming: Arc::clone(&coming),
             pool,
             chain: None,
             owner: chain_owner(),
@@ -358,6 +418,7 @@ impl Writer {
             .spawn(move || state.run(&items))?;
         Ok(Self {
             queue: Some(queue),
+            coming,
             thread: Some(thread),
             metrics,
             hold,
@@ -398,6 +459,14 @@ impl Writer {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = HoldPhase::Armed;
         CommitHold {
             state: Arc::clone(&self.hold),
+        }
+    }
+
+    /// Counts a half as on its way until the returned guard is dropped.
+    pub(crate) fn half_coming(&self) -> HalfComing {
+        self.coming.fetch_add(1, Ordering::SeqCst);
+        HalfComing {
+            coming: Arc::clone(&self.coming),
         }
     }
 
@@ -522,6 +591,9 @@ fn chain_owner() -> String {
 struct WriterState {
     busy: Busy,
     write_timeout: Duration,
+    /// The most a batch of halves waits for the halves on their way (`coming`).
+    commit_delay: Duration,
+    coming: Arc<AtomicUsize>,
     pool: ConnectionPool,
     /// The chain this writer appends to, as of its last commit; `None` until claimed, and
     /// after a failed batch (the next claim resumes it from the database).
@@ -555,28 +627,17 @@ impl WriterState {
                 }
                 Err(RecvTimeoutError::Disconnected) => break, // every Storage handle is gone
             };
-            let mut jobs = Vec::new();
-            let mut halves = Vec::new();
-            let now = Instant::now();
+            let mut batch = Batch::default();
             let waited_ms = millis(self.write_timeout);
-            let mut take = |item: Item| {
-                if item.deadline() <= now {
-                    // Its caller has been answered `Timeout` already: running it now would
-                    // only commit what nobody waits for.
-                    return item.expire(waited_ms);
-                }
-                match item {
-                    Item::Job(job, deadline) => jobs.push((job, deadline)),
-                    Item::Half(half) => halves.push(half),
-                }
-            };
-            take(first);
-            for _ in 1..GROUP_COMMIT_MAX {
+            batch.take(first, waited_ms);
+            while batch.len() < GROUP_COMMIT_MAX {
                 match items.try_recv() {
-                    Ok(item) => take(item),
+                    Ok(item) => batch.take(item, waited_ms),
                     Err(_) => break,
                 }
             }
+            self.linger(items, &mut batch);
+            let Batch { jobs, halves, .. } = batch;
             self.busy.enter();
             if !jobs.is_empty() {
                 self.run_jobs(jobs);
@@ -590,6 +651,34 @@ impl WriterState {
             self.busy.leave();
         }
         self.release_chain();
+    }
+
+    /// Waits, at most the commit delay and half the time left to a caller's deadline, for the halves on
+    /// their way to join `batch`; stops as soon as none is left on its way or the batch is full.
+    fn linger(&self, items: &Receiver<Item>, batch: &mut Batch) {
+        let Some(first_deadline) = batch.first_deadline else {
+            return;
+        };
+        if batch.halves.is_empty() || self.commit_delay.is_zero() {
+            return;
+        }
+        // Never more than half of what is left of the most hurried caller's wait: the batch
+        // still has to commit within it.
+        let now = Instant::now();
+        let until =
+            (now + self.commit_delay).min(now + first_deadline.saturating_duration_since(now) / 2);
+        let waited_ms = millis(self.write_timeout);
+        while batch.len() < GROUP_COMMIT_MAX && self.coming.load(Ordering::SeqCst) > 0 {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match items.recv_timeout(left.min(LINGER_POLL)) {
+                Ok(item) => batch.take(item, waited_ms),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
     }
 
     /// Whether a batch that failed with `error` on its `attempt` is run again: after a lost

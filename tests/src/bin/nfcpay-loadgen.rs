@@ -74,6 +74,10 @@ struct Args {
     /// per connection; they are closed before the paying window.
     #[arg(long, default_value_t = 0)]
     idle_connections: usize,
+    /// The daemons' `[database] commit_delay_us` (their default when absent): how long the
+    /// ledger writer waits for halves still being verified before it commits a batch.
+    #[arg(long)]
+    commit_delay_us: Option<u64>,
     /// Print one JSON object on stdout (progress goes to stderr).
     #[arg(long)]
     json: bool,
@@ -153,7 +157,11 @@ fn main() -> Result<()> {
         "starting a platform ({ledger_name}, daemons: {})…",
         args.daemons
     );
-    let mut platform = PlatformFixture::start(&ledger)?;
+    let settings = args
+        .commit_delay_us
+        .map(|us| format!("commit_delay_us = {us}\n"))
+        .unwrap_or_default();
+    let mut platform = PlatformFixture::start_with_database_settings(&ledger, &settings)?;
     for _ in 1..args.daemons {
         platform.start_extra_daemon()?;
     }
