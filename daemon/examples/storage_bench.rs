@@ -2,7 +2,9 @@
 //! from `THREADS` threads, against SQLite (a temporary file) and, when
 //! `NFCPAY_TEST_DATABASE_URL` is set, PostgreSQL (a temporary schema).
 //!
-//! `cargo run --release -p nfcpay-daemon --example storage_bench [PAYMENTS] [THREADS]`
+//! `cargo run --release -p nfcpay-daemon --example storage_bench [PAYMENTS] [THREADS] [WRITERS]`
+//!
+//! `WRITERS` is PostgreSQL's `[database] writers` (its default when absent).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
@@ -10,7 +12,9 @@ use std::time::Instant;
 
 use diesel::Connection as _;
 use diesel::connection::SimpleConnection as _;
-use nfcpay_daemon::storage::{AcceptedHalf, HalfContent, NewTerminal, Storage, TransactionStatus};
+use nfcpay_daemon::storage::{
+    AcceptedHalf, DatabaseConfig, HalfContent, NewTerminal, Storage, TransactionStatus,
+};
 use nfcpay_protocol::{Amount, Currency, InitialKeyId, Ksn, TxnId};
 use sha2::{Digest as _, Sha256};
 
@@ -20,6 +24,9 @@ fn main() {
     let mut arguments = std::env::args().skip(1);
     let payments: u32 = arguments.next().map_or(2000, |a| a.parse().unwrap());
     let threads: u32 = arguments.next().map_or(50, |a| a.parse().unwrap());
+    let writers: u32 = arguments
+        .next()
+        .map_or(DatabaseConfig::DEFAULT_WRITERS, |a| a.parse().unwrap());
 
     let directory = tempfile::tempdir().unwrap();
     let path = directory.path().join("ledger.db");
@@ -28,6 +35,7 @@ fn main() {
         &format!("sqlite://{}", path.display()),
         payments,
         threads,
+        1,
     );
 
     if let Ok(base) = std::env::var("NFCPAY_TEST_DATABASE_URL") {
@@ -43,6 +51,7 @@ fn main() {
             &url,
             payments,
             threads,
+            writers,
         );
         admin
             .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
@@ -52,8 +61,12 @@ fn main() {
     }
 }
 
-fn run(name: &str, url: &str, payments: u32, threads: u32) {
-    let storage = Storage::open(url).unwrap();
+fn run(name: &str, url: &str, payments: u32, threads: u32, writers: u32) {
+    let storage = Storage::open_with(&DatabaseConfig {
+        writers,
+        ..DatabaseConfig::with_url(url)
+    })
+    .unwrap();
     let eur: Currency = "EUR".parse().unwrap();
     // Terminals per thread pair, so that counters stay within the replay window per terminal.
     for thread in 0..threads {
@@ -96,9 +109,13 @@ fn run(name: &str, url: &str, payments: u32, threads: u32) {
             std::thread::spawn(move || {
                 let amount = Amount::new(1, eur).unwrap();
                 for i in 0..per_thread {
-                    let mut txn = [0xB0_u8; 16];
-                    txn[8..12].copy_from_slice(&thread.to_be_bytes());
-                    txn[12..].copy_from_slice(&i.to_be_bytes());
+                    // Random-looking, as terminals make them (16 random bytes): the
+                    // PostgreSQL writers' per-payment locks are keyed by the first four.
+                    let mut seed = [0_u8; 8];
+                    seed[..4].copy_from_slice(&thread.to_be_bytes());
+                    seed[4..].copy_from_slice(&i.to_be_bytes());
+                    let mut txn = [0_u8; 16];
+                    txn.copy_from_slice(&Sha256::digest(seed)[..16]);
                     let txn_id = TxnId::try_from(txn).unwrap();
                     let digest: [u8; 32] = Sha256::digest(txn).into();
                     let ksn = |n: u8| {
@@ -157,7 +174,8 @@ fn run(name: &str, url: &str, payments: u32, threads: u32) {
     let elapsed = started.elapsed().as_secs_f64();
     let settled = f64::from(per_thread * threads);
     println!(
-        "{name}: {settled} payments ({} halves) from {threads} threads in {elapsed:.2} s: \
+        "{name}: {settled} payments ({} halves) from {threads} threads, {writers} writer(s), in \
+         {elapsed:.2} s: \
          {:.0} settlements/s, {:.0} halves/s",
         2.0 * settled,
         settled / elapsed,

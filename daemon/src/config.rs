@@ -293,6 +293,8 @@ mod tests {
             "write_timeout_ms = 0",
             "read_timeout_ms = 0",
             "commit_delay_us = 1000001",
+            "writers = 0",
+            "writers = 9",
         ] {
             let file = write(&format!("{keystore}[database]\n{database}\n"));
             let refused = Config::load_with_environment(file.path(), []);

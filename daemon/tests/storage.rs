@@ -168,6 +168,7 @@ suite!(
     an_async_half_settles_and_its_wait_is_bounded_like_a_blocking_one,
     the_writer_waits_for_halves_on_their_way_and_only_for_them,
     the_commit_delay_never_costs_a_caller_its_deadline,
+    a_second_writer_commits_while_the_first_holds_its_batch,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -1358,8 +1359,10 @@ fn a_stopped_writer_fails_the_health_check(db: &Db) {
 /// dropped unrun once its caller has given up. When the database answers again, the held
 /// batch commits (a re-sent half would find it) and the writer carries on.
 fn a_write_not_committed_in_time_is_answered_unavailable_and_later_work_goes_on(db: &Db) {
+    // One writer: the hook holds one batch, as a frozen database would hold every writer's.
     let config = DatabaseConfig {
         write_timeout_ms: 300,
+        writers: 1,
         ..DatabaseConfig::with_url(&db.url)
     };
     let storage = Storage::open_with(&config).unwrap();
@@ -1412,8 +1415,10 @@ fn an_async_half_settles_and_its_wait_is_bounded_like_a_blocking_one(db: &Db) {
         .enable_time()
         .build()
         .unwrap();
+    // One writer: the hook holds one batch, as a frozen database would hold every writer's.
     let config = DatabaseConfig {
         write_timeout_ms: 300,
+        writers: 1,
         ..DatabaseConfig::with_url(&db.url)
     };
     let w = world_on(Storage::open_with(&config).unwrap());
@@ -1818,4 +1823,52 @@ fn the_commit_delay_never_costs_a_caller_its_deadline(db: &Db) {
         .accept_half(half_a(&w, txn(1), 1, eur_amount(1_00)), NOW_MS)
         .unwrap();
     assert_eq!(answer.view.status, TransactionStatus::Pending);
+}
+
+/// `[database] writers`: on PostgreSQL a storage's writers take turns at the queue, so while
+/// one holds its batch open (locks taken, before its commit) another commits unrelated work,
+/// each on its own audit chain. SQLite has one writer whatever the setting (it serialises
+/// writes on its file lock), so there the same write waits and times out.
+fn a_second_writer_commits_while_the_first_holds_its_batch(db: &Db) {
+    let config = DatabaseConfig {
+        writers: 2,
+        write_timeout_ms: 3_000,
+        ..DatabaseConfig::with_url(&db.url)
+    };
+    let w = Arc::new(world_on(Storage::open_with(&config).unwrap()));
+    let hold = w.storage.hold_next_commit();
+    let held = {
+        let w = Arc::clone(&w);
+        std::thread::spawn(move || w.storage.create_account(&account("acct-held"), eur(), 0))
+    };
+    assert!(hold.wait_until_holding(Duration::from_secs(10)));
+    let meanwhile = w
+        .storage
+        .accept_half(half_a(&w, txn(1), 1, eur_amount(1_00)), NOW_MS);
+    if db.postgres.is_some() {
+        assert_eq!(meanwhile.unwrap().view.status, TransactionStatus::Pending);
+        // Committed, not merely queued: a reader sees it while the other batch is held.
+        assert!(w.storage.transaction(&txn(1)).unwrap().is_some());
+    } else {
+        assert!(
+            matches!(meanwhile, Err(StorageError::Timeout { what: "write", .. })),
+            "{meanwhile:?}"
+        );
+    }
+    drop(hold);
+    let held = held.join().unwrap();
+    if db.postgres.is_some() {
+        held.unwrap();
+    }
+    // Committed once let go, even where its caller had stopped waiting (SQLite here): a
+    // later write runs after it.
+    w.storage
+        .create_account(&account("acct-after"), eur(), 0)
+        .unwrap();
+    w.storage.account(&account("acct-held")).unwrap();
+    let report = w.storage.audit_verify().unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    if db.postgres.is_some() {
+        assert!(report.chains.len() >= 2, "{report:?}");
+    }
 }

@@ -91,6 +91,11 @@ pub struct DatabaseConfig {
     /// only while some are on their way: a lone payment never waits.
     #[serde(default = "DatabaseConfig::default_commit_delay_us")]
     pub commit_delay_us: u64,
+    /// PostgreSQL: ledger writer threads, each with its own connection and audit chain, taking
+    /// turns at the queue so that one batch's round trips and commit overlap the next's
+    /// (1–8). SQLite always has one: it serialises writes on its file lock.
+    #[serde(default = "DatabaseConfig::default_writers")]
+    pub writers: u32,
     /// How long a read on a request's path (a terminal's state, a payment, an enrollment
     /// code) waits before it is answered [`StorageError::Timeout`] (`503 unavailable`), both
     /// databases (ms).
@@ -120,6 +125,10 @@ impl DatabaseConfig {
     /// The default commit delay (µs): under load, batches about three times larger for about
     /// a third less of the writer's CPU per payment (docs/performance.md).
     pub const DEFAULT_COMMIT_DELAY_US: u64 = 2_000;
+    /// The default number of PostgreSQL ledger writers.
+    pub const DEFAULT_WRITERS: u32 = 2;
+    /// The most PostgreSQL ledger writers.
+    pub const WRITERS_MAX: u32 = 8;
     /// The largest commit delay accepted (µs): more would be a typo, not a tuning.
     pub const COMMIT_DELAY_US_MAX: u64 = 1_000_000;
     /// The default wait of a read on a request's path (ms).
@@ -151,6 +160,11 @@ impl DatabaseConfig {
                          must be positive",
             });
         }
+        if !(1..=Self::WRITERS_MAX).contains(&self.writers) {
+            return Err(StorageError::InvalidSetting {
+                reason: "writers must be between 1 and 8",
+            });
+        }
         if self.commit_delay_us > Self::COMMIT_DELAY_US_MAX {
             return Err(StorageError::InvalidSetting {
                 reason: "commit_delay_us must be at most 1000000 (1 s)",
@@ -179,6 +193,10 @@ impl DatabaseConfig {
         Self::DEFAULT_WRITE_TIMEOUT_MS
     }
 
+    fn default_writers() -> u32 {
+        Self::DEFAULT_WRITERS
+    }
+
     fn default_commit_delay_us() -> u64 {
         Self::DEFAULT_COMMIT_DELAY_US
     }
@@ -205,6 +223,7 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("busy_timeout_ms", &self.busy_timeout_ms)
             .field("write_timeout_ms", &self.write_timeout_ms)
             .field("commit_delay_us", &self.commit_delay_us)
+            .field("writers", &self.writers)
             .field("read_timeout_ms", &self.read_timeout_ms)
             .field("statement_timeout_ms", &self.statement_timeout_ms)
             .field("lock_timeout_ms", &self.lock_timeout_ms)
@@ -235,6 +254,7 @@ impl Default for DatabaseConfig {
             busy_timeout_ms: Self::DEFAULT_BUSY_TIMEOUT_MS,
             write_timeout_ms: Self::DEFAULT_WRITE_TIMEOUT_MS,
             commit_delay_us: Self::DEFAULT_COMMIT_DELAY_US,
+            writers: Self::DEFAULT_WRITERS,
             read_timeout_ms: Self::DEFAULT_READ_TIMEOUT_MS,
             statement_timeout_ms: Self::DEFAULT_STATEMENT_TIMEOUT_MS,
             lock_timeout_ms: Self::DEFAULT_LOCK_TIMEOUT_MS,
@@ -304,8 +324,11 @@ impl Storage {
             connection::Target::Postgres(_)
         );
         let pool = connection::open_pool(config)?;
+        // SQLite serialises writers on its file lock: more than one would only wait on it.
+        let writers = if postgres { config.writers } else { 1 };
         let writer = Writer::start(
             pool.clone(),
+            usize::try_from(writers).unwrap_or(1),
             Duration::from_millis(config.write_timeout_ms),
             Duration::from_micros(config.commit_delay_us),
         )

@@ -1,8 +1,12 @@
-//! Group commit: one writer thread per [`super::Storage`] runs every write.
+//! Group commit: writer threads per [`super::Storage`] run every write — one on SQLite (it
+//! serialises writes anyway), `[database] writers` (2 by default) on PostgreSQL.
 //!
 //! Callers hand their work to a bounded queue ([`WRITE_QUEUE_MAX`]) and block on their own
-//! reply channel. The writer takes up to [`GROUP_COMMIT_MAX`] queued items and commits them
-//! together, and only then answers each one: many settlements share one durable commit.
+//! reply channel. A writer takes up to [`GROUP_COMMIT_MAX`] queued items and commits them
+//! together, and only then answers each one: many settlements share one durable commit. The
+//! writers take turns at the queue — one gathers its batch while the others run theirs — so
+//! on PostgreSQL one batch's round trips and commit overlap the next one's: two writers of one
+//! daemon are two writers in the sense below, each with its own chain.
 //!
 //! - **Halves** are decided as a set (`batch`): a constant number of statements per batch,
 //!   whatever its size.
@@ -38,7 +42,7 @@
 //! fails with [`StorageError::WriterStopped`] and so does `/readyz`.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -279,6 +283,14 @@ impl Item {
         }
     }
 
+    /// Answers its caller [`StorageError::WriterStopped`], without running its work.
+    fn stop(self) {
+        match self {
+            Self::Job(job, _) => job.answer(Err(StorageError::WriterStopped)),
+            Self::Half(half) => half.answer(Err(StorageError::WriterStopped)),
+        }
+    }
+
     /// Answers a caller who has stopped waiting, without running its work.
     fn expire(self, waited_ms: u64) {
         let error = || StorageError::Timeout {
@@ -374,52 +386,81 @@ impl Drop for HalfComing {
     }
 }
 
-/// The handle callers use; dropping it lets the thread finish the queue and stop.
+/// The handle callers use; dropping it lets the threads finish the queue and stop.
 pub(crate) struct Writer {
     queue: Option<SyncSender<Item>>,
     coming: Arc<AtomicUsize>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
+    /// Set when a writer thread has stopped: the others stop too (see [`Stopping`]).
+    stopped: Arc<AtomicBool>,
     metrics: WriterMetrics,
     hold: HoldState,
     fault: FaultState,
-    busy: Busy,
+    busy: Vec<Busy>,
     write_timeout: Duration,
 }
 
+/// Marks the writers stopped when a writer thread ends, by a panic outside a batch included:
+/// the others then stop as well, answering what they take [`StorageError::WriterStopped`], so
+/// that the daemon is seen not ready and restarted rather than running on part of its writers.
+struct Stopping(Arc<AtomicBool>);
+
+impl Drop for Stopping {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 impl Writer {
-    /// Starts the writer thread; each write waits at most `write_timeout` for its commit, and
-    /// a batch of halves waits at most `commit_delay` for the halves still on their way.
+    /// Starts `writers` writer threads (at least one); each write waits at most
+    /// `write_timeout` for its commit, and a batch of halves waits at most `commit_delay` for
+    /// the halves still on their way.
     pub(crate) fn start(
         pool: ConnectionPool,
+        writers: usize,
         write_timeout: Duration,
         commit_delay: Duration,
     ) -> std::io::Result<Self> {
         let (queue, items) = mpsc::sync_channel(WRITE_QUEUE_MAX);
+        let items = Arc::new(Mutex::new(items));
         let coming = Arc::new(AtomicUsize::new(0));
+        let stopped = Arc::new(AtomicBool::new(false));
         let metrics = WriterMetrics::default();
         let hold: HoldState = Arc::new((Mutex::new(HoldPhase::Off), Condvar::new()));
         let fault: FaultState = Arc::new(AtomicU8::new(WriterFault::None as u8));
-        let busy = Busy::new();
-        let mut state = WriterState {
-            busy: busy.clone(),
-            write_timeout,
-            commit_delay,
-            coming: Arc::clone(&coming),
-            pool,
-            chain: None,
-            owner: chain_owner(),
-            renewed_at: Instant::now(),
-            metrics: metrics.clone(),
-            hold: Arc::clone(&hold),
-            fault: Arc::clone(&fault),
-        };
-        let thread = std::thread::Builder::new()
-            .name("nfcpay-ledger-writer".into())
-            .spawn(move || state.run(&items))?;
+        let mut threads = Vec::with_capacity(writers.max(1));
+        let mut busy = Vec::with_capacity(writers.max(1));
+        for index in 0..writers.max(1) {
+            let mut state = WriterState {
+                busy: Busy::new(),
+                write_timeout,
+                commit_delay,
+                coming: Arc::clone(&coming),
+                stopped: Arc::clone(&stopped),
+                pool: pool.clone(),
+                chain: None,
+                owner: chain_owner(),
+                renewed_at: Instant::now(),
+                metrics: metrics.clone(),
+                hold: Arc::clone(&hold),
+                fault: Arc::clone(&fault),
+            };
+            busy.push(state.busy.clone());
+            let items = Arc::clone(&items);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("nfcpay-ledger-writer-{index}"))
+                    .spawn(move || {
+                        let _stopping = Stopping(Arc::clone(&state.stopped));
+                        state.run(&items);
+                    })?,
+            );
+        }
         Ok(Self {
             queue: Some(queue),
             coming,
-            thread: Some(thread),
+            threads,
+            stopped,
             metrics,
             hold,
             fault,
@@ -428,9 +469,14 @@ impl Writer {
         })
     }
 
-    /// How long the writer has been inside its current batch (zero while idle).
+    /// How long the longest-running writer has been inside its current batch (zero while all
+    /// are idle).
     pub(crate) fn busy_for(&self) -> Duration {
-        self.busy.elapsed()
+        self.busy
+            .iter()
+            .map(Busy::elapsed)
+            .max()
+            .unwrap_or(Duration::ZERO)
     }
 
     /// How long a write waits for its commit.
@@ -438,12 +484,12 @@ impl Writer {
         self.write_timeout
     }
 
-    /// Whether the writer thread still runs: `false` once it has stopped (panicked outside a
+    /// Whether the writer threads still run: `false` once one has stopped (panicked outside a
     /// batch), after which every write fails [`StorageError::WriterStopped`].
     pub(crate) fn is_running(&self) -> bool {
-        self.thread
-            .as_ref()
-            .is_some_and(|thread| !thread.is_finished())
+        !self.stopped.load(Ordering::SeqCst)
+            && !self.threads.is_empty()
+            && self.threads.iter().all(|thread| !thread.is_finished())
     }
 
     /// Arms the test hook [`WriterFault`] for the next batch.
@@ -564,7 +610,7 @@ impl Writer {
 impl Drop for Writer {
     fn drop(&mut self) {
         drop(self.queue.take());
-        if let Some(thread) = self.thread.take() {
+        for thread in self.threads.drain(..) {
             // A panicked writer has already failed its callers; nothing more to do.
             let _ = thread.join();
         }
@@ -594,6 +640,8 @@ struct WriterState {
     /// The most a batch of halves waits for the halves on their way (`coming`).
     commit_delay: Duration,
     coming: Arc<AtomicUsize>,
+    /// Set when any writer thread of this storage has stopped.
+    stopped: Arc<AtomicBool>,
     pool: ConnectionPool,
     /// The chain this writer appends to, as of its last commit; `None` until claimed, and
     /// after a failed batch (the next claim resumes it from the database).
@@ -606,9 +654,13 @@ struct WriterState {
 }
 
 impl WriterState {
-    fn run(&mut self, items: &Receiver<Item>) {
+    fn run(&mut self, items: &Mutex<Receiver<Item>>) {
         loop {
-            let first = match items.recv_timeout(LEASE_RENEW_INTERVAL) {
+            // One writer at a time gathers a batch; the others run theirs meanwhile.
+            let queue = items
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let first = match queue.recv_timeout(LEASE_RENEW_INTERVAL) {
                 Ok(item) => {
                     if take_fault(&self.fault, WriterFault::StopThread) {
                         tracing::error!("test hook: the ledger writer thread stops");
@@ -620,6 +672,10 @@ impl WriterState {
                     item
                 }
                 Err(RecvTimeoutError::Timeout) => {
+                    drop(queue);
+                    if self.stopped.load(Ordering::SeqCst) {
+                        break;
+                    }
                     self.busy.enter();
                     self.renew_lease();
                     self.busy.leave();
@@ -627,16 +683,22 @@ impl WriterState {
                 }
                 Err(RecvTimeoutError::Disconnected) => break, // every Storage handle is gone
             };
+            if self.stopped.load(Ordering::SeqCst) {
+                // Another writer has stopped: so does this one, and the daemon is not ready.
+                first.stop();
+                break;
+            }
             let mut batch = Batch::default();
             let waited_ms = millis(self.write_timeout);
             batch.take(first, waited_ms);
             while batch.len() < GROUP_COMMIT_MAX {
-                match items.try_recv() {
+                match queue.try_recv() {
                     Ok(item) => batch.take(item, waited_ms),
                     Err(_) => break,
                 }
             }
-            self.linger(items, &mut batch);
+            self.linger(&queue, &mut batch);
+            drop(queue);
             let Batch { jobs, halves, .. } = batch;
             self.busy.enter();
             if !jobs.is_empty() {
