@@ -78,6 +78,9 @@ struct Args {
     /// ledger writer waits for halves still being verified before it commits a batch.
     #[arg(long)]
     commit_delay_us: Option<u64>,
+    /// The daemons' `[database] writers` (PostgreSQL; their default when absent).
+    #[arg(long)]
+    writers: Option<u32>,
     /// Print one JSON object on stdout (progress goes to stderr).
     #[arg(long)]
     json: bool,
@@ -157,10 +160,13 @@ fn main() -> Result<()> {
         "starting a platform ({ledger_name}, daemons: {})…",
         args.daemons
     );
-    let settings = args
-        .commit_delay_us
-        .map(|us| format!("commit_delay_us = {us}\n"))
-        .unwrap_or_default();
+    let mut settings = String::new();
+    if let Some(us) = args.commit_delay_us {
+        settings.push_str(&format!("commit_delay_us = {us}\n"));
+    }
+    if let Some(writers) = args.writers {
+        settings.push_str(&format!("writers = {writers}\n"));
+    }
     let mut platform = PlatformFixture::start_with_database_settings(&ledger, &settings)?;
     for _ in 1..args.daemons {
         platform.start_extra_daemon()?;
