@@ -14,6 +14,11 @@ use nfcpay_protocol::ErrorChain;
 /// on many threads, where glibc spent a fifth of the daemon's CPU (docs/performance.md).
 /// Built without transparent huge pages (`no_thp`): with them the kernel zeroed a fresh 2 MiB
 /// page each time mimalloc reused purged memory, 7 % of the daemon's CPU under load.
+///
+/// Built with `override` too: mimalloc also defines `malloc`, `free` and the rest for the C
+/// and C++ libraries in the process — the PKCS#11 module (SoftHSM2 allocates and frees on
+/// every call), OpenSSL, SQLite, libpq. glibc's allocator in the HSM workers was 14 % of the
+/// daemon's samples; with the override the HSM workers' CPU per payment fell by 10–15 %.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
