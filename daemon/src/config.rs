@@ -295,6 +295,7 @@ mod tests {
             "commit_delay_us = 1000001",
             "writers = 0",
             "writers = 9",
+            "url = \"postgres://h/db\"\nwriters = 4\npool_size = 4",
         ] {
             let file = write(&format!("{keystore}[database]\n{database}\n"));
             let refused = Config::load_with_environment(file.path(), []);
@@ -304,6 +305,19 @@ mod tests {
                 refused.err()
             );
         }
+    }
+
+    #[test]
+    fn writers_beyond_the_pool_are_refused_on_postgresql_only() {
+        let keystore = "[keystore]\nbackend = \"software\"\npath = \"/tmp/ks.json\"\n";
+        // SQLite has one writer whatever `writers` says: a one-connection pool is fine.
+        let sqlite = write(&format!("{keystore}[database]\npool_size = 1\n"));
+        let config = Config::load_with_environment(sqlite.path(), []).unwrap();
+        assert_eq!(config.database.writers, DatabaseConfig::DEFAULT_WRITERS);
+        let postgres = write(&format!(
+            "{keystore}[database]\nurl = \"postgres://h/db\"\nwriters = 3\npool_size = 4\n"
+        ));
+        assert!(Config::load_with_environment(postgres.path(), []).is_ok());
     }
 
     #[test]

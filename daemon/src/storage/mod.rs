@@ -149,7 +149,7 @@ impl DatabaseConfig {
     /// Checks what deserialization cannot: a URL naming a known database, and limits that
     /// are positive (a zero wait would fail every request).
     pub fn validate(&self) -> Result<(), StorageError> {
-        connection::Target::parse(&self.url)?;
+        let target = connection::Target::parse(&self.url)?;
         if self.pool_size == 0
             || self.connect_timeout_ms == 0
             || self.write_timeout_ms == 0
@@ -163,6 +163,12 @@ impl DatabaseConfig {
         if !(1..=Self::WRITERS_MAX).contains(&self.writers) {
             return Err(StorageError::InvalidSetting {
                 reason: "writers must be between 1 and 8",
+            });
+        }
+        if matches!(target, connection::Target::Postgres(_)) && self.writers >= self.pool_size {
+            return Err(StorageError::InvalidSetting {
+                reason: "on PostgreSQL, pool_size must be larger than writers: each writer \
+                         holds a connection while it runs a batch, and reads need one too",
             });
         }
         if self.commit_delay_us > Self::COMMIT_DELAY_US_MAX {
