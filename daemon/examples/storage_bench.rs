@@ -20,6 +20,11 @@ use sha2::{Digest as _, Sha256};
 
 const NOW_MS: i64 = 1_800_000_000_000;
 
+/// The allocator of nfcpayd (which SQLite and libpq use there too), so that the figure is the
+/// ledger's as the daemon runs it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let mut arguments = std::env::args().skip(1);
     let payments: u32 = arguments.next().map_or(2000, |a| a.parse().unwrap());
