@@ -435,6 +435,7 @@ impl Writer {
                 busy: Busy::new(),
                 write_timeout,
                 commit_delay,
+                idle_wait: LEASE_RENEW_INTERVAL / u32::try_from(writers.max(1)).unwrap_or(1),
                 coming: Arc::clone(&coming),
                 stopped: Arc::clone(&stopped),
                 pool: pool.clone(),
@@ -639,6 +640,10 @@ struct WriterState {
     write_timeout: Duration,
     /// The most a batch of halves waits for the halves on their way (`coming`).
     commit_delay: Duration,
+    /// How long an idle writer holds the queue before it lets the next writer wait there:
+    /// the lease's renewal interval shared among the writers, so that each, waiting its turn
+    /// at the queue, still gets to renew its lease in time.
+    idle_wait: Duration,
     coming: Arc<AtomicUsize>,
     /// Set when any writer thread of this storage has stopped.
     stopped: Arc<AtomicBool>,
@@ -660,7 +665,7 @@ impl WriterState {
             let queue = items
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let first = match queue.recv_timeout(LEASE_RENEW_INTERVAL) {
+            let first = match queue.recv_timeout(self.idle_wait) {
                 Ok(item) => {
                     if take_fault(&self.fault, WriterFault::StopThread) {
                         tracing::error!("test hook: the ledger writer thread stops");
@@ -676,9 +681,11 @@ impl WriterState {
                     if self.stopped.load(Ordering::SeqCst) {
                         break;
                     }
-                    self.busy.enter();
-                    self.renew_lease();
-                    self.busy.leave();
+                    if self.renewed_at.elapsed() >= LEASE_RENEW_INTERVAL {
+                        self.busy.enter();
+                        self.renew_lease();
+                        self.busy.leave();
+                    }
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break, // every Storage handle is gone
