@@ -123,7 +123,7 @@ impl DatabaseConfig {
     /// The default wait of a write for its group commit (ms).
     pub const DEFAULT_WRITE_TIMEOUT_MS: u64 = 5_000;
     /// The default commit delay (µs): under load, batches about three times larger for about
-    /// a third less of the writer's CPU per payment (docs/performance.md).
+    /// a quarter less of the writer's CPU per payment (docs/performance.md).
     pub const DEFAULT_COMMIT_DELAY_US: u64 = 2_000;
     /// The default number of PostgreSQL ledger writers.
     pub const DEFAULT_WRITERS: u32 = 2;

@@ -722,8 +722,9 @@ impl WriterState {
         self.release_chain();
     }
 
-    /// Waits, at most the commit delay and half the time left to a caller's deadline, for the halves on
-    /// their way to join `batch`; stops as soon as none is left on its way or the batch is full.
+    /// Waits for the halves on their way to join `batch`, at most the commit delay and half
+    /// the time left to a caller's deadline; stops as soon as none is left on its way or the
+    /// batch is full.
     fn linger(&self, items: &Receiver<Item>, batch: &mut Batch) {
         let Some(first_deadline) = batch.first_deadline else {
             return;
