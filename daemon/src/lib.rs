@@ -10,6 +10,7 @@
 //! - [`service`]: the platform service — verify a half, hand it to the ledger, seal receipts, enroll.
 //! - [`server`]: the network front end — mutual TLS 1.3, HTTP routes, limits, metrics, signals.
 //! - [`storage`]: the ledger in SQLite or PostgreSQL — settlement, replay state, group commit, audit chain.
+//! - `testing` (feature `testing`): when a test's PostgreSQL cases may be skipped.
 //!
 //! A half goes `server::routes` → `service::halves` (verify, with the DUKPT key derived in the
 //! keystore) → `storage` (settle in one durable transaction) → `service::receipts`. What the
@@ -24,3 +25,5 @@ pub mod pki;
 pub mod server;
 pub mod service;
 pub mod storage;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

@@ -346,15 +346,7 @@ mod scripted {
         fn new(postgres: bool) -> Option<Self> {
             let dir = tempfile::tempdir().unwrap();
             let (url, postgres) = if postgres {
-                let Ok(base) = std::env::var("NFCPAY_TEST_DATABASE_URL") else {
-                    assert!(
-                        !postgres_required(),
-                        "NFCPAY_TEST_DATABASE_URL is not set, but PostgreSQL is required here \
-                         (NFCPAY_REQUIRE_POSTGRES or CI is set): refusing to skip"
-                    );
-                    eprintln!("NFCPAY_TEST_DATABASE_URL not set: PostgreSQL case skipped");
-                    return None;
-                };
+                let base = nfcpay_daemon::testing::postgres_url("PostgreSQL case")?;
                 let schema = format!(
                     "admin_{}_{}",
                     std::process::id(),
@@ -440,14 +432,6 @@ mod scripted {
                 let _ = connection.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"));
             }
         }
-    }
-
-    fn postgres_required() -> bool {
-        let set = |name: &str| {
-            std::env::var(name)
-                .is_ok_and(|value| !matches!(value.trim(), "" | "0" | "false" | "FALSE" | "False"))
-        };
-        set("NFCPAY_REQUIRE_POSTGRES") || set("CI")
     }
 
     fn now_ms() -> i64 {

@@ -32,17 +32,6 @@ struct Db {
     postgres: Option<(String, String)>,
 }
 
-/// Whether PostgreSQL cases must run: under `cargo xtask test` (`NFCPAY_REQUIRE_POSTGRES`) or
-/// in CI (`CI`). The same rule as `nfcpay_tests::postgres_required`, which this crate cannot
-/// depend on (`nfcpay-tests` depends on the daemon).
-fn postgres_required() -> bool {
-    let set = |name: &str| {
-        std::env::var(name)
-            .is_ok_and(|value| !matches!(value.trim(), "" | "0" | "false" | "FALSE" | "False"))
-    };
-    set("NFCPAY_REQUIRE_POSTGRES") || set("CI")
-}
-
 fn unique() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
@@ -70,17 +59,7 @@ impl Db {
     }
 
     fn postgres() -> Option<Self> {
-        let Ok(base) = std::env::var("NFCPAY_TEST_DATABASE_URL") else {
-            // Skipping is for a developer's machine only: under `cargo xtask test` or in CI a
-            // missing database fails the test (the same rule as `nfcpay_tests::postgres_required`).
-            assert!(
-                !postgres_required(),
-                "NFCPAY_TEST_DATABASE_URL is not set, but PostgreSQL is required here \
-                 (NFCPAY_REQUIRE_POSTGRES or CI is set): refusing to skip"
-            );
-            eprintln!("NFCPAY_TEST_DATABASE_URL not set: PostgreSQL case skipped");
-            return None;
-        };
+        let base = nfcpay_daemon::testing::postgres_url("PostgreSQL case")?;
         let schema = format!("t_{}", unique());
         diesel::PgConnection::establish(&base)
             .unwrap()

@@ -110,35 +110,13 @@ impl Ledger {
         if !postgres {
             return Some(Self::Sqlite);
         }
-        match std::env::var(DATABASE_URL_VARIABLE) {
-            Ok(url) => Some(Self::Postgres(url)),
-            Err(_) => {
-                assert!(
-                    !postgres_required(),
-                    "{DATABASE_URL_VARIABLE} is not set, but PostgreSQL is required here \
-                     ({REQUIRE_POSTGRES_VARIABLE} or CI is set): refusing to skip"
-                );
-                None
-            }
-        }
+        nfcpay_daemon::testing::postgres_url("PostgreSQL case").map(Self::Postgres)
     }
 }
 
-/// The environment variable naming the test PostgreSQL server.
-pub const DATABASE_URL_VARIABLE: &str = "NFCPAY_TEST_DATABASE_URL";
-/// Set (to anything but `0` or `false`) by `cargo xtask test`: a PostgreSQL test whose
-/// database is missing fails instead of skipping.
-pub const REQUIRE_POSTGRES_VARIABLE: &str = "NFCPAY_REQUIRE_POSTGRES";
-
-/// Whether PostgreSQL tests must run: under `cargo xtask test` ([`REQUIRE_POSTGRES_VARIABLE`])
-/// or in CI (`CI`, set by every CI service).
-pub fn postgres_required() -> bool {
-    let set = |name: &str| {
-        std::env::var(name)
-            .is_ok_and(|value| !matches!(value.trim(), "" | "0" | "false" | "FALSE" | "False"))
-    };
-    set(REQUIRE_POSTGRES_VARIABLE) || set("CI")
-}
+pub use nfcpay_daemon::testing::{
+    DATABASE_URL_VARIABLE, REQUIRE_POSTGRES_VARIABLE, postgres_required,
+};
 
 /// A running platform.
 pub struct PlatformFixture {

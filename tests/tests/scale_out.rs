@@ -11,27 +11,9 @@ use std::process::Command;
 
 use nfcpay_tests::binary;
 
-/// The variables that make a missing database a failure instead of a skip.
-const REQUIRE_POSTGRES_VARIABLES: [&str; 2] = ["CI", "NFCPAY_REQUIRE_POSTGRES"];
-
-/// The PostgreSQL URL, or `None` (after a note) when the test may be skipped.
-fn postgres_url() -> Option<String> {
-    if let Ok(url) = std::env::var("NFCPAY_TEST_DATABASE_URL") {
-        return Some(url);
-    }
-    let required = REQUIRE_POSTGRES_VARIABLES
-        .iter()
-        .find(|variable| std::env::var_os(variable).is_some());
-    if let Some(variable) = required {
-        panic!("NFCPAY_TEST_DATABASE_URL is not set, and {variable} requires PostgreSQL");
-    }
-    eprintln!("NFCPAY_TEST_DATABASE_URL not set: the two-daemon exactly-once run is skipped");
-    None
-}
-
 #[test]
 fn two_daemons_on_one_postgresql_settle_every_payment_exactly_once() {
-    let Some(url) = postgres_url() else {
+    let Some(url) = nfcpay_daemon::testing::postgres_url("the two-daemon exactly-once run") else {
         return;
     };
     // Cargo builds the package's binaries for its integration tests; the loadgen finds

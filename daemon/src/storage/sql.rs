@@ -582,13 +582,14 @@ mod tests {
     }
 
     /// The connections a combined write is tried on: SQLite in memory, and PostgreSQL when
-    /// `NFCPAY_TEST_DATABASE_URL` names one (temporary tables only).
+    /// `NFCPAY_TEST_DATABASE_URL` names one (temporary tables only; required under
+    /// `cargo xtask test` and CI, see [`crate::testing`]).
     fn connections() -> Vec<AnyConnection> {
         use diesel::Connection as _;
         let mut connections = vec![AnyConnection::Sqlite(
             SqliteConnection::establish(":memory:").expect("in-memory SQLite"),
         )];
-        if let Ok(url) = std::env::var("NFCPAY_TEST_DATABASE_URL") {
+        if let Some(url) = crate::testing::postgres_url("the PostgreSQL connection") {
             connections.push(AnyConnection::Postgresql(
                 PgConnection::establish(&url).expect("the test database"),
             ));
