@@ -153,24 +153,6 @@ fn kcv(store: &dyn Keystore, key: nfcpay_keystore::KeyHandle) -> String {
     store.kcv(key.handle()).unwrap().to_string()
 }
 
-fn algorithm(name: &str) -> KeyAlgorithm {
-    name.to_ascii_lowercase().parse().unwrap()
-}
-
-fn usage(name: &str) -> WorkingKeyUsage {
-    match name {
-        "PIN" => WorkingKeyUsage::PinEncryption,
-        "MAC_GEN" => WorkingKeyUsage::MacGeneration,
-        "MAC_VERIFY" => WorkingKeyUsage::MacVerification,
-        "MAC_BOTH" => WorkingKeyUsage::MacBoth,
-        "DATA_ENCRYPT" => WorkingKeyUsage::DataEncrypt,
-        "DATA_DECRYPT" => WorkingKeyUsage::DataDecrypt,
-        "DATA_BOTH" => WorkingKeyUsage::DataBoth,
-        "KEK" => WorkingKeyUsage::KeyEncryption,
-        other => panic!("unexpected usage {other}"),
-    }
-}
-
 /// Imports the set's BDK and checks initial, transaction and working keys by KCV.
 /// Imports the set's BDK unless an earlier check of this process already did.
 fn ensure_bdk(store: &dyn Keystore, set: &BdkVectors) -> nfcpay_keystore::BdkInfo {
@@ -185,7 +167,7 @@ fn known_answers(store: &dyn Keystore, set: &BdkVectors) {
     let initial_key_id: InitialKeyId = set.initial_key_id.parse().unwrap();
     let info = ensure_bdk(store, set);
     assert_eq!(info.kcv.to_string(), kcv_of(set.bdk));
-    assert_eq!(info.algorithm, algorithm(set.bdk_algorithm));
+    assert_eq!(info.algorithm, set.algorithm());
     let ik = initial_key(store, initial_key_id, KeyPurpose::Check).unwrap();
     assert_eq!(
         kcv(store, ik),
@@ -212,8 +194,8 @@ fn known_answers(store: &dyn Keystore, set: &BdkVectors) {
             let key = working_key(
                 store,
                 ksn,
-                usage(working.usage),
-                Some(algorithm(working.algorithm)),
+                working.key_usage(),
+                Some(working.key_algorithm()),
                 KeyPurpose::Check,
             )
             .unwrap();
@@ -237,13 +219,8 @@ fn terminal_over_store(store: &dyn Keystore, set: &BdkVectors) {
     ensure_bdk(store, set);
     let ik = initial_key(store, initial_key_id, KeyPurpose::Derive).unwrap();
     let mut keys = TerminalKeys(store);
-    let mut state = TerminalState::load_initial_key(
-        &mut keys,
-        ik,
-        algorithm(set.bdk_algorithm),
-        initial_key_id,
-    )
-    .unwrap();
+    let mut state =
+        TerminalState::load_initial_key(&mut keys, ik, set.algorithm(), initial_key_id).unwrap();
     for expected in AES128_TERMINAL_KSN_SEQUENCE {
         let (ksn, transaction) = state.next_transaction_key(&mut keys).unwrap();
         assert_eq!(ksn.to_string(), *expected);
@@ -263,7 +240,7 @@ fn terminal_over_store(store: &dyn Keystore, set: &BdkVectors) {
             transaction.handle(),
             ksn,
             WorkingKeyUsage::PinEncryption,
-            Some(algorithm(pin.algorithm)),
+            Some(pin.key_algorithm()),
             KeyPurpose::Check,
         )
         .unwrap();

@@ -82,6 +82,18 @@
 //!   (pages ~19–30) and an AES PIN block format 4 example (page 31), omitted here.
 #![allow(dead_code)]
 
+use crate::dukpt::{KeyAlgorithm, WorkingKeyUsage};
+
+/// The algorithm a vector names ("AES128" | "AES192" | "AES256").
+///
+/// # Panics
+/// On any other name: a transcription error in this module.
+#[allow(clippy::panic)] // published data; an unknown name is a defect of this file
+fn algorithm_named(name: &str) -> KeyAlgorithm {
+    name.parse()
+        .unwrap_or_else(|_| panic!("test vectors: unexpected algorithm {name}"))
+}
+
 /// One BDK of the supplement with its initial key and the published per-counter values.
 pub struct BdkVectors {
     /// e.g. "AES-128 BDK"
@@ -102,6 +114,11 @@ pub struct BdkVectors {
 }
 
 impl BdkVectors {
+    /// The BDK's algorithm ([`Self::bdk_algorithm`], typed).
+    pub fn algorithm(&self) -> KeyAlgorithm {
+        algorithm_named(self.bdk_algorithm)
+    }
+
     /// The published working key of `usage` (as in [`WorkingKeyVector::usage`]) for `ksn` (24
     /// hex digits, as published), if the supplement has one.
     pub fn working_key(&self, ksn: &str, usage: &str) -> Option<&'static WorkingKeyVector> {
@@ -136,6 +153,32 @@ pub struct WorkingKeyVector {
     pub key: &'static str,
     /// Derivation data block(s) for this working key as published (`&[]` if not published).
     pub derivation_data: &'static [&'static str],
+}
+
+impl WorkingKeyVector {
+    /// The key's usage ([`Self::usage`], typed).
+    ///
+    /// # Panics
+    /// On a usage name this module does not use: a transcription error.
+    #[allow(clippy::panic)] // published data; an unknown name is a defect of this file
+    pub fn key_usage(&self) -> WorkingKeyUsage {
+        match self.usage {
+            "PIN" => WorkingKeyUsage::PinEncryption,
+            "MAC_GEN" => WorkingKeyUsage::MacGeneration,
+            "MAC_VERIFY" => WorkingKeyUsage::MacVerification,
+            "MAC_BOTH" => WorkingKeyUsage::MacBoth,
+            "DATA_ENCRYPT" => WorkingKeyUsage::DataEncrypt,
+            "DATA_DECRYPT" => WorkingKeyUsage::DataDecrypt,
+            "DATA_BOTH" => WorkingKeyUsage::DataBoth,
+            "KEK" => WorkingKeyUsage::KeyEncryption,
+            other => panic!("test vectors: unexpected usage {other}"),
+        }
+    }
+
+    /// The key's algorithm ([`Self::algorithm`], typed).
+    pub fn key_algorithm(&self) -> KeyAlgorithm {
+        algorithm_named(self.algorithm)
+    }
 }
 
 /// "AES-128 BDK" set of [X9-TV] (AES-128 working keys from an AES-128 BDK).

@@ -7,8 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use aes::cipher::{BlockCipherEncrypt, KeyInit};
 use nfcpay_protocol::dukpt::{
-    DerivationData, DeriveKey, FUTURE_KEY_REGISTERS, KeyAlgorithm, TerminalState, WorkingKeyUsage,
-    transaction_key_path,
+    DerivationData, DeriveKey, FUTURE_KEY_REGISTERS, TerminalState, transaction_key_path,
 };
 use nfcpay_protocol::{InitialKeyId, Ksn, ProtocolError, TransactionCounter};
 
@@ -61,34 +60,11 @@ fn bytes(hex_digits: &str) -> Vec<u8> {
     hex::decode(hex_digits).unwrap()
 }
 
-fn algorithm(name: &str) -> KeyAlgorithm {
-    match name {
-        "AES128" => KeyAlgorithm::Aes128,
-        "AES192" => KeyAlgorithm::Aes192,
-        "AES256" => KeyAlgorithm::Aes256,
-        other => panic!("unexpected algorithm {other}"),
-    }
-}
-
-fn usage(name: &str) -> WorkingKeyUsage {
-    match name {
-        "PIN" => WorkingKeyUsage::PinEncryption,
-        "MAC_GEN" => WorkingKeyUsage::MacGeneration,
-        "MAC_VERIFY" => WorkingKeyUsage::MacVerification,
-        "MAC_BOTH" => WorkingKeyUsage::MacBoth,
-        "DATA_ENCRYPT" => WorkingKeyUsage::DataEncrypt,
-        "DATA_DECRYPT" => WorkingKeyUsage::DataDecrypt,
-        "DATA_BOTH" => WorkingKeyUsage::DataBoth,
-        "KEK" => WorkingKeyUsage::KeyEncryption,
-        other => panic!("unexpected usage {other}"),
-    }
-}
-
 fn initial_key(set: &BdkVectors) -> Vec<u8> {
     let initial_key_id: InitialKeyId = set.initial_key_id.parse().unwrap();
     ecb_derive(
         &bytes(set.bdk),
-        &DerivationData::initial_key(algorithm(set.bdk_algorithm), initial_key_id),
+        &DerivationData::initial_key(set.algorithm(), initial_key_id),
     )
 }
 
@@ -112,7 +88,7 @@ fn initial_keys_match() {
             set.name
         );
         let initial_key_id: InitialKeyId = set.initial_key_id.parse().unwrap();
-        let data = DerivationData::initial_key(algorithm(set.bdk_algorithm), initial_key_id);
+        let data = DerivationData::initial_key(set.algorithm(), initial_key_id);
         for (block, published) in data
             .as_bytes()
             .chunks(16)
@@ -127,7 +103,7 @@ fn initial_keys_match() {
 fn host_transaction_and_working_keys_match() {
     let mut checked = 0;
     for set in VECTORS {
-        let bdk_algorithm = algorithm(set.bdk_algorithm);
+        let bdk_algorithm = set.algorithm();
         for (ksn, txn) in valid_transactions(set) {
             let mut key = initial_key(set);
             for data in transaction_key_path(bdk_algorithm, ksn) {
@@ -143,11 +119,8 @@ fn host_transaction_and_working_keys_match() {
                 checked += 1;
             }
             for working in txn.working_keys {
-                let data = DerivationData::working_key(
-                    usage(working.usage),
-                    algorithm(working.algorithm),
-                    ksn,
-                );
+                let data =
+                    DerivationData::working_key(working.key_usage(), working.key_algorithm(), ksn);
                 // Published derivation data is the last block (see the vectors' notes).
                 if let Some(published) = working.derivation_data.first() {
                     let last_block = data.as_bytes().chunks(16).last().unwrap();
@@ -185,7 +158,7 @@ fn loaded_terminal(set: &BdkVectors) -> TerminalState<Vec<u8>> {
     TerminalState::load_initial_key(
         &mut ClearKeys,
         initial_key(set),
-        algorithm(set.bdk_algorithm),
+        set.algorithm(),
         set.initial_key_id.parse().unwrap(),
     )
     .unwrap()
@@ -239,7 +212,7 @@ fn terminal_emits_the_first_ksns_and_their_keys() {
 /// fills along the way with the clear reference (the counter's future keys are exactly the
 /// host keys of `counter` with one more low bit, and of the higher prefixes).
 fn terminal_at(set: &BdkVectors, counter: u32) -> TerminalState<Vec<u8>> {
-    let bdk_algorithm = algorithm(set.bdk_algorithm);
+    let bdk_algorithm = set.algorithm();
     let initial_key_id: InitialKeyId = set.initial_key_id.parse().unwrap();
     let host_key = |bits: u32| {
         let mut key = initial_key(set);
