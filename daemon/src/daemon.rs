@@ -143,7 +143,8 @@ pub fn check_startup(config: &Config, out: &mut dyn Write) -> Result<(), DaemonE
     for (what, path) in files {
         std::fs::File::open(path).map_err(|error| ServerError::Certificates {
             path: path.clone(),
-            reason: format!("{what}: {error}"),
+            reason: what,
+            source: Some(error.into()),
         })?;
     }
     ok(out, "certificate files are readable");
@@ -300,7 +301,8 @@ fn tls_reloader(
         let server = pki::load_server_tls(&keystore, &pki_dir).map_err(|error| {
             ServerError::Certificates {
                 path: pki_dir.clone(),
-                reason: ErrorChain(&error).to_string(),
+                reason: "the server key and certificate",
+                source: Some(error.into()),
             }
         })?;
         TlsMaterial::from_pem_files(&chain, &client_ca, server.signing_key)

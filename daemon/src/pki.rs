@@ -171,8 +171,8 @@ pub enum PkiError {
     #[error("certificate validity must be more than zero and at most 30 years")]
     InvalidValidity,
     /// The system's random number generator failed.
-    #[error("random number generator: {0}")]
-    Random(String),
+    #[error("random number generator")]
+    Random(#[source] getrandom::Error),
     /// rcgen could not build or sign a certificate (a keystore refusal to sign is logged).
     #[error("building the certificate failed")]
     Certificate(#[source] rcgen::Error),
@@ -726,7 +726,7 @@ fn validity_window(validity: Duration) -> Result<(OffsetDateTime, OffsetDateTime
 /// is cleared so it is positive, the next set so its DER length is fixed).
 fn random_serial() -> Result<SerialNumber, PkiError> {
     let mut bytes = [0u8; SERIAL_BYTES];
-    getrandom::fill(&mut bytes).map_err(|error| PkiError::Random(error.to_string()))?;
+    getrandom::fill(&mut bytes).map_err(PkiError::Random)?;
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
     Ok(SerialNumber::from_slice(&bytes))
 }

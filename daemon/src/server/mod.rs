@@ -97,10 +97,13 @@ pub enum ServerError {
     /// A certificate file is missing, unreadable or holds no certificate.
     #[error("certificates in {path}: {reason}")]
     Certificates {
-        /// The file.
+        /// The file (or the directory of the platform's PKI).
         path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
+        /// What is wrong with it, or what was being read when `source` failed.
+        reason: &'static str,
+        /// The cause: the operating system's, the PEM parser's or the keystore's error.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
     /// rustls refused the certificates or key (e.g. the key does not match the certificate).
     #[error("TLS configuration")]

@@ -69,16 +69,18 @@ impl TlsMaterial {
 }
 
 fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, ServerError> {
-    let pem_error = |reason: String| ServerError::Certificates {
-        path: path.to_owned(),
-        reason,
-    };
+    let pem_error =
+        |reason, source: Option<rustls_pki_types::pem::Error>| ServerError::Certificates {
+            path: path.to_owned(),
+            reason,
+            source: source.map(|error| error.into()),
+        };
     let certificates = CertificateDer::pem_file_iter(path)
-        .map_err(|error| pem_error(error.to_string()))?
+        .map_err(|error| pem_error("cannot read PEM", Some(error)))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| pem_error(error.to_string()))?;
+        .map_err(|error| pem_error("not PEM certificates", Some(error)))?;
     if certificates.is_empty() {
-        return Err(pem_error("no CERTIFICATE block".to_owned()));
+        return Err(pem_error("no CERTIFICATE block", None));
     }
     Ok(certificates)
 }
