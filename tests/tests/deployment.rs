@@ -264,6 +264,38 @@ fn start_up_errors_are_printed_once_with_their_cause() {
 }
 
 #[test]
+fn a_wrong_command_line_exits_64_like_a_wrong_configuration_and_help_exits_0() {
+    let nfcpayd = |args: &[&str]| {
+        Command::new(binary("nfcpayd").unwrap())
+            .args(args)
+            .env_remove("NFCPAY_CONFIG")
+            .output()
+            .unwrap()
+    };
+    // 64 is in the unit's RestartPreventExitStatus=; clap's own 2 is not, so a bad option in
+    // a drop-in would have systemd restart the daemon in a loop.
+    expect(&nfcpayd(&["--no-such-option"]), 64, &["--no-such-option"]);
+    expect(&nfcpayd(&["--as-user", "nobody"]), 64, &["--check-config"]);
+    expect(&nfcpayd(&["--log-format", "xml"]), 64, &["xml"]);
+    let help = nfcpayd(&["--help"]);
+    expect(
+        &help,
+        0,
+        &["Exit codes: 64", "70 the ledger writer stopped"],
+    );
+    let unit = std::fs::read_to_string(
+        nfcpay_tests::workspace_root().join("daemon/systemd/nfcpayd.service"),
+    )
+    .unwrap();
+    assert!(
+        unit.lines()
+            .any(|line| line.starts_with("RestartPreventExitStatus=")
+                && line.split(['=', ' ']).any(|code| code == "64")),
+        "{unit}"
+    );
+}
+
+#[test]
 fn as_root_check_config_checks_as_the_service_user_or_says_how() {
     let uid = Command::new("id").arg("-u").output().unwrap();
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {

@@ -27,8 +27,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "nfcpayd",
     version,
-    after_help = "Exit codes: 64 configuration, 69 HSM or database unavailable, 71 operating \
-                  system (e.g. a port in use), 78 keys, certificates or PIN unusable \
+    after_help = "Exit codes: 64 command line or configuration, 69 HSM or database \
+                  unavailable, 70 the ledger writer stopped while serving, 71 operating system \
+                  (e.g. a port in use), 78 keys, certificates or PIN unusable \
                   (docs/operations.md §11)."
 )]
 struct Args {
@@ -64,7 +65,10 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(error) => return command_line_error(&error),
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("NFCPAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
@@ -95,6 +99,19 @@ fn main() -> ExitCode {
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => fail(&error),
+    }
+}
+
+/// `--help` and `--version` print and exit 0; any other command-line error is printed as clap
+/// words it and exits 64 (`EX_USAGE`, as a bad configuration does), not clap's 2, so that the
+/// unit's `RestartPreventExitStatus=` stops systemd from restarting a daemon whose command
+/// line (e.g. in a drop-in) no restart can fix.
+fn command_line_error(error: &clap::Error) -> ExitCode {
+    let _ = error.print();
+    if error.use_stderr() {
+        ExitCode::from(EXIT_USAGE)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
