@@ -1662,6 +1662,62 @@ async fn shutdown_drains_an_in_flight_request_then_run_returns() {
     assert!(anonymous.http(enroll_address).await.is_err());
 }
 
+/// What docs/operations.md §6 promises a probe at shutdown: its idle keep-alive connection to
+/// the operations listener is closed (not answered `503`), and a new one is refused.
+#[tokio::test]
+async fn shutdown_closes_an_idle_operations_connection_and_stops_listening() {
+    let running = Running::start(|_| {}).await;
+    let ops_address = running.ops_address;
+    let mut probe = TcpStream::connect(ops_address).await.unwrap();
+    probe
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: nfcpayd\r\n\r\n")
+        .await
+        .unwrap();
+    // The whole answer: its head, then as many bytes as it says its body has.
+    let mut answer = Vec::new();
+    let complete = |answer: &[u8]| {
+        let text = String::from_utf8_lossy(answer);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            return false;
+        };
+        let length = head
+            .lines()
+            .find_map(|line| {
+                line.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|n| n.trim().parse::<usize>().unwrap())
+            })
+            .unwrap_or(0);
+        body.len() >= length
+    };
+    while !complete(&answer) {
+        let mut chunk = [0; 1024];
+        let read = tokio::time::timeout(PATIENCE, probe.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(read, 0, "{}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&chunk[..read]);
+    }
+    let head = String::from_utf8_lossy(&answer).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+
+    running.stop().await;
+
+    // The kept-alive connection ends without another byte: no 503 arrives unasked.
+    let mut rest = Vec::new();
+    tokio::time::timeout(PATIENCE, probe.read_to_end(&mut rest))
+        .await
+        .expect("the idle probe connection is closed at shutdown")
+        .unwrap();
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    assert!(TcpStream::connect(ops_address).await.is_err());
+}
+
 #[tokio::test]
 async fn shutdown_gives_up_on_requests_past_the_drain_deadline() {
     let running = Running::start(|config| config.drain_timeout_ms = 200).await;
