@@ -210,7 +210,7 @@ pub fn inside(root: &Path, database: Database) -> Result<()> {
         binaries,
         path,
         exports: BTreeMap::new(),
-        postgres: false,
+        postgres: None,
         emulator: None,
     };
     let mut steps = Steps::new(database.name());
@@ -358,7 +358,7 @@ struct Run {
     binaries: Binaries,
     path: String,
     exports: BTreeMap<String, String>,
-    postgres: bool,
+    postgres: Option<String>,
     emulator: Option<Emulator>,
 }
 
@@ -423,16 +423,13 @@ impl Run {
             .max()
             .context("no PostgreSQL in /usr/lib/postgresql")?
             .to_string();
-        if version != "15" {
-            bail!("docs/operations.md §3.1 names PostgreSQL 15's paths; this is {version}");
-        }
         // The copy of /etc may name the machine's own cluster, whose data is not here.
         let _ = fs::remove_dir_all(format!("/etc/postgresql/{version}/main"));
         command::run(
             self.command("pg_createcluster")
                 .args([&version, "main", "--start"]),
         )?;
-        self.postgres = true;
+        self.postgres = Some(version);
         Ok(())
     }
 
@@ -569,9 +566,9 @@ impl Drop for Run {
         {
             eprintln!("stopping the emulator: {error:#}");
         }
-        if self.postgres
+        if let Some(version) = &self.postgres
             && let Err(error) = command::run(
-                Command::new("pg_ctlcluster").args(["15", "main", "stop", "-m", "fast"]),
+                Command::new("pg_ctlcluster").args([version, "main", "stop", "-m", "fast"]),
             )
         {
             eprintln!("stopping PostgreSQL: {error:#}");
