@@ -73,10 +73,30 @@ fn check_config_checks_what_start_up_would_and_names_each_failure_with_its_exit_
         ],
     );
     assert!(!text(&ok).contains("warn"), "{}", text(&ok));
-    // `init` on a database it has already set up does not claim to have found it up to date
-    // before it made it (as it did on a fresh one).
+    // `init` says what it did to the schema: nothing on the fixture's database, which is
+    // already set up; everything on a fresh one.
     let init = platform.admin_ok(&["init"]).unwrap();
-    assert!(init.contains("ledger schema: current"), "{init}");
+    assert!(
+        init.contains("ledger schema: up to date (nothing to migrate)"),
+        "{init}"
+    );
+    let fresh = tempfile::tempdir().unwrap();
+    let fresh_url = format!("sqlite://{}", fresh.path().join("ledger.db").display());
+    let output = Command::new(binary("nfcpay-admin").unwrap())
+        .arg("--config")
+        .arg(platform.config_path())
+        .args(["--format", "json", "init"])
+        .env("SOFTHSM2_CONF", platform.softhsm_conf())
+        .env("NFCPAY_DATABASE__URL", &fresh_url)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(answer["ledger_schema"], "created", "{answer}");
+    assert!(
+        answer["migrations_applied"].as_u64().unwrap() > 0,
+        "{answer}"
+    );
 
     // A PIN file its group or others can read is refused, naming the file and its mode (78),
     // before anyone logs in; nfcpay-admin refuses it too.

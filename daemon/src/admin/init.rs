@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use super::AdminError;
 use crate::config::Config;
 use crate::pki;
-use crate::storage::Storage;
+use crate::storage::{SchemaChange, Storage};
 
 /// Validity of the terminal CA certificate made by `init`.
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
@@ -32,11 +32,22 @@ pub fn run(
     keystore: &Arc<dyn Keystore>,
     out: &mut dyn Write,
 ) -> Result<Value, AdminError> {
-    Storage::open_with(&config.database)?;
-    writeln!(
-        out,
-        "ledger schema: current (created, or migrated, where it was not)"
-    )?;
+    let schema = Storage::open_with(&config.database)?.schema_change();
+    let (schema_state, migrations_applied) = match schema {
+        SchemaChange::Created { applied } => ("created", applied),
+        SchemaChange::Migrated { applied, .. } => ("migrated", applied),
+        SchemaChange::UpToDate => ("up-to-date", 0),
+    };
+    match schema {
+        SchemaChange::Created { applied } => {
+            writeln!(out, "ledger schema: created ({applied} migrations)")?;
+        }
+        SchemaChange::Migrated { applied, known } => writeln!(
+            out,
+            "ledger schema: migrated ({applied} of {known} migrations applied now)"
+        )?,
+        SchemaChange::UpToDate => writeln!(out, "ledger schema: up to date (nothing to migrate)")?,
+    }
     let dir = &config.platform.pki_dir;
     std::fs::create_dir_all(dir)?;
     let ca = pki::init_ca(keystore, dir, CA_VALIDITY)?;
@@ -62,7 +73,8 @@ pub fn run(
         hex::encode_upper(receipt.as_bytes())
     )?;
     Ok(json!({
-        "ledger_schema": "up-to-date",
+        "ledger_schema": schema_state,
+        "migrations_applied": migrations_applied,
         "terminal_ca": {
             "certificate": dir.join(pki::CA_CERTIFICATE_FILE).display().to_string(),
             "created": ca.created,

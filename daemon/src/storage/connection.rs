@@ -3,7 +3,10 @@
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
+use diesel::migration::MigrationSource;
+use diesel::pg::Pg;
 use diesel::r2d2::{CustomizeConnection, ManageConnection, Pool, R2D2Connection};
+use diesel::sqlite::Sqlite;
 use diesel::{Connection, PgConnection, SqliteConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
@@ -167,8 +170,29 @@ impl SessionSettings {
 
 pub(crate) type ConnectionPool = Pool<Manager>;
 
+/// What opening the database did to its schema.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SchemaChange {
+    /// Every migration ran: the database was empty.
+    Created {
+        /// Migrations run (all this build knows).
+        applied: usize,
+    },
+    /// Some migrations ran (`applied` of the `known`): the schema was older than this build.
+    Migrated {
+        /// Migrations run now.
+        applied: usize,
+        /// Migrations this build knows.
+        known: usize,
+    },
+    /// Nothing to do: the schema was already this build's.
+    UpToDate,
+}
+
 /// Prepares the database (WAL, migrations) and builds the pool.
-pub(crate) fn open_pool(config: &DatabaseConfig) -> Result<ConnectionPool, StorageError> {
+pub(crate) fn open_pool(
+    config: &DatabaseConfig,
+) -> Result<(ConnectionPool, SchemaChange), StorageError> {
     let target = Target::parse(&config.url)?.with_connect_timeout(config.connect_timeout_ms);
     let mut first = target.establish().map_err(StorageError::Connect)?;
     let settings = SessionSettings {
@@ -182,36 +206,52 @@ pub(crate) fn open_pool(config: &DatabaseConfig) -> Result<ConnectionPool, Stora
         ..settings
     }
     .apply(&mut first)?;
-    migrate(&mut first)?;
+    let change = migrate(&mut first)?;
     drop(first);
 
-    Pool::builder()
+    let pool = Pool::builder()
         .max_size(config.pool_size)
         .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
         .connection_customizer(Box::new(settings))
         .build(Manager { target })
-        .map_err(StorageError::PoolBuild)
+        .map_err(StorageError::PoolBuild)?;
+    Ok((pool, change))
+}
+
+/// Names what `applied` of `known` migrations did.
+fn schema_change(applied: usize, known: usize) -> SchemaChange {
+    match applied {
+        0 => SchemaChange::UpToDate,
+        _ if applied == known => SchemaChange::Created { applied },
+        _ => SchemaChange::Migrated { applied, known },
+    }
 }
 
 /// Runs the pending migrations of the connection's database, one migrator at a time.
-fn migrate(connection: &mut AnyConnection) -> Result<(), StorageError> {
+fn migrate(connection: &mut AnyConnection) -> Result<SchemaChange, StorageError> {
     match connection {
         AnyConnection::Sqlite(sqlite) => {
             // WAL persists in the file; switching needs no other writer, so it happens here,
             // before the pool opens more connections.
             sqlite.batch_execute("PRAGMA journal_mode = WAL;")?;
+            let known = MigrationSource::<Sqlite>::migrations(&SQLITE_MIGRATIONS)
+                .map_err(StorageError::Migration)?
+                .len();
             sqlite
                 .run_pending_migrations(SQLITE_MIGRATIONS)
-                .map(drop)
+                .map(|applied| schema_change(applied.len(), known))
                 .map_err(StorageError::Migration)
         }
         AnyConnection::Postgresql(postgres) => {
+            let known = MigrationSource::<Pg>::migrations(&POSTGRES_MIGRATIONS)
+                .map_err(StorageError::Migration)?
+                .len();
             // Several daemons may start at once against one database.
             let lock = format!("SELECT pg_advisory_lock({POSTGRES_MIGRATION_LOCK_KEY})");
             postgres.batch_execute(&lock)?;
             let migrated = postgres
                 .run_pending_migrations(POSTGRES_MIGRATIONS)
-                .map(drop)
+                .map(|applied| schema_change(applied.len(), known))
                 .map_err(StorageError::Migration);
             let unlock = format!("SELECT pg_advisory_unlock({POSTGRES_MIGRATION_LOCK_KEY})");
             postgres.batch_execute(&unlock)?;
@@ -223,6 +263,19 @@ fn migrate(connection: &mut AnyConnection) -> Result<(), StorageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_the_migrations_did_is_named() {
+        assert_eq!(schema_change(0, 5), SchemaChange::UpToDate);
+        assert_eq!(schema_change(5, 5), SchemaChange::Created { applied: 5 });
+        assert_eq!(
+            schema_change(2, 5),
+            SchemaChange::Migrated {
+                applied: 2,
+                known: 5
+            }
+        );
+    }
 
     #[test]
     fn urls_choose_the_backend() {

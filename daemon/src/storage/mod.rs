@@ -50,6 +50,7 @@ use connection::{AnyConnection, ConnectionPool};
 use readers::Readers;
 use writer::Writer;
 
+pub use connection::SchemaChange;
 pub use error::{EnrollmentRefusal, StorageError};
 pub use model::{
     AcceptedHalf, AccountView, AuditBreak, AuditReport, ChainHead, HalfContent, HalfKind,
@@ -283,6 +284,8 @@ struct Inner {
     /// Whether a health check's `SELECT 1` is still out (at most one is: on a frozen server
     /// it waits until the server answers again).
     health_probe: Arc<AtomicBool>,
+    /// What opening the database did to its schema.
+    schema_change: SchemaChange,
 }
 
 /// How long `/readyz` waits for the database's `SELECT 1`: within the ops listener's own
@@ -329,7 +332,7 @@ impl Storage {
             connection::Target::parse(&config.url)?,
             connection::Target::Postgres(_)
         );
-        let pool = connection::open_pool(config)?;
+        let (pool, schema_change) = connection::open_pool(config)?;
         // SQLite serialises writers on its file lock: more than one would only wait on it.
         let writers = if postgres { config.writers } else { 1 };
         let writer = Writer::start(
@@ -352,8 +355,14 @@ impl Storage {
                 readers,
                 postgres,
                 health_probe: Arc::new(AtomicBool::new(false)),
+                schema_change,
             }),
         })
+    }
+
+    /// What opening the database did to its schema (created, migrated or nothing).
+    pub fn schema_change(&self) -> SchemaChange {
+        self.inner.schema_change
     }
 
     /// Whether the ledger writer still runs; once it has stopped, every write fails
