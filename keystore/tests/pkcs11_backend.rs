@@ -604,6 +604,55 @@ fn searches_for_new_bdk_ids_are_rate_limited() {
     assert_eq!(store.bdk_info(id).unwrap().bdk_id, id);
 }
 
+/// `bdk_info` for an ID the store has not seen, waiting out the per-second search budget
+/// when an earlier test of this binary spent it.
+fn search_bdk(
+    store: &Pkcs11Keystore,
+    id: BdkId,
+) -> Result<nfcpay_keystore::BdkInfo, KeystoreError> {
+    for _ in 0..3 {
+        match store.bdk_info(id) {
+            Err(KeystoreError::Busy { .. }) => {
+                std::thread::sleep(std::time::Duration::from_millis(1_100))
+            }
+            other => return other,
+        }
+    }
+    store.bdk_info(id)
+}
+
+#[test]
+fn a_bdk_id_found_missing_is_searched_for_again_once_its_memory_expires() {
+    use std::time::{Duration, Instant};
+    let (_serial, fixture) = fixture();
+    let store = &fixture.store;
+    let memory = Duration::from_secs(2);
+    store.set_unknown_bdk_recheck_interval(memory);
+    let id = bdk_id("B2000001");
+    assert!(matches!(
+        search_bdk(store, id),
+        Err(KeystoreError::UnknownBdk(_))
+    ));
+    let missed = Instant::now();
+    // Another keystore on the token (as `nfcpay-admin bdk generate` would be) adds it.
+    let other = Pkcs11Keystore::open(&fixture.uri).unwrap();
+    other.import_bdk(id, &key_bytes(KAT_BDK)).unwrap();
+    drop(other);
+    // Within the memory the token is not searched again: still unknown.
+    let remembered = store.bdk_info(id);
+    if missed.elapsed() < memory {
+        assert!(
+            matches!(remembered, Err(KeystoreError::UnknownBdk(_))),
+            "{remembered:?}"
+        );
+    }
+    // Once it expires, the next use searches and finds it.
+    std::thread::sleep(memory.saturating_sub(missed.elapsed()) + Duration::from_millis(100));
+    let found = search_bdk(store, id);
+    store.set_unknown_bdk_recheck_interval(nfcpay_keystore::pkcs11::UNKNOWN_BDK_RECHECK_INTERVAL);
+    assert_eq!(found.unwrap().bdk_id, id);
+}
+
 /// Enough health checks to cycle through every pooled session.
 const SESSIONS_TRIES: usize = nfcpay_keystore::pkcs11::SESSIONS_MAX + 2;
 

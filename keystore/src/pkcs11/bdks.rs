@@ -51,6 +51,9 @@ pub(super) struct Owner {
     pub(super) session: Option<Session>,
     bdks: HashMap<BdkId, CachedBdk>,
     unknown_bdks: HashMap<BdkId, Instant>,
+    /// How long an unknown ID stays remembered ([`UNKNOWN_BDK_RECHECK_INTERVAL`]; tests
+    /// shorten it).
+    unknown_recheck: Duration,
     /// Searches for uncached BDK IDs in the current second.
     searches: (Instant, u32),
 }
@@ -61,6 +64,7 @@ impl Default for Owner {
             session: None,
             bdks: HashMap::new(),
             unknown_bdks: HashMap::new(),
+            unknown_recheck: UNKNOWN_BDK_RECHECK_INTERVAL,
             searches: (Instant::now(), 0),
         }
     }
@@ -246,7 +250,7 @@ impl Pkcs11Keystore {
             return Ok(*cached);
         }
         if let Some(since) = owner.unknown_bdks.get(&bdk_id)
-            && since.elapsed() < UNKNOWN_BDK_RECHECK_INTERVAL
+            && since.elapsed() < owner.unknown_recheck
         {
             return Err(KeystoreError::UnknownBdk(bdk_id));
         }
@@ -285,6 +289,14 @@ impl Pkcs11Keystore {
                 Err(KeystoreError::UnknownBdk(bdk_id))
             }
         }
+    }
+
+    /// Shortens (or lengthens) how long a BDK ID found missing is remembered as missing, so a
+    /// test can see the token searched again without waiting
+    /// [`UNKNOWN_BDK_RECHECK_INTERVAL`].
+    #[cfg(feature = "testing")]
+    pub fn set_unknown_bdk_recheck_interval(&self, interval: Duration) {
+        self.owner().unknown_recheck = interval;
     }
 
     /// Forgets a cached BDK whose session copy turned out to be gone.
