@@ -5,17 +5,14 @@
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::PathBuf;
 
+use nfcpay_protocol::Amount;
 use nfcpay_protocol::messages::{HalfKind, PaymentInstruction, PaymentKind, PaymentRequest};
-use nfcpay_protocol::{AccountId, Amount, ProtocolError};
 
 use super::shared::{
     AgentError, NfcSettings, PlatformWait, TerminalPlace, finish, line, now_ms, output_error,
-    submit,
+    submit, terminal_account,
 };
-use crate::nfc::libnfc::DepSpeed;
-use crate::nfc::{
-    LibnfcInitiator, LibnfcTarget, NfcError, NfcLink, Role, Timeouts, receive_message,
-};
+use crate::nfc::receive_message;
 
 /// The payer's inputs.
 pub struct PayOptions {
@@ -39,17 +36,7 @@ pub async fn run(
     out: &mut dyn Write,
 ) -> Result<(), AgentError> {
     let mut terminal = place.open_terminal()?;
-    let account: AccountId = terminal
-        .file
-        .account_id
-        .as_deref()
-        .ok_or_else(|| {
-            AgentError::Usage(
-                "the terminal has no account to pay from: enroll it with --account".into(),
-            )
-        })?
-        .parse()
-        .map_err(|error: ProtocolError| AgentError::Usage(format!("account: {error}")))?;
+    let account = terminal_account(&terminal, "to pay from")?;
     line(
         out,
         format_args!(
@@ -57,7 +44,7 @@ pub async fn run(
             options.nfc.wait, options.nfc.connstring, options.nfc.role
         ),
     )?;
-    let request_bytes = nfc_receive(options.nfc).await?;
+    let request_bytes = options.nfc.exchange(receive_message).await?;
     let request = PaymentRequest::decode(&request_bytes).map_err(AgentError::InvalidRequest)?;
     let now = now_ms();
     let expires_at_ms = request.validity.expires_at_ms();
@@ -165,26 +152,6 @@ fn consent(
     } else {
         Err(AgentError::NotConsented("the payer declined".into()))
     }
-}
-
-async fn nfc_receive(nfc: NfcSettings) -> Result<Vec<u8>, AgentError> {
-    tokio::task::spawn_blocking(move || -> Result<Vec<u8>, NfcError> {
-        let timeouts = Timeouts::DEFAULT;
-        match nfc.role {
-            Role::Initiator => {
-                let mut link =
-                    LibnfcInitiator::connect(&nfc.connstring, DepSpeed::default(), nfc.wait)?;
-                receive_message(NfcLink::Initiator(&mut link), &timeouts)
-            }
-            Role::Target => {
-                let mut link = LibnfcTarget::listen(&nfc.connstring, nfc.wait)?;
-                receive_message(NfcLink::Target(&mut link), &timeouts)
-            }
-        }
-    })
-    .await
-    .map_err(|error| AgentError::internal_caused("NFC thread", error))?
-    .map_err(AgentError::Nfc)
 }
 
 /// The name of a payment kind, as the `--kind` flag takes it.

@@ -7,17 +7,13 @@ use std::path::PathBuf;
 use nfcpay_protocol::messages::{
     Description, HalfKind, PaymentKind, PaymentRequest, RequestValidity,
 };
-use nfcpay_protocol::{AccountId, Amount, Currency, ProtocolError, TxnId};
+use nfcpay_protocol::{Amount, Currency, TxnId};
 
 use super::shared::{
     AgentError, NfcSettings, PlatformWait, REQUEST_VALIDITY_MS, TerminalPlace, finish, line,
-    now_ms, submit,
+    now_ms, submit, terminal_account,
 };
-use crate::nfc::libnfc::DepSpeed;
-use crate::nfc::{
-    LibnfcInitiator, LibnfcTarget, NfcError, NfcLink, Role, Timeouts, random_message_id,
-    send_message,
-};
+use crate::nfc::{random_message_id, send_message};
 
 /// The payee's inputs.
 pub struct RequestOptions {
@@ -46,17 +42,7 @@ pub async fn run(
     let amount = Amount::parse_decimal(&options.amount, options.currency)
         .map_err(|error| AgentError::Usage(format!("--amount {}: {error}", options.amount)))?;
     let mut terminal = place.open_terminal()?;
-    let account: AccountId = terminal
-        .file
-        .account_id
-        .as_deref()
-        .ok_or_else(|| {
-            AgentError::Usage(
-                "the terminal has no account to be paid into: enroll it with --account".into(),
-            )
-        })?
-        .parse()
-        .map_err(|error: ProtocolError| AgentError::Usage(format!("account: {error}")))?;
+    let account = terminal_account(&terminal, "to be paid into")?;
     let created_at_ms = now_ms();
     let request = PaymentRequest {
         txn_id: random_txn_id()?,
@@ -87,7 +73,13 @@ pub async fn run(
             options.nfc.connstring, options.nfc.role, options.nfc.wait
         ),
     )?;
-    nfc_send(options.nfc, request_bytes.clone()).await?;
+    let message = request_bytes.clone();
+    options
+        .nfc
+        .exchange(move |link, timeouts| {
+            send_message(link, random_message_id()?, &message, timeouts)
+        })
+        .await?;
     line(
         out,
         format_args!(
@@ -106,32 +98,6 @@ pub async fn run(
     )
     .await?;
     finish(&receipt, out)
-}
-
-async fn nfc_send(nfc: NfcSettings, message: Vec<u8>) -> Result<(), AgentError> {
-    tokio::task::spawn_blocking(move || -> Result<(), NfcError> {
-        let timeouts = Timeouts::DEFAULT;
-        let message_id = random_message_id()?;
-        match nfc.role {
-            Role::Initiator => {
-                let mut link =
-                    LibnfcInitiator::connect(&nfc.connstring, DepSpeed::default(), nfc.wait)?;
-                send_message(
-                    NfcLink::Initiator(&mut link),
-                    message_id,
-                    &message,
-                    &timeouts,
-                )
-            }
-            Role::Target => {
-                let mut link = LibnfcTarget::listen(&nfc.connstring, nfc.wait)?;
-                send_message(NfcLink::Target(&mut link), message_id, &message, &timeouts)
-            }
-        }
-    })
-    .await
-    .map_err(|error| AgentError::internal_caused("NFC thread", error))?
-    .map_err(AgentError::Nfc)
 }
 
 fn random_txn_id() -> Result<TxnId, AgentError> {

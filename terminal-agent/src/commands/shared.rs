@@ -29,7 +29,8 @@ use crate::delivery::{self, Attempts, Transience, Undelivered};
 use crate::enroll::{self, EnrollError, TERMINAL_FILE, Terminal};
 use crate::halves::{SealError, TransactionKeys};
 use crate::keys::AgentKeyError;
-use crate::nfc::{Connstring, NfcError, Role};
+use crate::nfc::libnfc::DepSpeed;
+use crate::nfc::{Connstring, LibnfcInitiator, LibnfcTarget, NfcError, NfcLink, Role, Timeouts};
 use crate::pending::{PendingDir, PendingError};
 use crate::platform::{PlatformError, Problem};
 
@@ -329,6 +330,49 @@ pub struct NfcSettings {
     pub role: Role,
     /// How long to wait for the other terminal to come into the field.
     pub wait: Duration,
+}
+
+impl NfcSettings {
+    /// Brings up the link in this terminal's role (waiting up to [`Self::wait`] for the other
+    /// terminal) and runs `exchange` over it, on a blocking thread: libnfc calls block.
+    pub async fn exchange<T: Send + 'static>(
+        self,
+        exchange: impl FnOnce(NfcLink<'_>, &Timeouts) -> Result<T, NfcError> + Send + 'static,
+    ) -> Result<T, AgentError> {
+        tokio::task::spawn_blocking(move || {
+            let timeouts = Timeouts::DEFAULT;
+            match self.role {
+                Role::Initiator => {
+                    let mut link =
+                        LibnfcInitiator::connect(&self.connstring, DepSpeed::default(), self.wait)?;
+                    exchange(NfcLink::Initiator(&mut link), &timeouts)
+                }
+                Role::Target => {
+                    let mut link = LibnfcTarget::listen(&self.connstring, self.wait)?;
+                    exchange(NfcLink::Target(&mut link), &timeouts)
+                }
+            }
+        })
+        .await
+        .map_err(|error| AgentError::internal_caused("NFC thread", error))?
+        .map_err(AgentError::Nfc)
+    }
+}
+
+/// The account the terminal's enrollment named, for a payment `purpose` ("to pay from", "to be
+/// paid into").
+pub fn terminal_account(terminal: &Terminal, purpose: &str) -> Result<AccountId, AgentError> {
+    terminal
+        .file
+        .account_id
+        .as_deref()
+        .ok_or_else(|| {
+            AgentError::Usage(format!(
+                "the terminal has no account {purpose}: enroll it with --account"
+            ))
+        })?
+        .parse()
+        .map_err(|error: ProtocolError| AgentError::Usage(format!("account: {error}")))
 }
 
 /// How long to wait for the platform.
