@@ -360,25 +360,7 @@ mod tests {
 
     #[test]
     fn availability_is_told_apart_from_refusals() {
-        let unavailable = [
-            KeystoreError::SessionLost {
-                function: "C_Sign",
-                code: "CKR_SESSION_HANDLE_INVALID".into(),
-                source: None,
-            },
-            KeystoreError::StaleHandle { function: "C_Sign" },
-            KeystoreError::Device {
-                function: "C_Sign",
-                code: "CKR_DEVICE_ERROR".into(),
-                source: None,
-            },
-            KeystoreError::Busy { what: "no session" },
-            KeystoreError::Recovering {
-                reason: "token gone".into(),
-                last_failure: None,
-            },
-            KeystoreError::TokenNotFound("t".into()),
-        ];
+        let unavailable = crate::testing::unavailable_errors();
         for error in &unavailable {
             assert!(error.is_unavailable(), "{error}");
         }

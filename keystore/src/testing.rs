@@ -231,3 +231,28 @@ impl Keystore for FailingKeystore {
         self.inner.check_health()
     }
 }
+
+/// One of each [`KeystoreError`] that [`KeystoreError::is_unavailable`] calls passing (a
+/// session or token lost, a stale handle, a device error, no session free, recovery under
+/// way), for the tests of how a caller answers them.
+pub fn unavailable_errors() -> Vec<KeystoreError> {
+    vec![
+        KeystoreError::SessionLost {
+            function: "C_Sign",
+            code: "CKR_SESSION_HANDLE_INVALID".into(),
+            source: None,
+        },
+        KeystoreError::StaleHandle { function: "C_Sign" },
+        KeystoreError::Device {
+            function: "C_Sign",
+            code: "CKR_DEVICE_ERROR".into(),
+            source: None,
+        },
+        KeystoreError::Busy { what: "no session" },
+        KeystoreError::Recovering {
+            reason: "token gone".into(),
+            last_failure: None,
+        },
+        KeystoreError::TokenNotFound("t".into()),
+    ]
+}

@@ -137,24 +137,8 @@ mod tests {
     /// their codes.
     #[test]
     fn keystore_faults_are_unavailable_and_refusals_keep_their_codes() {
-        let unavailable = [
-            KeystoreError::SessionLost {
-                function: "C_Sign",
-                code: "CKR_SESSION_HANDLE_INVALID".into(),
-                source: None,
-            },
-            KeystoreError::StaleHandle { function: "C_Sign" },
-            KeystoreError::Device {
-                function: "C_Sign",
-                code: "CKR_DEVICE_ERROR".into(),
-                source: None,
-            },
-            KeystoreError::Busy { what: "no session" },
-            KeystoreError::Recovering {
-                reason: "token gone".into(),
-                last_failure: None,
-            },
-            KeystoreError::TokenNotFound("t".into()),
+        let mut unavailable = nfcpay_keystore::testing::unavailable_errors();
+        unavailable.extend([
             KeystoreError::UnknownKey,
             KeystoreError::PinRefused,
             KeystoreError::Pkcs11 {
@@ -162,7 +146,7 @@ mod tests {
                 code: "CKR_DATA_LEN_RANGE".into(),
                 source: None,
             },
-        ];
+        ]);
         for error in unavailable {
             let text = error.to_string();
             assert_eq!(keystore(error).code(), ProblemCode::Unavailable, "{text}");
