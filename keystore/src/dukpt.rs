@@ -17,15 +17,38 @@ use nfcpay_protocol::{InitialKeyId, Ksn};
 
 use crate::{DeriveBase, KeyHandle, KeyPurpose, Keystore, KeystoreError};
 
-/// A transient key that is destroyed when dropped, unless taken with [`TransientKey::into_handle`].
-pub struct TransientKey<'s> {
-    store: &'s dyn Keystore,
+/// What holds the store a [`KeyGuard`] destroys its key in: a borrow or an `Arc`.
+pub trait HoldsStore {
+    /// The store.
+    fn store(&self) -> &dyn Keystore;
+}
+
+impl HoldsStore for &dyn Keystore {
+    fn store(&self) -> &dyn Keystore {
+        *self
+    }
+}
+
+impl HoldsStore for Arc<dyn Keystore> {
+    fn store(&self) -> &dyn Keystore {
+        self.as_ref()
+    }
+}
+
+/// A key that is destroyed in its keystore when dropped, unless taken with
+/// [`KeyGuard::into_handle`]. `S` holds the store: a borrow ([`TransientKey`]) for a key that
+/// lives within one call, an `Arc` for one that outlives it (a terminal's transaction key).
+pub struct KeyGuard<S: HoldsStore> {
+    store: S,
     key: Option<KeyHandle>,
 }
 
-impl<'s> TransientKey<'s> {
+/// A [`KeyGuard`] borrowing its store: the keys on the way of one derivation.
+pub type TransientKey<'s> = KeyGuard<&'s dyn Keystore>;
+
+impl<S: HoldsStore> KeyGuard<S> {
     /// Takes charge of destroying `key`.
-    pub fn new(store: &'s dyn Keystore, key: KeyHandle) -> Self {
+    pub fn new(store: S, key: KeyHandle) -> Self {
         Self {
             store,
             key: Some(key),
@@ -46,10 +69,10 @@ impl<'s> TransientKey<'s> {
     }
 }
 
-impl Drop for TransientKey<'_> {
+impl<S: HoldsStore> Drop for KeyGuard<S> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take()
-            && let Err(error) = self.store.destroy(key)
+            && let Err(error) = self.store.store().destroy(key)
         {
             tracing::warn!(%error, "could not destroy a transient key");
         }

@@ -85,7 +85,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nfcpay_keystore::atomic_file::{self, AtomicWriteError};
-use nfcpay_keystore::dukpt::TerminalKeys;
+use nfcpay_keystore::dukpt::{KeyGuard, TerminalKeys};
 use nfcpay_keystore::{KeyHandle, KeyLabel, Keystore, KeystoreError};
 use nfcpay_protocol::dukpt::{FUTURE_KEY_REGISTERS, KeyAlgorithm, TerminalState};
 use nfcpay_protocol::{InitialKeyId, Ksn, ProtocolError, TransactionCounter};
@@ -173,36 +173,8 @@ pub struct KeyStatus {
 }
 
 /// A transaction key, destroyed in the keystore when dropped. Derive the transaction's
-/// working keys from [`TransactionKey::handle`], then drop it.
-pub struct TransactionKey {
-    store: Arc<dyn Keystore>,
-    key: Option<KeyHandle>,
-}
-
-impl TransactionKey {
-    /// The key (usable only to derive working keys).
-    pub fn handle(&self) -> &KeyHandle {
-        // `key` is `Some` from construction until `into_handle` consumes `self`.
-        self.key
-            .as_ref()
-            .unwrap_or_else(|| unreachable!("key taken"))
-    }
-
-    /// Gives the key to the caller, who then must destroy it.
-    pub fn into_handle(mut self) -> KeyHandle {
-        self.key.take().unwrap_or_else(|| unreachable!("key taken"))
-    }
-}
-
-impl Drop for TransactionKey {
-    fn drop(&mut self) {
-        if let Some(key) = self.key.take()
-            && let Err(error) = self.store.destroy(key)
-        {
-            tracing::warn!(%error, "could not destroy a transaction key");
-        }
-    }
-}
+/// working keys from its [`handle`](KeyGuard::handle), then drop it.
+pub type TransactionKey = KeyGuard<Arc<dyn Keystore>>;
 
 /// The terminal's DUKPT state over a keystore, saved after every change (see the module
 /// documentation for the order and why it is crash-safe).
@@ -330,10 +302,7 @@ impl TerminalKeyState {
             }
             Err(error) => return Err(error.into()),
         };
-        let key = TransactionKey {
-            store: Arc::clone(&self.store),
-            key: Some(key),
-        };
+        let key = TransactionKey::new(Arc::clone(&self.store), key);
         let used = ksn.counter().get().trailing_zeros() as usize;
         self.reopen_required = true;
         self.save_state()?;
