@@ -112,3 +112,45 @@ fn workspace_root() -> PathBuf {
         .parent()
         .map_or_else(|| manifest_dir.clone(), PathBuf::from)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The members listed in the root Cargo.toml's `[workspace] members`.
+    fn members(root_manifest: &str) -> Vec<String> {
+        let list = root_manifest
+            .split_once("members = [")
+            .and_then(|(_, rest)| rest.split_once(']'))
+            .map(|(list, _)| list)
+            .expect("the root Cargo.toml lists its members");
+        list.split(',')
+            .map(|member| member.trim().trim_matches('"').to_owned())
+            .filter(|member| !member.is_empty())
+            .collect()
+    }
+
+    /// `[workspace.package] rust-version` only binds a member that inherits it: without
+    /// `rust-version.workspace = true` cargo does not refuse an older toolchain and clippy's
+    /// `incompatible_msrv` lint does not look at that crate.
+    #[test]
+    fn every_member_inherits_the_workspace_rust_version() {
+        let root = workspace_root();
+        let root_manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+        assert!(
+            root_manifest.contains("\nrust-version = \""),
+            "no workspace rust-version"
+        );
+        let members = members(&root_manifest);
+        assert!(members.len() >= 7, "members: {members:?}");
+        for member in members {
+            let manifest = std::fs::read_to_string(root.join(&member).join("Cargo.toml")).unwrap();
+            assert!(
+                manifest
+                    .lines()
+                    .any(|line| line.trim() == "rust-version.workspace = true"),
+                "{member}/Cargo.toml does not inherit rust-version"
+            );
+        }
+    }
+}
