@@ -325,6 +325,7 @@ fn configuration_errors_exit_with_usage() {
 
 mod scripted {
     use std::os::unix::fs::PermissionsExt as _;
+    use std::path::Path;
     use std::process::{Command, Output, Stdio};
 
     use diesel::Connection as _;
@@ -709,8 +710,16 @@ mod scripted {
             64,
         );
         assert_eq!(bad_amount["error"]["kind"], "input");
-        let unknown_account = platform.json_error(&["accounts", "show", "--id", "nobody"], 1);
-        assert_eq!(unknown_account["error"]["kind"], "storage");
+        // Unknown accounts and terminals, whichever command names them, are `not-found` as
+        // unknown transactions are.
+        for args in [
+            &["accounts", "show", "--id", "nobody"][..],
+            &["accounts", "fund", "--id", "nobody", "--amount", "1.00"],
+            &["terminals", "suspend", "--id", "nobody"],
+        ] {
+            let unknown = platform.json_error(args, 1);
+            assert_eq!(unknown["error"]["kind"], "not-found", "{args:?}: {unknown}");
+        }
         assert_eq!(balance("acct-payer"), 10_000 - 1250, "state changed");
     }
 
@@ -775,5 +784,257 @@ mod scripted {
             error.starts_with("nfcpay-admin: unknown account nobody"),
             "{error}"
         );
+    }
+
+    /// `--format json`: a usage error is a JSON error document too, a missing subcommand
+    /// included; without it, clap's own text stays. `--config` goes anywhere, as `--format`.
+    #[test]
+    fn usage_errors_in_json_and_global_options() {
+        let platform = Platform::new(false).unwrap();
+        let config = platform.dir.path().join("nfcpay.toml");
+        let admin = |args: &[&str]| {
+            Command::new(env!("CARGO_BIN_EXE_nfcpay-admin"))
+                .args(args)
+                .env_remove("NFCPAY_CONFIG")
+                .env_remove("NFCPAY_LOG")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        };
+        let config = config.to_str().unwrap();
+        for args in [
+            &["--config", config, "--format", "json", "accounts"][..],
+            &["--config", config, "accounts", "--format", "json"],
+            &["--format=json", "--config", config],
+        ] {
+            let output = admin(args);
+            assert_eq!(output.status.code(), Some(2), "{args:?}: {output:?}");
+            assert!(output.stdout.is_empty(), "{args:?}: {output:?}");
+            let error: Value = serde_json::from_slice(&output.stderr).unwrap_or_else(|e| {
+                panic!("{args:?}: stderr is not one JSON document ({e}): {output:?}")
+            });
+            assert_eq!(error["error"]["kind"], "arguments", "{error}");
+            assert_eq!(error["error"]["exit_code"], 2, "{error}");
+            let message = error["error"]["message"].as_str().unwrap();
+            assert!(message.contains("subcommand"), "{message}");
+        }
+        let human = admin(&["--config", config, "accounts"]);
+        assert_eq!(human.status.code(), Some(2), "{human:?}");
+        let text = String::from_utf8(human.stderr).unwrap();
+        assert!(text.contains("Usage: nfcpay-admin accounts"), "{text}");
+        assert!(serde_json::from_str::<Value>(&text).is_err(), "{text}");
+
+        // --config after the subcommand.
+        let listed = admin(&["accounts", "list", "--config", config, "--format", "json"]);
+        assert!(listed.status.success(), "{listed:?}");
+        let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+        assert!(listed["accounts"].is_array(), "{listed}");
+    }
+
+    /// With `--format json` the error document is all there is on standard error, even when
+    /// the ledger's connection pool (r2d2, through the `log` crate) logs errors; asked for with
+    /// `NFCPAY_LOG`, log events come as JSON lines. The pool logs here because PostgreSQL
+    /// refuses the `statement_timeout` every pooled connection sets (above its 2^31 - 1 ms):
+    /// the first connection (migrations) works, every pooled one fails and is logged.
+    #[test]
+    fn json_mode_writes_no_log_text_beside_the_error() {
+        let Some(platform) = Platform::new(true) else {
+            return;
+        };
+        let config = platform.dir.path().join("refused.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[keystore]\nbackend = \"software\"\npath = \"{}\"\n\n[database]\n\
+                 url = \"{}\"\nconnect_timeout_ms = 500\nstatement_timeout_ms = 3000000000\n",
+                platform.dir.path().join("keystore.json").display(),
+                platform.url
+            ),
+        )
+        .unwrap();
+        let admin = |log: Option<&str>| {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_nfcpay-admin"));
+            command
+                .arg("--config")
+                .arg(&config)
+                .args(["--format", "json", "accounts", "list"])
+                .env_remove("NFCPAY_LOG")
+                .stdin(Stdio::null());
+            if let Some(log) = log {
+                command.env("NFCPAY_LOG", log);
+            }
+            command.output().unwrap()
+        };
+
+        let quiet = admin(None);
+        assert!(!quiet.status.success(), "{quiet:?}");
+        assert!(quiet.stdout.is_empty(), "{quiet:?}");
+        let error: Value = serde_json::from_slice(&quiet.stderr).unwrap_or_else(|e| {
+            panic!(
+                "stderr is not one JSON document ({e}):\n{}",
+                String::from_utf8_lossy(&quiet.stderr)
+            )
+        });
+        assert!(error["error"]["kind"].is_string(), "{error}");
+
+        // The same failure logs errors when asked: the quiet run above had something to hide.
+        let logged = admin(Some("error"));
+        let stderr = String::from_utf8(logged.stderr).unwrap();
+        let lines: Vec<Value> = stderr
+            .lines()
+            .map(|line| {
+                serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}\n{stderr}"))
+            })
+            .collect();
+        assert!(lines.len() >= 2, "no log event: {stderr}");
+        assert_eq!(lines.last().unwrap()["error"], error["error"], "{stderr}");
+        assert!(
+            lines[..lines.len() - 1]
+                .iter()
+                .all(|event| event["level"] == "ERROR"),
+            "{stderr}"
+        );
+    }
+
+    /// The ` ```sh admin-cli-script ` blocks of docs/admin-cli.md, in order, verbatim.
+    fn documented_script_blocks() -> Vec<String> {
+        const FENCE: &str = "```sh admin-cli-script\n";
+        let doc = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/admin-cli.md"),
+        )
+        .unwrap();
+        let mut blocks = Vec::new();
+        let mut rest = doc.as_str();
+        while let Some(start) = rest.find(FENCE) {
+            let body = &rest[start + FENCE.len()..];
+            let end = body.find("\n```\n").expect("the block is closed");
+            blocks.push(body[..=end].to_owned());
+            rest = &body[end..];
+        }
+        blocks
+    }
+
+    /// Runs one block with `bash -euo pipefail`, `nfcpay-admin` on `PATH`; its standard output.
+    fn run_script_block(script: &str, config: &Path, codes: &Path) -> String {
+        // Not skipped when missing: `cargo xtask test` installs jq (xtask/src/packages.rs).
+        let jq = Command::new("jq").arg("--version").output();
+        assert!(
+            jq.as_ref().is_ok_and(|output| output.status.success()),
+            "jq is needed to run docs/admin-cli.md's script: install the Debian package jq \
+             (`cargo xtask test` does): {jq:?}"
+        );
+        let bin = Path::new(env!("CARGO_BIN_EXE_nfcpay-admin"))
+            .parent()
+            .unwrap();
+        let path = std::env::join_paths(std::iter::once(bin.to_owned()).chain(
+            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+        ))
+        .unwrap();
+        let output = Command::new("bash")
+            .args(["-euo", "pipefail", "-c", script])
+            .env("PATH", path)
+            .env("NFCPAY_CONFIG", config)
+            .env("NFCPAY_CODES", codes)
+            .env_remove("NFCPAY_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(
+            output.status.success() && stderr.is_empty(),
+            "the script failed ({}):\n{script}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+            output.status
+        );
+        stdout
+    }
+
+    /// docs/admin-cli.md's script, run as an operator would with jq, against a throwaway
+    /// software keystore and SQLite ledger: the terminals enrolled and one payment recorded
+    /// between its two blocks.
+    #[test]
+    fn documented_script() {
+        let blocks = documented_script_blocks();
+        assert_eq!(blocks.len(), 2, "{blocks:#?}");
+        let platform = Platform::new(false).unwrap();
+        let config = platform.dir.path().join("script.toml");
+        let mut text = std::fs::read_to_string(platform.dir.path().join("nfcpay.toml")).unwrap();
+        text.push_str(&format!(
+            "\n[platform]\npki_dir = \"{}\"\n",
+            platform.dir.path().join("pki").display()
+        ));
+        std::fs::write(&config, text).unwrap();
+        let codes = platform.dir.path().join("codes");
+
+        let first = run_script_block(&blocks[0], &config, &codes);
+        for line in [
+            "BDK 0123ABCD, KCV ",
+            "alice 100.00 EUR\n",
+            "shop-42 0.00 EUR\n",
+            &format!(
+                "pos-42 pending, code in {}\n",
+                codes.join("pos-42.code").display()
+            ),
+            &format!(
+                "alice-phone pending, code in {}\n",
+                codes.join("alice-phone.code").display()
+            ),
+        ] {
+            assert!(first.contains(line), "{line:?} not in:\n{first}");
+        }
+        assert!(platform.dir.path().join("pki/ca.pem").exists());
+        let code = |terminal: &str| {
+            let file = codes.join(format!("{terminal}.code"));
+            assert_eq!(
+                std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+            let code = std::fs::read_to_string(file).unwrap();
+            assert!(!first.contains(code.trim()), "the code was printed");
+            code
+        };
+
+        // The installers enroll, and alice pays the shop 12.50 EUR.
+        let storage = Storage::open(&platform.url).unwrap();
+        let shop_key = enroll(&storage, "pos-42", &code("pos-42"));
+        let alice_key = enroll(&storage, "alice-phone", &code("alice-phone"));
+        let amount = Amount::new(1250, "EUR".parse().unwrap()).unwrap();
+        let request_digest: [u8; 32] = Sha256::digest(txn(7).to_bytes()).into();
+        let request = HalfContent::A {
+            request_digest,
+            payee_account: "shop-42".parse().unwrap(),
+            amount,
+            expires_at_ms: now_ms() + 60_000,
+        };
+        storage
+            .accept_half(half(txn(7), "pos-42", shop_key, 1, request), now_ms())
+            .unwrap();
+        let instruction = HalfContent::B {
+            request_digest,
+            payer_account: "alice".parse().unwrap(),
+            payee_terminal: "pos-42".parse().unwrap(),
+            amount,
+        };
+        let settled = storage
+            .accept_half(
+                half(txn(7), "alice-phone", alice_key, 1, instruction),
+                now_ms(),
+            )
+            .unwrap();
+        assert!(settled.settled_now);
+        drop(storage);
+
+        let second = run_script_block(&blocks[1], &config, &codes);
+        for line in [
+            "pos-42 active counter 1\n".to_owned(),
+            format!("{} 12.50 EUR alice-phone -> pos-42\n", txn(7)),
+            "shop-42 12.50\n".to_owned(),
+            "alice -12.50\n".to_owned(),
+            "audit intact: true, ".to_owned(),
+            "errors as documented\n".to_owned(),
+        ] {
+            assert!(second.contains(&line), "{line:?} not in:\n{second}");
+        }
     }
 }

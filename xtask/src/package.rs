@@ -3,10 +3,14 @@
 //! Staged by hand and built with `dpkg-deb --root-owner-group` (the equivalent of `cargo deb`,
 //! with nothing to install): `nfcpayd` and `nfcpay-admin` (stripped) in `/usr/bin`, the unit
 //! in `/lib/systemd/system`, the sample configuration as the conffile
-//! `/etc/nfcpay/nfcpay.toml` (dpkg never overwrites an edited conffile), `softhsm-setup` in
-//! `/usr/share/nfcpay`, the docs in `/usr/share/doc/nfcpay`; dependencies from
-//! `dpkg-shlibdeps`. The maintainer scripts make the layout of docs/operations.md §2: the
-//! `nfcpay` system user, `/etc/nfcpay` `root:nfcpay` 0750, `/var/lib/nfcpay` `nfcpay` 0700.
+//! `/etc/nfcpay/nfcpay.toml` (dpkg never overwrites an edited conffile), `softhsm-setup` and
+//! the Grafana dashboard and Prometheus rules of `daemon/monitoring/` in `/usr/share/nfcpay`,
+//! the docs in `/usr/share/doc/nfcpay`; dependencies from `dpkg-shlibdeps`. The maintainer
+//! scripts make the layout of docs/operations.md §2: the `nfcpay` system user, `/etc/nfcpay`
+//! `root:nfcpay` 0750, `/var/lib/nfcpay` `nfcpay` 0700 — owners and modes on the first
+//! installation only, so that an upgrade keeps the operator's, and a configuration file the
+//! operator deleted is no error. Every file they touch is under `$DPKG_ROOT` (set by
+//! `dpkg --root`, empty otherwise), which is how the unit tests run them in a throwaway root.
 //!
 //! [`check`] (a step of `cargo xtask test`) builds it from the binaries the tests use, runs
 //! `lintian` (no errors allowed) and `systemd-analyze verify` on the unit extracted with
@@ -26,29 +30,41 @@ use crate::{command, packages};
 const PACKAGE: &str = "nfcpay";
 const MAINTAINER: &str = "nfcpay maintainers <nfcpay@example.org>";
 const BINARIES: [&str; 2] = ["nfcpayd", "nfcpay-admin"];
-const DOCS: [&str; 4] = [
+const DOCS: [&str; 5] = [
     "docs/operations.md",
+    "docs/admin-cli.md",
     "docs/key-management.md",
     "docs/ledger.md",
     "docs/protocol.md",
 ];
 const SOFTHSM_SETUP: [&str; 3] = ["init-token", "find-module", "softhsm2.conf.in"];
+/// `daemon/monitoring/`, shipped in `/usr/share/nfcpay/monitoring` (docs/operations.md §9).
+const MONITORING: [&str; 3] = ["alerts.yml", "alerts.test.yml", "dashboard.json"];
 /// Lintian fails on errors; its warnings (no man pages yet, systemctl in prerm) are shown.
 const LINTIAN_ARGUMENTS: [&str; 4] = ["--fail-on", "error", "--tag-display-limit", "0"];
 
 const POSTINST: &str = r#"#!/bin/sh
 # nfcpay postinst: the layout of docs/operations.md §2. Never touches an existing
-# configuration's content (it is a conffile: dpkg keeps an edited one).
+# configuration's content (it is a conffile: dpkg keeps an edited one). Owners and modes are
+# set on the first installation only ($2, the version configured before, is empty): an
+# upgrade keeps the operator's. A configuration file the operator deleted stays deleted.
 set -e
 if [ "$1" = configure ]; then
     if ! getent passwd nfcpay >/dev/null; then
         adduser --system --group --home /var/lib/nfcpay --no-create-home \
             --shell /usr/sbin/nologin nfcpay
     fi
-    chown root:nfcpay /etc/nfcpay /etc/nfcpay/nfcpay.toml
-    chmod 0750 /etc/nfcpay
-    chmod 0640 /etc/nfcpay/nfcpay.toml
-    install -d -o nfcpay -g nfcpay -m 0700 /var/lib/nfcpay
+    if [ -z "$2" ]; then
+        chown root:nfcpay "$DPKG_ROOT/etc/nfcpay"
+        chmod 0750 "$DPKG_ROOT/etc/nfcpay"
+        if [ -f "$DPKG_ROOT/etc/nfcpay/nfcpay.toml" ]; then
+            chown root:nfcpay "$DPKG_ROOT/etc/nfcpay/nfcpay.toml"
+            chmod 0640 "$DPKG_ROOT/etc/nfcpay/nfcpay.toml"
+        fi
+    fi
+    if [ -z "$2" ] || [ ! -d "$DPKG_ROOT/var/lib/nfcpay" ]; then
+        install -d -o nfcpay -g nfcpay -m 0700 "$DPKG_ROOT/var/lib/nfcpay"
+    fi
 fi
 #DEBHELPER#
 if [ "$1" = configure ] && [ -d /run/systemd/system ]; then
@@ -125,6 +141,13 @@ pub fn build(root: &Path, release: bool) -> Result<PathBuf> {
             mode,
         )?;
     }
+    for name in MONITORING {
+        install(
+            &root.join("daemon/monitoring").join(name),
+            &stage.join("usr/share/nfcpay/monitoring").join(name),
+            0o644,
+        )?;
+    }
     let doc = stage.join("usr/share/doc").join(PACKAGE);
     for file in DOCS {
         install(
@@ -147,7 +170,7 @@ pub fn build(root: &Path, release: bool) -> Result<PathBuf> {
     )?;
     fs::write(control.join("conffiles"), "/etc/nfcpay/nfcpay.toml\n")?;
     for (name, text) in [("postinst", POSTINST), ("postrm", POSTRM), ("prerm", PRERM)] {
-        let text = text.replace("#DEBHELPER#\n", "");
+        let text = maintainer_script(text);
         let path = control.join(name);
         fs::write(&path, text)?;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
@@ -222,6 +245,11 @@ pub fn check(root: &Path) -> Result<()> {
     })?;
     steps.finish();
     Ok(())
+}
+
+/// A maintainer script as shipped: without debhelper's placeholder (nothing fills it here).
+fn maintainer_script(text: &str) -> String {
+    text.replace("#DEBHELPER#\n", "")
 }
 
 fn install(source: &Path, target: &Path, mode: u32) -> Result<()> {
@@ -350,8 +378,6 @@ mod tests {
     #[test]
     fn the_maintainer_scripts_make_the_documented_layout_and_keep_edited_configuration() {
         assert!(POSTINST.contains("adduser --system --group --home /var/lib/nfcpay"));
-        assert!(POSTINST.contains("chown root:nfcpay /etc/nfcpay /etc/nfcpay/nfcpay.toml"));
-        assert!(POSTINST.contains("install -d -o nfcpay -g nfcpay -m 0700 /var/lib/nfcpay"));
         for script in [POSTINST, POSTRM, PRERM] {
             assert!(
                 !script.contains("nfcpay.toml >"),
@@ -362,5 +388,160 @@ mod tests {
                 "never deletes the ledger"
             );
         }
+    }
+
+    #[test]
+    fn every_monitoring_file_and_the_admin_cli_doc_are_shipped() {
+        let root = crate::workspace_root();
+        let mut files: Vec<String> = fs::read_dir(root.join("daemon/monitoring"))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        let mut shipped: Vec<String> = MONITORING.iter().map(|name| (*name).to_owned()).collect();
+        shipped.sort();
+        assert_eq!(files, shipped, "daemon/monitoring/ and MONITORING differ");
+        assert!(DOCS.contains(&"docs/admin-cli.md"));
+        for doc in DOCS {
+            assert!(root.join(doc).is_file(), "{doc}");
+        }
+    }
+
+    /// A throwaway root with what dpkg unpacks before `postinst configure`: `/etc/nfcpay` and
+    /// the conffile (as packed: 0644, like the directory).
+    fn unpacked_root() -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        let etc = root.path().join("etc/nfcpay");
+        fs::create_dir_all(&etc).unwrap();
+        fs::set_permissions(&etc, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(etc.join("nfcpay.toml"), "# sample\n").unwrap();
+        fs::set_permissions(etc.join("nfcpay.toml"), fs::Permissions::from_mode(0o644)).unwrap();
+        root
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    /// Runs the shipped postinst as dpkg does (`configure PREVIOUS_VERSION`) with `$DPKG_ROOT`
+    /// at `root`. The commands that would change the real system's users, owners or systemd
+    /// (`getent`, `adduser`, `chown`, `install`, `systemctl`) are stand-ins that record their
+    /// arguments (`install -d` makes the directory, owned by the caller); `chmod` is real.
+    /// Returns whether it succeeded and the record.
+    fn postinst(root: &Path, previous: &str, user_exists: bool) -> (bool, String) {
+        let tools = tempfile::tempdir().unwrap();
+        let log = tools.path().join("calls");
+        let stand_in = |name: &str, body: &str| {
+            let path = tools.path().join(name);
+            fs::write(
+                &path,
+                format!(
+                    "#!/bin/sh\necho \"{name} $*\" >>\"{}\"\n{body}\n",
+                    log.display()
+                ),
+            )
+            .unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        stand_in("getent", if user_exists { "exit 0" } else { "exit 2" });
+        stand_in("adduser", "exit 0");
+        stand_in("chown", "exit 0");
+        stand_in("systemctl", "exit 0");
+        stand_in("install", "for last; do :; done\nmkdir -p \"$last\"");
+        let script = tools.path().join("postinst");
+        fs::write(&script, maintainer_script(POSTINST)).unwrap();
+        let status = Command::new("sh")
+            .arg(&script)
+            .args(["configure", previous])
+            .env("DPKG_ROOT", root)
+            .env("PATH", format!("{}:/usr/bin:/bin", tools.path().display()))
+            .status()
+            .unwrap();
+        (
+            status.success(),
+            fs::read_to_string(&log).unwrap_or_default(),
+        )
+    }
+
+    #[test]
+    fn the_first_installation_makes_the_layout() {
+        let root = unpacked_root();
+        let (ok, calls) = postinst(root.path(), "", false);
+        assert!(ok, "{calls}");
+        let at = |path: &str| root.path().join(path);
+        assert!(
+            calls.contains("adduser --system --group --home /var/lib/nfcpay"),
+            "{calls}"
+        );
+        for call in [
+            format!("chown root:nfcpay {}", at("etc/nfcpay").display()),
+            format!(
+                "chown root:nfcpay {}",
+                at("etc/nfcpay/nfcpay.toml").display()
+            ),
+            format!(
+                "install -d -o nfcpay -g nfcpay -m 0700 {}",
+                at("var/lib/nfcpay").display()
+            ),
+        ] {
+            assert!(
+                calls.lines().any(|line| line == call),
+                "{call:?} not in\n{calls}"
+            );
+        }
+        assert_eq!(mode(&at("etc/nfcpay")), 0o750);
+        assert_eq!(mode(&at("etc/nfcpay/nfcpay.toml")), 0o640);
+        assert!(at("var/lib/nfcpay").is_dir());
+    }
+
+    #[test]
+    fn an_upgrade_keeps_the_operators_owners_and_modes() {
+        let root = unpacked_root();
+        let at = |path: &str| root.path().join(path);
+        fs::set_permissions(at("etc/nfcpay"), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::set_permissions(
+            at("etc/nfcpay/nfcpay.toml"),
+            fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        fs::create_dir_all(at("var/lib/nfcpay")).unwrap();
+        let (ok, calls) = postinst(root.path(), "0.1.0", true);
+        assert!(ok, "{calls}");
+        assert!(
+            !calls.contains("adduser") && !calls.contains("chown"),
+            "{calls}"
+        );
+        assert!(!calls.contains("install"), "{calls}");
+        assert_eq!(mode(&at("etc/nfcpay")), 0o700);
+        assert_eq!(mode(&at("etc/nfcpay/nfcpay.toml")), 0o600);
+    }
+
+    #[test]
+    fn a_deleted_configuration_is_no_error_and_stays_deleted() {
+        for previous in ["0.1.0", ""] {
+            let root = unpacked_root();
+            let conffile = root.path().join("etc/nfcpay/nfcpay.toml");
+            fs::remove_file(&conffile).unwrap();
+            let (ok, calls) = postinst(root.path(), previous, true);
+            assert!(ok, "configure {previous:?}: {calls}");
+            assert!(!conffile.exists());
+            assert!(!calls.contains("nfcpay.toml"), "{calls}");
+        }
+    }
+
+    #[test]
+    fn an_upgrade_makes_a_missing_state_directory() {
+        let root = unpacked_root();
+        let (ok, calls) = postinst(root.path(), "0.1.0", true);
+        assert!(ok, "{calls}");
+        let state = root.path().join("var/lib/nfcpay");
+        assert!(
+            calls.contains(&format!(
+                "install -d -o nfcpay -g nfcpay -m 0700 {}",
+                state.display()
+            )),
+            "{calls}"
+        );
+        assert!(state.is_dir());
     }
 }

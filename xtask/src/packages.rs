@@ -52,6 +52,10 @@ pub const PROMETHEUS: Package = Package::new(
     "prometheus",
     "promtool, to check and unit-test daemon/monitoring/alerts.yml",
 );
+pub const JQ: Package = Package::new(
+    "jq",
+    "drives nfcpay-admin --format json in docs/admin-cli.md's script (admin_cli tests)",
+);
 pub const P11_KIT_MODULES: Package = Package::new(
     "p11-kit-modules",
     "p11-kit-proxy.so, to run the PKCS#11 suites through p11-kit's proxy",
@@ -76,6 +80,7 @@ pub const FOR_TEST: &[Package] = &[
     DPKG_DEV,
     BINUTILS,
     PROMETHEUS,
+    JQ,
     P11_KIT_MODULES,
 ];
 

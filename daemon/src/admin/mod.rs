@@ -9,6 +9,10 @@
 //! code. The shapes are documented in `docs/admin-cli.md` and are stable: fields may be added,
 //! never renamed or removed. Each command returns its JSON document and writes its prose to
 //! `out`; [`run`] prints the one that was asked for.
+//!
+//! Log events (`NFCPAY_LOG`, errors only by default) go to standard error as text; with
+//! `--format json` they are not written unless `NFCPAY_LOG` is set, and then as JSON lines,
+//! so that standard error holds nothing a script cannot parse.
 
 mod accounts;
 mod audit;
@@ -34,6 +38,9 @@ use crate::config::{Config, ConfigError};
 pub const EXIT_USAGE: u8 = 64;
 /// Exit code for malformed arguments (clap's own).
 pub const EXIT_ARGUMENTS: u8 = 2;
+/// The environment variable of the log filter (`tracing_subscriber::EnvFilter` directives,
+/// e.g. `debug` or `nfcpay_keystore=debug`).
+pub const LOG_VARIABLE: &str = "NFCPAY_LOG";
 
 /// How a command reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
@@ -60,6 +67,7 @@ pub struct Cli {
     #[arg(
         long,
         short,
+        global = true,
         env = "NFCPAY_CONFIG",
         default_value = "/etc/nfcpay/nfcpay.toml"
     )]
@@ -149,7 +157,13 @@ impl AdminError {
 
     /// A stable name for the kind of failure (`error.kind` in JSON).
     pub fn kind(&self) -> &'static str {
+        use crate::storage::StorageError;
         match self {
+            // An account or terminal named on the command line that the ledger does not have
+            // is the same failure as an unknown transaction, whichever layer finds it.
+            Self::Storage(StorageError::UnknownAccount(_) | StorageError::UnknownTerminal(_)) => {
+                "not-found"
+            }
             Self::Config(_) => "config",
             Self::Keystore(_) => "keystore",
             Self::Input(_) => "input",
@@ -172,9 +186,11 @@ impl AdminError {
 /// and returns the exit code. A closed standard output (EPIPE) ends it quietly with success.
 pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     let args: Vec<std::ffi::OsString> = args.into_iter().collect();
+    let json = json_asked(&args);
+    init_logging(json);
     let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
-        Err(error) => return argument_error(&error, json_asked(&args)),
+        Err(error) => return argument_error(&error, json),
     };
     let format = cli.format;
     let mut stdout = std::io::stdout().lock();
@@ -195,6 +211,25 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     }
 }
 
+/// Sends log events to standard error: text for people; with `--format json`, JSON lines and
+/// only when `NFCPAY_LOG` asks for them, so that by default the one JSON error document is all
+/// a script finds there.
+fn init_logging(json: bool) {
+    if json && std::env::var_os(LOG_VARIABLE).is_none() {
+        return;
+    }
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env(LOG_VARIABLE))
+        .with_writer(std::io::stderr);
+    // Fails only when a subscriber is set already (`main` called twice in one process): that
+    // one stays.
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
 /// Whether the raw arguments ask for JSON (for errors found before they parse).
 fn json_asked(args: &[std::ffi::OsString]) -> bool {
     args.windows(2)
@@ -202,27 +237,38 @@ fn json_asked(args: &[std::ffi::OsString]) -> bool {
         || args.iter().any(|arg| arg == "--format=json")
 }
 
+/// Reports a command line clap refused. `--help` and `--version` asked for are not errors:
+/// clap prints them in either format. Every usage error in JSON mode (a missing subcommand
+/// too, for which clap would print the help text) is a JSON error document.
 fn argument_error(error: &clap::Error, json: bool) -> ExitCode {
     use clap::error::ErrorKind;
     if !json
         || matches!(
             error.kind(),
-            ErrorKind::DisplayHelp
-                | ErrorKind::DisplayVersion
-                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
         )
     {
         // clap prints help and usage itself (and ignores a closed pipe).
         let _ = error.print();
         return ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(EXIT_ARGUMENTS));
     }
-    let message = error.render().to_string();
-    let message = message
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim_start_matches("error: ");
-    report_error(Format::Json, "arguments", message, EXIT_ARGUMENTS);
+    let rendered = error.render().to_string();
+    let message = if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        // The rendering is the help text; its usage line says what is missing.
+        let usage = rendered
+            .lines()
+            .find_map(|line| line.strip_prefix("Usage: "))
+            .unwrap_or("see --help");
+        format!("a subcommand is required: {usage}")
+    } else {
+        rendered
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("error: ")
+            .to_owned()
+    };
+    report_error(Format::Json, "arguments", &message, EXIT_ARGUMENTS);
     ExitCode::from(EXIT_ARGUMENTS)
 }
 

@@ -213,7 +213,8 @@ impl Metrics {
         let refused_per_address = Family::<ListenerLabels, Counter>::default();
         registry.register(
             "http_requests",
-            "Requests answered on the terminal listener, by route and status",
+            "Requests answered on both HTTPS listeners (terminals, enrollment), by route and \
+             status",
             requests.clone(),
         );
         registry.register(
@@ -223,12 +224,14 @@ impl Metrics {
         );
         registry.register(
             "open_connections",
-            "Terminal connections open now (TLS handshake included)",
+            "Connections open now on both HTTPS listeners (terminals, enrollment), TLS handshake \
+             included",
             open_connections.clone(),
         );
         registry.register(
             "tls_handshake_failures",
-            "TLS handshakes that failed or timed out on the terminal listener",
+            "TLS handshakes that failed or timed out on both HTTPS listeners (terminals, \
+             enrollment)",
             handshake_failures.clone(),
         );
         registry.register(
@@ -238,7 +241,8 @@ impl Metrics {
         );
         registry.register(
             "connection_timeouts",
-            "Terminal connections closed for being too slow, by phase",
+            "Connections on both HTTPS listeners (terminals, enrollment) closed for being too \
+             slow, by phase",
             timeouts.clone(),
         );
         registry.register(
@@ -435,5 +439,31 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    /// The front end counts these on both HTTPS listeners (`server::connection` serves both
+    /// with the same code), and docs/operations.md says so: their help must not say otherwise.
+    #[test]
+    fn help_of_metrics_counted_on_both_listeners_says_so() {
+        let metrics = Metrics::new();
+        // A family without a series has no help line either.
+        metrics.request(RouteLabel::Enroll, 200, Duration::from_millis(1));
+        let text = metrics.encode().unwrap();
+        for name in [
+            "http_requests",
+            "open_connections",
+            "tls_handshake_failures",
+            "connection_timeouts",
+        ] {
+            let prefix = format!("# HELP nfcpayd_{name} ");
+            let help = text
+                .lines()
+                .find_map(|line| line.strip_prefix(&prefix))
+                .unwrap_or_else(|| panic!("no help for {name}:\n{text}"));
+            assert!(
+                help.contains("both HTTPS listeners (terminals, enrollment)"),
+                "{name}: {help}"
+            );
+        }
     }
 }

@@ -1,5 +1,18 @@
 //! Token-bucket rate limits keyed by terminal ID (or, for enrollment, by peer address), in a
 //! map of bounded size.
+//!
+//! **Why not `governor`.** Its keyed limiter (GCRA, one atomic `u64` per key in a `DashMap`
+//! by default) answers the same question with the same `Retry-After` figure
+//! (`NotUntil::wait_time_from`), and with less locking than the one `Mutex` here. But its
+//! key map has no bound: it grows with every new key until the caller runs
+//! `retain_recent()` (which drops keys whose state has fully replenished, as [`RateLimiter`]'s
+//! eviction does), so we would still need a sweeping task and a size check of our own, and
+//! between two sweeps a peer with many /64 prefixes (or IPv4 addresses) on the enrollment
+//! listener grows it without limit. The bound is the point of this type (house rule 5: a
+//! limit on everything); with it the limiter is about eighty lines, against a dependency
+//! whose default features (`std`, `dashmap`, `jitter`, `quanta`) bring `dashmap`, `quanta`,
+//! `rand` and `futures` crates (0.10). One `Mutex` taken once per request is cheap next to
+//! the TLS and HSM work of the same request.
 
 use std::collections::HashMap;
 use std::hash::Hash;
