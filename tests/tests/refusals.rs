@@ -1410,6 +1410,35 @@ async fn enrollment_refusals(ledger: Ledger) {
     );
     refused_enrollment(&platform, &storage, "shop-1", &wrong).await;
 
+    // A terminal that trusts another CA than the platform's (protocol.md §6.3: the platform CA
+    // is trusted out of band) stops at the TLS handshake: its code is never sent, so it is
+    // still good below.
+    let impostor_ca = rcgen::KeyPair::generate()
+        .and_then(|key| rcgen::CertificateParams::new(Vec::<String>::new())?.self_signed(&key))
+        .unwrap()
+        .pem();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Keystore> =
+        Arc::new(SoftwareKeystore::open(&dir.path().join("keystore.json")).unwrap());
+    let before = LedgerSnapshot::of(&storage).unwrap();
+    let untrusted = enroll(
+        store,
+        dir.path(),
+        &platform.enrollment_target(impostor_ca.as_bytes()),
+        &"shop-1".parse().unwrap(),
+        &code,
+    )
+    .await;
+    match untrusted {
+        Err(EnrollError::Platform(PlatformError::Connection { step: "TLS", .. })) => {}
+        other => panic!(
+            "expected a TLS failure, got {:?}",
+            other.map(|_| "enrolled")
+        ),
+    }
+    assert_eq!(LedgerSnapshot::of(&storage).unwrap(), before);
+    assert!(!dir.path().join(STATE_FILE_NAME).exists());
+
     let enrolled = platform
         .enroll_with_code("shop-1", "shop", &code)
         .await
