@@ -719,6 +719,13 @@ async fn a_terminal_reaches_each_route_and_gets_the_services_answers() {
     assert_eq!(settled.status, StatusCode::OK);
     assert_eq!(settled.content_type(), "application/octet-stream");
     assert_eq!(settled.text(), "B|shop-1|250|settle");
+    // Receipts are never cached on the way (protocol.md §6.2).
+    for receipt in [&pending, &settled] {
+        assert_eq!(
+            receipt.headers.get(http::header::CACHE_CONTROL).unwrap(),
+            "no-store"
+        );
+    }
 
     // A wait above the maximum is capped, not refused.
     let capped = send(&mut sender, Method::POST, "/v1/halves/b?wait_ms=60000", "x")
@@ -738,6 +745,10 @@ async fn a_terminal_reaches_each_route_and_gets_the_services_answers() {
     assert_eq!(status.status, StatusCode::OK);
     assert_eq!(status.content_type(), "application/octet-stream");
     assert_eq!(status.text(), format!("receipt|shop-1|{txn}"));
+    assert_eq!(
+        status.headers.get(http::header::CACHE_CONTROL).unwrap(),
+        "no-store"
+    );
 
     // The service's problems go out as problem+json with their status.
     let unknown = send(
