@@ -24,6 +24,7 @@
 //! - [`receipts`]: building and sealing receipts.
 //! - [`enroll`]: remote key loading and certificate issuance.
 //! - [`metered`]: the keystore wrapper that counts HSM operations for `/metrics`.
+//! - [`readiness`]: the HSM's readiness canary, with a deadline and one probe at a time.
 //! - [`workers`]: the HSM worker threads and their bounded queue.
 //! - `problems`: the one mapping from errors below to API problems.
 
@@ -32,6 +33,7 @@ pub mod enroll;
 pub mod halves;
 pub mod metered;
 mod problems;
+pub mod readiness;
 pub mod receipts;
 pub mod workers;
 
@@ -110,6 +112,8 @@ struct Inner {
     in_flight: Arc<Semaphore>,
     /// The chain heads this daemon last signed a checkpoint of.
     last_checkpoint: std::sync::Mutex<Option<Vec<ChainHead>>>,
+    /// The HSM's readiness canary, one at a time ([`readiness::HSM_HEALTH_TIMEOUT`]).
+    hsm_probe: readiness::HsmProbe,
     /// The last readiness answer and when it was made ([`READY_CHECK_INTERVAL`]).
     last_ready: std::sync::Mutex<Option<(std::time::Instant, Result<(), NotReady>)>>,
 }
@@ -158,6 +162,7 @@ impl Platform {
                 active_terminals: active::ActiveTerminals::default(),
                 in_flight: Arc::new(Semaphore::new(HALVES_IN_FLIGHT_MAX)),
                 last_checkpoint: std::sync::Mutex::new(None),
+                hsm_probe: readiness::HsmProbe::new(readiness::HSM_HEALTH_TIMEOUT),
                 last_ready: std::sync::Mutex::new(None),
             }),
             hsm,
@@ -425,24 +430,25 @@ impl Api for Platform {
         if let Some(answer) = cached(&self.inner) {
             return answer;
         }
+        // The HSM's canary (a session, a derivation from each BDK in use and a signature by
+        // each key pair in use: TLS server key, CA, receipt key; each failure named) and the
+        // database's, side by side, each within its own deadline; the HSM's failure is
+        // named first.
+        let hsm = self.inner.hsm_probe.check(&self.inner.keystore);
         let inner = Arc::clone(&self.inner);
-        let answer = tokio::task::spawn_blocking(move || {
-            // The HSM's canary: a session, a derivation from each BDK in use and a signature
-            // by each key pair in use (TLS server key, CA, receipt key), each failure named.
-            inner.keystore.check_health().map_err(|error| NotReady {
-                component: "hsm",
-                reason: ErrorChain(&error).to_string(),
-            })?;
+        let database = tokio::task::spawn_blocking(move || {
             inner.storage.check_health().map_err(|error| NotReady {
                 component: "database",
                 reason: ErrorChain(&error).to_string(),
             })
-        })
-        .await
-        .unwrap_or_else(|_| {
-            Err(NotReady {
-                component: "service",
-                reason: "readiness check did not finish".into(),
+        });
+        let (hsm, database) = tokio::join!(hsm, database);
+        let answer = hsm.and_then(|()| {
+            database.unwrap_or_else(|_| {
+                Err(NotReady {
+                    component: "service",
+                    reason: "readiness check did not finish".into(),
+                })
             })
         });
         *self
@@ -529,6 +535,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use nfcpay_keystore::software::SoftwareKeystore;
+    use nfcpay_keystore::testing::{FailingKeystore, Fault};
 
     use super::*;
     use crate::storage::WriterFault;
@@ -576,6 +583,18 @@ mod tests {
             .hsm_jobs_failed
             .get_or_create(&JobFailureLabels { reason })
             .get()
+    }
+
+    /// A platform over a software keystore that fails on cue and an SQLite ledger.
+    fn failing_platform() -> (tempfile::TempDir, Arc<FailingKeystore>, Platform) {
+        let dir = tempfile::TempDir::new().unwrap();
+        let failing = Arc::new(FailingKeystore::new(
+            Arc::new(SoftwareKeystore::in_memory()),
+            usize::MAX,
+        ));
+        let storage = Storage::open(dir.path().join("ledger.db").to_str().unwrap()).unwrap();
+        let platform = Platform::new(failing.clone(), storage, dir.path().to_owned(), 16).unwrap();
+        (dir, failing, platform)
     }
 
     /// A job the HSM does not finish within [`workers::HSM_JOB_TIMEOUT`] (here: stalled until
@@ -656,5 +675,23 @@ mod tests {
             .unwrap_err();
         assert_eq!(panicked.code(), ProblemCode::Internal);
         assert_eq!(failed(&platform, "panicked"), 1);
+    }
+
+    /// A canary that stalls makes readiness fail at its deadline, naming the HSM and the
+    /// deadline, not when (or if) the HSM answers; paused time, so nothing waits for it.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_hsm_canary_is_not_ready_at_its_deadline() {
+        let (_dir, failing, platform) = failing_platform();
+        failing.fault_health_checks(Some(Fault::Stall));
+        let not_ready = platform.ready().await.unwrap_err();
+        assert_eq!(not_ready.component, "hsm");
+        assert_eq!(
+            not_ready.reason,
+            format!(
+                "check took over {} ms",
+                readiness::HSM_HEALTH_TIMEOUT.as_millis()
+            )
+        );
+        failing.fault_health_checks(None);
     }
 }
