@@ -351,10 +351,12 @@ impl HandshakeSigning {
         std::thread::Builder::new()
             .name("nfcpay-tls-sign".to_owned())
             .spawn(move || {
-                // The place is given back when the signature is done, however late.
-                let _place = place;
+                let signature = signer.sign(&message);
+                // The place is given back when the signature is done, however late (and
+                // before the answer, so that a caller that has it finds the place free).
+                drop(place);
                 // The handshake may have stopped waiting: the signature is then dropped.
-                let _ = answer.send(signer.sign(&message));
+                let _ = answer.send(signature);
             })
             .map_err(|error| {
                 tracing::error!(%error, "no thread for a TLS signature");

@@ -87,12 +87,13 @@ impl HsmProbe {
         std::thread::Builder::new()
             .name("nfcpay-hsm-health".into())
             .spawn(move || {
-                // The next check starts a new probe, also when this one panics.
-                let _done = done;
                 let checked = keystore.check_health().map_err(|error| NotReady {
                     component: "hsm",
                     reason: ErrorChain(&error).to_string(),
                 });
+                // The next check starts a new probe (also when this one panics: `done` is
+                // dropped then too), not one that has answered already.
+                drop(done);
                 // Nobody may be waiting any more: then the answer is dropped.
                 let _ = reply.send(Some(checked));
             })
