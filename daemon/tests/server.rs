@@ -6,7 +6,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,7 +26,7 @@ use rcgen::{
 };
 use rustls::client::ResolvesClientCert;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use rustls::sign::CertifiedKey;
+use rustls::sign::{CertifiedKey, Signer, SigningKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Notify, oneshot};
@@ -458,6 +458,15 @@ impl Running {
         adjust: impl FnOnce(&mut ServerConfig),
         next_material: NextMaterial,
     ) -> Self {
+        Self::start_with_key(adjust, next_material, |key| key).await
+    }
+
+    /// Starts with the server key `wrap` makes of the first material's key.
+    async fn start_with_key(
+        adjust: impl FnOnce(&mut ServerConfig),
+        next_material: NextMaterial,
+        wrap: impl FnOnce(Arc<dyn SigningKey>) -> Arc<dyn SigningKey>,
+    ) -> Self {
         let ca = Ca::new("platform terminal CA");
         let mut config = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -473,7 +482,9 @@ impl Running {
                 .take()
                 .ok_or_else(|| ServerError::Material("no new material".into()))
         });
-        let tls = Arc::new(TlsReloader::new(ca.server_material("server-1"), reload).unwrap());
+        let mut material = ca.server_material("server-1");
+        material.key = wrap(material.key);
+        let tls = Arc::new(TlsReloader::new(material, reload).unwrap());
         let api = Arc::new(FakeApi::default());
         let server =
             Server::new(config, Arc::clone(&api), Arc::clone(&tls), Metrics::new()).unwrap();
@@ -1649,6 +1660,143 @@ async fn health_readiness_and_metrics_on_the_operations_listener() {
         .await
         .unwrap();
     missing.assert_problem(ProblemCode::NotFound);
+    running.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server key's signature
+
+/// Makes every signature of a [`StallingKey`] wait while it is set: a stalled HSM.
+#[derive(Debug, Default)]
+struct Stall {
+    stalled: Mutex<bool>,
+    changed: Condvar,
+    /// Signatures that have started waiting.
+    waiting: AtomicUsize,
+}
+
+impl Stall {
+    fn set(&self, stalled: bool) {
+        *self.stalled.lock().unwrap() = stalled;
+        self.changed.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut stalled = self.stalled.lock().unwrap();
+        if *stalled {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+        }
+        while *stalled {
+            stalled = self.changed.wait(stalled).unwrap();
+        }
+    }
+}
+
+/// A server key whose signatures wait while its [`Stall`] is set.
+#[derive(Debug)]
+struct StallingKey {
+    key: Arc<dyn SigningKey>,
+    stall: Arc<Stall>,
+}
+
+impl SigningKey for StallingKey {
+    fn choose_scheme(&self, offered: &[rustls::SignatureScheme]) -> Option<Box<dyn Signer>> {
+        let signer = self.key.choose_scheme(offered)?;
+        Some(Box::new(StallingSigner {
+            signer,
+            stall: Arc::clone(&self.stall),
+        }))
+    }
+
+    fn algorithm(&self) -> rustls::SignatureAlgorithm {
+        self.key.algorithm()
+    }
+}
+
+#[derive(Debug)]
+struct StallingSigner {
+    signer: Box<dyn Signer>,
+    stall: Arc<Stall>,
+}
+
+impl Signer for StallingSigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        self.stall.wait();
+        self.signer.sign(message)
+    }
+
+    fn scheme(&self) -> rustls::SignatureScheme {
+        self.signer.scheme()
+    }
+}
+
+/// While the server key's signatures stall (an HSM that does not answer), more handshakes
+/// than the runtime has worker threads wait for it, each at most `TLS_SIGNATURE_TIMEOUT`, and
+/// then fail, counted as `timed_out`; meanwhile a connection already open is served, and so is
+/// the operations listener. Once the key signs again, so do handshakes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_server_key_fails_handshakes_at_its_deadline_and_the_rest_is_served() {
+    const HANDSHAKES: usize = 4;
+    let stall = Arc::new(Stall::default());
+    let running = {
+        let stall = Arc::clone(&stall);
+        Running::start_with_key(
+            |_| {},
+            Arc::default(),
+            move |key| Arc::new(StallingKey { key, stall }),
+        )
+        .await
+    };
+    let (mut open, _driver) = running.http_as_terminal("shop-1").await;
+    stall.set(true);
+    let started = std::time::Instant::now();
+    let handshakes: Vec<_> = (0..HANDSHAKES)
+        .map(|_| {
+            let client = running.terminal("shop-2");
+            let address = running.address;
+            tokio::spawn(async move { client.tls(address).await.map(drop) })
+        })
+        .collect();
+    eventually("every handshake waits for the key", || async {
+        stall.waiting.load(Ordering::SeqCst) >= HANDSHAKES
+    })
+    .await;
+    let answer = send(
+        &mut open,
+        Method::GET,
+        "/v1/transactions/0123456789ABCDEF0123456789ABCDEF",
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    assert_eq!(running.ops_get("/healthz").await.status, StatusCode::OK);
+    for handshake in handshakes {
+        let result = tokio::time::timeout(PATIENCE, handshake)
+            .await
+            .expect("a handshake waited past the signature's deadline")
+            .unwrap();
+        assert!(result.is_err(), "a handshake completed with a stalled key");
+    }
+    println!(
+        "{HANDSHAKES} handshakes with a stalled server key failed; the last after {} ms \
+         (deadline {} ms); the open connection was served meanwhile",
+        started.elapsed().as_millis(),
+        nfcpay_daemon::server::tls::TLS_SIGNATURE_TIMEOUT.as_millis()
+    );
+    let counted =
+        format!(r#"nfcpayd_tls_signatures_failed_total{{reason="timed_out"}} {HANDSHAKES}"#);
+    eventually("the failures are counted", || {
+        running.metrics_contain(&counted)
+    })
+    .await;
+
+    stall.set(false);
+    let (mut again, _driver) = running.http_as_terminal("shop-2").await;
+    let answer = send(&mut again, Method::POST, "/v1/halves/a", "half")
+        .await
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
     running.stop().await;
 }
 

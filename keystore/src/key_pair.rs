@@ -13,9 +13,9 @@ use rustls_pki_types::SubjectPublicKeyInfoDer;
 /// A persistent P-256 key pair in the keystore, found or made under a fixed label.
 ///
 /// Cloning shares the one handle. Signing is a blocking keystore call: in a TLS handshake
-/// rustls calls [`rustls::sign::Signer::sign`] synchronously on the connection's task, which
-/// is acceptable because one ECDSA signature is a short HSM round trip; everything else
-/// that touches the keystore runs on blocking threads.
+/// rustls calls [`rustls::sign::Signer::sign`] synchronously on the connection's task, so a
+/// server that must not block its runtime on a stalled HSM bounds that call itself (nfcpayd
+/// signs on a thread of its own with a deadline: `server::tls` in the daemon).
 #[derive(Clone)]
 pub struct HsmKeyPair {
     inner: Arc<Inner>,

@@ -7,8 +7,8 @@ mod softhsm;
 
 pub use softhsm::{SOFTHSM2_MODULE, SoftHsmDir, token_uri};
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use nfcpay_protocol::dukpt::{DerivationData, KeyAlgorithm, WorkingKeyUsage};
 use nfcpay_protocol::{BdkId, Ksn};
@@ -79,12 +79,36 @@ pub fn assert_fresh_transaction(
 
 /// A keystore that, once [armed](Self::arm), fails the `fail_at`-th call (counting from 0) to
 /// the calls that change a terminal's key state (`derive`, `persist_key`, `delete_key`), like
-/// a crash at that point; every other call goes to the keystore it wraps.
+/// a crash at that point; and whose signatures and health checks fail, panic or stall on cue
+/// ([`Self::fault_signatures`], [`Self::fault_health_checks`]). Every other call goes to the
+/// keystore it wraps.
 pub struct FailingKeystore {
     inner: Arc<dyn Keystore>,
     armed: AtomicBool,
     calls: AtomicUsize,
     fail_at: usize,
+    faults: Mutex<Faults>,
+    /// Signalled whenever a fault is changed: a stalled call looks again.
+    faults_changed: Condvar,
+    sign_calls: AtomicUsize,
+    health_calls: AtomicUsize,
+}
+
+/// What a faulted call does instead of its work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Fails with a device error (`CKR_DEVICE_ERROR`: the HSM is unavailable).
+    Fail,
+    /// Panics (a bug below the caller).
+    Panic,
+    /// Waits until the fault is changed (a stalled HSM), then does what the new setting says.
+    Stall,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Faults {
+    sign: Option<Fault>,
+    health: Option<Fault>,
 }
 
 impl FailingKeystore {
@@ -95,6 +119,68 @@ impl FailingKeystore {
             armed: AtomicBool::new(false),
             calls: AtomicUsize::new(0),
             fail_at,
+            faults: Mutex::new(Faults::default()),
+            faults_changed: Condvar::new(),
+            sign_calls: AtomicUsize::new(0),
+            health_calls: AtomicUsize::new(0),
+        }
+    }
+
+    /// From now on every `sign_p256_sha256` does `fault` (`None`: signs again); a stalled
+    /// signature goes on once this is called again.
+    pub fn fault_signatures(&self, fault: Option<Fault>) {
+        self.set_faults(|faults| faults.sign = fault);
+    }
+
+    /// From now on every `check_health` does `fault` (`None`: checks again); a stalled check
+    /// goes on once this is called again.
+    pub fn fault_health_checks(&self, fault: Option<Fault>) {
+        self.set_faults(|faults| faults.health = fault);
+    }
+
+    /// How many times `sign_p256_sha256` was called, faulted or not.
+    pub fn sign_calls(&self) -> usize {
+        self.sign_calls.load(Ordering::SeqCst)
+    }
+
+    /// How many times `check_health` was called, faulted or not.
+    pub fn health_calls(&self) -> usize {
+        self.health_calls.load(Ordering::SeqCst)
+    }
+
+    fn set_faults(&self, change: impl FnOnce(&mut Faults)) {
+        change(&mut self.faults.lock().unwrap_or_else(PoisonError::into_inner));
+        self.faults_changed.notify_all();
+    }
+
+    /// Does what `which` of the faults says, waiting while it says [`Fault::Stall`].
+    fn faulted(
+        &self,
+        which: fn(&Faults) -> Option<Fault>,
+        function: &'static str,
+    ) -> Result<(), KeystoreError> {
+        let mut faults = self.faults.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            match which(&faults) {
+                None => return Ok(()),
+                Some(Fault::Fail) => {
+                    return Err(KeystoreError::Device {
+                        function,
+                        code: "CKR_DEVICE_ERROR".to_owned(),
+                        source: None,
+                    });
+                }
+                Some(Fault::Panic) => {
+                    drop(faults);
+                    panic!("injected panic in {function}");
+                }
+                Some(Fault::Stall) => {
+                    faults = self
+                        .faults_changed
+                        .wait(faults)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+            }
         }
     }
 
@@ -188,6 +274,8 @@ impl Keystore for FailingKeystore {
         key: &PrivateKeyHandle,
         message: &[u8],
     ) -> Result<[u8; ECDSA_P256_SIGNATURE_BYTES], KeystoreError> {
+        self.sign_calls.fetch_add(1, Ordering::SeqCst);
+        self.faulted(|faults| faults.sign, "C_Sign")?;
         self.inner.sign_p256_sha256(key, message)
     }
     fn ecdh_kek(
@@ -228,6 +316,8 @@ impl Keystore for FailingKeystore {
         self.inner.destroy_ec(key)
     }
     fn check_health(&self) -> Result<(), KeystoreError> {
+        self.health_calls.fetch_add(1, Ordering::SeqCst);
+        self.faulted(|faults| faults.health, "C_GetSessionInfo")?;
         self.inner.check_health()
     }
 }

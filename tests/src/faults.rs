@@ -191,6 +191,30 @@ async fn pay(
     SettledPayment::from_receipt(&payer.open_receipt(&keys, &answer.receipt)?)
 }
 
+/// Has `payee` and `payer` make `payments` payments one after the other (half A then half B,
+/// each re-sent through a fault until `give_up`); returns how long each took, from its half A
+/// sent to its half B settled. The first payment that is given up ends it with its error.
+pub async fn pay_in_turn(
+    payee: &mut TestTerminal,
+    payer: &mut TestTerminal,
+    payments: usize,
+    give_up: Instant,
+    tally: &Mutex<Tally>,
+) -> Result<Vec<Duration>> {
+    let mut took = Vec::with_capacity(payments);
+    for _ in 0..payments {
+        let started = Instant::now();
+        let payment = pay(payee, payer, give_up, tally).await?;
+        took.push(started.elapsed());
+        tally
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .settled
+            .push((Instant::now(), payment));
+    }
+    Ok(took)
+}
+
 /// Sends `envelope` until it is answered with a success, re-sending the identical bytes after
 /// a `503`, a lost connection or no answer; any other refusal ends the payment.
 async fn submit_resending(

@@ -134,6 +134,8 @@ pub struct PlatformFixture {
     pub database_url: String,
     /// Extra lines of the daemon's `[database]` section (e.g. `write_timeout_ms = 1000`).
     database_settings: String,
+    /// Extra lines of the daemon's `[server]` section (e.g. `enrollment_connections_max = 8`).
+    server_settings: String,
 }
 
 impl PlatformFixture {
@@ -144,6 +146,16 @@ impl PlatformFixture {
 
     /// [`Self::start`], with `settings` (TOML lines) added to the daemon's `[database]`.
     pub fn start_with_database_settings(ledger: &Ledger, settings: &str) -> Result<Self> {
+        Self::start_with_settings(ledger, settings, "")
+    }
+
+    /// [`Self::start`], with `database_settings` and `server_settings` (TOML lines) added to
+    /// the daemon's `[database]` and `[server]` sections.
+    pub fn start_with_settings(
+        ledger: &Ledger,
+        database_settings: &str,
+        server_settings: &str,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("nfcpay-fixture")
             .tempdir()?;
@@ -157,7 +169,8 @@ impl PlatformFixture {
             enroll_address: format!("127.0.0.1:{enroll_port}"),
             ops_address: format!("127.0.0.1:{ops_port}"),
             database_url,
-            database_settings: settings.to_owned(),
+            database_settings: database_settings.to_owned(),
+            server_settings: server_settings.to_owned(),
             daemon: None,
             extra_daemons: Vec::new(),
             dir,
@@ -264,6 +277,7 @@ enrollment_requests_per_second = 1000
 enrollment_request_burst = 1000
 terminal_requests_per_second = 100000
 terminal_request_burst = 100000
+{server_settings}
 
 [platform]
 pki_dir = "{dir}/pki"
@@ -271,6 +285,7 @@ allow_root = true
 "#,
             database = self.database_url,
             database_settings = self.database_settings,
+            server_settings = self.server_settings,
             module = platform_pkcs11_module(),
             address = endpoints.address,
             enroll = endpoints.enroll_address,

@@ -283,6 +283,41 @@ fn start_up_errors_are_printed_once_with_their_cause() {
     );
 }
 
+/// A SQLite ledger file that is not a database (garbage written over it while the daemon was
+/// stopped): `nfcpayd` exits with `EX_UNAVAILABLE` (69) and prints SQLite's own cause once.
+#[test]
+fn a_sqlite_file_that_is_not_a_database_exits_69_with_sqlites_cause() {
+    let mut platform = PlatformFixture::start(&Ledger::Sqlite).unwrap();
+    platform.stop().unwrap();
+    let ledger = platform.dir().join("ledger.db");
+    for journal in ["ledger.db-wal", "ledger.db-shm"] {
+        let _ = std::fs::remove_file(platform.dir().join(journal));
+    }
+    let garbage: Vec<u8> = b"this is no SQLite file\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(8192)
+        .collect();
+    std::fs::write(&ledger, garbage).unwrap();
+
+    let started = Instant::now();
+    let output = nfcpayd(&platform, false, &[]);
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    println!(
+        "SQLite file not a database: exit {:?} after {took:.2?}; stderr:\n{stderr}",
+        output.status.code()
+    );
+    assert_eq!(output.status.code(), Some(69), "{stderr}");
+    assert_eq!(
+        stderr.matches("file is not a database").count(),
+        1,
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches(" ERROR ").count(), 1, "{stderr}");
+}
+
 #[test]
 fn a_wrong_command_line_exits_64_like_a_wrong_configuration_and_help_exits_0() {
     let nfcpayd = |args: &[&str]| {

@@ -8,6 +8,8 @@
 //!   SIGCONT payments settle again, exactly once.
 //! - `nfcpayd` killed with SIGKILL under load on SQLite: after the restart every acknowledged
 //!   payment is in the ledger exactly once.
+//! - An idle TCP flood on the enrollment listener, three times its cap: a terminal pair on
+//!   the terminal listener pays as usual meanwhile.
 //!
 //! The figures (answers by kind, time to `503`, recovery time) are printed, not asserted:
 //! `cargo test -p nfcpay-tests --test faults -- --nocapture` shows them. The PostgreSQL tests
@@ -32,6 +34,15 @@ const TIMEOUT_MS: u64 = 1_000;
 const FREEZE: Duration = Duration::from_secs(4);
 /// How far into the freeze `/readyz` must be answering 503: twice the timeouts.
 const READINESS_NOTICE_MAX: Duration = Duration::from_millis(2 * TIMEOUT_MS);
+/// The enrollment listener's cap in the flood test (its default is 64).
+const ENROLLMENT_CAP: usize = 8;
+/// Idle TCP connections opened to the enrollment listener in the flood test.
+const FLOOD: usize = 3 * ENROLLMENT_CAP;
+/// Payments a terminal pair makes during the flood.
+const FLOOD_PAYMENTS: usize = 20;
+/// Within how long every payment during the flood must have settled: generous (about 0.1 s
+/// each unflooded on this machine); the point is that terminals are not starved.
+const FLOOD_PAYMENTS_WITHIN: Duration = Duration::from_secs(30);
 
 /// Terminal pairs paying in the background until a deadline, and what they were answered.
 struct Load {
@@ -332,4 +343,84 @@ async fn postgres_failover_to_a_synchronous_standby_loses_no_acknowledged_paymen
     );
     check_run("postgres failover", &platform, &tally, &accounts);
     drop(primary);
+}
+
+/// The value of the metric line that starts with `series` (name and labels) on the daemon's
+/// `/metrics`.
+fn metric(platform: &PlatformFixture, series: &str) -> u64 {
+    let (status, text) = http_get(&platform.ops_address, "/metrics").expect("/metrics");
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .find_map(|line| line.strip_prefix(series))
+        .map_or(0, |value| value.trim().parse().expect("a counter"))
+}
+
+/// Three times as many idle TCP connections as the enrollment listener's cap (8 here; the
+/// handshake timeout raised so that none is dropped during the test): the listener is full —
+/// it accepts exactly its cap and no more, before and after the payments — while a terminal
+/// pair makes [`FLOOD_PAYMENTS`] payments on the terminal listener, each settled (once in the
+/// ledger) within [`FLOOD_PAYMENTS_WITHIN`].
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_flood_on_the_enrollment_listener_leaves_terminals_paying() {
+    let platform = PlatformFixture::start_with_settings(
+        &Ledger::Sqlite,
+        "",
+        &format!(
+            "enrollment_connections_max = {ENROLLMENT_CAP}\n\
+             enrollment_connections_per_address_max = {ENROLLMENT_CAP}\n\
+             tls_handshake_timeout_ms = 60000\n"
+        ),
+    )
+    .expect("platform");
+    // Enrolled before the flood: enrollment is what the flood blocks.
+    let (mut pairs, accounts) = faults::enroll_pairs(&platform, 1).await.expect("terminals");
+    let (mut payee, mut payer) = pairs.pop().expect("a pair");
+    let accepted = r#"nfcpayd_connections_total{listener="enrollment"} "#;
+    let accepted_before = metric(&platform, accepted);
+
+    let flood: Vec<std::net::TcpStream> = (0..FLOOD)
+        .map(|_| {
+            std::net::TcpStream::connect(&platform.enroll_address).expect("a flood connection")
+        })
+        .collect();
+    let deadline = Instant::now() + FLOOD_PAYMENTS_WITHIN;
+    while metric(&platform, accepted) < accepted_before + ENROLLMENT_CAP as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "the flood never filled the enrollment listener"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let tally = Mutex::new(Tally::default());
+    let started = Instant::now();
+    let took = faults::pay_in_turn(
+        &mut payee,
+        &mut payer,
+        FLOOD_PAYMENTS,
+        started + FLOOD_PAYMENTS_WITHIN,
+        &tally,
+    )
+    .await
+    .expect("every payment settles during the flood");
+    let elapsed = started.elapsed();
+    // Still full: the flood held the whole time, and the listener took no more than its cap.
+    assert_eq!(
+        metric(&platform, accepted),
+        accepted_before + ENROLLMENT_CAP as u64
+    );
+    drop(flood);
+
+    let mut sorted = took.clone();
+    sorted.sort();
+    println!(
+        "enrollment flood ({FLOOD} idle connections, cap {ENROLLMENT_CAP}): {} payments \
+         settled in {elapsed:.2?}; per payment median {:.1?}, max {:.1?}",
+        took.len(),
+        sorted[sorted.len() / 2],
+        sorted[sorted.len() - 1],
+    );
+    assert!(elapsed < FLOOD_PAYMENTS_WITHIN, "{elapsed:?}");
+    let tally = tally.into_inner().unwrap();
+    check_run("enrollment flood", &platform, &tally, &accounts);
 }

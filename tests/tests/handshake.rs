@@ -232,4 +232,64 @@ fn openssl_gets_no_http_answer_from_the_terminal_listener_without_a_valid_certif
         "each refusal is a failed handshake\n{}",
         platform.daemon_log()
     );
+    // Each refusal on the terminal listener is logged once at info, with the peer and
+    // rustls's reason; the one on the enrollment listener (open to scanners) is not.
+    let log = platform.daemon_log();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("TLS handshake refused"))
+        .collect();
+    assert_eq!(refusals.len(), 3, "{log}");
+    for line in &refusals {
+        assert!(line.contains(" INFO "), "{line}");
+        assert!(line.contains("peer=127.0.0.1:"), "{line}");
+        assert!(line.contains("listener=\"terminals\""), "{line}");
+        assert!(line.contains("reason="), "{line}");
+    }
+    assert!(
+        refusals
+            .iter()
+            .any(|line| line.contains("peer sent no certificates")),
+        "{log}"
+    );
+}
+
+/// One address over its share of the terminal listener (1 here): the connection beyond it is
+/// closed at accept, before any TLS, and the refusal is logged once at info with the peer and
+/// the reason.
+#[test]
+fn a_connection_over_its_address_share_is_closed_and_logged_once() {
+    let platform = PlatformFixture::start_with_settings(
+        &Ledger::Sqlite,
+        "",
+        "connections_per_address_max = 1\n",
+    )
+    .unwrap();
+    let _share = std::net::TcpStream::connect(&platform.address).unwrap();
+    let mut over = std::net::TcpStream::connect(&platform.address).unwrap();
+    over.set_read_timeout(Some(OPENSSL_TIMEOUT)).unwrap();
+    let mut read = [0u8; 1];
+    // Closed without a byte (EOF, or a reset if the kernel saw it first).
+    assert!(matches!(over.read(&mut read), Ok(0) | Err(_)));
+    let refused = |log: &str| {
+        log.lines()
+            .filter(|line| line.contains("connection refused"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + OPENSSL_TIMEOUT;
+    while refused(&platform.daemon_log()).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = platform.daemon_log();
+    let lines = refused(&log);
+    assert_eq!(lines.len(), 1, "{log}");
+    let line = &lines[0];
+    assert!(line.contains(" INFO "), "{line}");
+    assert!(line.contains("listener=\"terminals\""), "{line}");
+    assert!(line.contains("peer=127.0.0.1:"), "{line}");
+    assert!(
+        line.contains("its address has its share of the listener open"),
+        "{line}"
+    );
 }

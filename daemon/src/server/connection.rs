@@ -166,7 +166,7 @@ pub(crate) async fn accept_loop<K, F, Fut, R>(
     K: Copy + fmt::Display,
     F: FnMut(K, TcpStream, SocketAddr, Slot) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
-    R: Fn(K, ClientAddress),
+    R: Fn(K, SocketAddr),
 {
     assert!(!listeners.is_empty(), "an accept loop needs a listener");
     let permits = Arc::new(Semaphore::new(limits.connections_max));
@@ -197,7 +197,7 @@ pub(crate) async fn accept_loop<K, F, Fut, R>(
                 let address = ClientAddress::from(peer.ip());
                 let Some(share) = shares.claim(address) else {
                     // Closed before any TLS work; the permit goes back at once.
-                    refused(kind, address);
+                    refused(kind, peer);
                     continue;
                 };
                 let was_crowded = crowding.is_crowded();
@@ -333,9 +333,28 @@ pub(super) async fn serve_https<A: Api>(
             slot,
         )
     };
-    let refused = |kind: Listener, address: ClientAddress| {
+    let refused = |kind: Listener, peer: SocketAddr| {
         shared.metrics.refused_per_address(kind.name());
-        tracing::debug!(listener = kind.name(), %address, "connection refused: its address has its share of the listener open");
+        let address = ClientAddress::from(peer.ip());
+        // Once per refused connection. On the terminal listener an operator wants to see it
+        // (a shop's terminals behind one NAT over their share); on the enrollment listener,
+        // open to anyone, a flood would fill the log.
+        match kind {
+            Listener::Terminals => tracing::info!(
+                listener = kind.name(),
+                %peer,
+                %address,
+                reason = "its address has its share of the listener open",
+                "connection refused"
+            ),
+            Listener::Enrollment => tracing::debug!(
+                listener = kind.name(),
+                %peer,
+                %address,
+                reason = "its address has its share of the listener open",
+                "connection refused"
+            ),
+        }
     };
     tokio::join!(
         accept_loop(
@@ -399,7 +418,24 @@ async fn https_connection<A: Api>(
             Ok(Err(error)) => {
                 shared.metrics.handshake_failed();
                 shared.metrics.handshake(kind.name(), "failed");
-                tracing::debug!(%peer, listener = kind.name(), %error, "TLS handshake failed");
+                // Once per refused connection, with rustls's reason (an alert, a missing or
+                // unknown client certificate: never a secret). At info on the terminal
+                // listener, where it is a terminal that cannot connect; scanners on the open
+                // enrollment listener stay at debug.
+                match kind {
+                    Listener::Terminals => tracing::info!(
+                        %peer,
+                        listener = kind.name(),
+                        reason = %error,
+                        "TLS handshake refused"
+                    ),
+                    Listener::Enrollment => tracing::debug!(
+                        %peer,
+                        listener = kind.name(),
+                        reason = %error,
+                        "TLS handshake refused"
+                    ),
+                }
                 return;
             }
             Err(_) => {

@@ -176,6 +176,7 @@ impl<A: Api> Server<A> {
         metrics: Metrics,
     ) -> Result<Self, ServerError> {
         config.validate()?;
+        tls.register_metrics(&metrics);
         let terminal_rate = rate::RateLimiter::new(
             config.terminal_requests_per_second,
             config.terminal_request_burst,

@@ -24,6 +24,7 @@
 //! - [`receipts`]: building and sealing receipts.
 //! - [`enroll`]: remote key loading and certificate issuance.
 //! - [`metered`]: the keystore wrapper that counts HSM operations for `/metrics`.
+//! - [`readiness`]: the HSM's readiness canary, with a deadline and one probe at a time.
 //! - [`workers`]: the HSM worker threads and their bounded queue.
 //! - `problems`: the one mapping from errors below to API problems.
 
@@ -32,6 +33,7 @@ pub mod enroll;
 pub mod halves;
 pub mod metered;
 mod problems;
+pub mod readiness;
 pub mod receipts;
 pub mod workers;
 
@@ -110,6 +112,8 @@ struct Inner {
     in_flight: Arc<Semaphore>,
     /// The chain heads this daemon last signed a checkpoint of.
     last_checkpoint: std::sync::Mutex<Option<Vec<ChainHead>>>,
+    /// The HSM's readiness canary, one at a time ([`readiness::HSM_HEALTH_TIMEOUT`]).
+    hsm_probe: readiness::HsmProbe,
     /// The last readiness answer and when it was made ([`READY_CHECK_INTERVAL`]).
     last_ready: std::sync::Mutex<Option<(std::time::Instant, Result<(), NotReady>)>>,
 }
@@ -158,6 +162,7 @@ impl Platform {
                 active_terminals: active::ActiveTerminals::default(),
                 in_flight: Arc::new(Semaphore::new(HALVES_IN_FLIGHT_MAX)),
                 last_checkpoint: std::sync::Mutex::new(None),
+                hsm_probe: readiness::HsmProbe::new(readiness::HSM_HEALTH_TIMEOUT),
                 last_ready: std::sync::Mutex::new(None),
             }),
             hsm,
@@ -425,24 +430,25 @@ impl Api for Platform {
         if let Some(answer) = cached(&self.inner) {
             return answer;
         }
+        // The HSM's canary (a session, a derivation from each BDK in use and a signature by
+        // each key pair in use: TLS server key, CA, receipt key; each failure named) and the
+        // database's, side by side, each within its own deadline; the HSM's failure is
+        // named first.
+        let hsm = self.inner.hsm_probe.check(&self.inner.keystore);
         let inner = Arc::clone(&self.inner);
-        let answer = tokio::task::spawn_blocking(move || {
-            // The HSM's canary: a session, a derivation from each BDK in use and a signature
-            // by each key pair in use (TLS server key, CA, receipt key), each failure named.
-            inner.keystore.check_health().map_err(|error| NotReady {
-                component: "hsm",
-                reason: ErrorChain(&error).to_string(),
-            })?;
+        let database = tokio::task::spawn_blocking(move || {
             inner.storage.check_health().map_err(|error| NotReady {
                 component: "database",
                 reason: ErrorChain(&error).to_string(),
             })
-        })
-        .await
-        .unwrap_or_else(|_| {
-            Err(NotReady {
-                component: "service",
-                reason: "readiness check did not finish".into(),
+        });
+        let (hsm, database) = tokio::join!(hsm, database);
+        let answer = hsm.and_then(|()| {
+            database.unwrap_or_else(|_| {
+                Err(NotReady {
+                    component: "service",
+                    reason: "readiness check did not finish".into(),
+                })
             })
         });
         *self
@@ -529,6 +535,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use nfcpay_keystore::software::SoftwareKeystore;
+    use nfcpay_keystore::testing::{FailingKeystore, Fault};
 
     use super::*;
     use crate::storage::WriterFault;
@@ -576,6 +583,18 @@ mod tests {
             .hsm_jobs_failed
             .get_or_create(&JobFailureLabels { reason })
             .get()
+    }
+
+    /// A platform over a software keystore that fails on cue and an SQLite ledger.
+    fn failing_platform() -> (tempfile::TempDir, Arc<FailingKeystore>, Platform) {
+        let dir = tempfile::TempDir::new().unwrap();
+        let failing = Arc::new(FailingKeystore::new(
+            Arc::new(SoftwareKeystore::in_memory()),
+            usize::MAX,
+        ));
+        let storage = Storage::open(dir.path().join("ledger.db").to_str().unwrap()).unwrap();
+        let platform = Platform::new(failing.clone(), storage, dir.path().to_owned(), 16).unwrap();
+        (dir, failing, platform)
     }
 
     /// A job the HSM does not finish within [`workers::HSM_JOB_TIMEOUT`] (here: stalled until
@@ -656,5 +675,271 @@ mod tests {
             .unwrap_err();
         assert_eq!(panicked.code(), ProblemCode::Internal);
         assert_eq!(failed(&platform, "panicked"), 1);
+    }
+
+    /// A canary that stalls makes readiness fail at its deadline, naming the HSM and the
+    /// deadline, not when (or if) the HSM answers; paused time, so nothing waits for it.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_hsm_canary_is_not_ready_at_its_deadline() {
+        let (_dir, failing, platform) = failing_platform();
+        failing.fault_health_checks(Some(Fault::Stall));
+        let not_ready = platform.ready().await.unwrap_err();
+        assert_eq!(not_ready.component, "hsm");
+        assert_eq!(
+            not_ready.reason,
+            format!(
+                "check took over {} ms",
+                readiness::HSM_HEALTH_TIMEOUT.as_millis()
+            )
+        );
+        failing.fault_health_checks(None);
+    }
+
+    /// A payee and a payer terminal, enrolled (active, with a certificate serial) on a
+    /// platform whose keystore fails on cue.
+    struct Market {
+        _dir: tempfile::TempDir,
+        failing: Arc<FailingKeystore>,
+        keystore: Arc<dyn Keystore>,
+        platform: Platform,
+        payee: Party,
+        payer: Party,
+    }
+
+    struct Party {
+        client: ClientTerminal,
+        account: nfcpay_protocol::AccountId,
+        initial_key_id: nfcpay_protocol::InitialKeyId,
+    }
+
+    const PAYER_FUNDS_MINOR: u64 = 100_000;
+
+    fn market() -> Market {
+        use nfcpay_protocol::{BdkId, DerivationId, InitialKeyId};
+        use sha2::Digest as _;
+
+        let (dir, failing, platform) = failing_platform();
+        let keystore: Arc<dyn Keystore> = failing.clone();
+        let bdk_id = BdkId::from([0x0B, 0xD1, 0x00, 0x01]);
+        keystore
+            .generate_bdk(bdk_id, nfcpay_protocol::dukpt::KeyAlgorithm::Aes128)
+            .unwrap();
+        let storage = platform.storage();
+        let now = i64::try_from(now_ms()).unwrap();
+        let party = |name: &str, derivation: u8, serial: &str| {
+            let account: nfcpay_protocol::AccountId = name.parse().unwrap();
+            storage
+                .create_account(&account, "EUR".parse().unwrap(), 0)
+                .unwrap();
+            let terminal_id: nfcpay_protocol::TerminalId = name.parse().unwrap();
+            let initial_key_id =
+                InitialKeyId::new(bdk_id, DerivationId::from([0, 0, 0, derivation]));
+            let code = sha2::Sha256::digest(name.as_bytes()).into();
+            storage
+                .add_terminal(crate::storage::NewTerminal {
+                    id: terminal_id.clone(),
+                    account_id: account.clone(),
+                    initial_key_id,
+                    code_sha256: code,
+                    code_expires_at_ms: now + 3_600_000,
+                })
+                .unwrap();
+            storage
+                .redeem_enrollment_code(&terminal_id, code, now, serial)
+                .unwrap();
+            Party {
+                client: ClientTerminal {
+                    terminal_id,
+                    certificate_serial: serial.parse().unwrap(),
+                },
+                account,
+                initial_key_id,
+            }
+        };
+        let payee = party("shop-1", 1, "0a01");
+        let payer = party("wallet-1", 2, "0a02");
+        storage
+            .fund(&payer.account, eur(PAYER_FUNDS_MINOR))
+            .unwrap();
+        Market {
+            _dir: dir,
+            failing,
+            keystore,
+            platform,
+            payee,
+            payer,
+        }
+    }
+
+    fn eur(minor_units: u64) -> nfcpay_protocol::Amount {
+        nfcpay_protocol::Amount::new(minor_units, "EUR".parse().unwrap()).unwrap()
+    }
+
+    impl Market {
+        /// `plaintext` sealed as half `kind` of `party` under its KSN with `counter`, as the
+        /// terminal would (the host's derivation gives the terminal's key).
+        fn seal(&self, kind: HalfKind, party: &Party, counter: u32, plaintext: &[u8]) -> Bytes {
+            use nfcpay_keystore::dukpt::{TransientKey, working_key};
+            use nfcpay_protocol::messages::{HalfEnvelope, HalfHeader};
+
+            let ksn = nfcpay_protocol::Ksn::new(
+                party.initial_key_id,
+                nfcpay_protocol::TransactionCounter::try_from(counter).unwrap(),
+            );
+            let store = self.keystore.as_ref();
+            let key = working_key(
+                store,
+                ksn,
+                nfcpay_protocol::dukpt::WorkingKeyUsage::DataEncrypt,
+                None,
+                nfcpay_keystore::KeyPurpose::Encrypt,
+            )
+            .unwrap();
+            let key = TransientKey::new(store, key);
+            let header = HalfHeader {
+                kind,
+                terminal_id: party.client.terminal_id.clone(),
+                ksn,
+                sent_at_ms: now_ms(),
+                nonce: [u8::try_from(counter).unwrap(); nfcpay_keystore::GCM_NONCE_BYTES],
+            };
+            let aad = header
+                .encode(plaintext.len() + nfcpay_keystore::GCM_TAG_BYTES)
+                .unwrap();
+            let body = store
+                .gcm_encrypt(key.handle(), &header.nonce, &aad, plaintext)
+                .unwrap();
+            Bytes::from(HalfEnvelope::new(header, body).unwrap().encode())
+        }
+
+        /// Half A (pending) and half B of a payment of `amount_minor`: the request is
+        /// submitted here, half B is returned for the test to send.
+        async fn pending_payment(&self, counter: u32, amount_minor: u64) -> (TxnId, Bytes) {
+            use nfcpay_protocol::messages::{
+                PaymentInstruction, PaymentKind, PaymentRequest, RequestValidity,
+            };
+
+            let txn_id = TxnId::try_from([u8::try_from(counter).unwrap(); 16]).unwrap();
+            let now = now_ms();
+            let request = PaymentRequest {
+                txn_id,
+                payee_terminal_id: self.payee.client.terminal_id.clone(),
+                payee_account_id: self.payee.account.clone(),
+                amount: eur(amount_minor),
+                kind: PaymentKind::Purchase,
+                validity: RequestValidity::new(now, now + 300_000).unwrap(),
+                description: "coffee".parse().unwrap(),
+            }
+            .encode();
+            let half_a = self.seal(HalfKind::A, &self.payee, counter, &request);
+            let pending = self
+                .platform
+                .submit_half(
+                    HalfKind::A,
+                    self.payee.client.clone(),
+                    half_a,
+                    Duration::ZERO,
+                )
+                .await
+                .unwrap();
+            assert!(!pending.settled);
+            let instruction = PaymentInstruction::consenting_to(
+                &request,
+                self.payer.client.terminal_id.clone(),
+                self.payer.account.clone(),
+                now,
+            )
+            .unwrap()
+            .encode();
+            (
+                txn_id,
+                self.seal(HalfKind::B, &self.payer, counter, &instruction),
+            )
+        }
+
+        fn balance(&self, party: &Party) -> i64 {
+            self.platform
+                .storage()
+                .account(&party.account)
+                .unwrap()
+                .balance_minor
+        }
+    }
+
+    /// The receipt key's signature fails — the HSM refuses (a device error), then the sealing
+    /// job panics — right after the ledger commit that settles a payment: the payer is
+    /// answered `503 unavailable` saying that the half is recorded (never `500`, never a
+    /// refusal), the ledger holds the payment settled once, and the identical bytes sent again,
+    /// once the key signs, get the settled receipt without a second settlement.
+    #[tokio::test]
+    async fn a_receipt_that_cannot_be_sealed_after_the_commit_is_unavailable_and_a_resend_gets_it()
+    {
+        use nfcpay_protocol::messages::{ReceiptStatus, SealedReceipt};
+
+        let market = market();
+        let mut paid_minor = 0;
+        for (counter, fault) in [(1, Fault::Fail), (2, Fault::Panic)] {
+            let amount_minor = 1_000 * u64::from(counter);
+            let (txn_id, half_b) = market.pending_payment(counter, amount_minor).await;
+            market.failing.fault_signatures(Some(fault));
+            let signatures_before = market.failing.sign_calls();
+            let problem = market
+                .platform
+                .submit_half(
+                    HalfKind::B,
+                    market.payer.client.clone(),
+                    half_b.clone(),
+                    Duration::ZERO,
+                )
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{fault:?}: answered although the receipt is unsigned"));
+            assert!(
+                market.failing.sign_calls() > signatures_before,
+                "{fault:?}: the fault was not reached"
+            );
+            assert_eq!(problem.code(), ProblemCode::Unavailable, "{fault:?}");
+            assert_eq!(problem.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+            assert!(
+                problem.detail().contains("the half is recorded"),
+                "{fault:?}: {}",
+                problem.detail()
+            );
+            paid_minor += i64::try_from(amount_minor).unwrap();
+            let settled = market
+                .platform
+                .storage()
+                .transaction(&txn_id)
+                .unwrap()
+                .unwrap();
+            assert_eq!(settled.status, TransactionStatus::Settled, "{fault:?}");
+            assert_eq!(market.balance(&market.payee), paid_minor, "{fault:?}");
+
+            market.failing.fault_signatures(None);
+            let answer = market
+                .platform
+                .submit_half(
+                    HalfKind::B,
+                    market.payer.client.clone(),
+                    half_b,
+                    Duration::ZERO,
+                )
+                .await
+                .unwrap();
+            assert!(answer.settled, "{fault:?}");
+            let receipt = SealedReceipt::decode(&answer.receipt).unwrap();
+            let fields = receipt.receipt().fields();
+            assert_eq!(fields.status, ReceiptStatus::Settled);
+            assert_eq!(fields.txn_id, txn_id);
+            assert_eq!(fields.settlement_id, settled.settlement_id.unwrap());
+            // Settled once: the re-send moved no money.
+            assert_eq!(market.balance(&market.payee), paid_minor, "{fault:?}");
+            assert_eq!(
+                market.balance(&market.payer),
+                i64::try_from(PAYER_FUNDS_MINOR).unwrap() - paid_minor,
+                "{fault:?}"
+            );
+        }
+        assert_eq!(failed(&market.platform, "panicked"), 1);
     }
 }

@@ -49,18 +49,23 @@ pub(super) fn answer(inner: &Inner, outcome: &mut Outcome) -> Result<HalfAnswer,
     })
 }
 
-/// The answer when a recorded half's receipt could not be sealed: an HSM that is unavailable
-/// (or did not get to the job) is `503` saying that a re-send of the same bytes gets the
-/// receipt (docs/protocol.md §8); any other problem is itself.
+/// The answer when a recorded half's receipt could not be sealed, whatever the cause (an HSM
+/// unavailable or stalled, a keystore fault, a panic in the job): the ledger has committed
+/// the half, so no failure may read as a refusal or as `500`. It is `503` saying that a re-send
+/// of the same bytes gets the receipt (docs/protocol.md §8); a cause other than an unavailable
+/// HSM is logged here as an error (its own line, if any, says more).
 pub(super) fn recorded_but_unsealed(problem: &Problem) -> Problem {
-    if problem.code() == ProblemCode::Unavailable {
-        Problem::new(
-            ProblemCode::Unavailable,
-            "the half is recorded but its receipt could not be sealed; send the same bytes again",
-        )
-    } else {
-        problem.clone()
+    if problem.code() != ProblemCode::Unavailable {
+        tracing::error!(
+            code = problem.code().as_str(),
+            "half recorded but its receipt could not be sealed (a fault, not the HSM's \
+             absence); answered unavailable, a re-send gets the receipt"
+        );
     }
+    Problem::new(
+        ProblemCode::Unavailable,
+        "the half is recorded but its receipt could not be sealed; send the same bytes again",
+    )
 }
 
 /// The latest receipt of a payment for one of its parties. Blocking.

@@ -182,12 +182,15 @@ const SERVER_TIMEOUT_MESSAGES: [&str; 2] = [
     "canceling statement due to lock timeout",
 ];
 
-/// What SQLite says when it lacks a resource rather than refusing a statement.
-const SQLITE_RESOURCE_MESSAGES: [&str; 4] = [
+/// What SQLite says when it lacks a resource rather than refusing a statement (the file made
+/// read-only under the daemon, e.g. by an operator's `chmod` or a read-only remount, is a
+/// resource gone, not a refused request).
+const SQLITE_RESOURCE_MESSAGES: [&str; 5] = [
     "database is locked",
     "database or disk is full",
     "disk I/O error",
     "unable to open database file",
+    "attempt to write a readonly database",
 ];
 
 /// Why an enrollment code was refused; the API answers all of them alike.
@@ -354,6 +357,15 @@ mod tests {
         }
         let full = database(DatabaseErrorKind::Unknown, "database or disk is full");
         assert!(full.is_unavailable() && !full.is_statement_refused());
+        let read_only = database(
+            DatabaseErrorKind::Unknown,
+            "attempt to write a readonly database",
+        );
+        assert!(read_only.is_unavailable() && !read_only.is_statement_refused());
+        assert!(
+            !read_only.is_retryable(),
+            "not a lost race: the writer must not spin"
+        );
     }
 
     #[test]
