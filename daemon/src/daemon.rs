@@ -249,10 +249,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         AUDIT_CHECKPOINT_INTERVAL,
         metrics.clone(),
     ));
+    #[cfg(debug_assertions)]
+    let writer_fault_hook = tokio::spawn(stop_the_writer_on_sigusr2(Arc::clone(&platform)));
     let server = Server::new(config.server, Arc::clone(&platform), tls, metrics)?;
     let served = crate::server::serve_until(server, writer_stopped(Arc::clone(&platform))).await;
     sweeper.abort();
     checkpoints.abort();
+    #[cfg(debug_assertions)]
+    writer_fault_hook.abort();
     if !platform.storage().writer_is_running() {
         // Nothing more can be written, not even the checkpoint below.
         return Err(DaemonError::WriterStopped);
@@ -265,6 +269,23 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         );
     }
     Ok(served?)
+}
+
+/// Debug builds only (never a release build, never the package): SIGUSR2 stops the ledger
+/// writer thread as a bug would, so that the fault tests can show, against the real process,
+/// what follows — `503` for writes, `/readyz` failing, the drain and exit status 70.
+#[cfg(debug_assertions)]
+async fn stop_the_writer_on_sigusr2(platform: Arc<Platform>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
+        return;
+    };
+    if usr2.recv().await.is_some() {
+        tracing::warn!("debug build: SIGUSR2 stops the ledger writer thread (fault-test hook)");
+        platform
+            .storage()
+            .inject_writer_fault(crate::storage::WriterFault::StopThread);
+    }
 }
 
 /// Completes once the ledger writer has stopped: every write would fail from then on, and a

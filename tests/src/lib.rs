@@ -400,6 +400,23 @@ allow_root = true
         bail!("nfcpayd not ready in time:\n{}", log_text())
     }
 
+    /// Waits up to `within` for the daemon to exit by itself; returns its exit status code,
+    /// or `None` (the daemon is left running) if it did not.
+    pub fn wait_for_exit(&mut self, within: Duration) -> Result<Option<i32>> {
+        let Some(child) = self.daemon.as_mut() else {
+            bail!("no daemon running");
+        };
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                self.daemon = None;
+                return Ok(status.code());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(None)
+    }
+
     /// Stops the daemon with SIGTERM and waits for it; returns its exit status code.
     pub fn stop(&mut self) -> Result<Option<i32>> {
         let Some(mut child) = self.daemon.take() else {

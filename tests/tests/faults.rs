@@ -8,6 +8,8 @@
 //!   SIGCONT payments settle again, exactly once.
 //! - `nfcpayd` killed with SIGKILL under load on SQLite: after the restart every acknowledged
 //!   payment is in the ledger exactly once.
+//! - The ledger writer thread stopped (SIGUSR2, debug builds) under load on SQLite: the
+//!   daemon drains and exits 70; after the restart every acknowledged payment is there once.
 //! - An idle TCP flood on the enrollment listener, three times its cap: a terminal pair on
 //!   the terminal listener pays as usual meanwhile.
 //!
@@ -282,6 +284,53 @@ async fn nfcpayd_killed_under_load_keeps_every_acknowledged_payment_once() {
         "the restarted daemon was ready",
     );
     check_run("nfcpayd kill -9", &platform, &tally, &accounts);
+}
+
+/// The ledger writer thread stopping as a bug would (debug builds stop it on SIGUSR2) under
+/// load on SQLite: the daemon drains and exits 70 for systemd to restart it, saying why; no
+/// half is answered `500`; after the restart every payment acknowledged as settled is in the
+/// ledger exactly once and the payers' re-sends settle the rest.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_ledger_writer_drains_and_exits_70_for_a_restart() {
+    let mut platform = PlatformFixture::start(&Ledger::Sqlite).expect("platform");
+    let load = Load::start(&platform, Duration::from_secs(6)).await;
+
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let pid = platform.daemon_pids()[0].to_string();
+    let stopped = Instant::now();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-USR2", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let platform = tokio::task::spawn_blocking(move || {
+        let status = platform.wait_for_exit(Duration::from_secs(20))?;
+        let exited = stopped.elapsed();
+        let log = platform.daemon_log();
+        platform.kill_and_restart()?;
+        anyhow::Ok((platform, status, exited, log, Instant::now()))
+    })
+    .await
+    .unwrap();
+    let (platform, status, exited, log, restarted) = platform.expect("nfcpayd restarted");
+    println!("ledger writer stopped: nfcpayd exited {status:?} {exited:?} after SIGUSR2");
+    assert_eq!(status, Some(70), "{log}");
+    assert_eq!(
+        log.matches("the ledger writer has stopped: draining, then exiting with status 70")
+            .count(),
+        1,
+        "{log}"
+    );
+    let (tally, accounts) = load.finish().await;
+    a_payment_settled_after(
+        "ledger writer stopped",
+        &tally,
+        restarted,
+        "the restarted daemon was ready",
+    );
+    check_run("ledger writer stopped", &platform, &tally, &accounts);
 }
 
 /// A primary with a synchronous standby (streaming replication from a real
