@@ -309,10 +309,8 @@ impl PlatformClient {
 
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, PlatformError> {
         let connect = async {
-            let tcp = TcpStream::connect(&self.address)
+            let tcp = tcp_connect(&self.address)
                 .await
-                .map_err(connection_failed("connect"))?;
-            tcp.set_nodelay(true)
                 .map_err(connection_failed("connect"))?;
             let tls = self
                 .connector
@@ -376,11 +374,31 @@ fn problem(status: StatusCode, body: &[u8]) -> Problem {
     document
 }
 
+/// A TCP connection to the platform with `TCP_NODELAY` set (protocol.md §6.2): a request's
+/// head and body, written apart, would otherwise wait on Nagle's algorithm and the server's
+/// delayed ACK.
+async fn tcp_connect(address: &str) -> std::io::Result<TcpStream> {
+    let tcp = TcpStream::connect(address).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
 #[cfg(test)]
 mod tests {
     use nfcpay_protocol::api::ProblemCode;
 
     use super::*;
+
+    #[tokio::test]
+    async fn connections_to_the_platform_set_tcp_nodelay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let tcp = tcp_connect(&address).await.unwrap();
+        assert!(tcp.nodelay().unwrap());
+        // A fresh socket does not have it: the check above is not vacuous.
+        let plain = TcpStream::connect(&address).await.unwrap();
+        assert!(!plain.nodelay().unwrap());
+    }
 
     /// Causes are kept as sources and printed once, by the one chain printer.
     #[tokio::test]
