@@ -134,6 +134,8 @@ pub struct PlatformFixture {
     pub database_url: String,
     /// Extra lines of the daemon's `[database]` section (e.g. `write_timeout_ms = 1000`).
     database_settings: String,
+    /// The daemon's `NFCPAY_LOG` filter (`info` unless [`Self::restart_logging`] changed it).
+    log_filter: String,
     /// Extra lines of the daemon's `[server]` section (e.g. `enrollment_connections_max = 8`).
     server_settings: String,
 }
@@ -170,6 +172,7 @@ impl PlatformFixture {
             ops_address: format!("127.0.0.1:{ops_port}"),
             database_url,
             database_settings: database_settings.to_owned(),
+            log_filter: "info".to_owned(),
             server_settings: server_settings.to_owned(),
             daemon: None,
             extra_daemons: Vec::new(),
@@ -376,7 +379,7 @@ allow_root = true
             .arg("--config")
             .arg(config)
             .env("SOFTHSM2_CONF", self.softhsm_conf())
-            .env("NFCPAY_LOG", "info")
+            .env("NFCPAY_LOG", &self.log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -758,6 +761,14 @@ impl PlatformFixture {
             child.kill()?;
             child.wait()?;
         }
+        self.start_daemon()
+    }
+
+    /// Restarts the daemon (as [`Self::restart`]) logging with `filter` as `NFCPAY_LOG` (e.g.
+    /// `trace`, to see everything it could ever log). Its log starts afresh.
+    pub fn restart_logging(&mut self, filter: &str) -> Result<()> {
+        self.stop()?;
+        filter.clone_into(&mut self.log_filter);
         self.start_daemon()
     }
 

@@ -10,6 +10,7 @@
 //!   payment is in the ledger exactly once.
 //! - The ledger writer thread stopped (SIGUSR2, debug builds) under load on SQLite: the
 //!   daemon drains and exits 70; after the restart every acknowledged payment is there once.
+//! - No secret (HSM PIN, enrollment codes) in the daemon's log at `trace` or the SQLite file.
 //! - An idle TCP flood on the enrollment listener, three times its cap: a terminal pair on
 //!   the terminal listener pays as usual meanwhile.
 //!
@@ -331,6 +332,63 @@ async fn a_stopped_ledger_writer_drains_and_exits_70_for_a_restart() {
         "the restarted daemon was ready",
     );
     check_run("ledger writer stopped", &platform, &tally, &accounts);
+}
+
+/// No secret reaches the daemon's log even at `trace`, the most it logs, nor the SQLite
+/// ledger file: not the HSM PIN, not an enrollment code (a good one redeemed, a wrong one
+/// refused), while terminals enroll and pay.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_secret_reaches_the_trace_log_or_the_ledger_file() {
+    let mut platform = PlatformFixture::start(&Ledger::Sqlite).expect("platform");
+    platform.restart_logging("trace").expect("nfcpayd at trace");
+    let pin = std::fs::read_to_string(platform.dir().join("pin")).unwrap();
+    platform.account("shop", faults::CURRENCY, None).unwrap();
+    let code = platform.add_terminal("shop-1", "shop").unwrap();
+    // Another code of the right shape, as random-looking as the real one (a run of zeros
+    // could turn up in any hex the log prints).
+    let wrong = zeroize::Zeroizing::new(format!("{}{}", &code[1..], &code[..1]));
+    assert_ne!(*wrong, *code);
+    assert!(
+        platform
+            .enroll_with_code("shop-1", "shop", &wrong)
+            .await
+            .is_err()
+    );
+    platform
+        .enroll_with_code("shop-1", "shop", &code)
+        .await
+        .expect("enrolled");
+    let load = Load::start(&platform, Duration::from_secs(1)).await;
+    let (tally, _) = load.finish().await;
+    assert!(!tally.settled.is_empty(), "no payment settled");
+    platform.stop().unwrap();
+
+    let log = platform.daemon_log();
+    // The database file and whatever of it is still in the WAL.
+    let mut ledger = std::fs::read(platform.dir().join("ledger.db")).unwrap();
+    ledger.extend(std::fs::read(platform.dir().join("ledger.db-wal")).unwrap_or_default());
+    let trace_lines = log.lines().filter(|line| line.contains(" TRACE ")).count();
+    println!(
+        "trace log: {} lines ({trace_lines} at TRACE), {} bytes; ledger file {} bytes",
+        log.lines().count(),
+        log.len(),
+        ledger.len()
+    );
+    assert!(trace_lines > 0, "the daemon did not log at trace: {log}");
+    for (what, secret) in [
+        ("the HSM PIN", pin.trim()),
+        ("the enrollment code", code.as_str()),
+        ("the wrong enrollment code", wrong.as_str()),
+    ] {
+        assert!(!secret.is_empty());
+        assert!(!log.contains(secret), "{what} is in the daemon's log");
+        assert!(
+            !ledger
+                .windows(secret.len())
+                .any(|window| window == secret.as_bytes()),
+            "{what} is in the ledger file"
+        );
+    }
 }
 
 /// A primary with a synchronous standby (streaming replication from a real
