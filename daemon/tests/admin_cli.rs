@@ -320,6 +320,34 @@ fn configuration_errors_exit_with_usage() {
     );
 }
 
+/// Log lines into a pipe or a file (journald, `2>log`) carry no terminal colour codes.
+#[test]
+fn log_lines_into_a_pipe_are_plain_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("nfcpay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[keystore]\nbackend = \"software\"\npath = \"{}\"\n\n[database]\nurl = \"sqlite://{}\"\n",
+            dir.path().join("keystore.json").display(),
+            dir.path().join("ledger.db").display()
+        ),
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_nfcpay-admin"))
+        .arg("--config")
+        .arg(&config)
+        .args(["bdk", "list"])
+        .env("NFCPAY_LOG", "debug")
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(log.contains("opened the software keystore"), "{log}");
+    assert!(!log.contains('\x1b'), "{log:?}");
+}
+
 // ---------------------------------------------------------------------------------------
 // `--format json`: a script's view of the ledger commands, on SQLite and PostgreSQL.
 

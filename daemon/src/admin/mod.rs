@@ -220,6 +220,8 @@ fn init_logging(json: bool) {
     }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env(LOG_VARIABLE))
+        // Colour only for a person at a terminal, never into a file or a pipe.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     // Fails only when a subscriber is set already (`main` called twice in one process): that
     // one stays.
