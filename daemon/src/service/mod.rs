@@ -173,7 +173,7 @@ impl Platform {
     pub fn register_metrics(&self, metrics: &crate::server::metrics::Metrics) {
         metrics.register(
             "halves",
-            "Halves received, by route and outcome (pending, settled, or the problem code)",
+            "Halves received, by route and outcome (pending, settled, expired, or the problem code)",
             self.inner.halves.clone(),
         );
         metrics.register(
