@@ -5,7 +5,9 @@
 //! must (a re-sent half is idempotent: the platform answers the payment as it stands). Every
 //! answer is tallied by kind and time, so a test can say what clients saw during the fault, how
 //! long a `503` took, and when payments settled again; the payments that came back settled
-//! go to [`crate::loadgen::check_ledger`] for the exactly-once check.
+//! go to [`crate::loadgen::check_ledger`] for the exactly-once check. [`Load`] runs [`PAIRS`]
+//! pairs in the background and [`check_run`] checks what every fault test must hold, for the
+//! database faults (`tests/tests/faults.rs`) and the HSM's (`tests/tests/hsm_faults.rs`) alike.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -15,9 +17,11 @@ use anyhow::{Result, bail};
 use nfcpay_protocol::messages::HalfKind;
 use nfcpay_terminal_agent::platform::{HalfReply, PlatformError};
 
-use crate::loadgen::SettledPayment;
+use crate::loadgen::{SettledPayment, check_ledger};
 use crate::{PlatformFixture, TestTerminal};
 
+/// Terminal pairs paying during a fault.
+pub const PAIRS: usize = 3;
 /// The currency of the fault tests' accounts.
 pub const CURRENCY: &str = "EUR";
 /// What each account starts with.
@@ -93,6 +97,80 @@ impl Tally {
             .min()
             .map(|at| at - instant)
     }
+}
+
+/// Terminal pairs paying in the background until a deadline, and what they were answered.
+pub struct Load {
+    payers: Vec<tokio::task::JoinHandle<()>>,
+    accounts: Vec<nfcpay_protocol::AccountId>,
+    tally: Arc<Mutex<Tally>>,
+}
+
+impl Load {
+    /// Enrolls [`PAIRS`] terminal pairs on `platform` and has them pay for `duration`.
+    pub async fn start(platform: &PlatformFixture, duration: Duration) -> Result<Self> {
+        let (pairs, accounts) = enroll_pairs(platform, PAIRS).await?;
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let payers = start_paying(pairs, Instant::now() + duration, &tally);
+        Ok(Self {
+            payers,
+            accounts,
+            tally,
+        })
+    }
+
+    /// Waits for every payer to stop; returns what they were answered, and their accounts.
+    pub async fn finish(self) -> Result<(Tally, Vec<nfcpay_protocol::AccountId>)> {
+        for payer in self.payers {
+            payer.await?;
+        }
+        let tally = std::mem::take(
+            &mut *self
+                .tally
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        Ok((tally, self.accounts))
+    }
+}
+
+/// Checks what every fault test must hold, and prints the figures: every payment that came
+/// back settled is in the ledger exactly once and the postings balance
+/// ([`check_ledger`]); no answer a fault must not cause ([`Tally::wrong_answers`]); no
+/// payment given up. A failed check panics (the test fails); an error means the check could
+/// not run. `accounts` are the load's ([`Load::finish`]).
+pub fn check_run(
+    name: &str,
+    platform: &PlatformFixture,
+    tally: &Tally,
+    accounts: &[nfcpay_protocol::AccountId],
+) -> Result<()> {
+    let storage = platform.storage()?;
+    let verdict = check_ledger(
+        &storage,
+        &tally.payments(),
+        accounts,
+        CURRENCY.parse()?,
+        tally.failed,
+    )?;
+    println!(
+        "{name}: {} payments settled, {} given up, answers {:?}; ledger: {} settlements, \
+         exactly once {}, balanced {}",
+        tally.settled.len(),
+        tally.failed,
+        tally.counts(),
+        verdict.ledger_settlements,
+        verdict.exactly_once,
+        verdict.postings_balanced
+    );
+    assert!(verdict.is_ok(), "{name}: {:?}", verdict.problems);
+    let wrong = tally.wrong_answers();
+    assert!(
+        wrong.is_empty(),
+        "{name}: answers a fault must not cause: {wrong:?}"
+    );
+    assert_eq!(tally.failed, 0, "{name}: payments given up");
+    Ok(())
 }
 
 /// Creates and funds `pairs` × 2 accounts and enrolls a terminal for each (`term-<n>`,

@@ -24,13 +24,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nfcpay_tests::faults::{self, Tally};
-use nfcpay_tests::loadgen::check_ledger;
+use nfcpay_tests::faults::{self, Load, Tally, check_run};
 use nfcpay_tests::postgres::{self, Cluster};
 use nfcpay_tests::{Ledger, PlatformFixture, http_get};
 
-/// Terminal pairs paying during a fault.
-const PAIRS: usize = 3;
 /// The daemon's write and read timeouts in the freeze test (ms), below the freeze.
 const TIMEOUT_MS: u64 = 1_000;
 /// How long PostgreSQL stays frozen in the freeze test.
@@ -47,38 +44,6 @@ const FLOOD_PAYMENTS: usize = 20;
 /// each unflooded on this machine); the point is that terminals are not starved.
 const FLOOD_PAYMENTS_WITHIN: Duration = Duration::from_secs(30);
 
-/// Terminal pairs paying in the background until a deadline, and what they were answered.
-struct Load {
-    payers: Vec<tokio::task::JoinHandle<()>>,
-    accounts: Vec<nfcpay_protocol::AccountId>,
-    tally: Arc<Mutex<Tally>>,
-}
-
-impl Load {
-    /// Enrolls [`PAIRS`] terminal pairs on `platform` and has them pay for `duration`.
-    async fn start(platform: &PlatformFixture, duration: Duration) -> Self {
-        let (pairs, accounts) = faults::enroll_pairs(platform, PAIRS)
-            .await
-            .expect("terminals");
-        let tally = Arc::new(Mutex::new(Tally::default()));
-        let payers = faults::start_paying(pairs, Instant::now() + duration, &tally);
-        Self {
-            payers,
-            accounts,
-            tally,
-        }
-    }
-
-    /// Waits for every payer to stop; returns what they were answered, and their accounts.
-    async fn finish(self) -> (Tally, Vec<nfcpay_protocol::AccountId>) {
-        for payer in self.payers {
-            payer.await.unwrap();
-        }
-        let tally = std::mem::take(&mut *self.tally.lock().unwrap());
-        (tally, self.accounts)
-    }
-}
-
 /// Prints how long after `back` (the end of the fault, at `event`) the first payment settled,
 /// and asserts that one did.
 fn a_payment_settled_after(name: &str, tally: &Tally, back: Instant, event: &str) {
@@ -90,42 +55,6 @@ fn a_payment_settled_after(name: &str, tally: &Tally, back: Instant, event: &str
     );
 }
 
-/// Checks what every fault test must hold, and prints the figures.
-fn check_run(
-    name: &str,
-    platform: &PlatformFixture,
-    tally: &Tally,
-    accounts: &[nfcpay_protocol::AccountId],
-) {
-    let storage = platform.storage().expect("the ledger");
-    let currency = faults::CURRENCY.parse().expect("a currency");
-    let verdict = check_ledger(
-        &storage,
-        &tally.payments(),
-        accounts,
-        currency,
-        tally.failed,
-    )
-    .expect("the ledger check runs");
-    println!(
-        "{name}: {} payments settled, {} given up, answers {:?}; ledger: {} settlements, \
-         exactly once {}, balanced {}",
-        tally.settled.len(),
-        tally.failed,
-        tally.counts(),
-        verdict.ledger_settlements,
-        verdict.exactly_once,
-        verdict.postings_balanced
-    );
-    assert!(verdict.is_ok(), "{name}: {:?}", verdict.problems);
-    let wrong = tally.wrong_answers();
-    assert!(
-        wrong.is_empty(),
-        "{name}: answers a fault must not cause: {wrong:?}"
-    );
-    assert_eq!(tally.failed, 0, "{name}: payments given up");
-}
-
 /// Restart (clean) and crash (immediate stop, WAL recovery) of PostgreSQL under load.
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_restarted_and_crashed_under_load_costs_no_500_and_no_payment() {
@@ -133,7 +62,9 @@ async fn postgres_restarted_and_crashed_under_load_costs_no_500_and_no_payment()
         return;
     };
     let platform = PlatformFixture::start(&Ledger::Postgres(cluster.url())).expect("platform");
-    let load = Load::start(&platform, Duration::from_secs(8)).await;
+    let load = Load::start(&platform, Duration::from_secs(8))
+        .await
+        .expect("terminals");
 
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let cluster = Arc::new(cluster);
@@ -167,7 +98,7 @@ async fn postgres_restarted_and_crashed_under_load_costs_no_500_and_no_payment()
     .await
     .unwrap()
     .expect("PostgreSQL recovered after a crash");
-    let (tally, accounts) = load.finish().await;
+    let (tally, accounts) = load.finish().await.expect("the payers");
 
     for (what, back) in [("restart", restarted), ("crash", recovered)] {
         println!(
@@ -179,7 +110,8 @@ async fn postgres_restarted_and_crashed_under_load_costs_no_500_and_no_payment()
         tally.first_settled_after(recovered).is_some(),
         "no payment settled after the crash"
     );
-    check_run("postgres restart and crash", &platform, &tally, &accounts);
+    check_run("postgres restart and crash", &platform, &tally, &accounts)
+        .expect("the ledger check runs");
     let log = platform.daemon_log();
     let causes = log
         .lines()
@@ -199,7 +131,9 @@ async fn postgres_frozen_costs_503_within_the_timeouts_then_payments_go_on() {
         &format!("write_timeout_ms = {TIMEOUT_MS}\nread_timeout_ms = {TIMEOUT_MS}"),
     )
     .expect("platform");
-    let load = Load::start(&platform, Duration::from_secs(9)).await;
+    let load = Load::start(&platform, Duration::from_secs(9))
+        .await
+        .expect("terminals");
 
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let frozen_pids = cluster.freeze().expect("PostgreSQL frozen");
@@ -221,7 +155,7 @@ async fn postgres_frozen_costs_503_within_the_timeouts_then_payments_go_on() {
     tokio::time::sleep_until(tokio::time::Instant::from_std(frozen + FREEZE)).await;
     cluster.thaw(&frozen_pids).expect("PostgreSQL thawed");
     let thawed = Instant::now();
-    let (tally, accounts) = load.finish().await;
+    let (tally, accounts) = load.finish().await.expect("the payers");
 
     let (status, body) = readiness.expect("/readyz answers while the database is frozen");
     assert_eq!(status, 503, "{body}");
@@ -258,14 +192,16 @@ async fn postgres_frozen_costs_503_within_the_timeouts_then_payments_go_on() {
         tally.first_settled_after(thawed).is_some(),
         "no payment settled after the database thawed"
     );
-    check_run("postgres frozen", &platform, &tally, &accounts);
+    check_run("postgres frozen", &platform, &tally, &accounts).expect("the ledger check runs");
 }
 
 /// `nfcpayd` killed with SIGKILL under load on SQLite, then started again.
 #[tokio::test(flavor = "multi_thread")]
 async fn nfcpayd_killed_under_load_keeps_every_acknowledged_payment_once() {
     let mut platform = PlatformFixture::start(&Ledger::Sqlite).expect("platform");
-    let load = Load::start(&platform, Duration::from_secs(6)).await;
+    let load = Load::start(&platform, Duration::from_secs(6))
+        .await
+        .expect("terminals");
 
     tokio::time::sleep(Duration::from_millis(2_000)).await;
     let platform = tokio::task::spawn_blocking(move || {
@@ -276,7 +212,7 @@ async fn nfcpayd_killed_under_load_keeps_every_acknowledged_payment_once() {
     .await
     .unwrap();
     let (platform, restarted) = platform.expect("nfcpayd restarted");
-    let (tally, accounts) = load.finish().await;
+    let (tally, accounts) = load.finish().await.expect("the payers");
 
     a_payment_settled_after(
         "nfcpayd kill -9",
@@ -284,7 +220,7 @@ async fn nfcpayd_killed_under_load_keeps_every_acknowledged_payment_once() {
         restarted,
         "the restarted daemon was ready",
     );
-    check_run("nfcpayd kill -9", &platform, &tally, &accounts);
+    check_run("nfcpayd kill -9", &platform, &tally, &accounts).expect("the ledger check runs");
 }
 
 /// The ledger writer thread stopping as a bug would (debug builds stop it on SIGUSR2) under
@@ -294,7 +230,9 @@ async fn nfcpayd_killed_under_load_keeps_every_acknowledged_payment_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stopped_ledger_writer_drains_and_exits_70_for_a_restart() {
     let mut platform = PlatformFixture::start(&Ledger::Sqlite).expect("platform");
-    let load = Load::start(&platform, Duration::from_secs(6)).await;
+    let load = Load::start(&platform, Duration::from_secs(6))
+        .await
+        .expect("terminals");
 
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let pid = platform.daemon_pids()[0].to_string();
@@ -324,14 +262,15 @@ async fn a_stopped_ledger_writer_drains_and_exits_70_for_a_restart() {
         1,
         "{log}"
     );
-    let (tally, accounts) = load.finish().await;
+    let (tally, accounts) = load.finish().await.expect("the payers");
     a_payment_settled_after(
         "ledger writer stopped",
         &tally,
         restarted,
         "the restarted daemon was ready",
     );
-    check_run("ledger writer stopped", &platform, &tally, &accounts);
+    check_run("ledger writer stopped", &platform, &tally, &accounts)
+        .expect("the ledger check runs");
 }
 
 /// No secret reaches the daemon's log even at `trace`, the most it logs, nor the SQLite
@@ -358,8 +297,10 @@ async fn no_secret_reaches_the_trace_log_or_the_ledger_file() {
         .enroll_with_code("shop-1", "shop", &code)
         .await
         .expect("enrolled");
-    let load = Load::start(&platform, Duration::from_secs(1)).await;
-    let (tally, _) = load.finish().await;
+    let load = Load::start(&platform, Duration::from_secs(1))
+        .await
+        .expect("terminals");
+    let (tally, _) = load.finish().await.expect("the payers");
     assert!(!tally.settled.is_empty(), "no payment settled");
     platform.stop().unwrap();
 
@@ -417,7 +358,9 @@ async fn postgres_failover_to_a_synchronous_standby_loses_no_acknowledged_paymen
     let mut platform = PlatformFixture::start(&Ledger::Postgres(url)).expect("platform");
     platform.start_extra_daemon().expect("a second daemon");
     let daemons = platform.daemon_pids();
-    let load = Load::start(&platform, Duration::from_secs(8)).await;
+    let load = Load::start(&platform, Duration::from_secs(8))
+        .await
+        .expect("terminals");
 
     tokio::time::sleep(Duration::from_millis(2_000)).await;
     let (primary, standby, promoted) = tokio::task::spawn_blocking(move || {
@@ -428,7 +371,7 @@ async fn postgres_failover_to_a_synchronous_standby_loses_no_acknowledged_paymen
     .await
     .unwrap()
     .expect("primary killed, standby promoted");
-    let (tally, accounts) = load.finish().await;
+    let (tally, accounts) = load.finish().await.expect("the payers");
 
     a_payment_settled_after(
         "postgres failover",
@@ -448,7 +391,7 @@ async fn postgres_failover_to_a_synchronous_standby_loses_no_acknowledged_paymen
         "f",
         "the standby is not the primary now"
     );
-    check_run("postgres failover", &platform, &tally, &accounts);
+    check_run("postgres failover", &platform, &tally, &accounts).expect("the ledger check runs");
     drop(primary);
 }
 
@@ -529,5 +472,5 @@ async fn an_idle_flood_on_the_enrollment_listener_leaves_terminals_paying() {
     );
     assert!(elapsed < FLOOD_PAYMENTS_WITHIN, "{elapsed:?}");
     let tally = tally.into_inner().unwrap();
-    check_run("enrollment flood", &platform, &tally, &accounts);
+    check_run("enrollment flood", &platform, &tally, &accounts).expect("the ledger check runs");
 }

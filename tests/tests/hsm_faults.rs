@@ -1,301 +1,196 @@
 //! The HSM goes away under load and comes back, against the real `nfcpayd`: the fixture's
-//! SoftHSM2 token directory (the one its own `softhsm2.conf` names) is renamed away and back.
+//! SoftHSM2 token directory (the one its own `softhsm2.conf` names) is renamed away and back
+//! while [`PAIRS`] terminal pairs pay concurrently, on SQLite and on PostgreSQL.
 //!
 //! What must hold (issue 8): every half refused meanwhile is `503 unavailable`, never `500`;
 //! `/readyz` turns 503 naming the HSM and back to 200; the daemon recovers by itself (same
 //! process): payments settle again, and a terminal enrolls over a new TLS connection (server
-//! key and CA key in the HSM); and no payment is lost — every half that was answered
-//! with an error is sent again, byte for byte, and then every payment is settled exactly once
-//! with the balances to match. The figures (errors seen, time to recover) are printed, never
-//! asserted.
+//! key and CA key in the HSM); and no payment is lost — every half answered with an error is
+//! sent again, byte for byte, until it is answered, and then every payment is settled exactly
+//! once with the balances to match. The figures (halves refused, time to notice the loss and
+//! to recover, payments settled) are printed, never asserted.
 
 // A panic is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use nfcpay_daemon::storage::TransactionStatus;
-use nfcpay_protocol::TxnId;
-use nfcpay_protocol::messages::{HalfKind, PaymentRequest, ReceiptStatus};
-use nfcpay_terminal_agent::halves::TransactionKeys;
-use nfcpay_terminal_agent::platform::PlatformError;
-use nfcpay_tests::{Ledger, PlatformFixture, TestTerminal, http_get};
+use nfcpay_tests::faults::{self, Load, PAIRS, Tally, check_run};
+use nfcpay_tests::{Ledger, PlatformFixture, http_get};
 
+/// How long the pairs pay before the token goes away.
+const WARM_UP: Duration = Duration::from_secs(1);
 /// How long the token stays away, at least (the load runs meanwhile).
 const TOKEN_AWAY: Duration = Duration::from_secs(2);
+/// How long the pairs go on paying once the token is back, if it came back in time.
+const AFTER_RETURN: Duration = Duration::from_secs(2);
 /// Longest the daemon may take to notice the loss, or to recover once the token is back.
 const NOTICE_OR_RECOVER_MAX: Duration = Duration::from_secs(20);
-/// The amount of every payment, and how it prints.
-const AMOUNT: &str = "1.00";
+/// How often `/readyz` is asked.
+const READINESS_POLL: Duration = Duration::from_millis(20);
+/// The answer the payers count as refused by the fault.
+const UNAVAILABLE: &str = "503 unavailable";
 
-/// One half as sent: its bytes (for an identical re-send) and the keys that open its receipt.
-struct SentHalf {
-    kind: HalfKind,
-    envelope: Vec<u8>,
-    keys: TransactionKeys,
+/// `/readyz`'s status and body (`0` when it did not answer), asked off the async runtime.
+async fn readyz(platform: &PlatformFixture) -> (u16, String) {
+    let ops = platform.ops_address.clone();
+    tokio::task::spawn_blocking(move || {
+        http_get(&ops, "/readyz").unwrap_or((0, "no answer".to_owned()))
+    })
+    .await
+    .unwrap()
 }
 
-/// What became of one half.
-#[derive(Debug)]
-enum Answer {
-    Receipt(ReceiptStatus),
-    Refused {
-        status: u16,
-        code: String,
-    },
-    /// No HTTP answer (a connection or handshake that failed).
-    Unanswered(String),
+/// How many of `tally`'s answers were sent in `from..to` and were of `kind` (any kind but a
+/// success when `None`).
+fn answers_between(tally: &Tally, from: Instant, to: Instant, kind: Option<&str>) -> usize {
+    tally
+        .answers
+        .iter()
+        .filter(|answer| answer.sent >= from && answer.sent < to)
+        .filter(|answer| match kind {
+            Some(kind) => answer.kind == kind,
+            None => !matches!(answer.kind.as_str(), "200" | "202"),
+        })
+        .count()
 }
 
-/// Tallies of the answers seen.
-#[derive(Debug, Default)]
-struct Tally {
-    settled: u32,
-    pending: u32,
-    unavailable: u32,
-    no_answer: u32,
-    last_no_answer: String,
-    other: Vec<String>,
+/// `duration` in whole milliseconds, or `none`.
+fn milliseconds(duration: Option<Duration>) -> String {
+    duration.map_or_else(|| "none".to_owned(), |took| took.as_millis().to_string())
 }
 
-impl Tally {
-    fn add(&mut self, answer: &Answer) {
-        match answer {
-            Answer::Receipt(ReceiptStatus::Settled) => self.settled += 1,
-            Answer::Receipt(_) => self.pending += 1,
-            Answer::Refused { status: 503, code } if code == "unavailable" => {
-                self.unavailable += 1;
-            }
-            Answer::Refused { status, code } => self.other.push(format!("{status} {code}")),
-            Answer::Unanswered(reason) => {
-                self.no_answer += 1;
-                self.last_no_answer.clone_from(reason);
-            }
-        }
-    }
-}
-
-async fn send(terminal: &TestTerminal, half: &SentHalf) -> Answer {
-    match terminal
-        .submit(half.kind, half.envelope.clone(), Duration::ZERO)
-        .await
-    {
-        Ok(reply) => {
-            let receipt = terminal
-                .open_receipt(&half.keys, &reply.receipt)
-                .expect("a receipt that does not verify");
-            Answer::Receipt(receipt.status())
-        }
-        Err(PlatformError::Refused(problem)) => Answer::Refused {
-            status: problem.status,
-            code: problem.code,
-        },
-        Err(other) => Answer::Unanswered(other.to_string()),
-    }
-}
-
-/// One payment: its ID and both halves, sealed once (re-sends use the same bytes).
-struct Payment {
-    txn_id: TxnId,
-    half_a: SentHalf,
-    half_b: SentHalf,
-    /// Whether the last answer to each half was an error (it is sent again after recovery).
-    failed: [bool; 2],
-}
-
-fn new_payment(payee: &mut TestTerminal, payer: &mut TestTerminal) -> Payment {
-    let request = payee.request(AMOUNT, "EUR", "fault test").unwrap();
-    let txn_id = PaymentRequest::decode(&request).unwrap().txn_id;
-    let (keys, envelope) = payee.seal(HalfKind::A, &request).unwrap();
-    let half_a = SentHalf {
-        kind: HalfKind::A,
-        envelope,
-        keys,
-    };
-    let instruction = payer.instruction(&request).unwrap();
-    let (keys, envelope) = payer.seal(HalfKind::B, &instruction).unwrap();
-    let half_b = SentHalf {
-        kind: HalfKind::B,
-        envelope,
-        keys,
-    };
-    Payment {
-        txn_id,
-        half_a,
-        half_b,
-        failed: [false; 2],
-    }
-}
-
-/// Sends both halves of `payment` and records what came back.
-async fn run(payee: &TestTerminal, payer: &TestTerminal, payment: &mut Payment, tally: &mut Tally) {
-    let answer = send(payee, &payment.half_a).await;
-    payment.failed[0] = !matches!(answer, Answer::Receipt(_));
-    tally.add(&answer);
-    let answer = send(payer, &payment.half_b).await;
-    payment.failed[1] = !matches!(answer, Answer::Receipt(_));
-    tally.add(&answer);
-}
-
-fn readyz(platform: &PlatformFixture) -> (u16, String) {
-    http_get(&platform.ops_address, "/readyz").unwrap_or((0, "no answer".to_owned()))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_token_that_disappears_and_returns_costs_503s_and_loses_no_payment() {
-    let platform = PlatformFixture::start(&Ledger::Sqlite).unwrap();
-    platform.account("shop", "EUR", None).unwrap();
-    platform.account("alice", "EUR", Some("1000.00")).unwrap();
-    let mut payee = platform.enroll("shop-1", "shop").await.unwrap();
-    let mut payer = platform.enroll("alice-phone", "alice").await.unwrap();
+/// The token renamed away for [`TOKEN_AWAY`] (and until `/readyz` has noticed) and back,
+/// while [`PAIRS`] pairs pay on `ledger`; `name` heads the printed figures.
+async fn a_token_that_disappears_and_returns_under_load(ledger: Ledger, name: &str) {
+    let platform = PlatformFixture::start(&ledger).unwrap();
     let pid = platform.daemon_pids()[0];
-    let mut payments = Vec::new();
-    let mut before = Tally::default();
-    for _ in 0..3 {
-        let mut payment = new_payment(&mut payee, &mut payer);
-        run(&payee, &payer, &mut payment, &mut before).await;
-        payments.push(payment);
-    }
-    assert_eq!(before.settled, 3, "{before:?}\n{}", platform.daemon_log());
-
+    let load = Load::start(&platform, WARM_UP + TOKEN_AWAY + AFTER_RETURN)
+        .await
+        .expect("terminals");
+    let load_started = Instant::now();
     // A terminal registered now enrolls while the token is away (refused) and after it is
     // back (a new TLS handshake signed by the server key, a certificate by the CA key).
-    let code = platform.add_terminal("late-shop", "shop").unwrap();
+    let code = platform.add_terminal("late-shop", "acct-0").unwrap();
+    tokio::time::sleep_until((load_started + WARM_UP).into()).await;
 
-    // The token goes away; payments keep coming.
+    // The token goes away; the pairs go on paying, re-sending what is refused.
     let tokens = platform.token_dir();
     let away = platform.dir().join("tokens.away");
     std::fs::rename(&tokens, &away).unwrap();
     let gone_at = Instant::now();
-    let mut during = Tally::default();
     let mut readiness_failed = None;
     while gone_at.elapsed() < TOKEN_AWAY || readiness_failed.is_none() {
         assert!(
             gone_at.elapsed() < NOTICE_OR_RECOVER_MAX,
             "/readyz never failed: {:?}",
-            readyz(&platform)
+            readyz(&platform).await
         );
-        let mut payment = new_payment(&mut payee, &mut payer);
-        run(&payee, &payer, &mut payment, &mut during).await;
-        payments.push(payment);
-        let (status, body) = readyz(&platform);
+        let (status, body) = readyz(&platform).await;
         if status == 503 && readiness_failed.is_none() {
             assert!(body.contains("hsm: "), "{body}");
-            readiness_failed = Some(body);
+            readiness_failed = Some((gone_at.elapsed(), body));
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(READINESS_POLL).await;
     }
     let refused = platform
-        .enroll_with_code("late-shop", "shop", &code)
+        .enroll_with_code("late-shop", "acct-0", &code)
         .await
         .err()
         .expect("enrolled while the token was away");
     let refused = format!("{refused:#}");
     assert!(!refused.contains("500"), "{refused}");
-    assert!(
-        during.other.is_empty(),
-        "answers other than 503 unavailable while the token was away: {:?}\n{}",
-        during.other,
-        platform.daemon_log()
-    );
-    assert!(
-        during.unavailable > 0,
-        "no half was refused while the token was away: {during:?}"
-    );
 
-    // The token comes back: readiness and payments return without a restart.
+    // The token comes back: readiness, payments and enrollment return without a restart.
     std::fs::rename(&away, &tokens).unwrap();
     let back_at = Instant::now();
-    let mut after = Tally::default();
-    let first_settled = loop {
-        assert!(
-            back_at.elapsed() < NOTICE_OR_RECOVER_MAX,
-            "no payment settled after the token came back: {after:?}\n{}",
-            platform.daemon_log()
-        );
-        let mut payment = new_payment(&mut payee, &mut payer);
-        run(&payee, &payer, &mut payment, &mut after).await;
-        let settled = payment.failed == [false, false];
-        payments.push(payment);
-        if settled {
-            break back_at.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
     let ready_again = loop {
-        let (status, body) = readyz(&platform);
+        let (status, body) = readyz(&platform).await;
         if status == 200 {
             break back_at.elapsed();
         }
         assert!(
             back_at.elapsed() < NOTICE_OR_RECOVER_MAX,
-            "/readyz still not ready: {body}"
+            "/readyz still not ready: {body}\n{}",
+            platform.daemon_log()
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(READINESS_POLL).await;
     };
-    assert!(after.other.is_empty(), "{:?}", after.other);
     let late = platform
-        .enroll_with_code("late-shop", "shop", &code)
+        .enroll_with_code("late-shop", "acct-0", &code)
         .await
         .unwrap_or_else(|error| panic!("no enrollment after recovery: {error:#}"));
     assert_eq!(late.id().as_str(), "late-shop");
+
+    // Every payment under way is finished: its refused halves re-sent, byte for byte.
+    let (tally, accounts) = load.finish().await.expect("the payers");
+    assert_eq!(platform.daemon_pids(), [pid], "the daemon was restarted");
     let recorded_then_503 = platform
         .daemon_log()
         .matches("half recorded but its receipt could not be sealed")
         .count();
-    assert_eq!(platform.daemon_pids(), [pid], "the daemon was restarted");
-
-    // Every half answered with an error is sent again, byte for byte.
-    let mut resent = Tally::default();
-    for payment in &mut payments {
-        if payment.failed[0] {
-            let answer = send(&payee, &payment.half_a).await;
-            assert!(matches!(answer, Answer::Receipt(_)), "{answer:?}");
-            resent.add(&answer);
-        }
-        if payment.failed[1] {
-            let answer = send(&payer, &payment.half_b).await;
-            assert!(
-                matches!(answer, Answer::Receipt(ReceiptStatus::Settled)),
-                "{answer:?}"
-            );
-            resent.add(&answer);
-        }
-    }
-    // Every payment is settled exactly once, and the balances say so.
-    let storage = platform.storage().unwrap();
-    for payment in &payments {
-        let view = storage.transaction(&payment.txn_id).unwrap().unwrap();
-        assert_eq!(view.status, TransactionStatus::Settled);
-    }
-    let count = payments.len();
-    assert_eq!(platform.balance("shop").unwrap(), format!("{count}.00 EUR"));
-    assert_eq!(
-        platform.balance("alice").unwrap(),
-        format!("{}.00 EUR", 1000 - count)
+    let refused_away = answers_between(&tally, gone_at, back_at, Some(UNAVAILABLE));
+    let not_served_away = answers_between(&tally, gone_at, back_at, None);
+    let far_future = back_at + NOTICE_OR_RECOVER_MAX * 10;
+    let refused_after = answers_between(&tally, back_at, far_future, None);
+    // The first half refused after the token left: when the daemon's answers noticed.
+    let first_refusal = tally
+        .answers
+        .iter()
+        .filter(|answer| answer.sent >= gone_at && answer.kind == UNAVAILABLE)
+        .map(|answer| answer.sent + answer.took - gone_at)
+        .min();
+    let first_settled = tally.first_settled_after(back_at);
+    let settled_away = tally
+        .settled
+        .iter()
+        .filter(|(at, _)| *at >= gone_at && *at < back_at)
+        .count();
+    let (readiness_noticed, readiness_said) = readiness_failed.unwrap_or_default();
+    println!(
+        "{name}: {PAIRS} pairs, token away {:.1} s; noticed: first half refused {} ms, \
+         /readyz 503 {} ms after the loss; while away: {refused_away} halves 503 unavailable, \
+         {} other errors, {settled_away} payments settled; recovered: first payment settled \
+         {} ms, /readyz 200 {} ms after the return, {refused_after} halves refused after it; \
+         {recorded_then_503} halves recorded then answered 503; /readyz said: {}",
+        back_at.duration_since(gone_at).as_secs_f64(),
+        milliseconds(first_refusal),
+        readiness_noticed.as_millis(),
+        not_served_away - refused_away,
+        milliseconds(first_settled),
+        ready_again.as_millis(),
+        readiness_said.trim(),
+    );
+    check_run(name, &platform, &tally, &accounts).expect("the ledger check runs");
+    assert!(
+        refused_away > 0,
+        "no half was refused while the token was away: {:?}",
+        tally.counts()
+    );
+    assert!(
+        first_settled.is_some(),
+        "no payment settled after the token came back\n{}",
+        platform.daemon_log()
     );
     let audit = platform.admin_ok(&["audit", "verify"]).unwrap();
     assert!(audit.contains("intact"), "{audit}");
+}
 
-    println!(
-        "hsm fault: token away {:.1} s; during: {} halves 503 unavailable, {} without an answer, \
-         {} settled, {} pending; after return: first payment settled in {} ms, /readyz 200 in \
-         {} ms, {} halves refused before that; re-sent {} halves ({} settled receipts); \
-         {recorded_then_503} halves recorded then answered 503; payments {count}, lost 0; \
-         /readyz said: {}; last half without an answer: {}",
-        back_at.duration_since(gone_at).as_secs_f64(),
-        during.unavailable,
-        during.no_answer,
-        during.settled,
-        during.pending,
-        first_settled.as_millis(),
-        ready_again.as_millis(),
-        after.unavailable + after.no_answer,
-        resent.settled + resent.pending,
-        resent.settled,
-        readiness_failed.unwrap_or_default().trim(),
-        during.last_no_answer,
-    );
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_a_token_that_disappears_and_returns_costs_503s_and_loses_no_payment() {
+    a_token_that_disappears_and_returns_under_load(Ledger::Sqlite, "hsm fault, sqlite").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_a_token_that_disappears_and_returns_costs_503s_and_loses_no_payment() {
+    let Some(ledger) = Ledger::from_environment(true) else {
+        eprintln!(
+            "NFCPAY_TEST_DATABASE_URL not set: `cargo xtask test` runs this against PostgreSQL"
+        );
+        return;
+    };
+    a_token_that_disappears_and_returns_under_load(ledger, "hsm fault, postgres").await;
 }
 
 /// A BDK generated with `nfcpay-admin bdk generate` while the daemon runs (issue 11): the
@@ -324,11 +219,17 @@ async fn a_bdk_generated_while_the_daemon_runs_is_used_without_restart() {
         payer.terminal.keys.status().initial_key_id.bdk_id(),
         NEW_BDK_ID.parse().unwrap()
     );
-    let mut payment = new_payment(&mut payee, &mut payer);
-    let mut tally = Tally::default();
-    run(&payee, &payer, &mut payment, &mut tally).await;
-    assert_eq!(tally.settled, 1, "{tally:?}\n{}", platform.daemon_log());
-    assert_eq!(platform.balance("alice").unwrap(), "9.00 EUR");
+    let tally = Mutex::new(Tally::default());
+    faults::pay_in_turn(
+        &mut payee,
+        &mut payer,
+        1,
+        Instant::now() + NOTICE_OR_RECOVER_MAX,
+        &tally,
+    )
+    .await
+    .unwrap_or_else(|error| panic!("{error:#}\n{}", platform.daemon_log()));
+    assert_eq!(platform.balance("alice").unwrap(), "9.90 EUR");
     assert!(
         platform
             .daemon_log()
